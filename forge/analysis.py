@@ -1,0 +1,324 @@
+"""Analysis: resolve labels into the target graph, then ask each rule for its actions.
+
+The walk is an iterative depth-first post-order over targets (deep chains would
+overflow Python's recursion), which also finds dependency cycles as paths.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from forge.api import (OUT_PREFIX, RULES, Action, Artifact, RuleType, TargetInfo)
+from forge.errors import AnalysisError, ForgeError, LoadError, Location, did_you_mean
+from forge.labels import Label, LabelError, Pattern, parse_label
+from forge.loader import Loader, Target
+from forge.workspace import Workspace, discover_packages
+
+SOURCE_KIND = "source file"
+GENERATED_KIND = "generated file"
+
+
+@dataclass
+class Node:
+    """A vertex of the target graph: a rule target, a source file or a generated file."""
+
+    label: Label
+    kind: str
+    deps: list[Label] = field(default_factory=list)
+    target: Target | None = None
+
+
+@dataclass
+class Plan:
+    """The result of loading and analysis: everything execution needs, picklable."""
+
+    roots: list[Label]
+    nodes: dict[Label, Node]
+    infos: dict[Label, TargetInfo]
+    actions: list[Action]  # in dependency order: producers before consumers
+    tests: list[Label]
+
+
+class AnalysisContext:
+    """What a rule's analysis function receives; see forge.api for an example."""
+
+    def __init__(self, analyzer: "Analyzer", target: Target, rule: RuleType):
+        self._an = analyzer
+        self._target = target
+        self.rule = rule
+        self.label = target.label
+        self.package = target.label.package
+        self.attr = SimpleNamespace(**target.attrs)
+        self.actions: list[Action] = []
+
+    # dependencies
+    def dep(self, label: Label) -> TargetInfo:
+        return self._an.infos[label]
+
+    def deps(self, attr_name: str) -> list[TargetInfo]:
+        v = getattr(self.attr, attr_name)
+        if v is None:
+            return []
+        labels = v if isinstance(v, list) else list(v.values()) if isinstance(v, dict) else [v]
+        return [self._an.infos[lb] for lb in labels]
+
+    def files(self, attr_name: str) -> list[Artifact]:
+        out: list[Artifact] = []
+        for info in self.deps(attr_name):
+            out.extend(info.files)
+        return out
+
+    # outputs and actions
+    def declare(self, name: str) -> Artifact:
+        pkg = f"{self.package}/" if self.package else ""
+        return Artifact(f"{OUT_PREFIX}/{pkg}{name}", source=False)
+
+    def run(self, argv, *, inputs, outputs, mnemonic: str, env: dict | None = None,
+            tools=(), pool: str | None = None, executable=(), description: str = "",
+            timeout: float | None = None) -> Action:
+        return self._add(Action(self.label, mnemonic, self.rule.key, tuple(inputs), tuple(outputs),
+                                argv=tuple(argv), env=tuple(sorted((env or {}).items())),
+                                tools=tuple(tools), pool=pool,
+                                executable=tuple(a.path for a in executable),
+                                description=description or f"{mnemonic} {self.label}",
+                                timeout=timeout))
+
+    def run_shell(self, cmd: str, **kw) -> Action:
+        kw["tools"] = ("bash", *kw.get("tools", ()))
+        return self.run(["bash", "-c", cmd], **kw)
+
+    def call(self, function: str, params, *, inputs, outputs, mnemonic: str,
+             pool: str | None = None, description: str = "", executable=()) -> Action:
+        return self._add(Action(self.label, mnemonic, self.rule.key, tuple(inputs), tuple(outputs),
+                                function=function, params=params, pool=pool,
+                                executable=tuple(a.path for a in executable),
+                                description=description or f"{mnemonic} {self.label}"))
+
+    def _add(self, action: Action) -> Action:
+        if not action.outputs:
+            raise self.fail(f"action {action.mnemonic} declares no outputs")
+        self.actions.append(action)
+        return action
+
+    def info(self, files=(), executable: Artifact | None = None, runfiles=(), **extra) -> TargetInfo:
+        return TargetInfo(tuple(files), executable, tuple(runfiles), extra)
+
+    # user files read at analysis time (Dockerfiles, assemblies) and $(location)
+    def read_source(self, artifact: Artifact) -> str:
+        path = self._an.ws.root / artifact.path
+        self._an.loader._remember(path)
+        return path.read_text()
+
+    def location_map(self, attr_names) -> dict[str, list[Artifact]]:
+        """Label text -> files, for `$(location ...)` over the labels of `attr_names`."""
+        out: dict[str, list[Artifact]] = {}
+        for a in attr_names:
+            v = getattr(self.attr, a)
+            labels = v if isinstance(v, list) else [v] if v else []
+            for lb in labels:
+                files = list(self._an.infos[lb].files)
+                for text in (str(lb), lb.short, f":{lb.name}", lb.name):
+                    out.setdefault(text, files)
+        return out
+
+    def fail(self, message: str, attr: str | None = None, hint: str | None = None) -> AnalysisError:
+        loc = self._target.attr_location(attr) if attr else self._target.location
+        return AnalysisError(message, location=loc, hint=hint)
+
+
+class Analyzer:
+    def __init__(self, ws: Workspace, rules: dict[str, RuleType] | None = None):
+        self.ws = ws
+        self.rules = rules if rules is not None else RULES
+        self.loader = Loader(ws, self.rules)
+        self.nodes: dict[Label, Node] = {}
+        self.infos: dict[Label, TargetInfo] = {}
+        self.actions: list[Action] = []
+        self._producers: dict[str, Action] = {}
+
+    # --- patterns -------------------------------------------------------------------
+
+    def expand(self, patterns: list[Pattern], *, include_manual: bool = False) -> list[Label]:
+        labels: list[Label] = []
+        for p in patterns:
+            if p.recursive:
+                pkgs, dirs = discover_packages(self.ws, p.package)
+                self.loader.dirs.update(dirs)
+                if not pkgs and not (self.ws.root / p.package).is_dir():
+                    raise LoadError(f"no package matches '{p}': {p.package}/ does not exist")
+            else:
+                pkgs = [p.package]
+            for pkg in pkgs:
+                package = self.loader.load_package(pkg)
+                if p.name is None:
+                    labels.extend(t.label for t in package.targets.values()
+                                  if include_manual or "manual" not in t.attrs.get("tags", []))
+                else:
+                    labels.append(self.resolve(Label(pkg, p.name), None, None))
+        return list(dict.fromkeys(labels))
+
+    # --- the target graph -----------------------------------------------------------
+
+    def resolve(self, label: Label, owner: Target | None, attr: str | None) -> Label:
+        """Make sure `label` names something; add its node to the graph."""
+        if label in self.nodes:
+            return label
+        where = owner.attr_location(attr) if owner and attr else None
+        try:
+            pkg = self.loader.load_package(label.package)
+        except LoadError as e:
+            if where is None:
+                raise
+            raise LoadError(e.message, location=where, hint=e.hint) from None
+        if label.name in pkg.targets:
+            t = pkg.targets[label.name]
+            self.nodes[label] = Node(label, t.kind, target=t)
+        elif label.name in pkg.outputs:
+            self.nodes[label] = Node(label, GENERATED_KIND, deps=[pkg.outputs[label.name]])
+        else:
+            path = self.ws.root / label.package / label.name
+            if path.is_file():
+                self.loader._remember(path)
+                parent = path.parent
+                self.loader.dirs[parent.relative_to(self.ws.root).as_posix().lstrip(".")] = \
+                    parent.stat().st_mtime_ns
+                self.nodes[label] = Node(label, SOURCE_KIND)
+            else:
+                names = list(pkg.targets) + list(pkg.outputs)
+                raise LoadError(
+                    f"no target or file named '{label.name}' in package //{label.package}"
+                    + (f" (referenced by '{attr}' of {owner.label})" if owner else ""),
+                    location=where,
+                    hint=did_you_mean(label.name, names)
+                    or f"//{label.package} defines: {', '.join(sorted(names)[:12]) or 'nothing'}")
+        return label
+
+    def _deps_of(self, node: Node) -> list[Label]:
+        t = node.target
+        if t is None:
+            return node.deps
+        rule = self.rules[t.kind]
+        deps: list[Label] = []
+        for name, spec in rule.attrs.items():
+            if not spec.is_label:
+                continue
+            v = t.attrs[name]
+            try:
+                if spec.type == "label":
+                    if v:
+                        lb = parse_label(v, t.label.package) if isinstance(v, str) else v
+                        t.attrs[name] = lb
+                        deps.append(lb)
+                elif spec.type == "label_list":
+                    lbs = [parse_label(x, t.label.package) if isinstance(x, str) else x for x in v]
+                    t.attrs[name] = lbs
+                    deps.extend(lbs)
+                else:
+                    lbd = {k: parse_label(x, t.label.package) if isinstance(x, str) else x
+                           for k, x in v.items()}
+                    t.attrs[name] = lbd
+                    deps.extend(lbd.values())
+            except LabelError as e:
+                raise LoadError(f"attribute '{name}' of {t.label}: {e.message}",
+                                location=t.attr_location(name), hint=e.hint) from None
+            for lb in deps:
+                self.resolve(lb, t, name)
+        node.deps = list(dict.fromkeys(deps))
+        return node.deps
+
+    def analyze(self, roots: list[Label]) -> Plan:
+        state: dict[Label, int] = {}
+        for root in roots:
+            if state.get(root) == 2:
+                continue
+            self.resolve(root, None, None)
+            state[root] = 1
+            path = [root]
+            stack = [(root, iter(self._deps_of(self.nodes[root])))]
+            while stack:
+                label, it = stack[-1]
+                nxt = next(it, None)
+                if nxt is None:
+                    stack.pop()
+                    path.pop()
+                    state[label] = 2
+                    self._analyze_one(self.nodes[label])
+                    continue
+                s = state.get(nxt)
+                if s == 2:
+                    continue
+                if s == 1:
+                    cycle = path[path.index(nxt):] + [nxt]
+                    first = self.nodes[cycle[0]].target
+                    raise LoadError("dependency cycle: " + " -> ".join(map(str, cycle)),
+                                    location=first.location if first else None,
+                                    hint="a target cannot depend on itself, directly or not")
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append((nxt, iter(self._deps_of(self.nodes[nxt]))))
+        tests = [r for r in roots if self.nodes[r].target and self.rules[self.nodes[r].kind].test]
+        return Plan(roots, self.nodes, self.infos, self._needed(roots), tests)
+
+    def _analyze_one(self, node: Node) -> None:
+        label = node.label
+        if node.kind == SOURCE_KIND:
+            self.infos[label] = TargetInfo((Artifact(_join(label.package, label.name)),))
+            return
+        if node.kind == GENERATED_KIND:
+            owner = self.infos[node.deps[0]]
+            path = f"{OUT_PREFIX}/{_join(label.package, label.name)}"
+            self.infos[label] = TargetInfo(tuple(a for a in owner.files if a.path == path)
+                                           or (Artifact(path, source=False),))
+            return
+        t = node.target
+        rule = self.rules[t.kind]
+        ctx = AnalysisContext(self, t, rule)
+        try:
+            info = rule.impl(ctx)
+        except ForgeError as e:
+            raise e.with_location(t.location) from None
+        for a in ctx.actions:
+            for out in a.outputs:
+                prev = self._producers.get(out.path)
+                if prev is not None:
+                    raise AnalysisError(f"{out.path} is an output of both {prev.owner} and {a.owner}",
+                                        location=t.location)
+                self._producers[out.path] = a
+        self.actions.extend(ctx.actions)
+        self.infos[label] = info or TargetInfo()
+
+    def _needed(self, roots: list[Label]) -> list[Action]:
+        """The actions that produce the roots' files, producers first."""
+        wanted: list[str] = []
+        for r in roots:
+            info = self.infos[r]
+            wanted.extend(a.path for a in (*info.files, *info.runfiles) if not a.source)
+            if info.executable and not info.executable.source:
+                wanted.append(info.executable.path)
+        order: list[Action] = []
+        seen: set[str] = set()
+        stack = [(p, False) for p in reversed(wanted)]
+        while stack:
+            path, expanded = stack.pop()
+            act = self._producers.get(path)
+            if act is None:
+                continue
+            if expanded:
+                if act.id not in seen:
+                    seen.add(act.id)
+                    order.append(act)
+                continue
+            if act.id in seen:
+                continue
+            stack.append((path, True))
+            stack.extend((i.path, False) for i in act.inputs if not i.source)
+        return order
+
+
+def _join(pkg: str, name: str) -> str:
+    return f"{pkg}/{name}" if pkg else name
+
+
+LOCATION_RE = re.compile(r"\$\((locations?|execpaths?|rootpaths?) ([^)]+)\)")

@@ -1,0 +1,218 @@
+"""The whole surface for rule authors.
+
+A rule family is one module in `rules/` registered under the `forge.rules`
+entry-point group. It declares rule types with `@rule(...)`, each with a typed
+attribute schema (`attr.*`) and an analysis function that turns one target into
+actions: pure data, never run during analysis. The engine validates attributes,
+hashes, caches, schedules and runs; rules only plan.
+
+    from forge.api import rule, attr
+
+    @rule("genrule", version=1, doc="Run a shell command.", attrs={
+        "srcs": attr.label_list(doc="Inputs."),
+        "outs": attr.output_list(mandatory=True, doc="Files the command writes."),
+        "cmd": attr.string(mandatory=True, doc="The bash command."),
+    })
+    def genrule(ctx):
+        outs = [ctx.declare(o) for o in ctx.attr.outs]
+        ctx.run_shell(ctx.attr.cmd, inputs=ctx.files("srcs"), outputs=outs,
+                      mnemonic="Genrule")
+        return ctx.info(files=outs)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from forge.errors import AnalysisError, ForgeError, Location
+from forge.labels import Label
+
+__all__ = [
+    "Action", "AnalysisError", "Artifact", "Attr", "ExecContext", "ForgeError", "Label",
+    "RuleType", "TargetInfo", "action_function", "attr", "rule", "RULES", "FUNCTIONS",
+]
+
+OUT_PREFIX = "forge-out"
+
+
+# --- data model ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, order=True)
+class Artifact:
+    """A file an action reads or writes, named by its path in the sandbox.
+
+    Sources sit at `pkg/file`; generated files at `forge-out/pkg/file`, which is
+    also where they are materialised in the workspace.
+    """
+
+    path: str
+    source: bool = True
+
+    def __str__(self) -> str:
+        return self.path
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One unit of cached work. Exactly one of `argv` or `function` is set.
+
+    `function` names an in-process step registered with `@action_function`; its
+    `params` must be JSON-able because they enter the key as they are.
+    """
+
+    owner: Label
+    mnemonic: str
+    rule: str  # "name@version": bumping a rule's version changes every key it makes
+    inputs: tuple[Artifact, ...]
+    outputs: tuple[Artifact, ...]
+    argv: tuple[str, ...] | None = None
+    function: str | None = None
+    params: Any = None
+    env: tuple[tuple[str, str], ...] = ()
+    tools: tuple[str, ...] = ()  # host programs whose identity enters the key
+    pool: str | None = None  # at most POOLS[pool] actions of a pool run at once
+    executable: tuple[str, ...] = ()  # output paths to mark executable
+    description: str = ""
+    timeout: float | None = None
+
+    @property
+    def id(self) -> str:
+        """Stable identity across builds (explain compares builds by it)."""
+        return f"{self.owner}#{self.mnemonic}#{self.outputs[0].path if self.outputs else ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class TargetInfo:
+    """What a target gives the targets that depend on it."""
+
+    files: tuple[Artifact, ...] = ()
+    executable: Artifact | None = None
+    runfiles: tuple[Artifact, ...] = ()
+    extra: dict = field(default_factory=dict)  # rule-family specific data (JSON-able)
+
+
+# --- attribute schema -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Attr:
+    """One attribute of a rule: its type, default, allowed values and help text."""
+
+    type: str
+    default: Any = None
+    mandatory: bool = False
+    values: tuple | None = None
+    doc: str = ""
+    allow_files: bool = True  # label attrs: may name source files
+
+    @property
+    def is_label(self) -> bool:
+        return self.type in ("label", "label_list", "label_dict")
+
+    @property
+    def is_output(self) -> bool:
+        return self.type in ("output", "output_list")
+
+
+class _AttrFactory:
+    """`attr.string(...)`, `attr.label_list(...)`: the types a schema can use."""
+
+    TYPES = {
+        "string": "a string", "int": "an integer", "bool": "a boolean (True or False)",
+        "string_list": "a list of strings", "string_dict": "a dict of string to string",
+        "label": "a label string", "label_list": "a list of label strings",
+        "label_dict": "a dict of string to label string",
+        "output": "a file name", "output_list": "a list of file names",
+    }
+
+    def __getattr__(self, type_name: str) -> Callable[..., Attr]:
+        if type_name not in self.TYPES:
+            raise AttributeError(type_name)
+
+        def make(*, default=None, mandatory=False, values=None, doc="", allow_files=True) -> Attr:
+            return Attr(type_name, default, mandatory, tuple(values) if values else None, doc,
+                        allow_files)
+        return make
+
+
+attr = _AttrFactory()
+
+# Every target accepts these; rules do not declare them.
+COMMON_ATTRS = {
+    "name": Attr("string", mandatory=True, doc="The target's name, unique in its package."),
+    "visibility": Attr("string_list", default=[], doc="Accepted for Bazel compatibility."),
+    "tags": Attr("string_list", default=[], doc="Free-form tags; `manual` keeps a target out of `//...`."),
+    "testonly": Attr("bool", default=False, doc="Accepted for Bazel compatibility."),
+}
+
+
+# --- registration ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RuleType:
+    name: str
+    impl: Callable[["AnalysisContext"], TargetInfo]
+    attrs: dict[str, Attr]
+    version: int = 1
+    doc: str = ""
+    test: bool = False  # `forge test` runs its executable
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+RULES: dict[str, RuleType] = {}
+FUNCTIONS: dict[str, tuple[Callable[["ExecContext"], None], int]] = {}
+# Named resource pools and how many of their actions may run at once.
+POOLS: dict[str, int] = {}
+
+
+def rule(name: str, *, attrs: dict[str, Attr], version: int = 1, doc: str = "",
+         test: bool = False) -> Callable:
+    """Register an analysis function as the rule type `name`."""
+    def register(impl):
+        all_attrs = dict(COMMON_ATTRS)
+        all_attrs.update(attrs)
+        RULES[name] = RuleType(name, impl, all_attrs, version, doc or (impl.__doc__ or ""), test)
+        return impl
+    return register
+
+
+def action_function(name: str, *, version: int = 1) -> Callable:
+    """Register an in-process action step; its version enters the keys of its actions."""
+    def register(fn):
+        FUNCTIONS[name] = (fn, version)
+        return fn
+    return register
+
+
+def pool(name: str, size: int) -> None:
+    """Declare a resource pool (e.g. `pool("qemu", 1)`: one VM at a time)."""
+    POOLS[name] = size
+
+
+# --- execution-time context for in-process actions ------------------------------------
+
+@dataclass
+class ExecContext:
+    """What an `@action_function` step sees: its parameters and sandbox paths."""
+
+    params: Any
+    scratch: "Any"  # pathlib.Path of the sandbox root; inputs and outputs live below it
+    inputs: list[str]
+    outputs: list[str]
+    log: Callable[[str], None] = print
+
+    def path(self, rel: str):
+        return self.scratch / rel
+
+
+class ActionFailed(ForgeError):
+    """Raised by an in-process step whose work failed (e.g. a checksum mismatch)."""
+
+    exit_code = 1
+
+
+def location_of(value: Any) -> Location | None:  # pragma: no cover - convenience
+    return getattr(value, "location", None)

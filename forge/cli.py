@@ -1,0 +1,353 @@
+"""The command line: the only place that prints and chooses exit codes.
+
+Heavy modules are imported inside the commands so `forge --version` and
+`forge help` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from forge import __version__
+from forge.errors import (EXIT_BUILD_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TESTS_FAILED,
+                          EXIT_USAGE, ForgeError, UsageError, format_error)
+
+COMMANDS = {
+    "build": "build targets and print their output paths",
+    "test": "build test targets and run them",
+    "run": "build an executable target and run it",
+    "query": "query the target graph: deps(), rdeps(), kind(), attr(), somepath(), + - ^",
+    "graph": "draw a target's dependency graph (dot, svg, mermaid)",
+    "explain": "why each action of the last build ran",
+    "clean": "remove outputs (--expunge: also this workspace's records)",
+    "cache": "cache stats | cache gc --max-size 10G",
+    "help": "show help for forge or one command",
+    "version": "print forge's version",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache-dir", help="cache location (default: FORGE_CACHE_DIR, "
+                        "[cache] dir in forge.toml, ~/.cache/forge)")
+    common.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    building = argparse.ArgumentParser(add_help=False)
+    building.add_argument("-j", "--jobs", type=int, default=None,
+                          help="parallel actions (default: number of cores)")
+    building.add_argument("-k", "--keep-going", action="store_true",
+                          help="keep building what does not depend on a failure")
+    building.add_argument("--progress", choices=("auto", "plain", "none"), default="auto")
+    building.add_argument("--build-events", metavar="FILE", help="write JSON lines, one per action")
+    building.add_argument("--profile", metavar="FILE", help="write a Chrome trace of the build")
+    building.add_argument("--nobuild", action="store_true", help="load and analyse only")
+
+    p = argparse.ArgumentParser(prog="forge", description="forge: builds OS images from BUILD files, "
+                                "caching every step by the content of its inputs.")
+    p.add_argument("--version", action="version", version=f"forge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    b = sub.add_parser("build", parents=[common, building], help=COMMANDS["build"])
+    b.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
+    t = sub.add_parser("test", parents=[common, building], help=COMMANDS["test"])
+    t.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
+    t.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
+    r = sub.add_parser("run", parents=[common, building], help=COMMANDS["run"])
+    r.add_argument("target")
+    r.add_argument("args", nargs=argparse.REMAINDER)
+    q = sub.add_parser("query", parents=[common], help=COMMANDS["query"])
+    q.add_argument("expr")
+    q.add_argument("--output", choices=("label", "json", "dot"), default="label")
+    g = sub.add_parser("graph", parents=[common], help=COMMANDS["graph"])
+    g.add_argument("target")
+    g.add_argument("--format", choices=("dot", "svg", "mermaid"), default="dot")
+    e = sub.add_parser("explain", parents=[common], help=COMMANDS["explain"])
+    e.add_argument("patterns", nargs="*", metavar="TARGET")
+    c = sub.add_parser("clean", parents=[common], help=COMMANDS["clean"])
+    c.add_argument("--expunge", action="store_true")
+    ca = sub.add_parser("cache", parents=[common], help=COMMANDS["cache"])
+    casub = ca.add_subparsers(dest="cache_command", metavar="stats|gc", required=True)
+    casub.add_parser("stats", parents=[common])
+    gc = casub.add_parser("gc", parents=[common])
+    gc.add_argument("--max-size", required=True, help="e.g. 10G, 500M")
+    h = sub.add_parser("help", help=COMMANDS["help"])
+    h.add_argument("topic", nargs="?")
+    sub.add_parser("version", help=COMMANDS["version"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    if not argv:
+        parser.print_help()
+        return EXIT_OK
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        print(f"forge {__version__}")
+        return EXIT_OK
+    if args.command == "help":
+        return _help(parser, args.topic)
+    # SIGTERM stops a build the way Ctrl-C does: running commands killed, cache valid.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    root = None
+    try:
+        from forge.workspace import find_workspace
+        ws = find_workspace()
+        root = ws.root
+        return _COMMANDS[args.command](ws, args)
+    except ForgeError as e:
+        if getattr(args, "debug", False):
+            import traceback
+            traceback.print_exc()
+        print(format_error(e, root), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("forge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def _help(parser, topic) -> int:
+    if topic is None:
+        parser.print_help()
+        print("\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:8} {text}")
+        return EXIT_OK
+    if topic not in COMMANDS:
+        from forge.errors import did_you_mean
+        raise SystemExit(format_error(UsageError(f"no command '{topic}'",
+                                                 hint=did_you_mean(topic, COMMANDS))) and EXIT_USAGE)
+    parser.parse_args([topic, "--help"])
+    return EXIT_OK
+
+
+# --- build, test, run ------------------------------------------------------------------
+
+def _session(ws, args):
+    from forge.session import Session
+    return Session(ws, args.cache_dir)
+
+
+def _build(ws, args, patterns, *, tests: bool = False):
+    """Plan and run; returns (session, plan, summary, exit code)."""
+    from forge.events import ProgressReporter, summary_line, write_build_events, write_profile
+    t0 = time.perf_counter()
+    s = _session(ws, args)
+    reporter = ProgressReporter(args.progress)
+    s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
+                                 file=sys.stderr))
+    try:
+        plan = s.plan(patterns)
+        t1 = time.perf_counter()
+        if args.nobuild:
+            print(f"forge: {len(plan.roots)} targets loaded and analysed, "
+                  f"{len(plan.actions)} actions planned", file=sys.stderr)
+            return s, plan, None, EXIT_OK
+        ex = s.executor(jobs=args.jobs, keep_going=args.keep_going, reporter=reporter)
+        offset = ex._epoch - t0
+        summary = ex.run(plan.actions)
+        reporter.close()
+        code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
+        _write_last(s, summary)
+        print(summary_line(summary), file=sys.stderr)
+        if args.build_events:
+            write_build_events(args.build_events, summary, code)
+        if args.profile:
+            for r in summary.results:
+                r.start += offset
+            write_profile(args.profile, summary, [("load+analyse", 0.0, t1 - t0),
+                                                  ("execute", t1 - t0, time.perf_counter() - t1)])
+        return s, plan, summary, code
+    finally:
+        reporter.close()
+        s.records.save()
+        s.records.unlock()
+
+
+def _write_last(s, summary) -> None:
+    s.records.write_last([{"id": r.action.id, "label": str(r.action.owner),
+                           "mnemonic": r.action.mnemonic, "description": r.action.description,
+                           "status": r.status, "key": r.key, "reasons": r.reasons}
+                          for r in summary.results])
+
+
+def cmd_build(ws, args) -> int:
+    s, plan, summary, code = _build(ws, args, args.patterns)
+    if summary is not None and code == EXIT_OK:
+        for label in plan.roots:
+            info = plan.infos.get(label)
+            if info is None:
+                continue
+            for a in dict.fromkeys((*info.files, *((info.executable,) if info.executable else ()))):
+                print(a.path if a.source else os.path.relpath(ws.root / a.path))
+    s.close()
+    return code
+
+
+def cmd_test(ws, args) -> int:
+    import threading
+
+    from forge.testing import run_tests, write_junit
+    s, plan, summary, code = _build(ws, args, args.patterns)
+    if code != EXIT_OK or args.nobuild:
+        return code
+    if not plan.tests:
+        print("forge: no test targets matched", file=sys.stderr)
+        return EXIT_OK
+    cancel = threading.Event()
+    try:
+        results = run_tests(plan, ws.root, s.cache, args.jobs or os.cpu_count() or 1, cancel)
+    except KeyboardInterrupt:
+        cancel.set()
+        return EXIT_INTERRUPTED
+    for r in results:
+        status = "PASSED" if r.passed else "FAILED"
+        print(f"{str(r.label):50} {status} in {r.duration:.2f}s" + (f" ({r.reason})" if r.reason else ""))
+        if not r.passed and r.output.strip():
+            print("\n".join("    " + ln for ln in r.output.rstrip().splitlines()[-30:]))
+    failed = sum(not r.passed for r in results)
+    print(f"forge: {len(results)} tests: {len(results) - failed} passed, {failed} failed",
+          file=sys.stderr)
+    if args.junit:
+        write_junit(args.junit, results)
+    return EXIT_TESTS_FAILED if failed else EXIT_OK
+
+
+def cmd_run(ws, args) -> int:
+    s, plan, summary, code = _build(ws, args, [args.target])
+    if code != EXIT_OK:
+        return code
+    info = plan.infos[plan.roots[0]]
+    if info.executable is None:
+        raise UsageError(f"{plan.roots[0]} is not executable", hint="forge run takes a target with an "
+                         "executable output (e.g. a genrule with executable = True)")
+    argv = [str(ws.root / info.executable.path), *[a for a in args.args if a != "--"]]
+    return os.spawnv(os.P_WAIT, argv[0], argv)
+
+
+# --- query, graph, explain -------------------------------------------------------------
+
+def _target_graph(ws, args, patterns):
+    from forge.graphs import target_graph
+    s = _session(ws, args)
+    plan = s.plan(patterns, include_manual=True)
+    return s, plan, target_graph(plan)
+
+
+def cmd_query(ws, args) -> int:
+    from forge.graphfmt import format_dot, format_json, format_labels
+    from forge.query import QueryError, evaluate
+    s, plan, graph = _target_graph(ws, args, ["//..."])
+    from forge.graphs import pattern_resolver
+    try:
+        result = evaluate(args.expr, graph, pattern_resolver(s, graph))
+    except QueryError as e:
+        raise UsageError(str(e)) from None
+    fmt = {"label": format_labels, "json": format_json, "dot": format_dot}[args.output]
+    out = fmt(result, graph)
+    if out:
+        print(out)
+    return EXIT_OK
+
+
+def cmd_graph(ws, args) -> int:
+    from forge.graphfmt import format_dot, format_mermaid, render_svg
+    from forge.query import QueryError
+    s, plan, graph = _target_graph(ws, args, [args.target])
+    import networkx as nx
+    nodes = set()
+    for r in plan.roots:
+        nodes |= {str(r)} | nx.descendants(graph, str(r))
+    if args.format == "mermaid":
+        print(format_mermaid(nodes, graph))
+    elif args.format == "dot":
+        print(format_dot(nodes, graph))
+    else:
+        try:
+            sys.stdout.buffer.write(render_svg(format_dot(nodes, graph)))
+        except QueryError as e:
+            raise UsageError(str(e)) from None
+    return EXIT_OK
+
+
+def cmd_explain(ws, args) -> int:
+    s = _session(ws, args)
+    last = s.records.read_last()
+    if last is None:
+        raise UsageError("no build has run in this workspace yet", hint="run forge build first")
+    wanted = None
+    if args.patterns:
+        plan = s.plan(args.patterns)
+        wanted = {a.id for a in plan.actions}
+    shown = 0
+    for a in last["actions"]:
+        if wanted is not None and a["id"] not in wanted:
+            continue
+        shown += 1
+        if a["status"] == "executed":
+            print(f"{a['description']}: ran because")
+            for reason in a["reasons"] or ["(no reason recorded)"]:
+                print(f"    {reason}")
+        elif a["status"] == "cached":
+            print(f"{a['description']}: cached (key {a['key'][:16]} unchanged)")
+        else:
+            print(f"{a['description']}: {a['status']}")
+    if not shown:
+        print("forge: the last build ran no action of these targets", file=sys.stderr)
+    return EXIT_OK
+
+
+# --- clean, cache -----------------------------------------------------------------------
+
+def cmd_clean(ws, args) -> int:
+    from forge.cache import _force_rmtree
+    if ws.out_dir.exists():
+        _force_rmtree(ws.out_dir)
+    if args.expunge:
+        s = _session(ws, args)
+        _force_rmtree(s.records.dir)
+        print(f"forge: removed {ws.out_dir} and this workspace's records", file=sys.stderr)
+    else:
+        print(f"forge: removed {ws.out_dir}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_cache(ws, args) -> int:
+    from forge.cache import parse_size
+    s = _session(ws, args)
+    if args.cache_command == "stats":
+        st = s.cache.stats()
+        print(f"cache: {st['dir']}\nblobs: {st['blobs']} ({_human(st['bytes'])})\n"
+              f"action records: {st['records']}")
+        last = s.records.read_last()
+        if last:
+            acts = last["actions"]
+            hits = sum(a["status"] == "cached" for a in acts)
+            rate = f"{100 * hits / len(acts):.0f}%" if acts else "n/a"
+            print(f"last build: {len(acts)} actions, {hits} cached (hit rate {rate})")
+        return EXIT_OK
+    try:
+        limit = parse_size(args.max_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    r = s.cache.gc(limit)
+    print(f"forge: removed {r['blobs_removed']} blobs ({_human(r['bytes_freed'])}), dropped "
+          f"{r['records_dropped']} records; {_human(r['bytes_kept'])} kept")
+    return EXIT_OK
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+_COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "query": cmd_query,
+             "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache}

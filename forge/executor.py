@@ -1,0 +1,346 @@
+"""Execution: walk the action graph in parallel, skipping every action whose key
+is already known.
+
+The main thread owns all bookkeeping (keys, records, the ready queue); worker
+threads only run commands or in-process steps and move outputs into the CAS.
+Cache hits are handled on the main thread without a round trip to a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import traceback
+from collections import Counter, defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from forge import sandbox
+from forge.api import FUNCTIONS, POOLS, Action, ExecContext
+from forge.cache import Cache, OutputFile
+from forge.errors import ForgeError
+from forge.keys import ToolError, ToolIds, explain_diff, key_of, preimage
+from forge.records import Records
+
+
+@dataclass
+class ActionResult:
+    action: Action
+    status: str  # executed | cached | failed | skipped
+    key: str = ""
+    duration: float = 0.0
+    start: float = 0.0
+    outputs: list[OutputFile] = field(default_factory=list)
+    error: str = ""  # what went wrong, ready to show
+    reasons: list[str] = field(default_factory=list)
+    worker: int = 0
+    cancelled: bool = False
+
+
+@dataclass
+class BuildSummary:
+    results: list[ActionResult]
+    interrupted: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.results if r.status == status)
+
+    @property
+    def ok(self) -> bool:
+        return not self.interrupted and all(r.status in ("executed", "cached", "remote")
+                                            for r in self.results)
+
+
+class Reporter:
+    """Progress callbacks; the CLI supplies one that draws, tests use this silent one."""
+
+    def started(self, action: Action) -> None: ...
+    def finished(self, result: ActionResult) -> None: ...
+    def warning(self, text: str) -> None: ...
+    def set_total(self, n: int) -> None: ...
+
+
+class Executor:
+    def __init__(self, root: Path, cache: Cache, records: Records, *, jobs: int | None = None,
+                 keep_going: bool = False, salt: str = "", reporter: Reporter | None = None):
+        self.root = root
+        self.cache = cache
+        self.records = records
+        self.jobs = max(1, jobs or os.cpu_count() or 1)
+        self.keep_going = keep_going
+        self.salt = salt
+        self.reporter = reporter or Reporter()
+        self.tools = ToolIds(records.stat_cache)
+        self.cancel = threading.Event()
+        self._done: queue.Queue = queue.Queue()
+        self._digests: dict[str, OutputFile] = {}  # generated path -> its blob
+        self._epoch = time.perf_counter()
+        self._pending: dict[str, tuple[str, dict]] = {}  # action id -> (key, preimage)
+
+    # --- the walk -------------------------------------------------------------------
+
+    def run(self, actions: list[Action]) -> BuildSummary:
+        producer = {o.path: a for a in actions for o in a.outputs}
+        waiting: dict[str, int] = {}
+        dependents: dict[str, list[Action]] = defaultdict(list)
+        for a in actions:
+            ups = {producer[i.path].id for i in a.inputs if not i.source and i.path in producer}
+            waiting[a.id] = len(ups)
+            for u in ups:
+                dependents[u].append(a)
+        ready = deque(a for a in actions if waiting[a.id] == 0)
+        results: dict[str, ActionResult] = {}
+        running: dict[str, Action] = {}
+        pools: Counter = Counter()
+        free_workers = list(range(self.jobs, 0, -1))
+        stop = False
+        self.reporter.set_total(len(actions))
+        pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="forge-worker")
+        try:
+            while ready or running:
+                while ready and not stop and len(running) < self.jobs:
+                    a = self._pick(ready, pools)
+                    if a is None:
+                        break
+                    r = self._prepare(a)
+                    if r is not None:
+                        results[a.id] = r
+                        self._complete(r, dependents, waiting, ready, results)
+                        if r.status == "failed" and not self.keep_going:
+                            stop = True
+                        continue
+                    running[a.id] = a
+                    pools[a.pool] += 1
+                    worker = free_workers.pop()
+                    self.reporter.started(a)
+                    pool.submit(self._work, a, self._pending[a.id], worker)
+                if not running:
+                    if ready and stop:
+                        break
+                    continue
+                r = self._wait()
+                running.pop(r.action.id)
+                pools[r.action.pool] -= 1
+                free_workers.append(r.worker)
+                results[r.action.id] = r
+                self._complete(r, dependents, waiting, ready, results)
+                if r.status == "failed" and not self.keep_going:
+                    stop = True
+        except KeyboardInterrupt:
+            self.cancel.set()
+            pool.shutdown(wait=True)
+            while not self._done.empty():
+                r = self._done.get()
+                results[r.action.id] = r
+                if r.status != "failed":
+                    self._record(r)
+            self.records.save()
+            return BuildSummary(self._ordered(actions, results), interrupted=True)
+        pool.shutdown(wait=True)
+        for a in actions:
+            if a.id not in results:
+                results[a.id] = ActionResult(a, "skipped")
+        self.records.save()
+        return BuildSummary(self._ordered(actions, results))
+
+    def _wait(self) -> ActionResult:
+        while True:
+            try:
+                return self._done.get(timeout=0.2)
+            except queue.Empty:
+                continue
+
+    @staticmethod
+    def _ordered(actions, results) -> list[ActionResult]:
+        return [results[a.id] for a in actions if a.id in results]
+
+    def _pick(self, ready: deque, pools: Counter) -> Action | None:
+        for i, a in enumerate(ready):
+            if a.pool is None or pools[a.pool] < POOLS.get(a.pool, 1):
+                del ready[i]
+                return a
+        return None
+
+    def _complete(self, r: ActionResult, dependents, waiting, ready, results) -> None:
+        self.reporter.finished(r)
+        if r.status in ("executed", "cached", "remote"):
+            self._record(r)
+            for d in dependents.get(r.action.id, ()):
+                waiting[d.id] -= 1
+                if waiting[d.id] == 0:
+                    ready.append(d)
+            return
+        # A failed action's dependents can never run: mark them, transitively.
+        stack = list(dependents.get(r.action.id, ()))
+        while stack:
+            d = stack.pop()
+            if d.id not in results:
+                results[d.id] = ActionResult(d, "skipped")
+                stack.extend(dependents.get(d.id, ()))
+
+    # --- keys and cache hits (main thread) -------------------------------------------
+
+    def _prepare(self, a: Action) -> ActionResult | None:
+        """A finished result for a hit or an action that cannot start; None to run it."""
+        t0 = time.perf_counter()
+        inputs: dict[str, str] = {}
+        try:
+            for i in a.inputs:
+                if i.source:
+                    inputs[i.path] = self.records.stat_cache.digest(str(self.root / i.path))
+                else:
+                    f = self._digests[i.path]
+                    inputs[i.path] = f.digest + ("+x" if f.executable else "")
+            pre = preimage(a, inputs, self.tools, self.salt)
+        except FileNotFoundError as e:
+            return ActionResult(a, "failed", error=f"input file {e.filename} is missing")
+        except ToolError as e:
+            return ActionResult(a, "failed", error=str(e))
+        key = key_of(pre)
+        state = self.records.state.get(a.id)
+        if state is not None and state[0] == key and self._still_linked(state[1]):
+            outs = [OutputFile(*o[:4]) for o in state[1]]
+            return self._hit(a, key, outs, t0, pre=None)
+        outs = self.cache.get_record(key)
+        if outs is not None:
+            if all(self.cache.blob_ok(o) for o in outs) and self._link_all(outs):
+                return self._hit(a, key, outs, t0, pre)
+            self.reporter.warning(f"cache record of {a.description} points at missing or corrupt "
+                                  "blobs; rebuilding it")
+            self.cache.drop_record(key)
+        self._pending[a.id] = (key, pre)
+        return None
+
+    def _hit(self, a, key, outs, t0, pre) -> ActionResult:
+        r = ActionResult(a, "cached", key, time.perf_counter() - t0, t0 - self._epoch, outs)
+        if pre is not None:
+            self._remember_preimage(a, pre, reasons=False)
+        return r
+
+    def _still_linked(self, outs) -> bool:
+        for path, _digest, size, _x, ino, mtime in outs:
+            try:
+                st = os.stat(self.root / path)
+            except OSError:
+                return False
+            if st.st_ino != ino or st.st_size != size or st.st_mtime_ns != mtime:
+                return False
+        return True
+
+    def _link_all(self, outs: list[OutputFile]) -> bool:
+        for o in outs:
+            if not self.cache.verify(o):
+                self.cache.drop_blob(o)
+                return False
+            self.cache.link_out(o, self.root / o.path)
+        return True
+
+    def _record(self, r: ActionResult) -> None:
+        linked = []
+        for o in r.outputs:
+            self._digests[o.path] = o
+            try:
+                st = os.stat(self.root / o.path)
+                linked.append((o.path, o.digest, o.size, o.executable, st.st_ino, st.st_mtime_ns))
+            except OSError:
+                pass
+        self.records.set_state(r.action.id, (r.key, tuple(linked)))
+
+    def _remember_preimage(self, a: Action, pre: dict, reasons: bool) -> list[str]:
+        pres = self.records.preimages
+        old = pres.get(a.id)
+        why = explain_diff(old, pre) if reasons else []
+        if old != pre:
+            pres.set(a.id, pre)
+        return why
+
+    # --- running (worker threads) ---------------------------------------------------
+
+    def _work(self, a: Action, pending, worker: int) -> None:
+        key, pre = pending
+        t0 = time.perf_counter()
+        try:
+            r = self._execute(a, key)
+        except Exception as e:  # a bug in a rule's step, not the user's input
+            r = ActionResult(a, "failed", key, error=f"internal error in {a.mnemonic}: {e}\n"
+                             + traceback.format_exc(limit=-3))
+        r.key, r.worker = key, worker
+        r.start, r.duration = t0 - self._epoch, time.perf_counter() - t0
+        if r.status == "executed":
+            r.reasons = self._remember_preimage(a, pre, reasons=True)
+        self._done.put(r)
+
+    def _execute(self, a: Action, key: str) -> ActionResult:
+        scratch = sandbox.new_scratch(self.cache.tmp, a.mnemonic)
+        keep = False
+        try:
+            for i in a.inputs:
+                if i.source:
+                    sandbox.stage(scratch, i.path, self.root / i.path)
+                else:
+                    f = self._digests[i.path]
+                    sandbox.stage(scratch, i.path, self.cache.blob_path(f.digest, f.executable))
+            for o in a.outputs:
+                (scratch / o.path).parent.mkdir(parents=True, exist_ok=True)
+            failure = self._run_step(a, scratch)
+            if failure is None:
+                missing = [o.path for o in a.outputs if not (scratch / o.path).is_file()]
+                if missing:
+                    failure = ("declared output" + ("s " if len(missing) > 1 else " ")
+                               + ", ".join(missing) + " not created by the action")
+            if failure is not None:
+                keep = not self.cancel.is_set()
+                where = f"\nscratch directory kept at {scratch}" if keep else ""
+                return ActionResult(a, "failed", key, error=failure + where,
+                                    cancelled=self.cancel.is_set())
+            outs = []
+            for o in a.outputs:
+                f = self.cache.put_file(scratch / o.path, o.path in a.executable)
+                outs.append(OutputFile(o.path, f.digest, f.size, f.executable))
+            self.cache.put_record(key, outs)  # after its blobs: never a dangling record
+            for o in outs:
+                self.cache.link_out(o, self.root / o.path)
+            return ActionResult(a, "executed", key, outputs=outs)
+        finally:
+            if not keep:
+                sandbox.remove(scratch)
+
+    def _run_step(self, a: Action, scratch: Path) -> str | None:
+        if a.argv is not None:
+            env = sandbox.base_env(scratch)
+            env.update(dict(a.env))
+            res = sandbox.run(list(a.argv), scratch, env, timeout=a.timeout, cancel=self.cancel)
+            if res.cancelled:
+                return "interrupted"
+            if res.returncode == 0 and not res.timed_out:
+                return None
+            why = f"timed out after {a.timeout:g} s" if res.timed_out else f"exit code {res.returncode}"
+            out = res.output.decode(errors="replace").rstrip()
+            return (f"command failed ({why}):\n  {_show_argv(a.argv)}"
+                    + (f"\noutput (last lines):\n{_indent(out)}" if out else "\n(no output)"))
+        fn = FUNCTIONS.get(a.function)
+        if fn is None:
+            return f"no in-process step named '{a.function}' is registered"
+        logs: list[str] = []
+        ctx = ExecContext(a.params, scratch, [i.path for i in a.inputs],
+                          [o.path for o in a.outputs], log=logs.append)
+        try:
+            fn[0](ctx)
+        except ForgeError as e:
+            return e.message + (f"\nhint: {e.hint}" if e.hint else "")
+        return None
+
+
+def _show_argv(argv) -> str:
+    if len(argv) == 3 and argv[0] == "bash" and argv[1] == "-c":
+        return "bash -c " + repr(argv[2])
+    import shlex
+    return shlex.join(argv)
+
+
+def _indent(text: str, n: int = 40) -> str:
+    lines = text.splitlines()[-n:]
+    return "\n".join("  " + ln for ln in lines)

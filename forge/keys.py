@@ -1,0 +1,111 @@
+"""Action keys, their readable preimages, and the diff that explains a rebuild.
+
+The key of an action is the xxh3-128 of its preimage: a JSON object holding the
+rule type and version, the mnemonic, the command or the in-process function
+with its parameters and version, the environment, the identities of host tools,
+the content digest of every input (by sandbox path), the declared outputs and
+the workspace's salt. Nothing host-specific (absolute paths, user, time) enters
+it, so two checkouts at different paths share keys.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import xxhash
+
+from forge.api import FUNCTIONS, Action
+from forge.digest import StatCache
+from forge.sandbox import KEY_ENV, SANDBOX_PATH
+
+KEY_FORMAT = 1  # bump when the preimage's shape changes
+
+
+class ToolError(Exception):
+    pass
+
+
+class ToolIds:
+    """Host tool name -> digest of the program the sandbox PATH resolves it to."""
+
+    def __init__(self, stat_cache: StatCache):
+        self.stat_cache = stat_cache
+        self.ids: dict[str, str] = {}
+
+    def __call__(self, name: str) -> str:
+        d = self.ids.get(name)
+        if d is None:
+            path = shutil.which(name, path=SANDBOX_PATH)
+            if path is None:
+                raise ToolError(f"the program '{name}' is not installed (looked in {SANDBOX_PATH})")
+            import os
+            d = self.ids[name] = self.stat_cache.digest(os.path.realpath(path))
+        return d
+
+
+def preimage(action: Action, inputs: dict[str, str], tools: ToolIds, salt: str) -> dict:
+    p = {
+        "format": KEY_FORMAT,
+        "rule": action.rule,
+        "mnemonic": action.mnemonic,
+        "inputs": inputs,
+        "outputs": [o.path for o in action.outputs],
+        "executable": list(action.executable),
+        "tools": {t: tools(t) for t in action.tools},
+        "salt": salt,
+    }
+    if action.argv is not None:
+        p["argv"] = list(action.argv)
+        p["env"] = {**KEY_ENV, **dict(action.env)}
+    else:
+        p["function"] = f"{action.function}@{FUNCTIONS[action.function][1]}" \
+            if action.function in FUNCTIONS else action.function
+        p["params"] = action.params
+    return p
+
+
+def key_of(pre: dict) -> str:
+    return xxhash.xxh3_128_hexdigest(json.dumps(pre, sort_keys=True, separators=(",", ":")).encode())
+
+
+def explain_diff(old: dict | None, new: dict) -> list[str]:
+    """Why `new` differs from `old`, most telling reasons first."""
+    if old is None:
+        return ["no earlier record of this action"]
+    reasons: list[str] = []
+    oi, ni = old.get("inputs", {}), new.get("inputs", {})
+    for path in sorted(set(oi) | set(ni)):
+        a, b = oi.get(path), ni.get(path)
+        if a == b:
+            continue
+        if a is None:
+            reasons.append(f"input added: {path} ({b[:12]})")
+        elif b is None:
+            reasons.append(f"input removed: {path}")
+        else:
+            reasons.append(f"input changed: {path} ({a[:12]} -> {b[:12]})")
+    labels = {"argv": "the command changed", "env": "the environment changed",
+              "params": "the parameters changed", "function": "the step's version changed",
+              "rule": "the rule's version changed", "tools": "a tool changed",
+              "salt": "the workspace salt changed", "outputs": "the declared outputs changed",
+              "executable": "the executable outputs changed", "format": "forge's key format changed",
+              "mnemonic": "the mnemonic changed"}
+    for field, text in labels.items():
+        if old.get(field) != new.get(field):
+            if field == "argv":
+                text += f": {_short(old.get(field))} -> {_short(new.get(field))}"
+            elif field == "env":
+                oe, ne = old.get("env") or {}, new.get("env") or {}
+                keys = sorted(k for k in set(oe) | set(ne) if oe.get(k) != ne.get(k))
+                text += f" ({', '.join(keys)})"
+            elif field == "tools":
+                ot, nt = old.get("tools") or {}, new.get("tools") or {}
+                text += f" ({', '.join(sorted(k for k in set(ot) | set(nt) if ot.get(k) != nt.get(k)))})"
+            reasons.append(text)
+    return reasons or ["the key changed but the recorded preimage is identical (cache records were lost)"]
+
+
+def _short(v, n: int = 80) -> str:
+    s = " ".join(v) if isinstance(v, list) else str(v)
+    return repr(s if len(s) <= n else s[: n - 3] + "...")

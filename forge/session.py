@@ -1,0 +1,119 @@
+"""A forge invocation's state: workspace, cache, records, and the plan cache.
+
+The plan cache keeps the result of loading and analysis for a set of patterns,
+valid while every BUILD/.bzl/config file and every directory it looked at has
+the stat it had then. A no-op build then costs stats and key checks, not a
+Starlark evaluation of every package.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import xxhash
+
+import forge
+from forge.api import RULES
+from forge.cache import Cache
+from forge.errors import ForgeError, LoadError
+from forge.labels import parse_pattern
+from forge.records import Records
+from forge.workspace import CONFIG_NAME, Workspace
+
+PLAN_VERSION = 1
+_rules_loaded = False
+
+
+def load_rules() -> None:
+    """Import every rule family registered under the `forge.rules` entry points."""
+    global _rules_loaded
+    if _rules_loaded:
+        return
+    from importlib import import_module
+    from importlib.metadata import entry_points
+    for ep in entry_points(group="forge.rules"):
+        try:
+            import_module(ep.value)
+        except Exception as e:  # a broken plugin must not hide the others' errors
+            raise ForgeError(f"cannot load rule family '{ep.name}' ({ep.value}): {e}") from e
+    _rules_loaded = True
+
+
+class Session:
+    def __init__(self, ws: Workspace, cache_dir: str | None = None):
+        self.ws = ws
+        self.cache = Cache(ws.cache_dir(cache_dir))
+        self.records = Records(ws.records_dir(self.cache.root))
+        load_rules()
+
+    def cwd_package(self, cwd: Path | None = None) -> str:
+        cwd = (cwd or Path.cwd()).absolute()
+        try:
+            rel = cwd.relative_to(self.ws.root).as_posix()
+        except ValueError:
+            return ""
+        return "" if rel == "." else rel
+
+    def plan(self, pattern_texts: list[str], *, cwd: Path | None = None, use_cache: bool = True,
+             include_manual: bool = False):
+        from forge.analysis import Analyzer
+        cwd_pkg = self.cwd_package(cwd)
+        patterns = [parse_pattern(p, cwd_pkg) for p in pattern_texts]
+        fingerprint = repr((PLAN_VERSION, forge.__version__, [str(p) for p in patterns],
+                            include_manual, sorted(r.key for r in RULES.values())))
+        path = self.records.dir / "plans" / (xxhash.xxh3_64_hexdigest(fingerprint.encode()) + ".pickle")
+        if use_cache:
+            plan = self._cached_plan(path, fingerprint)
+            if plan is not None:
+                return plan
+        an = Analyzer(self.ws)
+        an.loader._remember(self.ws.root / CONFIG_NAME)
+        roots = an.expand(patterns, include_manual=include_manual)
+        if not roots:
+            raise LoadError("no targets match " + " ".join(pattern_texts),
+                            hint="forge query //... lists every target")
+        plan = an.analyze(roots)
+        if use_cache:
+            self._save_plan(path, fingerprint, plan, an.loader.inputs, an.loader.dirs)
+        return plan
+
+    def _cached_plan(self, path: Path, fingerprint: str):
+        try:
+            with open(path, "rb") as f:
+                fp, inputs, dirs, plan = pickle.load(f)
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError,
+                ImportError):
+            return None
+        if fp != fingerprint:
+            return None
+        root = self.ws.root
+        for rel, (size, mtime) in inputs.items():
+            try:
+                st = os.stat(root / rel)
+            except OSError:
+                return None
+            if st.st_size != size or st.st_mtime_ns != mtime:
+                return None
+        for rel, mtime in dirs.items():
+            try:
+                if os.stat(root / rel if rel else root).st_mtime_ns != mtime:
+                    return None
+            except OSError:
+                return None
+        return plan
+
+    def _save_plan(self, path, fingerprint, plan, inputs, dirs) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        with open(tmp, "wb") as f:
+            pickle.dump((fingerprint, inputs, dirs, plan), f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+
+    def executor(self, **kw):
+        from forge.executor import Executor
+        return Executor(self.ws.root, self.cache, self.records, salt=self.ws.salt, **kw)
+
+    def close(self) -> None:
+        self.cache.close()

@@ -1,0 +1,72 @@
+"""Running test targets (`forge test`): each test's executable in a fresh scratch
+directory holding its runfiles, in parallel, with its timeout."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from forge import sandbox
+from forge.analysis import Plan
+from forge.cache import Cache
+from forge.labels import Label
+
+
+@dataclass
+class TestResult:
+    label: Label
+    passed: bool
+    duration: float
+    output: str
+    reason: str = ""
+
+
+def run_tests(plan: Plan, root: Path, cache: Cache, jobs: int,
+              cancel: threading.Event) -> list[TestResult]:
+    def one(label: Label) -> TestResult:
+        info = plan.infos[label]
+        exe = info.executable
+        scratch = sandbox.new_scratch(cache.tmp, f"test-{label.name}")
+        t0 = time.perf_counter()
+        try:
+            for a in (exe, *info.runfiles):
+                sandbox.stage(scratch, a.path, root / a.path)
+            env = sandbox.base_env(scratch)
+            env.update(info.extra.get("env", {}))
+            env.update({"TEST_TARGET": str(label), "TEST_TMPDIR": str(scratch / ".tmp"),
+                        "TEST_SRCDIR": str(scratch)})
+            timeout = info.extra.get("timeout", 300)
+            res = sandbox.run([f"./{exe.path}", *info.extra.get("args", [])], scratch, env,
+                              timeout=timeout, cancel=cancel)
+            out = res.output.decode(errors="replace")
+            if res.timed_out:
+                return TestResult(label, False, time.perf_counter() - t0, out, f"timed out after {timeout} s")
+            if res.cancelled:
+                return TestResult(label, False, time.perf_counter() - t0, out, "interrupted")
+            ok = res.returncode == 0
+            return TestResult(label, ok, time.perf_counter() - t0, out,
+                              "" if ok else f"exit code {res.returncode}")
+        finally:
+            sandbox.remove(scratch)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, plan.tests))
+
+
+def write_junit(path: str, results: list[TestResult]) -> None:
+    from xml.sax.saxutils import escape, quoteattr
+    failures = sum(1 for r in results if not r.passed)
+    total = sum(r.duration for r in results)
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             f'<testsuites tests="{len(results)}" failures="{failures}" time="{total:.3f}">',
+             f'  <testsuite name="forge" tests="{len(results)}" failures="{failures}" time="{total:.3f}">']
+    for r in results:
+        lines.append(f'    <testcase name={quoteattr(str(r.label))} classname="forge" time="{r.duration:.3f}">')
+        if not r.passed:
+            lines.append(f'      <failure message={quoteattr(r.reason)}>{escape(r.output[-4000:])}</failure>')
+        lines.append("    </testcase>")
+    lines += ["  </testsuite>", "</testsuites>"]
+    Path(path).write_text("\n".join(lines) + "\n")
