@@ -187,9 +187,10 @@ class Analyzer:
                 self.nodes[label] = Node(label, SOURCE_KIND)
             else:
                 names = list(pkg.targets) + list(pkg.outputs)
+                rel = _join(label.package, label.name)
                 raise LoadError(
-                    f"no target or file named '{label.name}' in package //{label.package}"
-                    + (f" (referenced by '{attr}' of {owner.label})" if owner else ""),
+                    f"'{label}' names no target of //{label.package} and no file {rel}"
+                    + (f" (in '{attr}' of {owner.label})" if owner else ""),
                     location=where,
                     hint=did_you_mean(label.name, names)
                     or f"//{label.package} defines: {', '.join(sorted(names)[:12]) or 'nothing'}")
@@ -198,6 +199,8 @@ class Analyzer:
     def _deps_of(self, node: Node) -> list[Label]:
         t = node.target
         if t is None:
+            for d in node.deps:
+                self.resolve(d, None, None)
             return node.deps
         rule = self.rules[t.kind]
         deps: list[Label] = []

@@ -72,7 +72,7 @@ class Cache:
         digest = digest or digest_file(src)
         size = src.stat().st_size
         dst = self.blob_path(digest, executable)
-        if not dst.exists():
+        if not _has_size(dst, size):
             dst.parent.mkdir(exist_ok=True)
             tmp = self.tmp / f"blob-{uuid.uuid4().hex}"
             try:
@@ -211,6 +211,13 @@ class Cache:
                     _force_rmtree(p) if p.is_dir() else p.unlink()
             except OSError:
                 pass
+
+
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
 
 
 def _force_rmtree(path: Path) -> None:

@@ -179,12 +179,13 @@ def _write_last(s, summary) -> None:
 def cmd_build(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, args.patterns)
     if summary is not None and code == EXIT_OK:
+        shown = {}
         for label in plan.roots:
             info = plan.infos.get(label)
-            if info is None:
-                continue
-            for a in dict.fromkeys((*info.files, *((info.executable,) if info.executable else ()))):
-                print(a.path if a.source else os.path.relpath(ws.root / a.path))
+            if info is not None:
+                shown.update(dict.fromkeys((*info.files, *((info.executable,) if info.executable else ()))))
+        for a in shown:
+            print(os.path.relpath(ws.root / a.path))
     s.close()
     return code
 

@@ -208,6 +208,9 @@ class Executor:
         if outs is not None:
             if all(self.cache.blob_ok(o) for o in outs) and self._link_all(outs):
                 return self._hit(a, key, outs, t0, pre)
+            for o in outs:
+                if not self.cache.blob_ok(o):
+                    self.cache.drop_blob(o)
             self.reporter.warning(f"cache record of {a.description} points at missing or corrupt "
                                   "blobs; rebuilding it")
             self.cache.drop_record(key)
