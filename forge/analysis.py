@@ -7,38 +7,15 @@ overflow Python's recursion), which also finds dependency cycles as paths.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from forge.api import (OUT_PREFIX, RULES, Action, Artifact, RuleType, TargetInfo)
 from forge.errors import AnalysisError, ForgeError, LoadError, Location, did_you_mean
 from forge.labels import Label, LabelError, Pattern, parse_label
 from forge.loader import Loader, Target
+from forge.plan import GENERATED_KIND, SOURCE_KIND, Node, Plan
 from forge.workspace import Workspace, discover_packages
 
-SOURCE_KIND = "source file"
-GENERATED_KIND = "generated file"
-
-
-@dataclass
-class Node:
-    """A vertex of the target graph: a rule target, a source file or a generated file."""
-
-    label: Label
-    kind: str
-    deps: list[Label] = field(default_factory=list)
-    target: Target | None = None
-
-
-@dataclass
-class Plan:
-    """The result of loading and analysis: everything execution needs, picklable."""
-
-    roots: list[Label]
-    nodes: dict[Label, Node]
-    infos: dict[Label, TargetInfo]
-    actions: list[Action]  # in dependency order: producers before consumers
-    tests: list[Label]
 
 
 class AnalysisContext:
@@ -180,7 +157,7 @@ class Analyzer:
         else:
             path = self.ws.root / label.package / label.name
             if path.is_file():
-                self.loader._remember(path)
+                # Existence, not content, shapes the plan: the directory's mtime tells.
                 parent = path.parent
                 self.loader.dirs[parent.relative_to(self.ws.root).as_posix().lstrip(".")] = \
                     parent.stat().st_mtime_ns

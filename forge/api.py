@@ -38,7 +38,7 @@ OUT_PREFIX = "forge-out"
 
 # --- data model ---------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, order=True)
 class Artifact:
     """A file an action reads or writes, named by its path in the sandbox.
 
@@ -53,7 +53,7 @@ class Artifact:
         return self.path
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Action:
     """One unit of cached work. Exactly one of `argv` or `function` is set.
 
@@ -82,7 +82,7 @@ class Action:
         return f"{self.owner}#{self.mnemonic}#{self.outputs[0].path if self.outputs else ''}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class TargetInfo:
     """What a target gives the targets that depend on it."""
 

@@ -30,7 +30,7 @@ from forge.digest import digest_file
 RECORD_VERSION = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class OutputFile:
     path: str  # workspace-relative, e.g. forge-out/pkg/out.txt
     digest: str

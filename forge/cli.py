@@ -16,6 +16,8 @@ from forge import __version__
 from forge.errors import (EXIT_BUILD_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TESTS_FAILED,
                           EXIT_USAGE, ForgeError, UsageError, format_error)
 
+MAX_PRINTED = 100  # output paths printed by `forge build`; more are summarised
+
 COMMANDS = {
     "build": "build targets and print their output paths",
     "test": "build test targets and run them",
@@ -184,8 +186,12 @@ def cmd_build(ws, args) -> int:
             info = plan.infos.get(label)
             if info is not None:
                 shown.update(dict.fromkeys((*info.files, *((info.executable,) if info.executable else ()))))
-        for a in shown:
-            print(os.path.relpath(ws.root / a.path))
+        if len(shown) <= MAX_PRINTED:
+            for a in shown:
+                print(os.path.relpath(ws.root / a.path))
+        else:
+            print(f"forge: {len(plan.roots)} targets built; their {len(shown)} outputs are under "
+                  f"{os.path.relpath(ws.out_dir)}/", file=sys.stderr)
     s.close()
     return code
 
@@ -236,7 +242,7 @@ def cmd_run(ws, args) -> int:
 def _target_graph(ws, args, patterns):
     from forge.graphs import target_graph
     s = _session(ws, args)
-    plan = s.plan(patterns, include_manual=True)
+    plan = s.plan(patterns, include_manual=True, use_cache=False)
     return s, plan, target_graph(plan)
 
 

@@ -19,7 +19,7 @@ EXIT_TESTS_FAILED = 3
 EXIT_INTERRUPTED = 8
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Location:
     """A place in a user's file; `line` and `col` count from 1 (0 = unknown)."""
 

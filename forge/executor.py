@@ -38,6 +38,7 @@ class ActionResult:
     reasons: list[str] = field(default_factory=list)
     worker: int = 0
     cancelled: bool = False
+    linked: tuple | None = None  # set when the workspace already holds these outputs
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Executor:
     def __init__(self, root: Path, cache: Cache, records: Records, *, jobs: int | None = None,
                  keep_going: bool = False, salt: str = "", reporter: Reporter | None = None):
         self.root = root
+        self._root_str = str(root)
         self.cache = cache
         self.records = records
         self.jobs = max(1, jobs or os.cpu_count() or 1)
@@ -83,70 +85,85 @@ class Executor:
     # --- the walk -------------------------------------------------------------------
 
     def run(self, actions: list[Action]) -> BuildSummary:
-        producer = {o.path: a for a in actions for o in a.outputs}
-        waiting: dict[str, int] = {}
-        dependents: dict[str, list[Action]] = defaultdict(list)
-        for a in actions:
-            ups = {producer[i.path].id for i in a.inputs if not i.source and i.path in producer}
-            waiting[a.id] = len(ups)
+        # Everything is indexed by position: hashing frozen dataclasses or rebuilding
+        # ids per lookup dominates a no-op build of 10,000 actions otherwise.
+        n = len(actions)
+        producer = {o.path: i for i, a in enumerate(actions) for o in a.outputs}
+        waiting = [0] * n
+        dependents: list[list[int]] = [[] for _ in range(n)]
+        for i, a in enumerate(actions):
+            ups = {producer[x.path] for x in a.inputs if not x.source and x.path in producer}
+            waiting[i] = len(ups)
             for u in ups:
-                dependents[u].append(a)
-        ready = deque(a for a in actions if waiting[a.id] == 0)
-        results: dict[str, ActionResult] = {}
-        running: dict[str, Action] = {}
+                dependents[u].append(i)
+        ready = deque(i for i in range(n) if waiting[i] == 0)
+        results: list[ActionResult | None] = [None] * n
+        running: set[int] = set()
         pools: Counter = Counter()
         free_workers = list(range(self.jobs, 0, -1))
         stop = False
-        self.reporter.set_total(len(actions))
+        self.reporter.set_total(n)
         pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="forge-worker")
+
+        def complete(i: int, r: ActionResult) -> None:
+            nonlocal stop
+            results[i] = r
+            self.reporter.finished(r)
+            if r.status in ("executed", "cached", "remote"):
+                self._record(r)
+                for d in dependents[i]:
+                    waiting[d] -= 1
+                    if waiting[d] == 0:
+                        ready.append(d)
+                return
+            if not self.keep_going:
+                stop = True
+            stack = list(dependents[i])  # a failure's dependents can never run
+            while stack:
+                d = stack.pop()
+                if results[d] is None:
+                    results[d] = ActionResult(actions[d], "skipped")
+                    stack.extend(dependents[d])
+
         try:
             while ready or running:
                 while ready and not stop and len(running) < self.jobs:
-                    a = self._pick(ready, pools)
-                    if a is None:
+                    i = self._pick(actions, ready, pools)
+                    if i is None:
                         break
+                    a = actions[i]
                     r = self._prepare(a)
                     if r is not None:
-                        results[a.id] = r
-                        self._complete(r, dependents, waiting, ready, results)
-                        if r.status == "failed" and not self.keep_going:
-                            stop = True
+                        complete(i, r)
                         continue
-                    running[a.id] = a
+                    running.add(i)
                     pools[a.pool] += 1
-                    worker = free_workers.pop()
                     self.reporter.started(a)
-                    pool.submit(self._work, a, self._pending[a.id], worker)
+                    pool.submit(self._work, i, a, self._pending.pop(a.id), free_workers.pop())
                 if not running:
                     if ready and stop:
                         break
                     continue
-                r = self._wait()
-                running.pop(r.action.id)
+                i, r = self._wait()
+                running.discard(i)
                 pools[r.action.pool] -= 1
                 free_workers.append(r.worker)
-                results[r.action.id] = r
-                self._complete(r, dependents, waiting, ready, results)
-                if r.status == "failed" and not self.keep_going:
-                    stop = True
+                complete(i, r)
         except KeyboardInterrupt:
             self.cancel.set()
             pool.shutdown(wait=True)
             while not self._done.empty():
-                r = self._done.get()
-                results[r.action.id] = r
+                i, r = self._done.get()
+                results[i] = r
                 if r.status != "failed":
                     self._record(r)
             self.records.save()
-            return BuildSummary(self._ordered(actions, results), interrupted=True)
+            return BuildSummary([r for r in results if r is not None], interrupted=True)
         pool.shutdown(wait=True)
-        for a in actions:
-            if a.id not in results:
-                results[a.id] = ActionResult(a, "skipped")
         self.records.save()
-        return BuildSummary(self._ordered(actions, results))
+        return BuildSummary([r or ActionResult(a, "skipped") for a, r in zip(actions, results)])
 
-    def _wait(self) -> ActionResult:
+    def _wait(self) -> tuple[int, ActionResult]:
         while True:
             try:
                 return self._done.get(timeout=0.2)
@@ -154,32 +171,13 @@ class Executor:
                 continue
 
     @staticmethod
-    def _ordered(actions, results) -> list[ActionResult]:
-        return [results[a.id] for a in actions if a.id in results]
-
-    def _pick(self, ready: deque, pools: Counter) -> Action | None:
-        for i, a in enumerate(ready):
-            if a.pool is None or pools[a.pool] < POOLS.get(a.pool, 1):
-                del ready[i]
-                return a
+    def _pick(actions, ready: deque, pools: Counter) -> int | None:
+        for k, i in enumerate(ready):
+            p = actions[i].pool
+            if p is None or pools[p] < POOLS.get(p, 1):
+                del ready[k]
+                return i
         return None
-
-    def _complete(self, r: ActionResult, dependents, waiting, ready, results) -> None:
-        self.reporter.finished(r)
-        if r.status in ("executed", "cached", "remote"):
-            self._record(r)
-            for d in dependents.get(r.action.id, ()):
-                waiting[d.id] -= 1
-                if waiting[d.id] == 0:
-                    ready.append(d)
-            return
-        # A failed action's dependents can never run: mark them, transitively.
-        stack = list(dependents.get(r.action.id, ()))
-        while stack:
-            d = stack.pop()
-            if d.id not in results:
-                results[d.id] = ActionResult(d, "skipped")
-                stack.extend(dependents.get(d.id, ()))
 
     # --- keys and cache hits (main thread) -------------------------------------------
 
@@ -187,10 +185,11 @@ class Executor:
         """A finished result for a hit or an action that cannot start; None to run it."""
         t0 = time.perf_counter()
         inputs: dict[str, str] = {}
+        root = self._root_str
         try:
             for i in a.inputs:
                 if i.source:
-                    inputs[i.path] = self.records.stat_cache.digest(str(self.root / i.path))
+                    inputs[i.path] = self.records.stat_cache.digest(os.path.join(root, i.path))
                 else:
                     f = self._digests[i.path]
                     inputs[i.path] = f.digest + ("+x" if f.executable else "")
@@ -203,7 +202,9 @@ class Executor:
         state = self.records.state.get(a.id)
         if state is not None and state[0] == key and self._still_linked(state[1]):
             outs = [OutputFile(*o[:4]) for o in state[1]]
-            return self._hit(a, key, outs, t0, pre=None)
+            r = self._hit(a, key, outs, t0, pre=None)
+            r.linked = state[1]  # already recorded as it is
+            return r
         outs = self.cache.get_record(key)
         if outs is not None:
             if all(self.cache.blob_ok(o) for o in outs) and self._link_all(outs):
@@ -224,9 +225,10 @@ class Executor:
         return r
 
     def _still_linked(self, outs) -> bool:
+        root = self._root_str
         for path, _digest, size, _x, ino, mtime in outs:
             try:
-                st = os.stat(self.root / path)
+                st = os.stat(os.path.join(root, path))
             except OSError:
                 return False
             if st.st_ino != ino or st.st_size != size or st.st_mtime_ns != mtime:
@@ -242,6 +244,10 @@ class Executor:
         return True
 
     def _record(self, r: ActionResult) -> None:
+        if r.linked is not None:
+            for o in r.outputs:
+                self._digests[o.path] = o
+            return
         linked = []
         for o in r.outputs:
             self._digests[o.path] = o
@@ -262,7 +268,7 @@ class Executor:
 
     # --- running (worker threads) ---------------------------------------------------
 
-    def _work(self, a: Action, pending, worker: int) -> None:
+    def _work(self, index: int, a: Action, pending, worker: int) -> None:
         key, pre = pending
         t0 = time.perf_counter()
         try:
@@ -274,7 +280,7 @@ class Executor:
         r.start, r.duration = t0 - self._epoch, time.perf_counter() - t0
         if r.status == "executed":
             r.reasons = self._remember_preimage(a, pre, reasons=True)
-        self._done.put(r)
+        self._done.put((index, r))
 
     def _execute(self, a: Action, key: str) -> ActionResult:
         scratch = sandbox.new_scratch(self.cache.tmp, a.mnemonic)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from forge.analysis import Plan
+from forge.plan import Plan
 from forge.labels import Label, LabelError, parse_pattern
 from forge.query import QueryError
 

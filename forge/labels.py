@@ -24,7 +24,7 @@ class LabelError(UsageError):
     """A string that is not a valid label or pattern."""
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, order=True)
 class Label:
     package: str
     name: str
@@ -77,7 +77,7 @@ def parse_label(text: str, package: str | None = None) -> Label:
     return Label(package, name)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Pattern:
     """`//pkg:name` (one target), `//pkg:all` (a package), `//pkg/...` (a subtree)."""
 

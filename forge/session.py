@@ -58,7 +58,7 @@ class Session:
 
     def plan(self, pattern_texts: list[str], *, cwd: Path | None = None, use_cache: bool = True,
              include_manual: bool = False):
-        from forge.analysis import Analyzer
+        from forge.plan import Plan
         cwd_pkg = self.cwd_package(cwd)
         patterns = [parse_pattern(p, cwd_pkg) for p in pattern_texts]
         fingerprint = repr((PLAN_VERSION, forge.__version__, [str(p) for p in patterns],
@@ -68,6 +68,7 @@ class Session:
             plan = self._cached_plan(path, fingerprint)
             if plan is not None:
                 return plan
+        from forge.analysis import Analyzer
         an = Analyzer(self.ws)
         an.loader._remember(self.ws.root / CONFIG_NAME)
         roots = an.expand(patterns, include_manual=include_manual)
@@ -76,6 +77,10 @@ class Session:
                             hint="forge query //... lists every target")
         plan = an.analyze(roots)
         if use_cache:
+            # Building needs only the actions and the roots' infos; the full target
+            # graph (for query) would make every no-op build unpickle it.
+            plan = Plan(plan.roots, {}, {r: plan.infos[r] for r in plan.roots}, plan.actions,
+                        plan.tests)
             self._save_plan(path, fingerprint, plan, an.loader.inputs, an.loader.dirs)
         return plan
 

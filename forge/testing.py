@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge import sandbox
-from forge.analysis import Plan
+from forge.plan import Plan
 from forge.cache import Cache
 from forge.labels import Label
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-import urllib.error
-import urllib.request
 
 from forge.api import ActionFailed, ExecContext, action_function, attr, pool, rule
 
@@ -122,6 +120,8 @@ def http_file(ctx):
 
 @action_function("HttpFetch", version=1)
 def http_fetch(ctx: ExecContext) -> None:
+    import urllib.error
+    import urllib.request
     dst = ctx.path(ctx.outputs[0])
     expected = ctx.params["sha256"]
     errors = []
