@@ -107,7 +107,7 @@ class Loader:
         directory = self.ws.root / name if name else self.ws.root
         bf = build_file(directory)
         if bf is None or (name and (directory / CONFIG_NAME).exists()):
-            raise LoadError(f"no package '//{name}': {directory} has no BUILD file",
+            raise LoadError(f"no package '//{name}': there is no {name or '.'}/BUILD in the workspace",
                             hint="create a BUILD file there, or check the label's package part")
         with self._lock:
             pkg = Package(name, bf)
@@ -149,9 +149,10 @@ class Loader:
             sl.eval(m, ast, _GLOBALS, sl.FileLoader(lambda mid: self._load_bzl(mid, display)))
         except sl.StarlarkError as e:
             pending, self._pending = self._pending, None
+            located = self._starlark_error(str(e), display)
             if isinstance(pending, ForgeError):
-                raise pending from None
-            raise self._starlark_error(str(e), display) from None
+                raise pending.with_location(located.location) from None
+            raise located from None
         return m
 
     def _load_bzl(self, module_id: str, requester: str) -> sl.FrozenModule:
@@ -180,6 +181,8 @@ class Loader:
         first = next((ln for ln in text.splitlines() if ln.startswith("error:")), "error: " + text)
         msg = first[len("error:"):].strip()
         hint = None
+        if msg.startswith("Parse error: "):
+            msg, hint = _parse_error(msg, loc)
         u = _UNDEFINED.search(msg)
         if u:
             name = u.group(1)
@@ -252,6 +255,16 @@ class Loader:
                 elif e.name not in ("BUILD", "BUILD.forge"):
                     out.append(Path(e.path).relative_to(base).as_posix())
         return out
+
+
+def _parse_error(msg: str, loc: Location) -> tuple[str, str | None]:
+    """Starlark's parse errors list every token it could accept: keep the first part."""
+    what, _, expected = msg[len("Parse error: "):].partition(", expected one of ")
+    what = what.replace(" here", "")
+    hint = None
+    if '","' in expected.replace(" ", "") or '","' in expected:
+        hint = f"is a comma missing at the end of line {loc.line - 1}?" if loc.line > 1 else None
+    return f"syntax error: {what}", hint
 
 
 def _glob_match(pattern: str, path: str) -> bool:
@@ -374,7 +387,7 @@ def check_attrs(rule: RuleType, name: str, kwargs: dict, loc: Location) -> dict:
         if key not in kwargs or kwargs[key] is None:
             if spec.mandatory:
                 raise LoadError(f"{what} is missing the mandatory attribute '{key}'", location=loc,
-                                hint=spec.doc or None)
+                                hint=f"{key}: {spec.doc}" if spec.doc else None)
             default = spec.default
             if default is None and spec.type.endswith("_list"):
                 default = []

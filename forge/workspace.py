@@ -85,30 +85,31 @@ def find_workspace(start: Path | None = None) -> Workspace:
     for d in (start, *start.parents):
         cfg = d / CONFIG_NAME
         if cfg.is_file():
-            return Workspace(d, load_config(cfg))
+            return Workspace(d, load_config(cfg, CONFIG_NAME))
     raise UsageError(
         f"not inside a forge workspace: no {CONFIG_NAME} in {start} or any parent directory",
         hint=f"create an empty {CONFIG_NAME} at the root of your workspace")
 
 
-def load_config(path: Path) -> dict:
+def load_config(path: Path, display: str | None = None) -> dict:
+    display = display or str(path)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         line, col = getattr(e, "lineno", 0), getattr(e, "colno", 0)
         msg = str(e).split(" (at line")[0]
         raise LoadError(f"{CONFIG_NAME} is not valid TOML: {msg}",
-                        location=Location(str(path), line, col)) from None
+                        location=Location(display, line, col)) from None
     for section, known in _KNOWN.items():
         table = data if not section else data.get(section, {})
         if not isinstance(table, dict):
             raise LoadError(f"'{section}' in {CONFIG_NAME} must be a table",
-                            location=Location(str(path)))
+                            location=Location(display))
         for key in table:
             if key not in known:
                 where = f"[{section}] " if section else ""
                 raise LoadError(f"unknown key {where}'{key}' in {CONFIG_NAME}",
-                                location=Location(str(path), _line_of(path, key)),
+                                location=Location(display, _line_of(path, key)),
                                 hint=did_you_mean(key, known))
     return data
 
