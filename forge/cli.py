@@ -256,9 +256,7 @@ def cmd_query(ws, args) -> int:
     except QueryError as e:
         raise UsageError(str(e)) from None
     fmt = {"label": format_labels, "json": format_json, "dot": format_dot}[args.output]
-    out = fmt(result, graph)
-    if out:
-        print(out)
+    sys.stdout.write(fmt(result, graph))
     return EXIT_OK
 
 
@@ -271,9 +269,9 @@ def cmd_graph(ws, args) -> int:
     for r in plan.roots:
         nodes |= {str(r)} | nx.descendants(graph, str(r))
     if args.format == "mermaid":
-        print(format_mermaid(nodes, graph))
+        sys.stdout.write(format_mermaid(nodes, graph))
     elif args.format == "dot":
-        print(format_dot(nodes, graph))
+        sys.stdout.write(format_dot(nodes, graph))
     else:
         try:
             sys.stdout.buffer.write(render_svg(format_dot(nodes, graph)))

@@ -345,3 +345,21 @@ def test_nobuild_only_analyses(ws):
     r = ws.forge("build", "--nobuild", "//...")
     assert r.code == 0 and "4 actions planned" in r.err
     assert not (ws.root / "forge-out").exists()
+
+
+def test_query_and_graph_commands(ws):
+    diamond(ws)
+    r = ws.forge("query", "deps(//b:user)")
+    assert r.code == 0, r.err
+    assert set(r.out.split()) >= {"//a:left", "//a:top", "//a:top.out", "//a:src.txt", "//b:user"}
+    r = ws.forge("query", "rdeps(//..., //a:src.txt)")
+    assert set(r.out.split()) == {"//a:src.txt", "//a:left", "//a:top", "//a:top.out", "//b:user"}
+    r = ws.forge("query", "kind(genrule, //...) - //a:left", "--output", "json")
+    labels = {t["label"] for t in json.loads(r.out)}
+    assert r.code == 0 and "//a:right" in labels and "//a:left" not in labels
+    r = ws.forge("query", "somepath(//b:user, //a:src.txt)")
+    assert r.out.split() == ["//a:left", "//a:src.txt", "//a:top", "//a:top.out", "//b:user"]
+    r = ws.forge("graph", "//b:user", "--format", "mermaid")
+    assert r.code == 0 and r.out.startswith("graph LR")
+    r = ws.forge("graph", "//b:user")
+    assert r.out.startswith("digraph") and '"//b:user" -> "//a:top.out"' in r.out

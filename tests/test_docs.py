@@ -1,0 +1,66 @@
+"""The documentation stays true: generated parts are regenerated, examples build."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from forge.cli import COMMANDS, _parser
+from forge.docgen import REGENERATE, rules_markdown
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "basic"
+
+
+def test_rules_reference_is_generated_from_the_schemas():
+    assert (REPO / "docs" / "rules.md").read_text() == rules_markdown(), \
+        f"docs/rules.md is out of date: run `{REGENERATE}`"
+
+
+def test_build_example_is_the_example_workspace_root_build_file():
+    assert (REPO / "BUILD.example").read_text() == (EXAMPLE / "BUILD").read_text(), \
+        "BUILD.example and examples/basic/BUILD differ: edit BUILD.example, then " \
+        "`cp BUILD.example examples/basic/BUILD`"
+
+
+def _forge(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "forge", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_example_workspace_builds_and_its_tests_pass(tmp_path):
+    ws = tmp_path / "basic"
+    shutil.copytree(EXAMPLE, ws, ignore=shutil.ignore_patterns("forge-out"))
+    cache = str(tmp_path / "cache")
+    build = _forge(["build", "//...", "--cache-dir", cache], ws)
+    assert build.returncode == 0, build.stderr
+    assert "forge-out/lib/about.txt" in build.stdout.split()
+    test = _forge(["test", "//...", "--cache-dir", cache], ws)
+    assert test.returncode == 0, test.stdout + test.stderr
+    assert "PASSED" in test.stdout
+
+
+def test_cli_reference_names_every_command_and_flag():
+    text = (REPO / "docs" / "cli.md").read_text()
+    missing = [f"`forge {name}`" for name in COMMANDS if f"forge {name}" not in text]
+
+    def walk(parser: argparse.ArgumentParser, command: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, f"{command} {name}")
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help" and f"`{flag}" not in text:
+                    missing.append(f"{flag} of {command}")
+    walk(_parser(), "forge")
+    assert not missing, "docs/cli.md does not mention: " + ", ".join(missing)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "bash dev/test.sh" in readme
+    assert "bash dev/test.sh" in ci

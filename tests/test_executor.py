@@ -1,0 +1,79 @@
+"""The scheduler with fake in-process actions: call counters, pools, parallelism."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from forge import api
+from forge.api import Action, Artifact, action_function
+from forge.cache import Cache
+from forge.executor import Executor
+from forge.labels import Label
+from forge.records import Records
+
+CALLS: list[str] = []
+ACTIVE = {"now": 0, "max": 0, "pool_now": 0, "pool_max": 0}
+LOCK = threading.Lock()
+
+
+@action_function("TestFake", version=1)
+def fake(ctx):
+    with LOCK:
+        CALLS.append(ctx.params["name"])
+        ACTIVE["now"] += 1
+        ACTIVE["max"] = max(ACTIVE["max"], ACTIVE["now"])
+        if ctx.params.get("pooled"):
+            ACTIVE["pool_now"] += 1
+            ACTIVE["pool_max"] = max(ACTIVE["pool_max"], ACTIVE["pool_now"])
+    time.sleep(ctx.params.get("sleep", 0.05))
+    data = "".join(ctx.path(i).read_text() for i in ctx.inputs) + ctx.params["name"] + "\n"
+    ctx.path(ctx.outputs[0]).write_text(data)
+    with LOCK:
+        ACTIVE["now"] -= 1
+        if ctx.params.get("pooled"):
+            ACTIVE["pool_now"] -= 1
+
+
+def act(name, deps=(), **params) -> Action:
+    return Action(Label("p", name), "Fake", "test@1",
+                  tuple(Artifact(f"forge-out/p/{d}", source=False) for d in deps),
+                  (Artifact(f"forge-out/p/{name}", source=False),),
+                  function="TestFake", params={"name": name, **params},
+                  pool="single" if params.get("pooled") else None)
+
+
+def run(tmp_path, actions, jobs=4):
+    root = tmp_path / "ws"
+    root.mkdir(exist_ok=True)
+    cache = Cache(tmp_path / "cache")
+    ex = Executor(root, cache, Records(tmp_path / "records"), jobs=jobs)
+    summary = ex.run(actions)
+    cache.close()
+    return summary
+
+
+def test_parallel_then_nothing_then_exactly_the_changed(tmp_path):
+    CALLS.clear()
+    wide = [act(f"w{i}") for i in range(8)]
+    top = act("top", deps=[f"w{i}" for i in range(8)])
+    s = run(tmp_path, wide + [top], jobs=4)
+    assert s.ok and sorted(CALLS) == sorted([f"w{i}" for i in range(8)] + ["top"])
+    assert CALLS[-1] == "top"
+    assert ACTIVE["max"] >= 2  # independent actions overlapped
+    CALLS.clear()
+    s = run(tmp_path, wide + [top], jobs=4)
+    assert CALLS == [] and s.count("cached") == 9
+    # A changed parameter changes one key; identical output would stop there.
+    wide[3] = act("w3", sleep=0.01)
+    s = run(tmp_path, wide + [top], jobs=4)
+    assert CALLS == ["w3"] and s.count("executed") == 1
+
+
+def test_pool_limits_concurrency(tmp_path):
+    api.pool("single", 1)
+    ACTIVE.update(pool_now=0, pool_max=0)
+    actions = [act(f"q{i}", pooled=True, sleep=0.1) for i in range(4)] + [act(f"f{i}") for i in range(4)]
+    s = run(tmp_path, actions, jobs=4)
+    assert s.ok
+    assert ACTIVE["pool_max"] == 1
