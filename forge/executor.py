@@ -161,6 +161,11 @@ class Executor:
             return BuildSummary([r for r in results if r is not None], interrupted=True)
         pool.shutdown(wait=True)
         self.records.save()
+        for w in range(1, self.jobs + 1):
+            try:
+                os.unlink(self.cache.tmp / f"log-{os.getpid()}-{w}")
+            except OSError:
+                pass
         return BuildSummary([r or ActionResult(a, "skipped") for a, r in zip(actions, results)])
 
     def _wait(self) -> tuple[int, ActionResult]:
@@ -195,9 +200,9 @@ class Executor:
                     inputs[i.path] = f.digest + ("+x" if f.executable else "")
             pre = preimage(a, inputs, self.tools, self.salt)
         except FileNotFoundError as e:
-            return ActionResult(a, "failed", error=f"input file {e.filename} is missing")
+            return ActionResult(a, "failed", error=f"could not start: input file {e.filename} is missing")
         except ToolError as e:
-            return ActionResult(a, "failed", error=str(e))
+            return ActionResult(a, "failed", error=f"could not start: {e}")
         key = key_of(pre)
         state = self.records.state.get(a.id)
         if state is not None and state[0] == key and self._still_linked(state[1]):
@@ -259,11 +264,10 @@ class Executor:
         self.records.set_state(r.action.id, (r.key, tuple(linked)))
 
     def _remember_preimage(self, a: Action, pre: dict, reasons: bool) -> list[str]:
-        pres = self.records.preimages
-        old = pres.get(a.id)
+        old = self.records.preimages.get(a.id)
         why = explain_diff(old, pre) if reasons else []
         if old != pre:
-            pres.set(a.id, pre)
+            self.records.put_preimage(a.id, pre)
         return why
 
     # --- running (worker threads) ---------------------------------------------------
@@ -272,7 +276,7 @@ class Executor:
         key, pre = pending
         t0 = time.perf_counter()
         try:
-            r = self._execute(a, key)
+            r = self._execute(a, key, worker)
         except Exception as e:  # a bug in a rule's step, not the user's input
             r = ActionResult(a, "failed", key, error=f"internal error in {a.mnemonic}: {e}\n"
                              + traceback.format_exc(limit=-3))
@@ -282,7 +286,7 @@ class Executor:
             r.reasons = self._remember_preimage(a, pre, reasons=True)
         self._done.put((index, r))
 
-    def _execute(self, a: Action, key: str) -> ActionResult:
+    def _execute(self, a: Action, key: str, worker: int) -> ActionResult:
         scratch = sandbox.new_scratch(self.cache.tmp, a.mnemonic)
         keep = False
         try:
@@ -294,7 +298,7 @@ class Executor:
                     sandbox.stage(scratch, i.path, self.cache.blob_path(f.digest, f.executable))
             for o in a.outputs:
                 (scratch / o.path).parent.mkdir(parents=True, exist_ok=True)
-            failure = self._run_step(a, scratch)
+            failure = self._run_step(a, scratch, worker)
             if failure is None:
                 missing = [o.path for o in a.outputs if not (scratch / o.path).is_file()]
                 if missing:
@@ -315,13 +319,15 @@ class Executor:
             return ActionResult(a, "executed", key, outputs=outs)
         finally:
             if not keep:
-                sandbox.remove(scratch)
+                sandbox.remove(scratch, [i.path for i in a.inputs] + [o.path for o in a.outputs])
 
-    def _run_step(self, a: Action, scratch: Path) -> str | None:
+    def _run_step(self, a: Action, scratch: Path, worker: int) -> str | None:
         if a.argv is not None:
             env = sandbox.base_env(scratch)
             env.update(dict(a.env))
-            res = sandbox.run(list(a.argv), scratch, env, timeout=a.timeout, cancel=self.cancel)
+            log = self.cache.tmp / f"log-{os.getpid()}-{worker}"
+            res = sandbox.run(list(a.argv), scratch, env, timeout=a.timeout, cancel=self.cancel,
+                              log=log)
             if res.cancelled:
                 return "interrupted"
             if res.returncode == 0 and not res.timed_out:

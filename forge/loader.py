@@ -67,7 +67,7 @@ class Loader:
     def __init__(self, ws: Workspace, rules: dict[str, RuleType] | None = None):
         self.ws = ws
         _ROOT[0] = ws.root
-        _PY_AST.clear()
+        _PY_CALLS.clear()
         self.rules = rules if rules is not None else RULES
         self.packages: dict[str, Package] = {}
         self.bzl: dict[str, sl.FrozenModule] = {}
@@ -310,26 +310,27 @@ def _call_location(stack: str) -> Location:
     return Location("<unknown>")
 
 
-_PY_AST: dict[str, pyast.Module | None] = {}
+_PY_CALLS: dict[str, dict[int, list[pyast.Call]]] = {}
 _ROOT = [Path(".")]  # the workspace root that relative locations are read from
 
 
-def _parsed(file: str) -> pyast.Module | None:
-    # Starlark's syntax is a subset of Python's, so Python's parser finds columns that
-    # starlark-pyo3's call stack does not give.
-    if file not in _PY_AST:
+def _calls_at(loc: Location) -> list[pyast.Call]:
+    """The calls that start on `loc.line` of `loc.file`.
+
+    Starlark's syntax is a subset of Python's, so Python's parser finds the columns
+    that starlark-pyo3's call stack does not give. Each file is parsed once.
+    """
+    index = _PY_CALLS.get(loc.file)
+    if index is None:
+        index = _PY_CALLS[loc.file] = {}
         try:
-            _PY_AST[file] = pyast.parse((_ROOT[0] / file).read_text())
+            tree = pyast.parse((_ROOT[0] / loc.file).read_text())
         except (OSError, SyntaxError, ValueError):
-            _PY_AST[file] = None
-    return _PY_AST[file]
-
-
-def _calls_at(loc: Location):
-    tree = _parsed(loc.file)
-    if tree is None:
-        return []
-    return [n for n in pyast.walk(tree) if isinstance(n, pyast.Call) and n.lineno == loc.line]
+            tree = None
+        for n in pyast.walk(tree) if tree is not None else ():
+            if isinstance(n, pyast.Call):
+                index.setdefault(n.lineno, []).append(n)
+    return index.get(loc.line, [])
 
 
 def _call_column(loc: Location) -> Location:
@@ -347,7 +348,7 @@ def _attr_location(call: Location, name: str) -> Location:
 
 
 def reset_location_cache() -> None:
-    _PY_AST.clear()
+    _PY_CALLS.clear()
 
 
 # --- attribute checking -------------------------------------------------------------

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class Records:
         self._state_dirty = False
         self._pre = None
         self._lock_fd: int | None = None
+        self._pre_writes: dict[str, dict] = {}
+        self._pre_lock = threading.Lock()
         try:
             with open(directory / "state.pickle", "rb") as f:
                 version, state = pickle.load(f)
@@ -66,6 +69,12 @@ class Records:
                                         eviction_policy="none", cull_limit=0)
         return self._pre
 
+    def put_preimage(self, action_id: str, pre: dict) -> None:
+        """Queued and written in one transaction by save(): one SQLite commit per
+        action would cost more than many of the actions themselves."""
+        with self._pre_lock:
+            self._pre_writes[action_id] = pre
+
     def set_state(self, action_id: str, value: tuple) -> None:
         if self.state.get(action_id) != value:
             self.state[action_id] = value
@@ -79,6 +88,12 @@ class Records:
                 pickle.dump((STATE_VERSION, self.state), f, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(tmp, self.dir / "state.pickle")
             self._state_dirty = False
+        if self._pre_writes:
+            with self._pre_lock:
+                writes, self._pre_writes = self._pre_writes, {}
+            with self.preimages.transact():
+                for k, v in writes.items():
+                    self.preimages.set(k, v)
         if self._pre is not None:
             self._pre.close()
             self._pre = None

@@ -36,7 +36,7 @@ def run_tests(plan: Plan, root: Path, cache: Cache, jobs: int,
                 sandbox.stage(scratch, a.path, root / a.path)
             env = sandbox.base_env(scratch)
             env.update(info.extra.get("env", {}))
-            env.update({"TEST_TARGET": str(label), "TEST_TMPDIR": str(scratch / ".tmp"),
+            env.update({"TEST_TARGET": str(label), "TEST_TMPDIR": str(scratch),
                         "TEST_SRCDIR": str(scratch)})
             timeout = info.extra.get("timeout", 300)
             res = sandbox.run([f"./{exe.path}", *info.extra.get("args", [])], scratch, env,
@@ -51,6 +51,9 @@ def run_tests(plan: Plan, root: Path, cache: Cache, jobs: int,
                               "" if ok else f"exit code {res.returncode}")
         finally:
             sandbox.remove(scratch)
+            res_log = scratch.with_name(scratch.name + ".log")
+            if res_log.exists():
+                res_log.unlink()
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(one, plan.tests))

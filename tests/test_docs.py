@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,8 @@ def test_cli_reference_names_every_command_and_flag():
                 for name, child in action.choices.items():
                     walk(child, f"{command} {name}")
             for flag in action.option_strings:
-                if flag.startswith("--") and flag != "--help" and f"`{flag}" not in text:
+                if flag.startswith("--") and flag != "--help" and \
+                        not re.search(rf"(?<![\w-]){flag}(?![\w-])", text):
                     missing.append(f"{flag} of {command}")
     walk(_parser(), "forge")
     assert not missing, "docs/cli.md does not mention: " + ", ".join(missing)

@@ -187,7 +187,7 @@ def test_sandbox_holds_only_declared_inputs_and_a_clean_env(ws):
             srcs = ["declared.txt"],
             outs = ["probe.txt"],
             cmd = "ls p > $@; echo $$TZ $$LC_ALL $$SOURCE_DATE_EPOCH $$PATH >> $@; "
-                  + "case $$HOME in */.home) echo scratch-home >> $@;; esac; echo $${MY_VAR:-unset} >> $@; touch stray.txt",
+                  + "[ $$HOME = $$PWD ] && echo scratch-home >> $@; echo $${MY_VAR:-unset} >> $@; touch stray.txt",
         )
     '''})
     r = ws.build("//p:probe", env={"MY_VAR": "leaked", "TZ": "Europe/Paris"})

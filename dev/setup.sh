@@ -1,0 +1,51 @@
+# Set up a development environment for forge. Sourced by dev/setup-and-build.sh and
+# dev/test.sh; safe to source again (every step is skipped when already done):
+#   - Debian packages forge's tests and tools use, installed only if missing
+#     (apt-get through sudo when not root);
+#   - a virtual environment in .venv/ at the repository root, with forge installed
+#     editable plus its test extras (reinstalled only when pyproject.toml changed);
+#   - .venv/bin put first on PATH.
+# Set PYTHON to choose the interpreter that creates .venv (default python3, >= 3.11).
+
+forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+forge_apt_packages=(ninja-build graphviz git)
+if command -v dpkg >/dev/null 2>&1; then
+    forge_missing=()
+    for forge_pkg in "${forge_apt_packages[@]}"; do
+        dpkg -s "$forge_pkg" >/dev/null 2>&1 || forge_missing+=("$forge_pkg")
+    done
+    if ((${#forge_missing[@]})); then
+        if [ "$(id -u)" -eq 0 ]; then
+            forge_sudo=()
+        elif command -v sudo >/dev/null 2>&1; then
+            forge_sudo=(sudo)
+        else
+            echo "dev/setup.sh: need root or sudo to install: ${forge_missing[*]}" >&2
+            return 1
+        fi
+        echo "dev/setup.sh: installing ${forge_missing[*]}" >&2
+        "${forge_sudo[@]}" apt-get update
+        "${forge_sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y --no-install-recommends "${forge_missing[@]}"
+    fi
+else
+    echo "dev/setup.sh: not a Debian system; make sure ${forge_apt_packages[*]} are installed" >&2
+fi
+
+forge_venv="$forge_root/.venv"
+if [ ! -x "$forge_venv/bin/python" ]; then
+    echo "dev/setup.sh: creating $forge_venv" >&2
+    "${PYTHON:-python3}" -m venv "$forge_venv"
+fi
+forge_stamp="$forge_venv/.forge-installed"
+forge_want="$(sha256sum "$forge_root/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -x "$forge_venv/bin/forge" ] || [ "$(cat "$forge_stamp" 2>/dev/null)" != "$forge_want" ]; then
+    echo "dev/setup.sh: installing forge into $forge_venv" >&2
+    "$forge_venv/bin/python" -m pip install --quiet --upgrade pip
+    "$forge_venv/bin/python" -m pip install --quiet -e "$forge_root[test]"
+    echo "$forge_want" > "$forge_stamp"
+fi
+
+export PATH="$forge_venv/bin:$PATH"
+unset forge_apt_packages forge_missing forge_pkg forge_sudo forge_venv forge_stamp forge_want
