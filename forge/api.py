@@ -103,7 +103,6 @@ class Attr:
     mandatory: bool = False
     values: tuple | None = None
     doc: str = ""
-    allow_files: bool = True  # label attrs: may name source files
 
     @property
     def is_label(self) -> bool:
@@ -129,9 +128,8 @@ class _AttrFactory:
         if type_name not in self.TYPES:
             raise AttributeError(type_name)
 
-        def make(*, default=None, mandatory=False, values=None, doc="", allow_files=True) -> Attr:
-            return Attr(type_name, default, mandatory, tuple(values) if values else None, doc,
-                        allow_files)
+        def make(*, default=None, mandatory=False, values=None, doc="") -> Attr:
+            return Attr(type_name, default, mandatory, tuple(values) if values else None, doc)
         return make
 
 

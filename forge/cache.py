@@ -82,7 +82,7 @@ class Cache:
             os.chmod(tmp, 0o555 if executable else 0o444)
             os.replace(tmp, dst)
         else:
-            os.utime(dst)  # last use, for gc
+            touch(dst)
         return OutputFile("", digest, size, executable)
 
     def put_bytes(self, data: bytes, executable: bool = False) -> str:
@@ -120,6 +120,7 @@ class Cache:
     def link_out(self, f: OutputFile, dst: Path) -> os.stat_result:
         """Materialise a blob at `dst` (read-only), replacing what is there."""
         src = self.blob_path(f.digest, f.executable)
+        touch(src)
         try:
             if os.path.samefile(src, dst):
                 return dst.stat()
@@ -176,7 +177,7 @@ class Cache:
     def gc(self, max_size: int) -> dict:
         """Delete least-recently-used blobs until the CAS fits `max_size` bytes,
         then the records that pointed at them."""
-        entries = sorted(self.blobs(), key=lambda e: e[1].st_mtime)
+        entries = sorted(self.blobs(), key=lambda e: e[1].st_atime)
         total = sum(st.st_size for _, st in entries)
         removed = freed = 0
         gone: set[str] = set()
@@ -211,6 +212,17 @@ class Cache:
                     _force_rmtree(p) if p.is_dir() else p.unlink()
             except OSError:
                 pass
+
+
+def touch(path: Path) -> None:
+    """Mark a blob used now, for gc's LRU order. Only the access time changes: the
+    modification time is shared with the workspace's hard links, where a change
+    would make every output look modified."""
+    try:
+        st = path.stat()
+        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+    except OSError:
+        pass
 
 
 def _has_size(path: Path, size: int) -> bool:

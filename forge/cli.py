@@ -13,8 +13,8 @@ import sys
 import time
 
 from forge import __version__
-from forge.errors import (EXIT_BUILD_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TESTS_FAILED,
-                          EXIT_USAGE, ForgeError, UsageError, format_error)
+from forge.errors import (EXIT_BUILD_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,
+                          EXIT_TESTS_FAILED, EXIT_USAGE, ForgeError, UsageError, format_error)
 
 MAX_PRINTED = 100  # output paths printed by `forge build`; more are summarised
 
@@ -57,8 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
     t.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     r = sub.add_parser("run", parents=[common, building], help=COMMANDS["run"])
-    r.add_argument("target")
-    r.add_argument("args", nargs=argparse.REMAINDER)
+    r.add_argument("target", help="the target to run; arguments for it go after --")
     q = sub.add_parser("query", parents=[common], help=COMMANDS["query"])
     q.add_argument("expr")
     q.add_argument("--output", choices=("label", "json", "dot"), default="label")
@@ -86,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return EXIT_OK
+    program_args: list[str] = []
+    if argv[0] == "run" and "--" in argv:  # what follows `--` belongs to the program
+        cut = argv.index("--")
+        argv, program_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    args.program_args = program_args
     if args.command == "version":
         print(f"forge {__version__}")
         return EXIT_OK
@@ -111,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
+    except Exception as e:  # a bug in forge or a rule, never the user's mistake
+        if getattr(args, "debug", False):
+            raise
+        print(f"forge: internal error: {type(e).__name__}: {e}\n"
+              "This is a bug in forge or in a rule; rerun with --debug for the traceback "
+              "and report it.", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def _help(parser, topic) -> int:
@@ -122,8 +133,9 @@ def _help(parser, topic) -> int:
         return EXIT_OK
     if topic not in COMMANDS:
         from forge.errors import did_you_mean
-        raise SystemExit(format_error(UsageError(f"no command '{topic}'",
-                                                 hint=did_you_mean(topic, COMMANDS))) and EXIT_USAGE)
+        print(format_error(UsageError(f"no command '{topic}'", hint=did_you_mean(topic, COMMANDS)
+                                      or "forge help lists the commands")), file=sys.stderr)
+        return EXIT_USAGE
     parser.parse_args([topic, "--help"])
     return EXIT_OK
 
@@ -233,7 +245,7 @@ def cmd_run(ws, args) -> int:
     if info.executable is None:
         raise UsageError(f"{plan.roots[0]} is not executable", hint="forge run takes a target with an "
                          "executable output (e.g. a genrule with executable = True)")
-    argv = [str(ws.root / info.executable.path), *[a for a in args.args if a != "--"]]
+    argv = [str(ws.root / info.executable.path), *args.program_args]
     return os.spawnv(os.P_WAIT, argv[0], argv)
 
 
@@ -298,8 +310,13 @@ def cmd_explain(ws, args) -> int:
             print(f"{a['description']}: ran because")
             for reason in a["reasons"] or ["(no reason recorded)"]:
                 print(f"    {reason}")
+        elif a["status"] == "cached" and a["reasons"]:
+            print(f"{a['description']}: restored from the cache (an earlier build made key "
+                  f"{a['key'][:16]}); since the last build:")
+            for reason in a["reasons"]:
+                print(f"    {reason}")
         elif a["status"] == "cached":
-            print(f"{a['description']}: cached (key {a['key'][:16]} unchanged)")
+            print(f"{a['description']}: up to date (key {a['key'][:16]} unchanged)")
         else:
             print(f"{a['description']}: {a['status']}")
     if not shown:

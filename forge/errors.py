@@ -17,6 +17,7 @@ EXIT_BUILD_FAILED = 1
 EXIT_USAGE = 2  # bad command line, BUILD file or configuration
 EXIT_TESTS_FAILED = 3
 EXIT_INTERRUPTED = 8
+EXIT_INTERNAL = 37  # a bug in forge or a rule (Bazel uses the same code)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ class ProgressReporter(Reporter):
 
     def finished(self, r: ActionResult) -> None:
         self.running.pop(r.action.id, None)
-        if r.status == "failed":
+        if r.status == "failed" and not r.cancelled:
             self._write(f"ERROR: {r.action.description} failed: {r.error}")
         elif self.mode == "plain" and r.status == "executed":
             self._write(f"[{r.duration:6.2f}s] {r.action.description}")
@@ -64,9 +64,13 @@ class ProgressReporter(Reporter):
 def summary_line(summary: BuildSummary) -> str:
     n = len(summary.results)
     parts = [f"{summary.count('executed')} executed", f"{summary.count('cached')} cached"]
+    stopped = sum(1 for r in summary.results if r.cancelled)
     for extra in ("remote", "failed", "skipped"):
-        if summary.count(extra):
-            parts.append(f"{summary.count(extra)} {extra}")
+        k = summary.count(extra) - (stopped if extra == "failed" else 0)
+        if k:
+            parts.append(f"{k} {extra}")
+    if stopped:
+        parts.append(f"{stopped} stopped")
     word = "action" if n == 1 else "actions"
     tail = " (interrupted)" if summary.interrupted else ""
     return f"forge: {n} {word}: {', '.join(parts)}{tail}"

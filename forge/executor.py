@@ -225,8 +225,8 @@ class Executor:
 
     def _hit(self, a, key, outs, t0, pre) -> ActionResult:
         r = ActionResult(a, "cached", key, time.perf_counter() - t0, t0 - self._epoch, outs)
-        if pre is not None:
-            self._remember_preimage(a, pre, reasons=False)
+        if pre is not None:  # restored from the cache: say what differs from the last build
+            r.reasons = self._remember_preimage(a, pre, reasons=True)
         return r
 
     def _still_linked(self, outs) -> bool:
@@ -290,15 +290,28 @@ class Executor:
         scratch = sandbox.new_scratch(self.cache.tmp, a.mnemonic)
         keep = False
         try:
+            staged = {}
             for i in a.inputs:
                 if i.source:
-                    sandbox.stage(scratch, i.path, self.root / i.path)
+                    src = self.root / i.path
                 else:
                     f = self._digests[i.path]
-                    sandbox.stage(scratch, i.path, self.cache.blob_path(f.digest, f.executable))
+                    src = self.cache.blob_path(f.digest, f.executable)
+                    if not src.exists():  # collected by gc; the workspace copy was verified
+                        src = self.root / i.path
+                staged[i.path] = sandbox.stage(scratch, i.path, src)
             for o in a.outputs:
                 (scratch / o.path).parent.mkdir(parents=True, exist_ok=True)
             failure = self._run_step(a, scratch, worker)
+            changed = sandbox.modified(scratch, staged)
+            if changed:
+                for path in changed:
+                    if path in self._digests:  # a cache blob shares that content: drop it
+                        self.cache.drop_blob(self._digests[path])
+                failure = ("the command wrote to its input" + ("s " if len(changed) > 1 else " ")
+                           + ", ".join(changed) + "; inputs are hard links to your sources and "
+                           "the cache, so write to a copy instead"
+                           + (f"\n{failure}" if failure else ""))
             if failure is None:
                 missing = [o.path for o in a.outputs if not (scratch / o.path).is_file()]
                 if missing:
@@ -345,7 +358,9 @@ class Executor:
         try:
             fn[0](ctx)
         except ForgeError as e:
-            return e.message + (f"\nhint: {e.hint}" if e.hint else "")
+            log = "\n".join(logs[-40:])
+            return (e.message + (f"\nhint: {e.hint}" if e.hint else "")
+                    + (f"\nlog (last lines):\n{_indent(log)}" if log else ""))
         return None
 
 

@@ -6,7 +6,7 @@
     workspaces/<id>/stat.pickle   the source stat cache (forge.digest)
     workspaces/<id>/preimages/    diskcache: action id -> readable key preimage
     workspaces/<id>/last.json     the last build: each action's status and why it ran
-    workspaces/<id>/plans/        pickled analysis results (forge.plancache)
+    workspaces/<id>/plans/        pickled analysis results (forge.session)
 
 All of it is an optimisation or a diagnosis: losing any file costs time, never
 correctness, so an unreadable record is ignored.

@@ -52,16 +52,31 @@ def new_scratch(tmp_root: Path, hint: str) -> Path:
     return d
 
 
-def stage(scratch: Path, rel: str, src: Path) -> None:
-    """Put `src` at `scratch/rel`: a hard link when possible, else a copy."""
+def stage(scratch: Path, rel: str, src: Path) -> tuple[int, int]:
+    """Put `src` at `scratch/rel`: a hard link when possible, else a copy. Returns
+    (size, mtime) so the caller can tell afterwards whether the command wrote to it."""
     dst = scratch / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    if not dst.exists():
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    st = dst.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def modified(scratch: Path, staged: dict[str, tuple[int, int]]) -> list[str]:
+    """Inputs whose content a command changed (hard links share it with their origin)."""
+    out = []
+    for rel, before in staged.items():
+        try:
+            st = os.stat(scratch / rel)
+        except OSError:
+            continue  # deleting its own link harms nobody
+        if (st.st_size, st.st_mtime_ns) != before:
+            out.append(rel)
+    return out
 
 
 def run(argv: list[str], scratch: Path, env: dict[str, str], *, timeout: float | None,

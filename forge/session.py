@@ -118,6 +118,8 @@ class Session:
 
     def executor(self, **kw):
         from forge.executor import Executor
+        if kw.get("jobs") is None and self.ws.config.get("jobs"):
+            kw["jobs"] = int(self.ws.config["jobs"])
         return Executor(self.ws.root, self.cache, self.records, salt=self.ws.salt, **kw)
 
     def close(self) -> None:

@@ -20,8 +20,8 @@ SKIP_DIRS = frozenset({OUT_DIR, ".git", ".hg", ".svn", "node_modules", "__pycach
 
 # Known keys of forge.toml, so that a typo is an error and not silently ignored.
 _KNOWN = {
-    "": {"salt", "jobs", "cache", "remote", "registries", "debian", "build"},
-    "cache": {"dir", "max_size"},
+    "": {"salt", "jobs", "cache"},
+    "cache": {"dir"},
 }
 
 

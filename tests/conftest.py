@@ -54,7 +54,8 @@ class Workspace:
         argv = [sys.executable, "-m", "forge", *args]
         if args and args[0] in ("build", "test", "query", "explain", "clean", "cache", "graph", "run") \
                 and "--cache-dir" not in args:
-            argv += ["--cache-dir", str(self.cache)]
+            at = 4 if args[0] == "cache" and len(args) > 1 else 3  # after the (sub)command
+            argv[at + 1:at + 1] = ["--cache-dir", str(self.cache)]
         p = subprocess.run(argv, cwd=cwd or self.root, env=e, capture_output=True, text=True,
                            timeout=timeout)
         return Result(p.returncode, p.stdout, p.stderr)

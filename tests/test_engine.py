@@ -210,7 +210,7 @@ def test_explain_says_which_input_changed(ws):
     assert r.code == 0
     assert "input changed: a/src.txt" in r.out
     r = ws.forge("explain")
-    assert "Genrule //a:right: cached" in r.out
+    assert "Genrule //a:right: up to date" in r.out
     # A changed command is named as such.
     (ws.root / "a/BUILD").write_text((ws.root / "a/BUILD").read_text().replace("cat $< > $@", "cat $< $< > $@"))
     assert ws.build("//a:left").code == 0
@@ -363,3 +363,33 @@ def test_query_and_graph_commands(ws):
     assert r.code == 0 and r.out.startswith("graph LR")
     r = ws.forge("graph", "//b:user")
     assert r.out.startswith("digraph") and '"//b:user" -> "//a:top.out"' in r.out
+
+
+def test_gc_then_incremental_build_still_works(ws):
+    diamond(ws)
+    assert ws.build("//...").code == 0
+    assert ws.forge("cache", "gc", "--max-size", "0").code == 0
+    (ws.root / "b/BUILD").write_text((ws.root / "b/BUILD").read_text().replace("wc -l", "wc -c"))
+    r = ws.build("//...")
+    assert r.code == 0, r.err
+    assert ws.out("b/user.out").strip() == str(len("alpha\nOTHER\n"))
+
+
+def test_a_command_that_writes_to_its_input_fails(ws):
+    ws.write({"p/words.txt": "safe\n", "p/BUILD": '''
+        genrule(name = "evil", srcs = ["words.txt"], outs = ["o"], cmd = "echo EVIL >> $<; cp $< $@")
+    '''})
+    r = ws.build("//p:evil")
+    assert r.code == 1
+    assert "the command wrote to its input p/words.txt" in r.err
+
+
+def test_run_passes_arguments_after_double_dash(ws):
+    ws.write({"p/BUILD": '''
+        genrule(name = "tool", outs = ["tool.sh"], executable = True,
+                cmd = "printf '#!/bin/sh\\\\necho ran \\"$$@\\"\\\\n' > $@")
+    '''})
+    r = ws.forge("run", "//p:tool", "--", "a", "--", "b")
+    assert r.code == 0, r.err
+    assert r.out.strip() == "ran a -- b"
+    assert ws.forge("help", "frob").err.startswith("error: no command 'frob'")
