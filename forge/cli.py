@@ -164,7 +164,7 @@ def _build(ws, args, patterns, *, tests: bool = False):
             return s, plan, None, EXIT_OK
         ex = s.executor(jobs=args.jobs, keep_going=args.keep_going, reporter=reporter)
         offset = ex._epoch - t0
-        summary = ex.run(plan.actions)
+        summary = ex.run(plan.actions, plan.static_keys or None)
         reporter.close()
         code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
         _write_last(s, summary)

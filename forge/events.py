@@ -36,7 +36,8 @@ class ProgressReporter(Reporter):
             self.bar.set_description_str(action.description[:70], refresh=True)
 
     def finished(self, r: ActionResult) -> None:
-        self.running.pop(r.action.id, None)
+        if r.status == "executed":
+            self.running.pop(r.action.id, None)
         if r.status == "failed" and not r.cancelled:
             self._write(f"ERROR: {r.action.description} failed: {r.error}")
         elif self.mode == "plain" and r.status == "executed":

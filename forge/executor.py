@@ -22,7 +22,7 @@ from forge import sandbox
 from forge.api import FUNCTIONS, POOLS, Action, ExecContext
 from forge.cache import Cache, OutputFile
 from forge.errors import ForgeError
-from forge.keys import ToolError, ToolIds, explain_diff, key_of, preimage
+from forge.keys import ToolError, ToolIds, explain_diff, key_from, preimage, static_digest
 from forge.records import Records
 
 
@@ -84,10 +84,11 @@ class Executor:
 
     # --- the walk -------------------------------------------------------------------
 
-    def run(self, actions: list[Action]) -> BuildSummary:
+    def run(self, actions: list[Action], statics: list[str] | None = None) -> BuildSummary:
         # Everything is indexed by position: hashing frozen dataclasses or rebuilding
         # ids per lookup dominates a no-op build of 10,000 actions otherwise.
         n = len(actions)
+        statics = statics or [static_digest(a) for a in actions]
         producer = {o.path: i for i, a in enumerate(actions) for o in a.outputs}
         waiting = [0] * n
         dependents: list[list[int]] = [[] for _ in range(n)]
@@ -132,7 +133,7 @@ class Executor:
                     if i is None:
                         break
                     a = actions[i]
-                    r = self._prepare(a)
+                    r = self._prepare(a, statics[i])
                     if r is not None:
                         complete(i, r)
                         continue
@@ -186,7 +187,7 @@ class Executor:
 
     # --- keys and cache hits (main thread) -------------------------------------------
 
-    def _prepare(self, a: Action) -> ActionResult | None:
+    def _prepare(self, a: Action, static: str) -> ActionResult | None:
         """A finished result for a hit or an action that cannot start; None to run it."""
         t0 = time.perf_counter()
         inputs: dict[str, str] = {}
@@ -198,18 +199,20 @@ class Executor:
                 else:
                     f = self._digests[i.path]
                     inputs[i.path] = f.digest + ("+x" if f.executable else "")
-            pre = preimage(a, inputs, self.tools, self.salt)
+            tools = {t: self.tools(t) for t in a.tools}
         except FileNotFoundError as e:
             return ActionResult(a, "failed", error=f"could not start: input file {e.filename} is missing")
         except ToolError as e:
             return ActionResult(a, "failed", error=f"could not start: {e}")
-        key = key_of(pre)
-        state = self.records.state.get(a.id)
+        key = key_from(static, tools, inputs, self.salt)
+        aid = a.id
+        state = self.records.state.get(aid)
         if state is not None and state[0] == key and self._still_linked(state[1]):
             outs = [OutputFile(*o[:4]) for o in state[1]]
             r = self._hit(a, key, outs, t0, pre=None)
             r.linked = state[1]  # already recorded as it is
             return r
+        pre = preimage(a, inputs, tools, self.salt)
         outs = self.cache.get_record(key)
         if outs is not None:
             if all(self.cache.blob_ok(o) for o in outs) and self._link_all(outs):
@@ -220,7 +223,7 @@ class Executor:
             self.reporter.warning(f"cache record of {a.description} points at missing or corrupt "
                                   "blobs; rebuilding it")
             self.cache.drop_record(key)
-        self._pending[a.id] = (key, pre)
+        self._pending[aid] = (key, pre)
         return None
 
     def _hit(self, a, key, outs, t0, pre) -> ActionResult:

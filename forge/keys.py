@@ -11,6 +11,7 @@ it, so two checkouts at different paths share keys.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import xxhash
@@ -19,7 +20,7 @@ from forge.api import FUNCTIONS, Action
 from forge.digest import StatCache
 from forge.sandbox import KEY_ENV, SANDBOX_PATH
 
-KEY_FORMAT = 1  # bump when the preimage's shape changes
+KEY_FORMAT = 2  # bump when the preimage's shape changes
 
 
 class ToolError(Exception):
@@ -39,21 +40,18 @@ class ToolIds:
             path = shutil.which(name, path=SANDBOX_PATH)
             if path is None:
                 raise ToolError(f"the program '{name}' is not installed (looked in {SANDBOX_PATH})")
-            import os
             d = self.ids[name] = self.stat_cache.digest(os.path.realpath(path))
         return d
 
 
-def preimage(action: Action, inputs: dict[str, str], tools: ToolIds, salt: str) -> dict:
+def static_part(action: Action) -> dict:
+    """What the key takes from the action itself; fixed for a given plan."""
     p = {
         "format": KEY_FORMAT,
         "rule": action.rule,
         "mnemonic": action.mnemonic,
-        "inputs": inputs,
         "outputs": [o.path for o in action.outputs],
         "executable": list(action.executable),
-        "tools": {t: tools(t) for t in action.tools},
-        "salt": salt,
     }
     if action.argv is not None:
         p["argv"] = list(action.argv)
@@ -65,8 +63,27 @@ def preimage(action: Action, inputs: dict[str, str], tools: ToolIds, salt: str) 
     return p
 
 
-def key_of(pre: dict) -> str:
-    return xxhash.xxh3_128_hexdigest(json.dumps(pre, sort_keys=True, separators=(",", ":")).encode())
+def static_digest(action: Action) -> str:
+    """Computed once per plan and kept in the plan cache: JSON-encoding every action's
+    command on every no-op build would dominate it."""
+    return xxhash.xxh3_128_hexdigest(
+        json.dumps(static_part(action), sort_keys=True, separators=(",", ":")).encode())
+
+
+def key_from(static: str, tools: dict[str, str], inputs: dict[str, str], salt: str) -> str:
+    """The action key: the static digest plus everything that can change between builds."""
+    h = xxhash.xxh3_128(static.encode())
+    for name, d in tools.items():
+        h.update(f"\0t{name}\0{d}".encode())
+    for path, d in inputs.items():
+        h.update(f"\0i{path}\0{d}".encode())
+    h.update(f"\0s{salt}".encode())
+    return h.hexdigest()
+
+
+def preimage(action: Action, inputs: dict[str, str], tools: dict[str, str], salt: str) -> dict:
+    """The readable form of everything in the key, kept for `forge explain`."""
+    return {**static_part(action), "inputs": inputs, "tools": tools, "salt": salt}
 
 
 def explain_diff(old: dict | None, new: dict) -> list[str]:

@@ -34,5 +34,6 @@ class Plan:
     infos: dict[Label, TargetInfo]
     actions: list[Action]  # in dependency order: producers before consumers
     tests: list[Label]
+    static_keys: list[str] = field(default_factory=list)  # keys.static_digest per action
 
 

@@ -22,7 +22,7 @@ from forge.labels import parse_pattern
 from forge.records import Records
 from forge.workspace import CONFIG_NAME, Workspace
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 _rules_loaded = False
 
 
@@ -79,8 +79,9 @@ class Session:
         if use_cache:
             # Building needs only the actions and the roots' infos; the full target
             # graph (for query) would make every no-op build unpickle it.
+            from forge.keys import static_digest
             plan = Plan(plan.roots, {}, {r: plan.infos[r] for r in plan.roots}, plan.actions,
-                        plan.tests)
+                        plan.tests, [static_digest(a) for a in plan.actions])
             self._save_plan(path, fingerprint, plan, an.loader.inputs, an.loader.dirs)
         return plan
 
