@@ -13,9 +13,9 @@ import time
 import pytest
 
 
-def slow_graph(ws, n=12):
+def slow_graph(ws, n=12, sleep=0.05):
     rules = [f'genrule(name = "s{i}", srcs = ["in.txt"], outs = ["s{i}.txt"], '
-             f'cmd = "sleep 0.05; cat $< > $@; echo {i} >> $@")' for i in range(n)]
+             f'cmd = "sleep {sleep}; cat $< > $@; echo {i} >> $@")' for i in range(n)]
     rules.append('genrule(name = "all", srcs = [' + ", ".join(f'":s{i}"' for i in range(n))
                  + '], outs = ["all.txt"], cmd = "cat $(SRCS) > $@")')
     ws.write({"p/in.txt": "input\n", "p/BUILD": "\n".join(rules) + "\n"})
@@ -105,9 +105,11 @@ def test_two_processes_share_one_cache(tmp_path):
 
 
 def test_same_workspace_twice_waits_for_the_lock(ws):
-    slow_graph(ws, n=6)
+    slow_graph(ws, n=6, sleep=0.5)
     a = start(ws, "//p:all", "-j", "1")
-    time.sleep(0.4)
+    deadline = time.time() + 30
+    while not list(ws.cache.glob("tmp/sb-*")) and time.time() < deadline:
+        time.sleep(0.02)  # until the first build is running an action
     b = start(ws, "//p:all", "-j", "1")
     _, err_a = a.communicate(timeout=60)
     _, err_b = b.communicate(timeout=60)
