@@ -52,6 +52,10 @@ class AnalysisContext:
         pkg = f"{self.package}/" if self.package else ""
         return Artifact(f"{OUT_PREFIX}/{pkg}{name}", source=False)
 
+    def declare_dir(self, name: str) -> Artifact:
+        """A directory output: the action creates it and fills it with files."""
+        return Artifact(self.declare(name).path, source=False, directory=True)
+
     def run(self, argv, *, inputs, outputs, mnemonic: str, env: dict | None = None,
             tools=(), pool: str | None = None, executable=(), description: str = "",
             timeout: float | None = None) -> Action:

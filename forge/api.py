@@ -48,6 +48,7 @@ class Artifact:
 
     path: str
     source: bool = True
+    directory: bool = False  # a generated directory ("tree artifact"), e.g. an OCI layout
 
     def __str__(self) -> str:
         return self.path

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from forge.digest import digest_file
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class OutputFile:
     digest: str
     size: int
     executable: bool
+    tree: bool = False  # a directory output: digest names its manifest (forge.trees)
 
 
 class Cache:
@@ -150,7 +151,8 @@ class Cache:
 
     def put_record(self, key: str, outputs: list[OutputFile]) -> None:
         self.ac.set(key, {"v": RECORD_VERSION, "time": time.time(),
-                          "outputs": [(o.path, o.digest, o.size, o.executable) for o in outputs]})
+                          "outputs": [(o.path, o.digest, o.size, o.executable, o.tree)
+                                      for o in outputs]})
 
     def drop_record(self, key: str) -> None:
         self.ac.delete(key)

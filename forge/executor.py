@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from forge import sandbox
+from forge import sandbox, trees
 from forge.api import FUNCTIONS, POOLS, Action, ExecContext
 from forge.cache import Cache, OutputFile
 from forge.errors import ForgeError
@@ -208,17 +208,17 @@ class Executor:
         aid = a.id
         state = self.records.state.get(aid)
         if state is not None and state[0] == key and self._still_linked(state[1]):
-            outs = [OutputFile(*o[:4]) for o in state[1]]
+            outs = [OutputFile(*o[:5]) for o in state[1]]
             r = self._hit(a, key, outs, t0, pre=None)
             r.linked = state[1]  # already recorded as it is
             return r
         pre = preimage(a, inputs, tools, self.salt)
         outs = self.cache.get_record(key)
         if outs is not None:
-            if all(self.cache.blob_ok(o) for o in outs) and self._link_all(outs):
+            if all(self._present(o) for o in outs) and self._link_all(outs):
                 return self._hit(a, key, outs, t0, pre)
             for o in outs:
-                if not self.cache.blob_ok(o):
+                if not o.tree and not self.cache.blob_ok(o):
                     self.cache.drop_blob(o)
             self.reporter.warning(f"cache record of {a.description} points at missing or corrupt "
                                   "blobs; rebuilding it")
@@ -234,17 +234,25 @@ class Executor:
 
     def _still_linked(self, outs) -> bool:
         root = self._root_str
-        for path, _digest, size, _x, ino, mtime in outs:
+        for path, _digest, size, _x, tree, ino, mtime in outs:
             try:
                 st = os.stat(os.path.join(root, path))
             except OSError:
                 return False
-            if st.st_ino != ino or st.st_size != size or st.st_mtime_ns != mtime:
+            if st.st_ino != ino or st.st_mtime_ns != mtime or (not tree and st.st_size != size):
                 return False
         return True
 
+    def _present(self, o: OutputFile) -> bool:
+        return trees.blobs_ok(self.cache, o, verify=False) if o.tree else self.cache.blob_ok(o)
+
     def _link_all(self, outs: list[OutputFile]) -> bool:
         for o in outs:
+            if o.tree:
+                if not trees.blobs_ok(self.cache, o, verify=True):
+                    return False
+                trees.materialise(self.cache, o, self.root / o.path)
+                continue
             if not self.cache.verify(o):
                 self.cache.drop_blob(o)
                 return False
@@ -261,7 +269,8 @@ class Executor:
             self._digests[o.path] = o
             try:
                 st = os.stat(self.root / o.path)
-                linked.append((o.path, o.digest, o.size, o.executable, st.st_ino, st.st_mtime_ns))
+                linked.append((o.path, o.digest, o.size, o.executable, o.tree, st.st_ino,
+                               st.st_mtime_ns))
             except OSError:
                 pass
         self.records.set_state(r.action.id, (r.key, tuple(linked)))
@@ -280,6 +289,8 @@ class Executor:
         t0 = time.perf_counter()
         try:
             r = self._execute(a, key, worker)
+        except ForgeError as e:
+            r = ActionResult(a, "failed", key, error=e.message)
         except Exception as e:  # a bug in a rule's step, not the user's input
             r = ActionResult(a, "failed", key, error=f"internal error in {a.mnemonic}: {e}\n"
                              + traceback.format_exc(limit=-3))
@@ -299,12 +310,16 @@ class Executor:
                     src = self.root / i.path
                 else:
                     f = self._digests[i.path]
+                    if f.tree:
+                        trees.build(self.cache, f, scratch / i.path)
+                        continue
                     src = self.cache.blob_path(f.digest, f.executable)
                     if not src.exists():  # collected by gc; the workspace copy was verified
                         src = self.root / i.path
                 staged[i.path] = sandbox.stage(scratch, i.path, src)
-            for o in a.outputs:
-                (scratch / o.path).parent.mkdir(parents=True, exist_ok=True)
+            for o in a.outputs:  # directory outputs exist up front, as in Bazel
+                (scratch / o.path).mkdir(parents=True) if o.directory else \
+                    (scratch / o.path).parent.mkdir(parents=True, exist_ok=True)
             failure = self._run_step(a, scratch, worker)
             changed = sandbox.modified(scratch, staged)
             if changed:
@@ -316,7 +331,8 @@ class Executor:
                            "the cache, so write to a copy instead"
                            + (f"\n{failure}" if failure else ""))
             if failure is None:
-                missing = [o.path for o in a.outputs if not (scratch / o.path).is_file()]
+                missing = [o.path for o in a.outputs if not (
+                    (scratch / o.path).is_dir() if o.directory else (scratch / o.path).is_file())]
                 if missing:
                     failure = ("declared output" + ("s " if len(missing) > 1 else " ")
                                + ", ".join(missing) + " not created by the action")
@@ -327,11 +343,17 @@ class Executor:
                                     cancelled=self.cancel.is_set())
             outs = []
             for o in a.outputs:
+                if o.directory:
+                    outs.append(trees.store(self.cache, scratch / o.path, o.path))
+                    continue
                 f = self.cache.put_file(scratch / o.path, o.path in a.executable)
                 outs.append(OutputFile(o.path, f.digest, f.size, f.executable))
             self.cache.put_record(key, outs)  # after its blobs: never a dangling record
             for o in outs:
-                self.cache.link_out(o, self.root / o.path)
+                if o.tree:
+                    trees.materialise(self.cache, o, self.root / o.path)
+                else:
+                    self.cache.link_out(o, self.root / o.path)
             return ActionResult(a, "executed", key, outputs=outs)
         finally:
             if not keep:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from forge.digest import StatCache
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class Records:

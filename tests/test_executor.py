@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -77,3 +78,51 @@ def test_pool_limits_concurrency(tmp_path):
     s = run(tmp_path, actions, jobs=4)
     assert s.ok
     assert ACTIVE["pool_max"] == 1
+
+
+@action_function("TestTree", version=1)
+def make_tree(ctx):
+    out = ctx.path(ctx.outputs[0])
+    (out / "blobs/sha256").mkdir(parents=True)
+    (out / "blobs/sha256/aa").write_text(ctx.params["content"])
+    (out / "index.json").write_text("{}")
+    os.symlink("blobs/sha256/aa", out / "latest")
+    CALLS.append("tree:" + ctx.params["content"])
+
+
+@action_function("TestReadTree", version=1)
+def read_tree(ctx):
+    tree = ctx.path(ctx.inputs[0])
+    ctx.path(ctx.outputs[0]).write_text((tree / "latest").read_text() + "|" + ",".join(
+        sorted(p.name for p in tree.rglob("*"))))
+    CALLS.append("read")
+
+
+def tree_actions(content):
+    tree = Artifact("forge-out/p/layout", source=False, directory=True)
+    out = Artifact("forge-out/p/read.txt", source=False)
+    return [Action(Label("p", "tree"), "Tree", "test@1", (), (tree,), function="TestTree",
+                   params={"content": content}),
+            Action(Label("p", "read"), "Read", "test@1", (tree,), (out,), function="TestReadTree",
+                   params={})]
+
+
+def test_directory_outputs_are_cached_and_staged(tmp_path):
+    CALLS.clear()
+    s = run(tmp_path, tree_actions("one"))
+    assert s.ok, [r.error for r in s.results]
+    assert CALLS == ["tree:one", "read"]
+    ws = tmp_path / "ws"
+    assert (ws / "forge-out/p/read.txt").read_text() == "one|aa,blobs,index.json,latest,sha256"
+    assert os.readlink(ws / "forge-out/p/layout/latest") == "blobs/sha256/aa"
+    CALLS.clear()
+    assert run(tmp_path, tree_actions("one")).count("cached") == 2 and CALLS == []
+    # Removed from the workspace: restored from the cache without running.
+    import shutil
+    from forge.trees import remove
+    remove(ws / "forge-out/p/layout")
+    s = run(tmp_path, tree_actions("one"))
+    assert CALLS == [] and (ws / "forge-out/p/layout/index.json").exists()
+    s = run(tmp_path, tree_actions("two"))
+    assert CALLS == ["tree:two", "read"]
+    assert (ws / "forge-out/p/read.txt").read_text().startswith("two|")
