@@ -92,6 +92,16 @@ class AnalysisContext:
         self._an.loader._remember(path)
         return path.read_text()
 
+    def pin(self, kind: str, key: str) -> str:
+        """The pinned value for a floating reference (see forge.lockfile), e.g.
+        `ctx.pin("oci", "registry.example.com/library/alpine:3.20")` -> its digest."""
+        return self._an.lock.get(kind, key)
+
+    @property
+    def config(self) -> dict:
+        """The workspace's forge.toml, for settings a rule reads while planning."""
+        return self._an.ws.config
+
     def location_map(self, attr_names) -> dict[str, list[Artifact]]:
         """Label text -> files, for `$(location ...)` over the labels of `attr_names`."""
         out: dict[str, list[Artifact]] = {}
@@ -110,8 +120,11 @@ class AnalysisContext:
 
 
 class Analyzer:
-    def __init__(self, ws: Workspace, rules: dict[str, RuleType] | None = None):
+    def __init__(self, ws: Workspace, rules: dict[str, RuleType] | None = None,
+                 lock: "Lockfile | None" = None):
+        from forge.lockfile import Lockfile
         self.ws = ws
+        self.lock = lock or Lockfile(ws.root, ws.config)
         self.rules = rules if rules is not None else RULES
         self.loader = Loader(ws, self.rules)
         self.nodes: dict[Label, Node] = {}

@@ -30,7 +30,8 @@ from forge.labels import Label
 
 __all__ = [
     "Action", "AnalysisError", "Artifact", "Attr", "ExecContext", "ForgeError", "Label",
-    "RuleType", "TargetInfo", "action_function", "attr", "rule", "RULES", "FUNCTIONS",
+    "RuleType", "RunContext", "TargetInfo", "action_function", "attr", "rule", "runner",
+    "pin_resolver", "pool", "RULES", "FUNCTIONS", "RUNNERS", "PIN_RESOLVERS",
 ]
 
 OUT_PREFIX = "forge-out"
@@ -202,9 +203,48 @@ class ExecContext:
     inputs: list[str]
     outputs: list[str]
     log: Callable[[str], None] = print
+    # Workspace settings that must not change what a step produces (a package mirror,
+    # registry mirrors, insecure registries): they are not part of any key.
+    config: dict = field(default_factory=dict)
+    offline: bool = False
+    cancel: Any = None  # threading.Event set on Ctrl-C: long steps should check it
+    progress: Callable[[int, int], None] = lambda done, total: None  # bytes, for bars
 
     def path(self, rel: str):
         return self.scratch / rel
+
+
+@dataclass
+class RunContext:
+    """What a `@runner` sees when `forge run` runs a built target."""
+
+    params: Any
+    root: Any  # pathlib.Path of the workspace; built files are at root / artifact.path
+    args: list[str]
+    config: dict = field(default_factory=dict)
+
+
+RUNNERS: dict[str, Callable[[RunContext], int]] = {}
+# kind -> (key, workspace config) -> pinned value, for `forge.lock` (see AnalysisContext.pin)
+PIN_RESOLVERS: dict[str, Callable[[str, dict], str]] = {}
+
+
+def runner(name: str) -> Callable:
+    """Register what `forge run` does for targets whose info names it:
+    `ctx.info(..., run={"runner": name, "params": {...}})`. Returns an exit code."""
+    def register(fn):
+        RUNNERS[name] = fn
+        return fn
+    return register
+
+
+def pin_resolver(kind: str) -> Callable:
+    """Register how a floating reference of `kind` (e.g. an image tag) is resolved to a
+    pinned value; `forge lock` calls it again to refresh `forge.lock`."""
+    def register(fn):
+        PIN_RESOLVERS[kind] = fn
+        return fn
+    return register
 
 
 class ActionFailed(ForgeError):

@@ -21,7 +21,9 @@ MAX_PRINTED = 100  # output paths printed by `forge build`; more are summarised
 COMMANDS = {
     "build": "build targets and print their output paths",
     "test": "build test targets and run them",
-    "run": "build an executable target and run it",
+    "run": "build a target and run it (an executable, an image, an OS image)",
+    "load": "build an image target and load it into the Docker engine under a tag",
+    "lock": "resolve every floating reference (image tags) again and rewrite forge.lock",
     "query": "query the target graph: deps(), rdeps(), kind(), attr(), somepath(), + - ^",
     "graph": "draw a target's dependency graph (dot, svg, mermaid)",
     "explain": "why each action of the last build ran",
@@ -46,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     building.add_argument("--build-events", metavar="FILE", help="write JSON lines, one per action")
     building.add_argument("--profile", metavar="FILE", help="write a Chrome trace of the build")
     building.add_argument("--nobuild", action="store_true", help="load and analyse only")
+    building.add_argument("--offline", action="store_true",
+                          help="never use the network: fail clearly when something is not cached "
+                          "or not pinned in forge.lock")
 
     p = argparse.ArgumentParser(prog="forge", description="forge: builds OS images from BUILD files, "
                                 "caching every step by the content of its inputs.")
@@ -53,11 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     b = sub.add_parser("build", parents=[common, building], help=COMMANDS["build"])
     b.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
+    b.add_argument("--load", metavar="TAG", help="load the built image into the Docker engine "
+                   "as TAG (one image target)")
     t = sub.add_parser("test", parents=[common, building], help=COMMANDS["test"])
     t.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
     t.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     r = sub.add_parser("run", parents=[common, building], help=COMMANDS["run"])
     r.add_argument("target", help="the target to run; arguments for it go after --")
+    ld = sub.add_parser("load", parents=[common, building], help=COMMANDS["load"])
+    ld.add_argument("target")
+    ld.add_argument("tag", help="e.g. myrepo/x:dev")
+    lk = sub.add_parser("lock", parents=[common, building], help=COMMANDS["lock"])
+    lk.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
     q = sub.add_parser("query", parents=[common], help=COMMANDS["query"])
     q.add_argument("expr")
     q.add_argument("--output", choices=("label", "json", "dot"), default="label")
@@ -156,13 +168,14 @@ def _build(ws, args, patterns, *, tests: bool = False):
     s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
                                  file=sys.stderr))
     try:
-        plan = s.plan(patterns)
+        plan = s.plan(patterns, offline=args.offline)
         t1 = time.perf_counter()
         if args.nobuild:
             print(f"forge: {len(plan.roots)} targets loaded and analysed, "
                   f"{len(plan.actions)} actions planned", file=sys.stderr)
             return s, plan, None, EXIT_OK
-        ex = s.executor(jobs=args.jobs, keep_going=args.keep_going, reporter=reporter)
+        ex = s.executor(jobs=args.jobs, keep_going=args.keep_going, reporter=reporter,
+                        offline=args.offline)
         offset = ex._epoch - t0
         summary = ex.run(plan.actions, plan.static_keys or None)
         reporter.close()
@@ -192,6 +205,10 @@ def _write_last(s, summary) -> None:
 
 def cmd_build(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, args.patterns)
+    if code == EXIT_OK and args.load and summary is not None:
+        if len(plan.roots) != 1:
+            raise UsageError(f"--load needs exactly one target; {len(plan.roots)} matched")
+        code = _call_runner(ws, plan, plan.roots[0], "load", [args.load])
     if summary is not None and code == EXIT_OK:
         shown = {}
         for label in plan.roots:
@@ -237,11 +254,44 @@ def cmd_test(ws, args) -> int:
     return EXIT_TESTS_FAILED if failed else EXIT_OK
 
 
+def _call_runner(ws, plan, label, what: str, argv: list[str]) -> int:
+    from forge.api import RUNNERS, RunContext
+    spec = plan.infos[label].extra.get(what)
+    if spec is None:
+        raise UsageError(f"{label} cannot be {'loaded' if what == 'load' else 'run'}",
+                         hint="image targets (container_image, oci_pull, ...) can be loaded")
+    fn = RUNNERS.get(spec["runner"])
+    if fn is None:
+        raise UsageError(f"no runner '{spec['runner']}' is registered (is its rule family installed?)")
+    return fn(RunContext(spec.get("params"), ws.root, argv, ws.config))
+
+
+def cmd_load(ws, args) -> int:
+    s, plan, summary, code = _build(ws, args, [args.target])
+    if code != EXIT_OK or summary is None:
+        return code
+    return _call_runner(ws, plan, plan.roots[0], "load", [args.tag])
+
+
+def cmd_lock(ws, args) -> int:
+    from forge.lockfile import LOCK_NAME
+    s = _session(ws, args)
+    if args.offline:
+        raise UsageError("forge lock resolves references over the network; drop --offline")
+    s.plan(args.patterns, refresh_lock=True, use_cache=False)
+    print(f"forge: {LOCK_NAME} is up to date", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_run(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, [args.target])
     if code != EXIT_OK:
         return code
+    if len(plan.roots) != 1:
+        raise UsageError(f"forge run needs exactly one target; {len(plan.roots)} matched")
     info = plan.infos[plan.roots[0]]
+    if "run" in info.extra:
+        return _call_runner(ws, plan, plan.roots[0], "run", args.program_args)
     if info.executable is None:
         raise UsageError(f"{plan.roots[0]} is not executable", hint="forge run takes a target with an "
                          "executable output (e.g. a genrule with executable = True)")
@@ -371,5 +421,6 @@ def _human(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
-_COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "query": cmd_query,
+_COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,
+             "lock": cmd_lock, "query": cmd_query,
              "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache}

@@ -45,6 +45,11 @@ class ProgressReporter(Reporter):
         if self.bar is not None:
             self.bar.update(1)
 
+    def transfer(self, action, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(f"{action.description[:50]} {done / 2**20:.1f}/"
+                                         f"{total / 2**20:.1f} MiB", refresh=True)
+
     def warning(self, text: str) -> None:
         self._write(f"WARNING: {text}")
 

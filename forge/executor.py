@@ -62,11 +62,13 @@ class Reporter:
     def finished(self, result: ActionResult) -> None: ...
     def warning(self, text: str) -> None: ...
     def set_total(self, n: int) -> None: ...
+    def transfer(self, action: Action, done: int, total: int) -> None: ...
 
 
 class Executor:
     def __init__(self, root: Path, cache: Cache, records: Records, *, jobs: int | None = None,
-                 keep_going: bool = False, salt: str = "", reporter: Reporter | None = None):
+                 keep_going: bool = False, salt: str = "", reporter: Reporter | None = None,
+                 config: dict | None = None, offline: bool = False):
         self.root = root
         self._root_str = str(root)
         self.cache = cache
@@ -74,6 +76,8 @@ class Executor:
         self.jobs = max(1, jobs or os.cpu_count() or 1)
         self.keep_going = keep_going
         self.salt = salt
+        self.config = config or {}
+        self.offline = offline
         self.reporter = reporter or Reporter()
         self.tools = ToolIds(records.stat_cache)
         self.cancel = threading.Event()
@@ -379,7 +383,9 @@ class Executor:
             return f"no in-process step named '{a.function}' is registered"
         logs: list[str] = []
         ctx = ExecContext(a.params, scratch, [i.path for i in a.inputs],
-                          [o.path for o in a.outputs], log=logs.append)
+                          [o.path for o in a.outputs], log=logs.append, config=self.config,
+                          offline=self.offline, cancel=self.cancel,
+                          progress=lambda done, total: self.reporter.transfer(a, done, total))
         try:
             fn[0](ctx)
         except ForgeError as e:

@@ -57,25 +57,32 @@ class Session:
         return "" if rel == "." else rel
 
     def plan(self, pattern_texts: list[str], *, cwd: Path | None = None, use_cache: bool = True,
-             include_manual: bool = False):
+             include_manual: bool = False, offline: bool = False, refresh_lock: bool = False):
         from forge.plan import Plan
         cwd_pkg = self.cwd_package(cwd)
         patterns = [parse_pattern(p, cwd_pkg) for p in pattern_texts]
         fingerprint = repr((PLAN_VERSION, forge.__version__, [str(p) for p in patterns],
                             include_manual, sorted(r.key for r in RULES.values())))
         path = self.records.dir / "plans" / (xxhash.xxh3_64_hexdigest(fingerprint.encode()) + ".pickle")
-        if use_cache:
+        if use_cache and not refresh_lock:
             plan = self._cached_plan(path, fingerprint)
             if plan is not None:
                 return plan
         from forge.analysis import Analyzer
-        an = Analyzer(self.ws)
+        from forge.lockfile import Lockfile
+        lock = Lockfile(self.ws.root, self.ws.config, offline=offline, refresh=refresh_lock)
+        an = Analyzer(self.ws, lock=lock)
         an.loader._remember(self.ws.root / CONFIG_NAME)
-        roots = an.expand(patterns, include_manual=include_manual)
-        if not roots:
-            raise LoadError("no targets match " + " ".join(pattern_texts),
-                            hint="forge query //... lists every target")
-        plan = an.analyze(roots)
+        try:
+            roots = an.expand(patterns, include_manual=include_manual)
+            if not roots:
+                raise LoadError("no targets match " + " ".join(pattern_texts),
+                                hint="forge query //... lists every target")
+            plan = an.analyze(roots)
+        finally:
+            lock.save()  # what was resolved stays resolved, even if analysis failed later
+        if lock.path.exists():
+            an.loader._remember(lock.path)
         if use_cache:
             # Building needs only the actions and the roots' infos; the full target
             # graph (for query) would make every no-op build unpickle it.
@@ -121,7 +128,8 @@ class Session:
         from forge.executor import Executor
         if kw.get("jobs") is None and self.ws.config.get("jobs"):
             kw["jobs"] = int(self.ws.config["jobs"])
-        return Executor(self.ws.root, self.cache, self.records, salt=self.ws.salt, **kw)
+        return Executor(self.ws.root, self.cache, self.records, salt=self.ws.salt,
+                        config=self.ws.config, **kw)
 
     def close(self) -> None:
         self.cache.close()
