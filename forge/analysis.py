@@ -71,9 +71,9 @@ class AnalysisContext:
         return self.run(["bash", "-c", cmd], **kw)
 
     def call(self, function: str, params, *, inputs, outputs, mnemonic: str,
-             pool: str | None = None, description: str = "", executable=()) -> Action:
+             pool: str | None = None, description: str = "", executable=(), tools=()) -> Action:
         return self._add(Action(self.label, mnemonic, self.rule.key, tuple(inputs), tuple(outputs),
-                                function=function, params=params, pool=pool,
+                                function=function, params=params, pool=pool, tools=tuple(tools),
                                 executable=tuple(a.path for a in executable),
                                 description=description or f"{mnemonic} {self.label}"))
 
@@ -91,6 +91,16 @@ class AnalysisContext:
         path = self._an.ws.root / artifact.path
         self._an.loader._remember(path)
         return path.read_text()
+
+    def optional_source(self, name: str) -> Artifact | None:
+        """A file of this package that may not exist (e.g. `.dockerignore`); the plan
+        cache notices when it appears or goes (its directory's mtime is recorded)."""
+        d = self._an.ws.root / self.package if self.package else self._an.ws.root
+        self._an.loader.dirs[self.package] = d.stat().st_mtime_ns
+        if (d / name).is_file():
+            self._an.loader._remember(d / name)
+            return Artifact(_join(self.package, name))
+        return None
 
     def pin(self, kind: str, key: str) -> str:
         """The pinned value for a floating reference (see forge.lockfile), e.g.

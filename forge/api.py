@@ -213,6 +213,39 @@ class ExecContext:
     def path(self, rel: str):
         return self.scratch / rel
 
+    @property
+    def source_date_epoch(self) -> int:
+        """The fixed time every archive forge writes carries (SOURCE_DATE_EPOCH)."""
+        from forge.sandbox import SOURCE_DATE_EPOCH
+        return int(SOURCE_DATE_EPOCH)
+
+    def run(self, argv: list[str], *, env: dict | None = None, cwd=None,
+            timeout: float | None = None) -> str:
+        """Run a host program the way command actions run: clean fixed environment
+        (SOURCE_DATE_EPOCH, TZ=UTC...), its own process group, stopped on Ctrl-C.
+        Returns its output; a failure raises ActionFailed with the output's tail."""
+        import threading
+        import uuid
+
+        from forge import sandbox
+        full = sandbox.base_env(self.scratch)
+        full.update(env or {})
+        res = sandbox.run(list(argv), cwd or self.scratch, full, timeout=timeout,
+                          cancel=self.cancel or threading.Event(),
+                          log=self.scratch.with_name(f"{self.scratch.name}.step-{uuid.uuid4().hex[:8]}.log"))
+        out = res.output.decode(errors="replace")
+        try:
+            res.log.unlink()
+        except OSError:
+            pass
+        if res.cancelled:
+            raise ActionFailed("interrupted")
+        if res.returncode != 0 or res.timed_out:
+            why = "timed out" if res.timed_out else f"exit code {res.returncode}"
+            tail = "\n".join("  " + ln for ln in out.rstrip().splitlines()[-30:])
+            raise ActionFailed(f"{argv[0]} failed ({why}):\n  {' '.join(argv)}\n{tail}")
+        return out
+
 
 @dataclass
 class RunContext:

@@ -1,0 +1,1 @@
+"""Pure format libraries (OCI, registry, archives): no knowledge of the forge engine."""

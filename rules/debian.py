@@ -1,0 +1,87 @@
+"""Debian rules: `debian_rootfs` (mmdebstrap into a single-layer OCI image)."""
+
+from __future__ import annotations
+
+import re
+
+from forge.api import ActionFailed, ExecContext, action_function, attr, pool, rule
+from forge.formats import aptsources, layers, oci
+
+from . import dockerengine  # noqa: F401  (registers the image runners)
+
+pool("mmdebstrap", 1)  # each run downloads and unpacks hundreds of packages: one at a time
+
+VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd",
+            "important", "standard")
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+~:\-]+)?$")
+
+
+@rule("debian_rootfs", version=1, doc="""A Debian root filesystem made by mmdebstrap, as a
+single-layer OCI image whose bytes are reproducible (sorted entries, every time set to
+SOURCE_DATE_EPOCH). The mirror is `[debian] mirror` in forge.toml, else the Debian archive
+this machine's apt sources name; it is not part of the key (pin versions, or change the
+workspace salt, to force a rebuild when the archive moves).""", attrs={
+    "suite": attr.string(mandatory=True, doc="Debian suite, e.g. bookworm."),
+    "variant": attr.string(default="minbase", values=VARIANTS, doc="mmdebstrap's --variant."),
+    "packages": attr.string_list(doc="Extra packages; `name=version` pins a version."),
+    "components": attr.string_list(default=["main"], doc="Archive components."),
+    "architecture": attr.string(default="amd64", doc="Debian architecture."),
+    "cmd": attr.string_list(default=["bash"], doc="The image's default command."),
+})
+def debian_rootfs(ctx):
+    for p in ctx.attr.packages:
+        if not _PACKAGE.match(p):
+            raise ctx.fail(f"'{p}' is not a Debian package name (optionally name=version)",
+                           attr="packages")
+    out = ctx.declare_dir(ctx.label.name)
+    params = {"suite": ctx.attr.suite, "variant": ctx.attr.variant,
+              "packages": sorted(set(ctx.attr.packages)), "components": list(ctx.attr.components),
+              "architecture": ctx.attr.architecture, "cmd": list(ctx.attr.cmd)}
+    ctx.call("Mmdebstrap", params, inputs=[], outputs=[out], mnemonic="DebianRootfs",
+             pool="mmdebstrap", tools=["mmdebstrap"],
+             description=f"DebianRootfs {ctx.label} ({ctx.attr.suite})")
+    return ctx.info(files=[out], image=out.path,
+                    load={"runner": "DockerLoad", "params": {"layout": out.path}},
+                    run={"runner": "DockerRun", "params": {"layout": out.path}})
+
+
+def mirror_for(config: dict) -> str:
+    configured = config.get("debian", {}).get("mirror")
+    if configured:
+        return configured
+    found = aptsources.debian_mirror(aptsources.read_sources())
+    if not found:
+        raise ActionFailed("no Debian mirror: this machine's apt sources name no Debian archive",
+                           hint='set it in forge.toml: [debian] mirror = "http://<host>/debian"')
+    return found
+
+
+ARCH_TO_OCI = {"amd64": "amd64", "arm64": "arm64", "armhf": "arm", "i386": "386",
+               "ppc64el": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+@action_function("Mmdebstrap", version=1)
+def run_mmdebstrap(ctx: ExecContext) -> None:
+    p = ctx.params
+    if ctx.offline:
+        raise ActionFailed("debian_rootfs needs the Debian mirror and --offline forbids it",
+                           hint="build once online: the result is cached")
+    raw = ctx.path("rootfs.tar")
+    argv = ["mmdebstrap", f"--variant={p['variant']}", f"--architectures={p['architecture']}",
+            f"--components={','.join(p['components'])}", "--format=tar", "--quiet"]
+    if p["packages"]:
+        argv.append(f"--include={','.join(p['packages'])}")
+    argv += [p["suite"], str(raw), mirror_for(ctx.config)]
+    ctx.run(argv)
+    out = ctx.path(ctx.outputs[0])
+    epoch = ctx.source_date_epoch
+    layer_tmp = ctx.path("layer.tar.gz")
+    with open(raw, "rb") as src, open(layer_tmp, "wb") as dst:
+        info = layers.normalise(src, dst, mtime=epoch, compress=True)
+    raw.unlink()
+    oci.add_blob(out, layer_tmp, info.media_type)
+    arch = ARCH_TO_OCI.get(p["architecture"], p["architecture"])
+    config = oci.image_config_defaults(
+        diff_ids=[info.diff_id], platform=f"linux/{arch}", cmd=p["cmd"],
+        env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
+    oci.write_image(out, config, [info], platform=("linux", arch))

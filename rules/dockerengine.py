@@ -1,0 +1,113 @@
+"""Talking to a Docker engine: only for Dockerfile stages that RUN commands, and for
+`forge run`/`forge load` of images. Images travel as OCI layouts in forge's cache;
+the engine receives one only when it lacks it, and results come back normalised
+(fixed times, no engine-specific metadata), so nothing is ever keyed on a Docker ID.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from forge.api import ActionFailed, RunContext, runner
+from forge.formats import oci
+
+LOCAL_REPO = "forge.local/image"  # engine-side tag of images forge loaded: <repo>:<config hex>
+
+
+def client():
+    try:
+        import docker
+        c = docker.from_env(timeout=600)
+        c.ping()
+        return c
+    except Exception as e:  # docker raises several unrelated types when no engine answers
+        raise ActionFailed(f"no Docker engine answers ({e.__class__.__name__}: {e})",
+                           hint="start dockerd (see README: the setup command starts it) or "
+                           "set DOCKER_HOST") from None
+
+
+def ensure_loaded(c, layout: Path) -> str:
+    """The engine-side reference of the image in `layout`, loading it if missing."""
+    img = oci.read_image(layout)
+    config_digest = img.manifest["config"]["digest"]
+    tag = f"{LOCAL_REPO}:{config_digest.split(':', 1)[1][:32]}"
+    try:
+        c.images.get(config_digest)
+        c.api.tag(config_digest, tag)
+        return tag
+    except Exception:
+        pass
+    buf = io.BytesIO()
+    oci.export_docker_archive(layout, buf, [tag])
+    c.images.load(buf.getvalue())
+    return tag
+
+
+def build(c, context: Path, dockerfile: str, buildargs: dict[str, str],
+          step_lines: list[int], filename: str) -> str:
+    """Run a (rewritten, single-stage) Dockerfile on the engine; returns the image ID.
+    `step_lines[i]` is the line in the user's Dockerfile of the i-th instruction, so
+    an error names the instruction the user wrote."""
+    (context / ".forge.Dockerfile").write_text(dockerfile)
+    step = 0
+    log: list[str] = []
+    image_id = None
+    for ev in c.api.build(path=str(context), dockerfile=".forge.Dockerfile", buildargs=buildargs,
+                          rm=True, forcerm=True, decode=True, pull=False, nocache=False):
+        if "stream" in ev:
+            text = ev["stream"]
+            log.append(text)
+            m = re.match(r"Step (\d+)/\d+ : (.*)", text)
+            if m:
+                step = int(m.group(1)) - 1
+        if "aux" in ev and "ID" in ev["aux"]:
+            image_id = ev["aux"]["ID"]
+        if "error" in ev or "errorDetail" in ev:
+            msg = ev.get("error") or ev["errorDetail"].get("message", "")
+            line = step_lines[step] if step < len(step_lines) else 0
+            instr = dockerfile.splitlines()[step] if step < len(dockerfile.splitlines()) else ""
+            tail = "".join(log[-25:]).rstrip()
+            raise ActionFailed(f"{filename}:{line}: {instr.split(' ', 1)[0]} failed: {msg.strip()}\n"
+                               f"  {instr}\nengine output (last lines):\n{tail}")
+    if image_id is None:
+        raise ActionFailed("the Docker engine finished the build without an image ID")
+    return image_id
+
+
+def save(c, image_id: str, dest: Path) -> None:
+    """Write the engine's `docker save` archive of `image_id` to `dest`."""
+    with open(dest, "wb") as f:
+        for chunk in c.images.get(image_id).save(named=False):
+            f.write(chunk)
+
+
+def remove(c, image_id: str) -> None:
+    try:
+        c.images.remove(image_id, force=True, noprune=False)
+    except Exception:
+        pass  # a leftover image costs disk, not correctness
+
+
+@runner("DockerLoad")
+def load_runner(ctx: RunContext) -> int:
+    c = client()
+    ref = ensure_loaded(c, ctx.root / ctx.params["layout"])
+    tag = ctx.args[0]
+    repo, _, t = tag.rpartition(":") if ":" in tag.rsplit("/", 1)[-1] else (tag, "", "latest")
+    c.api.tag(ref, repo, t)
+    print(f"forge: loaded as {repo}:{t}", file=sys.stderr)
+    return 0
+
+
+@runner("DockerRun")
+def run_runner(ctx: RunContext) -> int:
+    c = client()
+    ref = ensure_loaded(c, ctx.root / ctx.params["layout"])
+    argv = ["docker", "run", "--rm", "-i"] + (["-t"] if sys.stdin.isatty() else []) + [ref]
+    return subprocess.call(argv + list(ctx.args))

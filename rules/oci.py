@@ -1,0 +1,287 @@
+"""Container image rules: oci_pull, oci_archive, oci_push and container_image.
+
+Every image is an OCI image layout (a directory output) in forge's cache, so later
+actions, and other machines through a shared cache, use it without a Docker engine.
+`container_image` plans one action per Dockerfile stage (see rules/stages.py).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+
+from forge.api import ActionFailed, AnalysisError, ExecContext, RunContext, action_function, \
+    attr, pin_resolver, pool, rule, runner
+from forge.errors import Location
+from forge.formats import oci
+from forge.formats.dockerfile import DockerfileError, context_sources, needed_stages, parse
+from forge.formats.dockerignore import DockerIgnore
+from forge.formats.reference import Reference, ReferenceError
+
+from . import dockerengine, stages  # noqa: F401  (register runners and stage steps)
+
+pool("docker", 1)  # the engine builds one stage at a time: two would fight for the 2 cores
+pool("registry", 2)
+
+PLATFORM_DOC = "Platform to select from a multi-platform index, e.g. linux/arm64."
+
+
+def image_info(ctx, layout, **extra):
+    return ctx.info(files=[layout], image=layout.path,
+                    load={"runner": "DockerLoad", "params": {"layout": layout.path}},
+                    run={"runner": "DockerRun", "params": {"layout": layout.path}}, **extra)
+
+
+def registry_client(config: dict):
+    from forge.formats.registry import RegistryClient
+    regs = config.get("registries", {})
+    return RegistryClient(insecure=regs.get("insecure", []), mirrors=regs.get("mirrors", {}))
+
+
+@pin_resolver("oci")
+def resolve_tag(ref: str, config: dict) -> str:
+    from forge.formats.registry import RegistryError
+    try:
+        return str(registry_client(config).resolve(ref).digest)
+    except (RegistryError, OSError) as e:
+        raise AnalysisError(f"cannot resolve {ref}: {e}",
+                            hint="check the reference, the registry, or use --offline with a "
+                            "forge.lock that pins it") from None
+
+
+def pinned(ctx, text: str, attr_name: str | None = None) -> Reference:
+    """A registry reference with its digest: given, or from forge.lock."""
+    try:
+        ref = Reference.parse(text)
+    except ReferenceError as e:
+        raise ctx.fail(str(e), attr=attr_name) from None
+    if ref.digest:
+        return ref
+    return Reference.parse(f"{ref}@{ctx.pin('oci', str(ref))}")
+
+
+def pull_action(ctx, ref: Reference, platform: str, name: str):
+    out = ctx.declare_dir(name)
+    ctx.call("OciPull", {"ref": str(ref), "platform": platform}, inputs=[], outputs=[out],
+             mnemonic="OciPull", pool="registry", description=f"OciPull {ref}")
+    return out
+
+
+# --- oci_pull ---------------------------------------------------------------------------
+
+@rule("oci_pull", version=1, doc="""An image from a registry, pinned by digest: give `digest`,
+or a tag that forge resolves once and records in forge.lock.""", attrs={
+    "image": attr.string(mandatory=True, doc="Reference, e.g. registry.example.com/library/alpine:3.20."),
+    "digest": attr.string(default="", doc="sha256:... of the manifest or index."),
+    "platform": attr.string(default="linux/amd64", doc=PLATFORM_DOC),
+})
+def oci_pull(ctx):
+    text = ctx.attr.image + (f"@{ctx.attr.digest}" if ctx.attr.digest else "")
+    ref = pinned(ctx, text, "image")
+    return image_info(ctx, pull_action(ctx, ref, ctx.attr.platform, ctx.label.name))
+
+
+@action_function("OciPull", version=1)
+def oci_pull_step(ctx: ExecContext) -> None:
+    from forge.formats.registry import RegistryError
+    if ctx.offline:
+        raise ActionFailed(f"{ctx.params['ref']} is not in the cache and --offline forbids "
+                           "pulling it", hint="build once online: the image is then cached")
+    out = ctx.path(ctx.outputs[0])
+    out.rmdir()  # the client writes the layout beside it and renames it into place
+    try:
+        registry_client(ctx.config).pull(ctx.params["ref"], out, platform=ctx.params["platform"],
+                                         progress=ctx.progress)
+    except RegistryError as e:
+        raise ActionFailed(str(e)) from None
+
+
+# --- oci_archive --------------------------------------------------------------------------
+
+@rule("oci_archive", version=1, doc="An image from a `docker save` tarball (either layout) or an "
+      "OCI layout tarball.", attrs={
+          "src": attr.label(mandatory=True, doc="The .tar file."),
+      })
+def oci_archive(ctx):
+    srcs = ctx.files("src")
+    if len(srcs) != 1:
+        raise ctx.fail(f"src must be one file; got {len(srcs)}", attr="src")
+    out = ctx.declare_dir(ctx.label.name)
+    ctx.call("OciImport", {}, inputs=srcs, outputs=[out], mnemonic="OciImport")
+    return image_info(ctx, out)
+
+
+@action_function("OciImport", version=1)
+def oci_import_step(ctx: ExecContext) -> None:
+    try:
+        oci.import_archive(ctx.path(ctx.inputs[0]), ctx.path(ctx.outputs[0]))
+        oci.verify_layout(ctx.path(ctx.outputs[0]))
+    except (oci.LayoutError, OSError, ValueError) as e:
+        raise ActionFailed(f"{ctx.inputs[0]} is not an image archive forge can read: {e}") from None
+
+
+# --- oci_push -----------------------------------------------------------------------------
+
+@rule("oci_push", version=1, doc="Publishes an image to a registry: `forge run` this target.",
+      attrs={
+          "image": attr.label(mandatory=True, doc="The image target."),
+          "repository": attr.string(mandatory=True, doc="e.g. registry.example.com/team/app"),
+          "tags": attr.string_list(default=["latest"], doc="Tags to push."),
+      })
+def oci_push(ctx):
+    info = ctx.deps("image")[0]
+    layout = info.extra.get("image")
+    if layout is None:
+        raise ctx.fail(f"{ctx.attr.image} is not an image target", attr="image")
+    try:
+        Reference.parse(ctx.attr.repository)
+    except ReferenceError as e:
+        raise ctx.fail(str(e), attr="repository") from None
+    return ctx.info(files=info.files, run={"runner": "OciPush", "params": {
+        "layout": layout, "repository": ctx.attr.repository, "tags": list(ctx.attr.tags)}})
+
+
+@runner("OciPush")
+def push_runner(ctx: RunContext) -> int:
+    import sys
+    from forge.formats.registry import RegistryError
+    client = registry_client(ctx.config)
+    p = ctx.params
+    tags = list(ctx.args) or p["tags"]
+    for tag in tags:
+        ref = f"{p['repository']}:{tag}"
+        try:
+            digest = client.push(ctx.root / p["layout"], ref)
+        except RegistryError as e:
+            raise ActionFailed(f"push to {ref} failed: {e}") from None
+        print(f"{ref}@{digest}")
+    print(f"forge: pushed {len(tags)} tag(s)", file=sys.stderr)
+    return 0
+
+
+# --- container_image ----------------------------------------------------------------------
+
+@rule("container_image", version=1, doc="""An image built from a Dockerfile. Each stage the
+target needs is its own cached action, keyed on its parent image's digest, its instructions
+after build-arg substitution and the digests of exactly the context files it copies.
+Stages without RUN are assembled in Python with no Docker engine; stages with RUN run on
+the engine.""", attrs={
+    "dockerfile": attr.label(default="Dockerfile", doc="The Dockerfile (a source file)."),
+    "srcs": attr.label_list(doc="The build context: files COPY and ADD may read, at their "
+                            "paths relative to this package."),
+    "bases": attr.label_dict(doc='Image targets for FROM/COPY --from names, e.g. '
+                             '{"debian": ":bookworm"}.'),
+    "build_args": attr.string_dict(doc="Values for ARG."),
+    "target": attr.string(default="", doc="The stage to build (default: the last)."),
+    "platform": attr.string(default="linux/amd64", doc="The platform of pulled bases."),
+})
+def container_image(ctx):
+    df_files = ctx.files("dockerfile")
+    if len(df_files) != 1 or not df_files[0].source:
+        raise ctx.fail("dockerfile must name one source file", attr="dockerfile")
+    df_path = df_files[0].path
+    try:
+        df = parse(ctx.read_source(df_files[0]), df_path)
+        resolved = df.resolve(dict(ctx.attr.build_args))
+        wanted = needed_stages(resolved, ctx.attr.target or None)
+    except DockerfileError as e:
+        raise AnalysisError(e.message if hasattr(e, "message") else str(e).split(": ", 1)[-1],
+                            location=Location(df_path, getattr(e, "line", 0), getattr(e, "col", 0)))
+    prefix = f"{ctx.package}/" if ctx.package else ""
+    context = {a.path[len(prefix):]: a for a in ctx.files("srcs") if a.source
+               and a.path.startswith(prefix)}
+    ignore_art = ctx.optional_source(".dockerignore")
+    if ignore_art is not None:
+        ignore = DockerIgnore(ctx.read_source(ignore_art))
+        context = {k: v for k, v in context.items() if not ignore.matches(k)}
+    bases = {name: ctx.dep(label).extra.get("image") for name, label in ctx.attr.bases.items()}
+    layouts: dict[int, object] = {}
+    pulled: dict[str, object] = {}
+
+    def image_input(ref_text: str, ins_line: int):
+        """The layout artifact for an external image name: a `bases` entry, or a pull."""
+        for key in (ref_text, ref_text.split("@")[0], ref_text.rsplit(":", 1)[0]):
+            if key in ctx.attr.bases:
+                layout = bases[key]
+                if layout is None:
+                    raise ctx.fail(f"bases['{key}'] is not an image target", attr="bases")
+                return next(a for a in ctx.dep(ctx.attr.bases[key]).files if a.path == layout)
+        if ref_text not in pulled:
+            try:
+                ref = pinned(ctx, ref_text)
+            except AnalysisError as e:
+                raise AnalysisError(e.message, location=Location(df_path, ins_line, 1),
+                                    hint=f"or map it to an image target: bases = {{\"{ref_text}\": "
+                                    "\":my_image\"}") from None
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", ref_text)
+            pulled[ref_text] = pull_action(ctx, ref, ctx.attr.platform,
+                                           f"{ctx.label.name}.bases/{safe}")
+        return pulled[ref_text]
+
+    for idx in wanted:
+        st = resolved.stages[idx]
+        inputs = []
+        base = {"kind": st.base.kind, "path": None}
+        if st.base.kind == "stage":
+            base["path"] = layouts[st.base.stage].path
+            inputs.append(layouts[st.base.stage])
+        elif st.base.kind == "image":
+            art = image_input(st.base.ref, st.line)
+            base["path"] = art.path
+            inputs.append(art)
+        from_map = {}
+        for step in st.steps:
+            ins = step.instruction
+            frm = ins.flags.get("from") if ins.cmd in ("COPY", "ADD") else None
+            if frm is None:
+                continue
+            dep = _stage_ref(resolved, frm)
+            art = layouts[dep] if dep is not None else image_input(frm, ins.line)
+            from_map[frm] = art.path
+            inputs.append(art)
+        copies = {}
+        for ins, patterns in context_sources(st):
+            files = _match_context(context, patterns)
+            if not files:
+                raise AnalysisError(f"{ins.cmd} {' '.join(patterns)}: no file of the build context "
+                                    "matches", location=Location(df_path, ins.line, ins.col),
+                                    hint="add the files to srcs (e.g. srcs = glob([\"**\"]))")
+            copies[str(ins.line)] = files
+            inputs.extend(context[f] for f in files)
+        has_run = any(s.instruction.cmd == "RUN" for s in st.steps)
+        name = st.name or str(idx)
+        out = ctx.declare_dir(f"{ctx.label.name}.stages/{name}")
+        params = {"dockerfile": df_path, "stage": name, "base": base, "from": from_map,
+                  "context_prefix": prefix, "copies": copies, "platform": ctx.attr.platform,
+                  "args": {k: v for k, v in st.used_args.items() if v is not None},
+                  "steps": [stages.step_params(s) for s in st.steps]}
+        ctx.call("DockerStage" if has_run else "AssembleStage", params,
+                 inputs=list(dict.fromkeys(inputs)), outputs=[out],
+                 mnemonic="DockerStage" if has_run else "AssembleStage",
+                 pool="docker" if has_run else None,
+                 description=f"{'DockerStage' if has_run else 'AssembleStage'} {ctx.label} [{name}]")
+        layouts[idx] = out
+    return image_info(ctx, layouts[wanted[-1]])
+
+
+def _stage_ref(resolved, text: str) -> int | None:
+    for st in resolved.stages:
+        if st.name == text or str(st.index) == text:
+            return st.index
+    return None
+
+
+def _match_context(context: dict, patterns: list[str]) -> list[str]:
+    """Context files a COPY source names: a file, a directory's contents, or a glob
+    (Go's filepath.Match, as Docker: `*` and `?` stop at `/`) over files or directories."""
+    out = set()
+    for pat in patterns:
+        p = posixpath.normpath(pat.lstrip("/"))
+        p = "" if p == "." else p
+        rx = re.compile("".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c)
+                                for c in p) + r"\Z")
+        for f in context:
+            parts = f.split("/")
+            if not p or any(rx.match("/".join(parts[:k])) for k in range(1, len(parts) + 1)):
+                out.add(f)
+    return sorted(out)
