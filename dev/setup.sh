@@ -9,7 +9,10 @@
 
 forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-forge_apt_packages=(ninja-build graphviz git)
+# ninja-build: bench/engine's reference; graphviz: `forge graph --format svg`; docker.io:
+# the engine for Dockerfile stages that RUN; mmdebstrap: debian_rootfs; docker-registry and
+# skopeo: a real registry (and a second client) for the registry tests.
+forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do
@@ -45,6 +48,18 @@ if [ ! -x "$forge_venv/bin/forge" ] || [ "$(cat "$forge_stamp" 2>/dev/null)" != 
     "$forge_venv/bin/python" -m pip install --quiet --upgrade pip
     "$forge_venv/bin/python" -m pip install --quiet -e "$forge_root[test]"
     echo "$forge_want" > "$forge_stamp"
+fi
+
+# Dockerfile stages that RUN need a Docker engine: start Debian's dockerd when none answers.
+if [ -z "${DOCKER_HOST:-}" ] && command -v dockerd >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] \
+        && ! docker info >/dev/null 2>&1; then
+    echo "dev/setup.sh: starting dockerd (log: /var/log/forge-dockerd.log)" >&2
+    nohup dockerd >/var/log/forge-dockerd.log 2>&1 &
+    for _ in $(seq 1 60); do
+        [ -S /var/run/docker.sock ] && docker info >/dev/null 2>&1 && break
+        sleep 0.5
+    done
+    docker info >/dev/null 2>&1 || echo "dev/setup.sh: dockerd did not start; see /var/log/forge-dockerd.log" >&2
 fi
 
 export PATH="$forge_venv/bin:$PATH"

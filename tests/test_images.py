@@ -1,0 +1,190 @@
+"""Image rules against a real Docker engine and a real Debian mirror (mmdebstrap).
+
+One Debian base is built per test session into a shared cache; the workspaces of the
+tests below get it from that cache, as a team's machines would from a shared one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import Workspace, require
+
+pytestmark = pytest.mark.real
+
+BASE_BUILD = 'debian_rootfs(name = "bookworm", suite = "bookworm")\n'
+
+
+def engine_ok() -> bool:
+    try:
+        import docker
+        docker.from_env(timeout=5).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    require(shutil.which("mmdebstrap") is not None, "mmdebstrap is not installed (apt-get install mmdebstrap)")
+    cache = tmp_path_factory.mktemp("image-cache")
+    root = tmp_path_factory.mktemp("base-ws")
+    (root / "forge.toml").write_text("")
+    w = Workspace(root, cache)
+    w.write({"base/BUILD": BASE_BUILD})
+    r = w.build("//base:bookworm", timeout=900)
+    assert r.code == 0, r.err
+    return cache
+
+
+@pytest.fixture
+def iws(tmp_path, shared_cache):
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "forge.toml").write_text("")
+    w = Workspace(root, shared_cache)
+    w.write({"base/BUILD": BASE_BUILD})
+    return w
+
+
+THREE_STAGES = {
+    "app/Dockerfile": """\
+        ARG GREETING=hello
+        FROM debian AS build
+        ARG GREETING
+        RUN mkdir -p /out && echo "$GREETING" > /out/stamp
+        COPY build.txt /out/
+
+        FROM debian AS unused
+        RUN echo never > /never
+
+        FROM scratch AS final
+        COPY --from=build /out/ /data/
+        COPY conf/app.conf /etc/app.conf
+        CMD ["/data/stamp"]
+        """,
+    "app/build.txt": "from build\n",
+    "app/conf/app.conf": "setting=1\n",
+    "app/BUILD": """\
+        container_image(
+            name = "app",
+            srcs = glob(["**"], exclude = ["Dockerfile"]),
+            bases = {"debian": "//base:bookworm"},
+            build_args = {"GREETING": "hi"},
+        )
+        """,
+}
+
+
+def statuses(r) -> dict[str, str]:
+    return {e["outputs"][0].rsplit("/", 1)[-1]: e["status"] for e in r.event_list
+            if e["type"] == "action"}
+
+
+def layer_files(layout: Path) -> dict[str, bytes]:
+    """Path -> content of every regular file in the image's layers (later layers win)."""
+    import tarfile
+    from forge.formats import oci
+    img = oci.read_image(layout)
+    files = {}
+    for _, blob in img.layers:
+        with tarfile.open(blob) as tf:
+            for m in tf.getmembers():
+                if m.isfile():
+                    files[m.name.lstrip("./")] = tf.extractfile(m).read()
+    return files
+
+
+def test_debian_rootfs_is_reproducible(iws, tmp_path):
+    """A second build with an empty cache gives the same layer and manifest digests."""
+    r = iws.build("//base:bookworm")
+    assert r.code == 0 and r.err.strip().endswith("0 executed, 1 cached")
+    first = json.loads((iws.root / "forge-out/base/bookworm/index.json").read_text())
+    fresh = Workspace(tmp_path / "fresh", tmp_path / "fresh-cache")
+    fresh.root.mkdir()
+    (fresh.root / "forge.toml").write_text("")
+    fresh.write({"base/BUILD": BASE_BUILD})
+    r = fresh.build("//base:bookworm", timeout=900)
+    assert r.code == 0, r.err
+    second = json.loads((fresh.root / "forge-out/base/bookworm/index.json").read_text())
+    assert first["manifests"][0]["digest"] == second["manifests"][0]["digest"]
+
+
+def test_three_stages_rerun_only_what_changed(iws):
+    require(engine_ok(), "no Docker engine answers (start dockerd)")
+    iws.write(THREE_STAGES)
+    r = iws.build("//app")
+    assert r.code == 0, r.err
+    s = statuses(r)
+    assert s == {"bookworm": "cached", "build": "executed", "final": "executed"}
+    assert "unused" not in s  # a stage the target does not need never runs
+    files = layer_files(iws.root / "forge-out/app/app.stages/final")
+    assert files["data/stamp"] == b"hi\n" and files["data/build.txt"] == b"from build\n"
+    assert files["etc/app.conf"] == b"setting=1\n"
+    # A file only the last stage copies: only the last stage reruns.
+    (iws.root / "app/conf/app.conf").write_text("setting=2\n")
+    r = iws.build("//app")
+    assert statuses(r) == {"bookworm": "cached", "build": "cached", "final": "executed"}
+    # A file the first stage copies: both rerun.
+    (iws.root / "app/build.txt").write_text("changed\n")
+    r = iws.build("//app")
+    assert statuses(r) == {"bookworm": "cached", "build": "executed", "final": "executed"}
+    # A build arg used by the first stage.
+    app = (iws.root / "app/BUILD").read_text().replace('"hi"', '"hey"')
+    (iws.root / "app/BUILD").write_text(app)
+    r = iws.build("//app")
+    assert statuses(r)["build"] == "executed"
+    assert layer_files(iws.root / "forge-out/app/app.stages/final")["data/stamp"] == b"hey\n"
+
+
+def test_stages_without_run_build_with_no_engine(iws):
+    iws.write({"s/a.txt": "A\n", "s/Dockerfile": """\
+        FROM scratch AS one
+        COPY a.txt /a.txt
+        ENV X=1
+        FROM scratch
+        COPY --from=one /a.txt /b.txt
+        LABEL org.example=yes
+        """, "s/BUILD": 'container_image(name = "s", srcs = ["a.txt"])\n'})
+    r = iws.build("//s", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert r.code == 0, r.err
+    layout = iws.root / "forge-out/s/s.stages/1"
+    assert layer_files(layout) == {"b.txt": b"A\n"}
+    from forge.formats import oci
+    cfg = oci.read_image(layout).config
+    assert cfg["config"]["Labels"] == {"org.example": "yes"} and "created" not in cfg
+
+
+def test_engine_error_names_the_dockerfile_line(iws):
+    require(engine_ok(), "no Docker engine answers (start dockerd)")
+    iws.write({"bad/Dockerfile": "FROM debian\nRUN true\nRUN echo oops && false\n",
+               "bad/BUILD": 'container_image(name = "bad", bases = {"debian": "//base:bookworm"})\n'})
+    r = iws.build("//bad")
+    assert r.code == 1
+    assert "bad/Dockerfile:3: RUN failed" in r.err and "echo oops && false" in r.err
+
+
+def test_dockerfile_errors_point_into_the_dockerfile(iws):
+    iws.write({"e/Dockerfile": "FROM scratch\nRUNN true\n",
+               "e/BUILD": 'container_image(name = "e")\n'})
+    r = iws.forge("build", "//e")
+    assert r.code == 2
+    assert r.err.startswith("e/Dockerfile:2:1: error: unknown instruction 'RUNN'")
+
+
+def test_run_and_load_an_image(iws):
+    require(engine_ok(), "no Docker engine answers (start dockerd)")
+    r = iws.forge("run", "//base:bookworm", "--", "cat", "/etc/debian_version")
+    assert r.code == 0, r.err
+    assert r.out.strip().startswith("12")
+    r = iws.forge("load", "//base:bookworm", "forge-test/bookworm:dev")
+    assert r.code == 0, r.err
+    out = subprocess.run(["docker", "image", "inspect", "forge-test/bookworm:dev"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0
