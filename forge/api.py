@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from forge.errors import AnalysisError, ForgeError, Location
+from forge.errors import AnalysisError, ForgeError, Location  # noqa: F401 (for rules)
 from forge.labels import Label
 
 __all__ = [

@@ -20,8 +20,10 @@ SKIP_DIRS = frozenset({OUT_DIR, ".git", ".hg", ".svn", "node_modules", "__pycach
 
 # Known keys of forge.toml, so that a typo is an error and not silently ignored.
 _KNOWN = {
-    "": {"salt", "jobs", "cache"},
+    "": {"salt", "jobs", "cache", "registries", "debian"},
     "cache": {"dir"},
+    "registries": {"insecure", "mirrors"},  # read by the image rules (rules/oci.py)
+    "debian": {"mirror"},  # read by debian_rootfs (rules/debian.py)
 }
 
 

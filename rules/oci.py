@@ -10,9 +10,8 @@ from __future__ import annotations
 import posixpath
 import re
 
-from forge.api import ActionFailed, AnalysisError, ExecContext, RunContext, action_function, \
-    attr, pin_resolver, pool, rule, runner
-from forge.errors import Location
+from forge.api import ActionFailed, AnalysisError, ExecContext, Location, RunContext, \
+    action_function, attr, pin_resolver, pool, rule, runner
 from forge.formats import oci
 from forge.formats.dockerfile import DockerfileError, context_sources, needed_stages, parse
 from forge.formats.dockerignore import DockerIgnore
