@@ -10,7 +10,7 @@ import re
 from types import SimpleNamespace
 
 from forge.api import (OUT_PREFIX, RULES, Action, Artifact, RuleType, TargetInfo)
-from forge.errors import AnalysisError, ForgeError, LoadError, Location, did_you_mean
+from forge.errors import AnalysisError, ForgeError, LoadError, did_you_mean
 from forge.labels import Label, LabelError, Pattern, parse_label
 from forge.loader import Loader, Target
 from forge.plan import GENERATED_KIND, SOURCE_KIND, Node, Plan

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 import traceback
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -21,7 +21,7 @@ import starlark as sl
 from forge.api import RULES, Attr, RuleType, _AttrFactory
 from forge.errors import ForgeError, LoadError, Location, did_you_mean
 from forge.labels import Label, LabelError, parse_label
-from forge.workspace import CONFIG_NAME, OUT_DIR, SKIP_DIRS, Workspace, build_file
+from forge.workspace import CONFIG_NAME, SKIP_DIRS, Workspace, build_file
 
 _GLOBALS = sl.Globals.extended_by([sl.LibraryExtension.StructType,
                                    sl.LibraryExtension.CallStack,

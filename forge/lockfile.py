@@ -36,7 +36,7 @@ class Lockfile:
                 self.pins = {k: dict(v) for k, v in data.get("pins", {}).items()}
             except (ValueError, AttributeError, TypeError) as e:
                 raise LoadError(f"{LOCK_NAME} is not valid: {e}", location=Location(LOCK_NAME),
-                                hint=f"delete it and run forge lock to write it again") from None
+                                hint="delete it and run forge lock to write it again") from None
 
     def get(self, kind: str, key: str) -> str:
         pinned = self.pins.get(kind, {}).get(key)

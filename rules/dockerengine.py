@@ -7,11 +7,9 @@ the engine receives one only when it lacks it, and results come back normalised
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from forge.api import ActionFailed, RunContext, runner
