@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import importlib.util
 import ipaddress
 import json
 import os
@@ -287,7 +288,8 @@ class RegistryClient:
         self.max_workers = max(1, max_workers)
         self.requests: Counter[str] = Counter()
         self._auth: dict[tuple[str, str], str] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards authentication (one token fetch at a time)
+        self._count_lock = threading.Lock()
         self._creds: dict[str, tuple[str | None, str | None, str | None] | None] = {}
         self._config: dict | None = None
         self._ssl = ssl.create_default_context()
@@ -339,7 +341,7 @@ class RegistryClient:
         else:
             conn = http.client.HTTPConnection(u.netloc, timeout=self.timeout)
         target = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        with self._lock:
+        with self._count_lock:
             self.requests[method] += 1
         try:
             if isinstance(body, Path):
@@ -704,13 +706,10 @@ class RegistryClient:
         except (KeyError, TypeError, ValueError):
             raise VerificationError(f"{what} from {ep.host} lacks a valid config or layer "
                                     "descriptor") from None
-        if any("zstd" in (d.get("mediaType") or "") for d in layers):
-            try:
-                import zstandard  # noqa: F401
-            except ImportError:
-                raise UnsupportedError(f"{what} has zstd-compressed layers and the Python module "
-                                       "'zstandard' is not installed: pip install zstandard")\
-                    from None
+        if any("zstd" in (d.get("mediaType") or "") for d in layers) \
+                and importlib.util.find_spec("zstandard") is None:
+            raise UnsupportedError(f"{what} has zstd-compressed layers and the Python module "
+                                   "'zstandard' is not installed: pip install zstandard")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
         try:
