@@ -23,7 +23,6 @@ retried with exponential backoff; 4xx answers are not, except for the auth dance
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import importlib.util
@@ -33,19 +32,23 @@ import os
 import re
 import shutil
 import ssl
-import subprocess
 import tempfile
 import threading
 import time
 import zlib
 from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from forge.formats.reference import DOCKER_HUB, Reference
+from forge.formats.registry_push import _Push
+from forge.formats.registry_auth import (  # noqa: F401  (errors and auth are part of this API)
+    USER_AGENT, Challenge, LayoutError, NotFoundError, PlatformNotFoundError, RegistryAuthError,
+    RegistryError, RegistryUnavailableError, UnsupportedError, VerificationError, _Auth, _auth_key,
+    _basic, parse_www_authenticate, DOCKER_HUB_API)
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -55,51 +58,8 @@ INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
 REF_NAME = "org.opencontainers.image.ref.name"
-USER_AGENT = "forge-registry-client/1"
-DOCKER_HUB_API = "registry-1.docker.io"
-DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
 
 Progress = Callable[[int, int], None]
-
-
-class RegistryError(Exception):
-    """Any failure talking to a registry; the message says what, why and how to fix it."""
-
-
-class RegistryUnavailableError(RegistryError):
-    """The registry could not be reached, or kept failing with 5xx answers."""
-
-
-class RegistryAuthError(RegistryError):
-    """Missing or refused credentials (401/403), or a credential helper that failed."""
-
-
-class NotFoundError(RegistryError):
-    """The registry answered 404 for a manifest, a blob or the repository."""
-
-
-class VerificationError(RegistryError):
-    """Content that does not match its digest, size or diff_id, or a truncated transfer."""
-
-
-class UnsupportedError(RegistryError):
-    """A manifest or layer this client cannot handle (schema 1, zstd without `zstandard`)."""
-
-
-class PlatformNotFoundError(RegistryError):
-    """An index that has no manifest for the requested platform."""
-
-
-class LayoutError(RegistryError):
-    """An OCI layout to push that is missing or malformed, or a pull destination in the way."""
-
-
-@dataclass(frozen=True)
-class Challenge:
-    """One challenge of a `WWW-Authenticate` header: scheme (lowercase) and parameters."""
-
-    scheme: str
-    params: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -167,34 +127,6 @@ class _Tracker:
             self.done += n
             if self.callback:
                 self.callback(self.done, self.total)
-
-
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_PARAM = re.compile(rf"\s*({_TOKEN})\s*=\s*(?:\"((?:[^\"\\]|\\.)*)\"|([^\s,\"]+))")
-_SCHEME = re.compile(rf"\s*({_TOKEN})(?=\s|$|,)")
-
-
-def parse_www_authenticate(value: str) -> list[Challenge]:
-    """Parse `Bearer realm="...",service="...",scope="..."` (several challenges allowed)."""
-    challenges: list[Challenge] = []
-    pos = 0
-    while pos < len(value):
-        if value[pos] in ", \t":
-            pos += 1
-            continue
-        m = _PARAM.match(value, pos) if challenges else None
-        if m:
-            quoted, plain = m.group(2), m.group(3)
-            v = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else plain
-            challenges[-1].params[m.group(1).lower()] = v
-            pos = m.end()
-            continue
-        m = _SCHEME.match(value, pos)
-        if not m:
-            break  # token68 or garbage: keep what was understood
-        challenges.append(Challenge(m.group(1).lower(), {}))
-        pos = m.end()
-    return challenges
 
 
 def _sha(data: bytes, algo: str = "sha256") -> str:
@@ -272,7 +204,7 @@ class _Decompressor:
             raise VerificationError(f"layer {self.digest}: the gzip stream is truncated")
 
 
-class RegistryClient:
+class RegistryClient(_Auth, _Push):
     """Pull and push OCI images. Thread-safe; `requests` counts the HTTP requests sent by
     method (tests use it to prove a second push uploads nothing)."""
 
@@ -470,154 +402,6 @@ class RegistryClient:
         return RegistryError(f"{head} ({method}): the request was refused{extra}")
 
     # ---- authentication ---------------------------------------------------------------
-
-    def _authenticate(self, ep: _Endpoint, scope: str, header: str, sent: str | None,
-                      what: str) -> None:
-        with self._lock:
-            current = self._auth.get((ep.host, scope))
-            if current and current != sent:
-                return  # another thread already renewed it
-            challenges = {c.scheme: c for c in parse_www_authenticate(header)}
-            if "bearer" in challenges:
-                value = "Bearer " + self._fetch_token(ep, challenges["bearer"], scope, what)
-            elif "basic" in challenges:
-                user, password, _ = self._credentials(ep) or (None, None, None)
-                if user is None:
-                    raise RegistryAuthError(
-                        f"registry {ep.host} answered 401 for {what}: unauthorized (it asks for a "
-                        f"user name and password): set credentials with docker login or in "
-                        f"~/.docker/config.json")
-                value = "Basic " + _basic(user, password or "")
-            else:
-                raise RegistryAuthError(f"registry {ep.host} answered 401 for {what} with an "
-                                        f"authentication scheme this client does not speak: "
-                                        f"{header!r}")
-            self._auth[(ep.host, scope)] = value
-
-    def _fetch_token(self, ep: _Endpoint, ch: Challenge, scope: str, what: str) -> str:
-        realm = ch.params.get("realm")
-        if not realm:
-            raise RegistryAuthError(f"registry {ep.host} sent a Bearer challenge without a realm: "
-                                    f"{ch.params}")
-        scopes = [scope] + ([ch.params["scope"]] if ch.params.get("scope") not in (None, scope)
-                            else [])
-        user, password, identity = self._credentials(ep) or (None, None, None)
-        headers = {"User-Agent": USER_AGENT}
-        service = ch.params.get("service")
-        if identity:
-            form = {"grant_type": "refresh_token", "refresh_token": identity,
-                    "client_id": "forge", "scope": " ".join(scopes)}
-            if service:
-                form["service"] = service
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-            method, url, body = "POST", realm, urlencode(form).encode()
-        else:
-            query = ([("service", service)] if service else []) + [("scope", s) for s in scopes]
-            sep = "&" if urlsplit(realm).query else "?"
-            method, url, body = "GET", realm + sep + urlencode(query), None
-            if user is not None:
-                headers["Authorization"] = "Basic " + _basic(user, password or "")
-        token_host = urlsplit(url).netloc
-        for attempt in range(self.retries + 1):
-            try:
-                conn, resp = self._open(method, url, dict(headers), body)
-                data = resp.read()
-                conn.close()
-            except (OSError, http.client.HTTPException) as e:
-                if attempt < self.retries:
-                    self._sleep(attempt)
-                    continue
-                raise RegistryUnavailableError(f"cannot reach the token server {token_host} of "
-                                               f"registry {ep.host}: {e}") from None
-            if resp.status >= 500 and attempt < self.retries:
-                self._sleep(attempt)
-                continue
-            break
-        if resp.status in (401, 403):
-            how = ("the stored credentials were refused: log in again with docker login"
-                   if user or identity else
-                   "set credentials with docker login or in ~/.docker/config.json")
-            raise RegistryAuthError(f"registry {ep.host}: the token server {token_host} answered "
-                                    f"{resp.status} for {what}: unauthorized: {how}")
-        if resp.status != 200:
-            raise RegistryAuthError(f"registry {ep.host}: the token server {token_host} answered "
-                                    f"{resp.status}: {data[:200]!r}")
-        try:
-            doc = json.loads(data)
-            return doc.get("token") or doc["access_token"]
-        except (ValueError, KeyError, AttributeError):
-            raise RegistryAuthError(f"registry {ep.host}: the token server {token_host} answered "
-                                    "without a token or access_token") from None
-
-    def _load_config(self) -> dict:
-        if self._config is None:
-            self._config = {}
-            if self.docker_config and self.docker_config.is_file():
-                try:
-                    self._config = json.loads(self.docker_config.read_text())
-                except ValueError as e:
-                    raise RegistryAuthError(f"{self.docker_config} is not valid JSON ({e}): fix "
-                                            "or remove it") from None
-        return self._config
-
-    def _credentials(self, ep: _Endpoint) -> tuple[str | None, str | None, str | None] | None:
-        """(user, password, identity token) for the endpoint's host, or None."""
-        key = _auth_key(ep.host if ep.host != DOCKER_HUB_API else DOCKER_HUB)
-        if key in self._creds:
-            return self._creds[key]
-        cfg = self._load_config()
-        creds = None
-        helper = {_auth_key(k): v for k, v in (cfg.get("credHelpers") or {}).items()}.get(key)
-        if helper:
-            creds = self._run_helper(helper, key, "credHelpers")
-        else:
-            for k, entry in (cfg.get("auths") or {}).items():
-                if _auth_key(k) != key or not isinstance(entry, dict):
-                    continue
-                if entry.get("auth"):
-                    try:
-                        user, _, pw = base64.b64decode(entry["auth"]).decode().partition(":")
-                    except (ValueError, UnicodeDecodeError):
-                        raise RegistryAuthError(f"the 'auth' entry for {k} in {self.docker_config}"
-                                                " is not base64 of user:password: log in again")\
-                            from None
-                    creds = (user, pw, entry.get("identitytoken"))
-                elif entry.get("username") or entry.get("identitytoken"):
-                    creds = (entry.get("username"), entry.get("password"),
-                             entry.get("identitytoken"))
-            if creds is None and cfg.get("credsStore"):
-                creds = self._run_helper(cfg["credsStore"], key, "credsStore")
-        self._creds[key] = creds
-        return creds
-
-    def _run_helper(self, helper: str, key: str, origin: str):
-        program = f"docker-credential-{helper}"
-        server = DOCKER_HUB_AUTH_KEY if key == DOCKER_HUB else key
-        try:
-            p = subprocess.run([program, "get"], input=server, capture_output=True, text=True,
-                               timeout=self.timeout)
-        except FileNotFoundError:
-            raise RegistryAuthError(f"credential helper {program} (named by {origin} in "
-                                    f"{self.docker_config}) is not installed: install it, or "
-                                    f"remove {origin} from that file") from None
-        except subprocess.TimeoutExpired:
-            raise RegistryAuthError(f"credential helper {program} did not answer within "
-                                    f"{self.timeout}s") from None
-        if p.returncode != 0:
-            out = (p.stdout + p.stderr).strip()
-            if "credentials not found" in out.lower():
-                return None
-            raise RegistryAuthError(f"credential helper {program} failed for {server} (exit "
-                                    f"{p.returncode}): {out[-300:]}")
-        try:
-            doc = json.loads(p.stdout)
-            user, secret = doc["Username"], doc["Secret"]
-        except (ValueError, KeyError, TypeError):
-            raise RegistryAuthError(f"credential helper {program} printed something that is not "
-                                    f"its JSON answer: {p.stdout[:200]!r}") from None
-        return (None, None, secret) if user == "<token>" else (user, secret, None)
-
-    # ---- pulling ----------------------------------------------------------------------
 
     def _get_manifest(self, ep: _Endpoint, ref: Reference, reference: str, *,
                       expect: str | None = None, size: int | None = None):
@@ -819,119 +603,12 @@ class RegistryClient:
 
     # ---- pushing ----------------------------------------------------------------------
 
-    def push(self, layout_dir: Path | str, ref: Reference | str) -> str:
-        """Push the image of an OCI layout and return the manifest digest the registry
-        reports. The layout's entry named `ref.tag` (`org.opencontainers.image.ref.name`)
-        is pushed, else its only entry; several unnamed entries are pushed as one index."""
-        ref = _as_ref(ref)
-        layout = Path(layout_dir)
-        try:
-            index = json.loads((layout / "index.json").read_bytes())
-            descs = list(index["manifests"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LayoutError(f"{layout} is not an OCI image layout (index.json: {e}): build or "
-                              "pull an image into it first") from None
-        named = [d for d in descs if (d.get("annotations") or {}).get(REF_NAME) == ref.tag]
-        ep = self._endpoint(ref.registry, ref.registry)
-        if len(named) == 1 or len(descs) == 1:
-            desc = named[0] if len(named) == 1 else descs[0]
-            body = _read_blob(layout, desc)
-            media = desc.get("mediaType") or json.loads(body).get("mediaType") or OCI_MANIFEST
-        elif descs:
-            children = []
-            for d in descs:
-                d = dict(d)
-                ann = {k: v for k, v in (d.pop("annotations", None) or {}).items() if k != REF_NAME}
-                children.append({**d, **({"annotations": ann} if ann else {})})
-            media = OCI_INDEX
-            body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                               "manifests": children}, separators=(",", ":")).encode()
-        else:
-            raise LayoutError(f"{layout}/index.json lists no manifests: nothing to push")
-        if ref.digest and _sha(body) != ref.digest:
-            raise VerificationError(f"the image in {layout} has digest {_sha(body)}, not the "
-                                    f"{ref.digest} named by {ref}")
-        return self._push_manifest(ep, ref, layout, body, media, ref.tag or _sha(body))
-
-    def _push_manifest(self, ep, ref, layout: Path, body: bytes, media: str, target: str) -> str:
-        doc = json.loads(body)
-        if media in INDEX_TYPES:
-            for d in doc.get("manifests") or []:
-                child = _read_blob(layout, d)
-                self._push_manifest(ep, ref, layout, child,
-                                    d.get("mediaType") or json.loads(child).get("mediaType")
-                                    or OCI_MANIFEST, d["digest"])
-        elif media in MANIFEST_TYPES:
-            blobs = {d["digest"]: d for d in [doc["config"], *(doc.get("layers") or [])]}
-            with ThreadPoolExecutor(self.max_workers, thread_name_prefix="push") as pool:
-                for f in [pool.submit(self._push_blob, ep, ref, layout, d)
-                          for d in blobs.values()]:
-                    f.result()
-        else:
-            raise UnsupportedError(f"cannot push media type {media!r}: not a manifest or index")
-        sep = "@" if ":" in target else ":"
-        r = self._request(ep, "PUT", f"/v2/{ref.repository}/manifests/{target}",
-                          scope=_scope(ref, push=True), ok=(200, 201),
-                          what=f"manifest {ref.repository}{sep}{target}",
-                          headers={"Content-Type": media}, body=body)
-        sent = _sha(body)
-        reported = r.headers.get("Docker-Content-Digest") or sent
-        if reported != sent:
-            raise VerificationError(f"registry {ep.host} stored manifest {ref.repository}{sep}"
-                                    f"{target} as {reported}, but the bytes sent hash to {sent}")
-        return reported
-
-    def _push_blob(self, ep, ref, layout: Path, desc: dict) -> None:
-        digest, size = desc["digest"], int(desc["size"])
-        scope, what = _scope(ref, push=True), f"blob {digest}"
-        head = self._request(ep, "HEAD", f"/v2/{ref.repository}/blobs/{digest}", scope=scope,
-                             what=what, ok=(200, 404))
-        if head.status == 200:
-            return
-        path = layout / "blobs" / Path(*_split_digest(digest))
-        if not path.is_file():
-            raise LayoutError(f"{layout} lacks {what} that its manifest needs "
-                              f"(expected {path}): the layout is incomplete")
-        h, n = hashlib.new(_split_digest(digest)[0]), 0
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-                n += len(chunk)
-        if n != size or f"{h.name}:{h.hexdigest()}" != digest:
-            raise LayoutError(f"{path} is {n} bytes hashing to {h.name}:{h.hexdigest()}, but its "
-                              f"descriptor says {size} bytes, {digest}: the layout is corrupt")
-        post = self._request(ep, "POST", f"/v2/{ref.repository}/blobs/uploads/", scope=scope,
-                             what=f"upload of {what}", ok=(202,), body=b"")
-        location = post.headers.get("Location")
-        if not location:
-            raise RegistryError(f"registry {ep.host} started an upload of {what} without a "
-                                "Location header")
-        u = urlsplit(urljoin(f"{ep.base}/v2/{ref.repository}/blobs/uploads/", location))
-        query = (u.query + "&" if u.query else "") + urlencode({"digest": digest})
-        url = u._replace(query=query).geturl()
-        put = self._request(ep, "PUT", url, scope=scope, what=f"upload of {what}", ok=(201,),
-                            headers={"Content-Type": "application/octet-stream"}, body=path)
-        stored = put.headers.get("Docker-Content-Digest")
-        if stored and stored != digest:
-            raise VerificationError(f"registry {ep.host} stored {what} as {stored}")
-
-
 def _as_ref(ref: Reference | str) -> Reference:
     return ref if isinstance(ref, Reference) else Reference.parse(ref)
 
 
 def _scope(ref: Reference, push: bool) -> str:
     return f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
-
-
-def _basic(user: str, password: str) -> str:
-    return base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def _auth_key(server: str) -> str:
-    """Normalise a config.json key or registry name: no scheme, no path, Hub as docker.io."""
-    host = server.split("://", 1)[-1].split("/", 1)[0].lower()
-    return DOCKER_HUB if host in ("index.docker.io", DOCKER_HUB_API, DOCKER_HUB) else host
 
 
 def _select_platform(manifests: list[dict], platform: str, what: str, host: str) -> dict:

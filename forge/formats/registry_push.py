@@ -1,0 +1,125 @@
+"""Pushing an OCI layout to a registry: blobs the registry lacks (HEAD, then a monolithic
+POST+PUT upload), then the manifest, or every manifest and then the index for a
+multi-platform layout. A mixin of `RegistryClient`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlencode, urljoin, urlsplit
+
+from forge.formats.reference import Reference
+from forge.formats.registry_auth import (LayoutError, RegistryError, UnsupportedError,
+                                         VerificationError)
+
+
+class _Push:
+    """Expects the request helpers RegistryClient defines."""
+
+    def push(self, layout_dir: Path | str, ref: Reference | str) -> str:
+        """Push the image of an OCI layout and return the manifest digest the registry
+        reports. The layout's entry named `ref.tag` (`org.opencontainers.image.ref.name`)
+        is pushed, else its only entry; several unnamed entries are pushed as one index."""
+        from forge.formats.registry import (  # noqa: F401  (registry imports this module)
+            INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, REF_NAME, _as_ref, _read_blob,
+            _scope, _sha, _split_digest)
+        ref = _as_ref(ref)
+        layout = Path(layout_dir)
+        try:
+            index = json.loads((layout / "index.json").read_bytes())
+            descs = list(index["manifests"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LayoutError(f"{layout} is not an OCI image layout (index.json: {e}): build or "
+                              "pull an image into it first") from None
+        named = [d for d in descs if (d.get("annotations") or {}).get(REF_NAME) == ref.tag]
+        ep = self._endpoint(ref.registry, ref.registry)
+        if len(named) == 1 or len(descs) == 1:
+            desc = named[0] if len(named) == 1 else descs[0]
+            body = _read_blob(layout, desc)
+            media = desc.get("mediaType") or json.loads(body).get("mediaType") or OCI_MANIFEST
+        elif descs:
+            children = []
+            for d in descs:
+                d = dict(d)
+                ann = {k: v for k, v in (d.pop("annotations", None) or {}).items() if k != REF_NAME}
+                children.append({**d, **({"annotations": ann} if ann else {})})
+            media = OCI_INDEX
+            body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                               "manifests": children}, separators=(",", ":")).encode()
+        else:
+            raise LayoutError(f"{layout}/index.json lists no manifests: nothing to push")
+        if ref.digest and _sha(body) != ref.digest:
+            raise VerificationError(f"the image in {layout} has digest {_sha(body)}, not the "
+                                    f"{ref.digest} named by {ref}")
+        return self._push_manifest(ep, ref, layout, body, media, ref.tag or _sha(body))
+
+    def _push_manifest(self, ep, ref, layout: Path, body: bytes, media: str, target: str) -> str:
+        from forge.formats.registry import (  # noqa: F401  (registry imports this module)
+            INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, REF_NAME, _as_ref, _read_blob,
+            _scope, _sha, _split_digest)
+        doc = json.loads(body)
+        if media in INDEX_TYPES:
+            for d in doc.get("manifests") or []:
+                child = _read_blob(layout, d)
+                self._push_manifest(ep, ref, layout, child,
+                                    d.get("mediaType") or json.loads(child).get("mediaType")
+                                    or OCI_MANIFEST, d["digest"])
+        elif media in MANIFEST_TYPES:
+            blobs = {d["digest"]: d for d in [doc["config"], *(doc.get("layers") or [])]}
+            with ThreadPoolExecutor(self.max_workers, thread_name_prefix="push") as pool:
+                for f in [pool.submit(self._push_blob, ep, ref, layout, d)
+                          for d in blobs.values()]:
+                    f.result()
+        else:
+            raise UnsupportedError(f"cannot push media type {media!r}: not a manifest or index")
+        sep = "@" if ":" in target else ":"
+        r = self._request(ep, "PUT", f"/v2/{ref.repository}/manifests/{target}",
+                          scope=_scope(ref, push=True), ok=(200, 201),
+                          what=f"manifest {ref.repository}{sep}{target}",
+                          headers={"Content-Type": media}, body=body)
+        sent = _sha(body)
+        reported = r.headers.get("Docker-Content-Digest") or sent
+        if reported != sent:
+            raise VerificationError(f"registry {ep.host} stored manifest {ref.repository}{sep}"
+                                    f"{target} as {reported}, but the bytes sent hash to {sent}")
+        return reported
+
+    def _push_blob(self, ep, ref, layout: Path, desc: dict) -> None:
+        from forge.formats.registry import (  # noqa: F401  (registry imports this module)
+            INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, REF_NAME, _as_ref, _read_blob,
+            _scope, _sha, _split_digest)
+        digest, size = desc["digest"], int(desc["size"])
+        scope, what = _scope(ref, push=True), f"blob {digest}"
+        head = self._request(ep, "HEAD", f"/v2/{ref.repository}/blobs/{digest}", scope=scope,
+                             what=what, ok=(200, 404))
+        if head.status == 200:
+            return
+        path = layout / "blobs" / Path(*_split_digest(digest))
+        if not path.is_file():
+            raise LayoutError(f"{layout} lacks {what} that its manifest needs "
+                              f"(expected {path}): the layout is incomplete")
+        h, n = hashlib.new(_split_digest(digest)[0]), 0
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                n += len(chunk)
+        if n != size or f"{h.name}:{h.hexdigest()}" != digest:
+            raise LayoutError(f"{path} is {n} bytes hashing to {h.name}:{h.hexdigest()}, but its "
+                              f"descriptor says {size} bytes, {digest}: the layout is corrupt")
+        post = self._request(ep, "POST", f"/v2/{ref.repository}/blobs/uploads/", scope=scope,
+                             what=f"upload of {what}", ok=(202,), body=b"")
+        location = post.headers.get("Location")
+        if not location:
+            raise RegistryError(f"registry {ep.host} started an upload of {what} without a "
+                                "Location header")
+        u = urlsplit(urljoin(f"{ep.base}/v2/{ref.repository}/blobs/uploads/", location))
+        query = (u.query + "&" if u.query else "") + urlencode({"digest": digest})
+        url = u._replace(query=query).geturl()
+        put = self._request(ep, "PUT", url, scope=scope, what=f"upload of {what}", ok=(201,),
+                            headers={"Content-Type": "application/octet-stream"}, body=path)
+        stored = put.headers.get("Docker-Content-Digest")
+        if stored and stored != digest:
+            raise VerificationError(f"registry {ep.host} stored {what} as {stored}")
