@@ -41,6 +41,22 @@ def load_rules() -> None:
     _rules_loaded = True
 
 
+def _rule_sources() -> list[tuple[str, int]]:
+    """The modules rules come from, with their mtimes: a plan made by older rule code
+    is not reused even when its author forgot to bump the rule's version."""
+    import sys
+    mods = {r.impl.__module__ for r in RULES.values()}
+    out = []
+    for m in sorted(mods):
+        f = getattr(sys.modules.get(m), "__file__", None)
+        if f:
+            try:
+                out.append((m, os.stat(f).st_mtime_ns))
+            except OSError:
+                pass
+    return out
+
+
 class Session:
     def __init__(self, ws: Workspace, cache_dir: str | None = None):
         self.ws = ws
@@ -62,7 +78,8 @@ class Session:
         cwd_pkg = self.cwd_package(cwd)
         patterns = [parse_pattern(p, cwd_pkg) for p in pattern_texts]
         fingerprint = repr((PLAN_VERSION, forge.__version__, [str(p) for p in patterns],
-                            include_manual, sorted(r.key for r in RULES.values())))
+                            include_manual, sorted(r.key for r in RULES.values()),
+                            _rule_sources()))
         path = self.records.dir / "plans" / (xxhash.xxh3_64_hexdigest(fingerprint.encode()) + ".pickle")
         if use_cache and not refresh_lock:
             plan = self._cached_plan(path, fingerprint)

@@ -160,7 +160,7 @@ def push_runner(ctx: RunContext) -> int:
 
 # --- container_image ----------------------------------------------------------------------
 
-@rule("container_image", version=1, doc="""An image built from a Dockerfile. Each stage the
+@rule("container_image", version=2, doc="""An image built from a Dockerfile. Each stage the
 target needs is its own cached action, keyed on its parent image's digest, its instructions
 after build-arg substitution and the digests of exactly the context files it copies.
 Stages without RUN are assembled in Python with no Docker engine; stages with RUN run on
@@ -254,6 +254,16 @@ def container_image(ctx):
                   "context_prefix": prefix, "copies": copies, "platform": ctx.attr.platform,
                   "args": {k: v for k, v in st.used_args.items() if v is not None},
                   "steps": [stages.step_params(s) for s in st.steps]}
+        if not has_run:
+            params["layers"] = {}
+            for n, step in enumerate(st.steps):
+                if step.instruction.cmd not in ("COPY", "ADD"):
+                    continue
+                layer = _copy_action(ctx, st, n, params, inputs, f"{ctx.label.name}.stages/{name}")
+                params["layers"][str(n)] = layer.path
+                inputs.append(layer)
+            inputs = [i for i in inputs if i.path == base["path"] or i.path in
+                      params["layers"].values()]
         ctx.call("DockerStage" if has_run else "AssembleStage", params,
                  inputs=list(dict.fromkeys(inputs)), outputs=[out],
                  mnemonic="DockerStage" if has_run else "AssembleStage",
@@ -261,6 +271,36 @@ def container_image(ctx):
                  description=f"{'DockerStage' if has_run else 'AssembleStage'} {ctx.label} [{name}]")
         layouts[idx] = out
     return image_info(ctx, layouts[wanted[-1]])
+
+
+def _copy_action(ctx, st, n: int, stage_params: dict, stage_inputs: list, where: str):
+    """A CopyLayer action for step `n` of a stage without RUN; its inputs are exactly
+    what that instruction reads."""
+    step = st.steps[n]
+    ins = step.instruction
+    dest = ins.args[-1] if ins.args else "/"
+    relative = not dest.startswith("/")
+    base = stage_params["base"] if relative else {"kind": "none", "path": None}
+    frm = ins.flags.get("from")
+    files = stage_params["copies"].get(str(ins.line), [])
+    prefix = stage_params["context_prefix"]
+    wanted = {f"{prefix}{f}" for f in files}
+    if frm is not None:
+        wanted.add(stage_params["from"][frm])
+    if base["path"]:
+        wanted.add(base["path"])
+    inputs = [i for i in stage_inputs if i.path in wanted]
+    params = {k: stage_params[k] for k in ("dockerfile", "context_prefix", "platform")}
+    params.update({"step": stages.step_params(step), "base": base,
+                   "copies": {str(ins.line): files},
+                   "from": {frm: stage_params["from"][frm]} if frm is not None else {},
+                   "workdirs": [s.instruction.args[0] for s in st.steps[:n]
+                                if s.instruction.cmd == "WORKDIR"] if relative else []})
+    out = ctx.declare_dir(f"{where}.layers/{n}")
+    ctx.call("CopyLayer", params, inputs=inputs, outputs=[out], mnemonic="CopyLayer",
+             description=f"CopyLayer {ctx.label} [{stage_params['stage']}] "
+                         f"{ins.cmd} line {ins.line}")
+    return out
 
 
 def _stage_ref(resolved, text: str) -> int | None:

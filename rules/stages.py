@@ -70,7 +70,7 @@ def _finish(out: Path, config: dict, descs: list[dict], history: list[dict]) -> 
 
 # --- AssembleStage ---------------------------------------------------------------------
 
-@action_function("AssembleStage", version=1)
+@action_function("AssembleStage", version=2)
 def assemble_stage(ctx: ExecContext) -> None:
     p = ctx.params
     out = ctx.path(ctx.outputs[0])
@@ -129,11 +129,11 @@ def assemble_stage(ctx: ExecContext) -> None:
             cfg["Healthcheck"] = {"Test": ["NONE"]} if args == ["NONE"] else \
                 {"Test": (["CMD"] + args[1:]) if st["json"] else ["CMD-SHELL", " ".join(args[1:])]}
         elif c in ("COPY", "ADD"):
-            info = _copy_layer(ctx, st, cfg, n)
-            oci.add_blob(out, ctx.path(f".layer-{n}"), info.media_type)
-            os.unlink(ctx.path(f".layer-{n}"))
-            descs.append(info.descriptor())
-            diff_ids.append(info.diff_id)
+            made = ctx.path(p["layers"][str(n)])  # a CopyLayer action's output
+            info = json.loads((made / "info.json").read_text())
+            oci.add_blob(out, made / "layer", info["mediaType"])
+            descs.append({k: info[k] for k in ("mediaType", "digest", "size")})
+            diff_ids.append(info["diff_id"])
             empty = False
         elif c == "RUN":
             raise _fail(p, st, "internal: a RUN reached the Python assembler")
@@ -142,6 +142,24 @@ def assemble_stage(ctx: ExecContext) -> None:
             entry["empty_layer"] = True
         history.append(entry)
     _finish(out, config, descs, history)
+
+
+@action_function("CopyLayer", version=1)
+def copy_layer(ctx: ExecContext) -> None:
+    """One COPY/ADD of a stage without RUN, as its own cached action: a change to what a
+    later instruction copies does not redo this layer (BuildKit caches the same way)."""
+    p = ctx.params
+    workdir = "/"
+    if p["base"]["path"]:  # only when the destination is relative
+        cfg = oci.read_image(ctx.path(p["base"]["path"]), p["platform"]).config.get("config") or {}
+        workdir = cfg.get("WorkingDir") or "/"
+    for w in p["workdirs"]:
+        workdir = posixpath.normpath(posixpath.join(workdir, w))
+    info = _copy_layer(ctx, p["step"], {"WorkingDir": workdir}, 0)
+    out = ctx.path(ctx.outputs[0])
+    os.replace(ctx.path(".layer-0"), out / "layer")
+    (out / "info.json").write_text(json.dumps({**info.descriptor(), "diff_id": info.diff_id},
+                                              sort_keys=True))
 
 
 def _owner(p, st) -> tuple[int, int]:
@@ -177,17 +195,15 @@ def _copy_layer(ctx: ExecContext, st: dict, cfg: dict, n: int):
     elif frm is not None:
         root = Path(tempfile.mkdtemp(dir=ctx.scratch, prefix=".from-"))
         img = oci.read_image(ctx.path(p["from"][frm]), p["platform"])
-        layers.apply_layers([b for _, b in img.layers], root)
-        for src in st["args"][:-1]:
-            matches = _image_glob(root, src)
-            if not matches:
+        for src, real in _unpack_sources(root, [b for _, b in img.layers], st["args"][:-1]):
+            if real is None:
                 raise _fail(p, st, f"{src} does not exist in {frm}")
-            for m in matches:
-                name = posixpath.basename(m.rstrip("/")) or ""
-                is_dir = (root / m.lstrip("/")).is_dir() and not (root / m.lstrip("/")).is_symlink()
-                target = dest_abs if is_dir or not (into_dir or len(matches) > 1) \
-                    else posixpath.join(dest_abs, name)
-                _place(root / m.lstrip("/"), staging, target)
+            path = root / real
+            name = posixpath.basename(src.rstrip("/"))
+            is_dir = path.is_dir() and not path.is_symlink()
+            target = dest_abs if is_dir or not (into_dir or len(st["args"]) > 2) \
+                else posixpath.join(dest_abs, name)
+            _place(path, staging, target)
         shutil.rmtree(root, ignore_errors=True)
     else:
         files = p["copies"].get(str(st["line"]), [])
@@ -232,6 +248,31 @@ def _relative_to_source(f: str, pat: str) -> str | None:
         if rx.match("/".join(parts[:k])):
             return "" if k == len(parts) else "/".join(parts[k - 1:])
     return None
+
+
+def _unpack_sources(root: Path, blobs: list[Path], sources: list[str]):
+    """(source, its real path under `root`) for each COPY --from source, unpacking only
+    what they name: a large base image below a few copied files is read, not written.
+    Globs (rare in COPY --from) unpack the whole image."""
+    if not any(c in s for s in sources for c in "*?["):
+        real = layers.resolve_paths(blobs, sources)
+        wanted = [r for r in real.values() if r is not None]
+
+        def include(rel: str) -> bool:
+            return any(w == "" or rel == w or rel.startswith(w + "/") or w.startswith(rel + "/")
+                       for w in wanted)
+        try:
+            layers.apply_layers(blobs, root, include=include)
+            return [(s, real[s]) for s in sources]
+        except layers.UnsafeLayerError:
+            shutil.rmtree(root, ignore_errors=True)  # e.g. a hard link to an unpacked file
+            root.mkdir()
+    layers.apply_layers(blobs, root)
+    out = []
+    for s in sources:
+        matches = _image_glob(root, s)
+        out += [(s, m.lstrip("/")) for m in matches] or [(s, None)]
+    return out
 
 
 def _image_glob(root: Path, src: str) -> list[str]:

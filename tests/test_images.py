@@ -83,8 +83,10 @@ THREE_STAGES = {
 
 
 def statuses(r) -> dict[str, str]:
-    return {e["outputs"][0].rsplit("/", 1)[-1]: e["status"] for e in r.event_list
-            if e["type"] == "action"}
+    """Output directory below `<target>.stages/` (or the base's name) -> status."""
+    return {e["outputs"][0].split(".stages/")[-1].rsplit("/", 1)[-1] if "layers" not in
+            e["outputs"][0] else e["outputs"][0].split(".stages/")[-1]: e["status"]
+            for e in r.event_list if e["type"] == "action"}
 
 
 def layer_files(layout: Path) -> dict[str, bytes]:
@@ -122,7 +124,9 @@ def test_three_stages_rerun_only_what_changed(iws):
     r = iws.build("//app")
     assert r.code == 0, r.err
     s = statuses(r)
-    assert s == {"bookworm": "cached", "build": "executed", "final": "executed"}
+    # One action per stage, and one per COPY of a stage without RUN.
+    assert s == {"bookworm": "cached", "build": "executed", "final.layers/0": "executed",
+                 "final.layers/1": "executed", "final": "executed"}
     assert "unused" not in s  # a stage the target does not need never runs
     files = layer_files(iws.root / "forge-out/app/app.stages/final")
     assert files["data/stamp"] == b"hi\n" and files["data/build.txt"] == b"from build\n"
@@ -130,11 +134,13 @@ def test_three_stages_rerun_only_what_changed(iws):
     # A file only the last stage copies: only the last stage reruns.
     (iws.root / "app/conf/app.conf").write_text("setting=2\n")
     r = iws.build("//app")
-    assert statuses(r) == {"bookworm": "cached", "build": "cached", "final": "executed"}
-    # A file the first stage copies: both rerun.
+    assert statuses(r) == {"bookworm": "cached", "build": "cached", "final.layers/0": "cached",
+                           "final.layers/1": "executed", "final": "executed"}
+    # A file the first stage copies: everything after it reruns.
     (iws.root / "app/build.txt").write_text("changed\n")
     r = iws.build("//app")
-    assert statuses(r) == {"bookworm": "cached", "build": "executed", "final": "executed"}
+    assert statuses(r) == {"bookworm": "cached", "build": "executed", "final.layers/0": "executed",
+                           "final.layers/1": "cached", "final": "executed"}
     # A build arg used by the first stage.
     app = (iws.root / "app/BUILD").read_text().replace('"hi"', '"hey"')
     (iws.root / "app/BUILD").write_text(app)

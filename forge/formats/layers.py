@@ -200,9 +200,11 @@ def _sort_key(path: str) -> list[str]:
 # ---- extraction to disk -------------------------------------------------------------
 
 class _Extractor:
-    def __init__(self, dest: Path, strip_devices: bool):
+    def __init__(self, dest: Path, strip_devices: bool,
+                 include: Callable[[str], bool] | None = None):
         self.dest = os.path.realpath(dest)
         self.strip_devices = strip_devices
+        self.include = include
         self.root = os.geteuid() == 0
         self.skipped: list[str] = []
 
@@ -240,6 +242,8 @@ class _Extractor:
                 self._whiteout(parent, base, written, m.name)
                 continue
             rel = f"{parent}/{base}" if parent else base
+            if self.include is not None and not self.include(rel):
+                continue
             self._mkparents(parent, m.name)
             if m.ischr() or m.isblk() or m.isfifo():
                 if self.strip_devices:
@@ -366,7 +370,8 @@ class _Extractor:
             os.utime(p, (m.mtime, m.mtime))
 
 
-def safe_extract(src: Source, dest: Path, *, strip_devices: bool = True) -> list[str]:
+def safe_extract(src: Source, dest: Path, *, strip_devices: bool = True,
+                 include: Callable[[str], bool] | None = None) -> list[str]:
     """Extract one layer into `dest`, applying its whiteouts to what is already there.
 
     Returns the names of members not created: device nodes and fifos (when
@@ -375,18 +380,70 @@ def safe_extract(src: Source, dest: Path, *, strip_devices: bool = True) -> list
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    ex = _Extractor(dest, strip_devices)
+    ex = _Extractor(dest, strip_devices, include)
     ex.layer(src)
     return ex.skipped
 
 
-def apply_layers(layer_paths: Iterable[Source], dest: Path, *,
-                 strip_devices: bool = True) -> list[str]:
-    """Extract layers bottom to top into `dest`; returns every skipped member."""
+def apply_layers(layer_paths: Iterable[Source], dest: Path, *, strip_devices: bool = True,
+                 include: Callable[[str], bool] | None = None) -> list[str]:
+    """Extract layers bottom to top into `dest`; returns every skipped member.
+    `include(path)` (resolved, root-relative) limits what is written; the caller must
+    admit the ancestors of what it wants (see `resolve_paths`)."""
     skipped: list[str] = []
     for layer in layer_paths:
-        skipped += safe_extract(layer, dest, strip_devices=strip_devices)
+        skipped += safe_extract(layer, dest, strip_devices=strip_devices, include=include)
     return skipped
+
+
+def resolve_paths(layer_paths: Iterable[Source], paths: list[str]) -> dict[str, str | None]:
+    """Where each image path really is once the layers are merged: symlinks in every
+    component followed inside the image root, as a container would. None: absent.
+
+    Reads only the tar headers, so copying a few files out of a large image (COPY
+    --from) need not unpack all of it: extract with `apply_layers(include=...)` below
+    the returned paths afterwards.
+    """
+    kinds: dict[str, str] = {}  # resolved path -> "d", "f" or "l:<target>"
+
+    def readlink(rel: str) -> str | None:
+        k = kinds.get(rel)
+        return k[2:] if k and k.startswith("l:") else None
+
+    for src in layer_paths:
+        f, owned = _open_source(src)
+        try:
+            written: set[str] = set()
+            with tarfile.open(fileobj=open_decompressed(f), mode="r|") as tf:
+                for m in tf:
+                    parts = _parts(m.name, m.name)
+                    if not parts:
+                        continue
+                    parent = "/".join(_resolve(parts[:-1], readlink, m.name))
+                    base = parts[-1]
+                    if base.startswith(_WHITEOUT):
+                        gone = parent if base == _OPAQUE else \
+                            (f"{parent}/{base[4:]}" if parent else base[4:])
+                        under = f"{gone}/" if gone else ""
+                        for k in [k for k in kinds if ((k == gone and base != _OPAQUE)
+                                                       or k.startswith(under)) and k not in written]:
+                            del kinds[k]
+                        continue
+                    rel = f"{parent}/{base}" if parent else base
+                    kinds[rel] = "d" if m.isdir() else f"l:{m.linkname}" if m.issym() else "f"
+                    written.add(rel)
+        finally:
+            if owned:
+                f.close()
+    out: dict[str, str | None] = {}
+    for p in paths:
+        parts = [x for x in p.split("/") if x not in ("", ".")]
+        try:
+            real = "/".join(_resolve(parts, readlink, p)) if parts else ""
+        except UnsafeLayerError:
+            real = None
+        out[p] = real if real == "" or (real is not None and real in kinds) else None
+    return out
 
 
 # The writing half lives in its own module; these names stay importable from here.
