@@ -256,6 +256,8 @@ def cmd_test(ws, args) -> int:
 
 def _call_runner(ws, plan, label, what: str, argv: list[str]) -> int:
     from forge.api import RUNNERS, RunContext
+    from forge.session import load_rules
+    load_rules()
     spec = plan.infos[label].extra.get(what)
     if spec is None:
         raise UsageError(f"{label} cannot be {'loaded' if what == 'load' else 'run'}",

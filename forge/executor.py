@@ -17,6 +17,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from forge import sandbox, trees
 from forge.api import FUNCTIONS, POOLS, Action, ExecContext
@@ -68,7 +69,8 @@ class Reporter:
 class Executor:
     def __init__(self, root: Path, cache: Cache, records: Records, *, jobs: int | None = None,
                  keep_going: bool = False, salt: str = "", reporter: Reporter | None = None,
-                 config: dict | None = None, offline: bool = False):
+                 config: dict | None = None, offline: bool = False,
+                 before_work: Callable[[], None] | None = None):
         self.root = root
         self._root_str = str(root)
         self.cache = cache
@@ -77,6 +79,9 @@ class Executor:
         self.keep_going = keep_going
         self.salt = salt
         self.config = config or {}
+        # Called once before the first action runs: registers the rules' in-process steps
+        # and pools, which a build whose every action is cached never needs.
+        self._before_work = before_work
         self.offline = offline
         self.reporter = reporter or Reporter()
         self.tools = ToolIds(records.stat_cache)
@@ -227,6 +232,9 @@ class Executor:
             self.reporter.warning(f"cache record of {a.description} points at missing or corrupt "
                                   "blobs; rebuilding it")
             self.cache.drop_record(key)
+        if self._before_work is not None:
+            self._before_work()
+            self._before_work = None
         self._pending[aid] = (key, pre)
         return None
 

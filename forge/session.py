@@ -15,7 +15,6 @@ from pathlib import Path
 import xxhash
 
 import forge
-from forge.api import RULES
 from forge.cache import Cache
 from forge.errors import ForgeError, LoadError
 from forge.labels import parse_pattern
@@ -41,19 +40,46 @@ def load_rules() -> None:
     _rules_loaded = True
 
 
-def _rule_sources() -> list[tuple[str, int]]:
-    """The modules rules come from, with their mtimes: a plan made by older rule code
-    is not reused even when its author forgot to bump the rule's version."""
+def _rule_fingerprint(records_dir: Path) -> list:
+    """What the rule families are, without importing them: the `forge.rules` entry points
+    and the mtime of every Python file in their packages. A plan made by other rule code
+    is not reused (even when a rule's author forgot to bump its version), and a no-op
+    build served from the plan cache never imports a rule module.
+
+    Listing entry points scans every installed distribution; the answer is kept beside
+    the plans and reused while no directory of sys.path has changed (an install or
+    uninstall changes its site-packages directory)."""
     import sys
-    mods = {r.impl.__module__ for r in RULES.values()}
-    out = []
-    for m in sorted(mods):
-        f = getattr(sys.modules.get(m), "__file__", None)
-        if f:
-            try:
-                out.append((m, os.stat(f).st_mtime_ns))
-            except OSError:
-                pass
+    memo = records_dir / "rules.pickle"
+    paths = []
+    for p in sys.path:
+        try:
+            paths.append((p, os.stat(p or ".").st_mtime_ns))
+        except OSError:
+            pass
+    try:
+        with open(memo, "rb") as f:
+            saved_paths, eps, dirs = pickle.load(f)
+        if saved_paths != paths:
+            raise ValueError("sys.path changed")
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError, TypeError):
+        import importlib.util
+        from importlib.metadata import entry_points
+        eps = sorted((ep.name, ep.value) for ep in entry_points(group="forge.rules"))
+        dirs = []
+        for _, value in eps:
+            spec = importlib.util.find_spec(value.split(".")[0])
+            dirs += list(spec.submodule_search_locations or []) if spec else []
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".rules.{os.getpid()}")
+        with open(tmp, "wb") as f:
+            pickle.dump((paths, eps, dirs), f)
+        os.replace(tmp, memo)
+    out: list = list(eps)
+    for d in sorted(set(dirs)):
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".py"):
+                out.append((f, os.stat(os.path.join(d, f)).st_mtime_ns))
     return out
 
 
@@ -62,7 +88,6 @@ class Session:
         self.ws = ws
         self.cache = Cache(ws.cache_dir(cache_dir))
         self.records = Records(ws.records_dir(self.cache.root))
-        load_rules()
 
     def cwd_package(self, cwd: Path | None = None) -> str:
         cwd = (cwd or Path.cwd()).absolute()
@@ -78,14 +103,14 @@ class Session:
         cwd_pkg = self.cwd_package(cwd)
         patterns = [parse_pattern(p, cwd_pkg) for p in pattern_texts]
         fingerprint = repr((PLAN_VERSION, forge.__version__, [str(p) for p in patterns],
-                            include_manual, sorted(r.key for r in RULES.values()),
-                            _rule_sources()))
+                            include_manual, _rule_fingerprint(self.records.dir)))
         path = self.records.dir / "plans" / (xxhash.xxh3_64_hexdigest(fingerprint.encode()) + ".pickle")
         if use_cache and not refresh_lock:
             plan = self._cached_plan(path, fingerprint)
             if plan is not None:
                 return plan
         from forge.analysis import Analyzer
+        load_rules()
         from forge.lockfile import Lockfile
         lock = Lockfile(self.ws.root, self.ws.config, offline=offline, refresh=refresh_lock)
         an = Analyzer(self.ws, lock=lock)
@@ -146,7 +171,7 @@ class Session:
         if kw.get("jobs") is None and self.ws.config.get("jobs"):
             kw["jobs"] = int(self.ws.config["jobs"])
         return Executor(self.ws.root, self.cache, self.records, salt=self.ws.salt,
-                        config=self.ws.config, **kw)
+                        config=self.ws.config, before_work=load_rules, **kw)
 
     def close(self) -> None:
         self.cache.close()
