@@ -19,7 +19,7 @@ from forge.formats.reference import Reference, ReferenceError
 
 from . import dockerengine, stages  # noqa: F401  (register runners and stage steps)
 
-pool("docker", 1)  # the engine builds one stage at a time: two would fight for the 2 cores
+pool("docker", 2)  # independent RUN stages build side by side; more would only fight for cores
 pool("registry", 2)
 
 PLATFORM_DOC = "Platform to select from a multi-platform index, e.g. linux/arm64."
