@@ -90,6 +90,7 @@ class Executor:
         self._digests: dict[str, OutputFile] = {}  # generated path -> its blob
         self._epoch = time.perf_counter()
         self._pending: dict[str, tuple[str, dict]] = {}  # action id -> (key, preimage)
+        self._tool_ids: dict[tuple, dict] = {}  # an action's tools -> their identities
 
     # --- the walk -------------------------------------------------------------------
 
@@ -208,7 +209,9 @@ class Executor:
                 else:
                     f = self._digests[i.path]
                     inputs[i.path] = f.digest + ("+x" if f.executable else "")
-            tools = {t: self.tools(t) for t in a.tools}
+            tools = self._tool_ids.get(a.tools)
+            if tools is None:
+                tools = self._tool_ids[a.tools] = {t: self.tools(t) for t in a.tools}
         except FileNotFoundError as e:
             return ActionResult(a, "failed", error=f"could not start: input file {e.filename} is missing")
         except ToolError as e:
@@ -317,13 +320,14 @@ class Executor:
         keep = False
         try:
             staged = {}
+            known: dict[int, tuple] = {}  # inode -> (blob, mtime), for blobs passed through
             for i in a.inputs:
                 if i.source:
                     src = self.root / i.path
                 else:
                     f = self._digests[i.path]
                     if f.tree:
-                        trees.build(self.cache, f, scratch / i.path)
+                        trees.build(self.cache, f, scratch / i.path, known)
                         continue
                     src = self.cache.blob_path(f.digest, f.executable)
                     if not src.exists():  # collected by gc; the workspace copy was verified
@@ -356,7 +360,7 @@ class Executor:
             outs = []
             for o in a.outputs:
                 if o.directory:
-                    outs.append(trees.store(self.cache, scratch / o.path, o.path))
+                    outs.append(trees.store(self.cache, scratch / o.path, o.path, known))
                     continue
                 f = self.cache.put_file(scratch / o.path, o.path in a.executable)
                 outs.append(OutputFile(o.path, f.digest, f.size, f.executable))

@@ -32,8 +32,13 @@ class TreeError(ForgeError):
     exit_code = 1
 
 
-def store(cache: Cache, root: Path, path: str) -> OutputFile:
-    """Hash the directory `root` into the cache; its OutputFile carries the manifest."""
+def store(cache: Cache, root: Path, path: str,
+          known: dict[int, tuple[OutputFile, int]] | None = None) -> OutputFile:
+    """Hash the directory `root` into the cache; its OutputFile carries the manifest.
+
+    `known` maps inodes of cache blobs the action was given (hard links of its inputs)
+    to those blobs: a file that is still one of them (an image layer carried over from
+    the parent image) is recorded without being read again."""
     entries = []
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -54,7 +59,9 @@ def store(cache: Cache, root: Path, path: str) -> OutputFile:
                 entries.append([rel, "d"])
             elif os.path.isfile(full):
                 exe = bool(st.st_mode & 0o111)
-                f = cache.put_file(Path(full), exe)
+                f, mtime = (known or {}).get(st.st_ino, (None, 0))
+                if f is None or (f.size, f.executable, mtime) != (st.st_size, exe, st.st_mtime_ns):
+                    f = cache.put_file(Path(full), exe)
                 entries.append([rel, "f", f.digest, f.size, exe])
                 total += f.size
             else:
@@ -99,8 +106,10 @@ def blobs_ok(cache: Cache, f: OutputFile, verify: bool) -> bool:
     return True
 
 
-def build(cache: Cache, f: OutputFile, dst: Path) -> None:
-    """Recreate the tree at `dst` (which must not exist) from hard links to its blobs."""
+def build(cache: Cache, f: OutputFile, dst: Path,
+          known: dict[int, tuple[OutputFile, int]] | None = None) -> None:
+    """Recreate the tree at `dst` (which must not exist) from hard links to its blobs;
+    `known` collects the inodes of the blobs linked (see `store`)."""
     dst.mkdir(parents=True)
     for e in entries(cache, f):
         p = dst / e[0]
@@ -112,6 +121,9 @@ def build(cache: Cache, f: OutputFile, dst: Path) -> None:
             src = cache.blob_path(e[2], e[4])
             try:
                 os.link(src, p)
+                if known is not None:
+                    st = os.stat(p)
+                    known[st.st_ino] = (OutputFile("", e[2], e[3], e[4]), st.st_mtime_ns)
             except OSError:
                 shutil.copyfile(src, p)
                 os.chmod(p, 0o555 if e[4] else 0o444)

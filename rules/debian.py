@@ -16,7 +16,7 @@ VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "bui
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+~:\-]+)?$")
 
 
-@rule("debian_rootfs", version=1, doc="""A Debian root filesystem made by mmdebstrap, as a
+@rule("debian_rootfs", version=2, doc="""A Debian root filesystem made by mmdebstrap, as a
 single-layer OCI image whose bytes are reproducible (sorted entries, every time set to
 SOURCE_DATE_EPOCH). The mirror is `[debian] mirror` in forge.toml, else the Debian archive
 this machine's apt sources name; it is not part of the key (pin versions, or change the
@@ -60,7 +60,7 @@ ARCH_TO_OCI = {"amd64": "amd64", "arm64": "arm64", "armhf": "arm", "i386": "386"
                "ppc64el": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
 
-@action_function("Mmdebstrap", version=1)
+@action_function("Mmdebstrap", version=2)
 def run_mmdebstrap(ctx: ExecContext) -> None:
     p = ctx.params
     if ctx.offline:
@@ -71,6 +71,11 @@ def run_mmdebstrap(ctx: ExecContext) -> None:
             f"--components={','.join(p['components'])}", "--format=tar", "--quiet"]
     if p["packages"]:
         argv.append(f"--include={','.join(p['packages'])}")
+    # apt creates its `partial` directories owned by _apt or by root depending on which
+    # of its runs got there first; settle it as Debian's own images have it.
+    argv.append("--customize-hook=chroot \"$1\" sh -c 'for d in /var/cache/apt/archives/partial "
+                "/var/lib/apt/lists/partial; do if [ -d $d ]; then chown _apt:root $d; "
+                "chmod 700 $d; fi; done'")
     argv += [p["suite"], str(raw), mirror_for(ctx.config)]
     ctx.run(argv)
     out = ctx.path(ctx.outputs[0])
