@@ -59,8 +59,8 @@ class AnalysisContext:
     def run(self, argv, *, inputs, outputs, mnemonic: str, env: dict | None = None,
             tools=(), pool: str | None = None, executable=(), description: str = "",
             timeout: float | None = None) -> Action:
-        return self._add(Action(self.label, mnemonic, self.rule.key, tuple(inputs), tuple(outputs),
-                                argv=tuple(argv), env=tuple(sorted((env or {}).items())),
+        return self._add(Action(self.label, mnemonic, self.rule.key, tuple(dict.fromkeys(inputs)),
+                                tuple(outputs), argv=tuple(argv), env=tuple(sorted((env or {}).items())),
                                 tools=tuple(tools), pool=pool,
                                 executable=tuple(a.path for a in executable),
                                 description=description or f"{mnemonic} {self.label}",
@@ -72,8 +72,8 @@ class AnalysisContext:
 
     def call(self, function: str, params, *, inputs, outputs, mnemonic: str,
              pool: str | None = None, description: str = "", executable=(), tools=()) -> Action:
-        return self._add(Action(self.label, mnemonic, self.rule.key, tuple(inputs), tuple(outputs),
-                                function=function, params=params, pool=pool, tools=tuple(tools),
+        return self._add(Action(self.label, mnemonic, self.rule.key, tuple(dict.fromkeys(inputs)),
+                                tuple(outputs), function=function, params=params, pool=pool, tools=tuple(tools),
                                 executable=tuple(a.path for a in executable),
                                 description=description or f"{mnemonic} {self.label}"))
 

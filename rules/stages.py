@@ -144,7 +144,7 @@ def assemble_stage(ctx: ExecContext) -> None:
     _finish(out, config, descs, history)
 
 
-@action_function("CopyLayer", version=1)
+@action_function("CopyLayer", version=2)
 def copy_layer(ctx: ExecContext) -> None:
     """One COPY/ADD of a stage without RUN, as its own cached action: a change to what a
     later instruction copies does not redo this layer (BuildKit caches the same way)."""
@@ -255,17 +255,24 @@ def _unpack_sources(root: Path, blobs: list[Path], sources: list[str]):
     what they name: a large base image below a few copied files is read, not written.
     Globs (rare in COPY --from) unpack the whole image."""
     if not any(c in s for s in sources for c in "*?["):
-        real = layers.resolve_paths(blobs, sources)
-        wanted = [r for r in real.values() if r is not None]
+        # First as written: one pass over the layers does when no symlink is on the way
+        # (the usual `COPY --from=build /out/ /`); else resolve symlinks from the tar
+        # headers (`/lib -> usr/lib`) and unpack again.
+        literal = {s: posixpath.normpath(s.strip("/")).lstrip(".") for s in sources}
+        for attempt in ("literal", "resolved"):
+            real = literal if attempt == "literal" else layers.resolve_paths(blobs, sources)
+            wanted = [r for r in real.values() if r is not None]
 
-        def include(rel: str) -> bool:
-            return any(w == "" or rel == w or rel.startswith(w + "/") or w.startswith(rel + "/")
-                       for w in wanted)
-        try:
-            layers.apply_layers(blobs, root, include=include)
-            return [(s, real[s]) for s in sources]
-        except layers.UnsafeLayerError:
-            shutil.rmtree(root, ignore_errors=True)  # e.g. a hard link to an unpacked file
+            def include(rel: str) -> bool:
+                return any(w == "" or rel == w or rel.startswith(w + "/") or
+                           w.startswith(rel + "/") for w in wanted)
+            try:
+                layers.apply_layers(blobs, root, include=include)
+                if attempt == "resolved" or all(_plain_path(root, r) for r in wanted):
+                    return [(s, real[s]) for s in sources]
+            except layers.UnsafeLayerError:
+                pass  # e.g. a hard link to a file not unpacked: unpack everything below
+            shutil.rmtree(root, ignore_errors=True)
             root.mkdir()
     layers.apply_layers(blobs, root)
     out = []
@@ -273,6 +280,16 @@ def _unpack_sources(root: Path, blobs: list[Path], sources: list[str]):
         matches = _image_glob(root, s)
         out += [(s, m.lstrip("/")) for m in matches] or [(s, None)]
     return out
+
+
+def _plain_path(root: Path, rel: str) -> bool:
+    """`rel` exists under `root` and no component of it is a symlink."""
+    cur = root
+    for part in [x for x in rel.split("/") if x]:
+        cur = cur / part
+        if cur.is_symlink() or not cur.exists():
+            return False
+    return True
 
 
 def _image_glob(root: Path, src: str) -> list[str]:
