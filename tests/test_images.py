@@ -194,3 +194,21 @@ def test_run_and_load_an_image(iws):
     out = subprocess.run(["docker", "image", "inspect", "forge-test/bookworm:dev"],
                          capture_output=True, text=True)
     assert out.returncode == 0
+
+
+def test_copy_from_follows_symlinks_inside_the_image(iws):
+    """/lib and /bin are symlinks into /usr on bookworm, and /bin/sh is a link to dash:
+    COPY --from resolves them as the image would, and copies the file's content."""
+    iws.write({"l/Dockerfile": """\
+        FROM debian AS base
+        FROM scratch
+        COPY --from=base /lib/x86_64-linux-gnu/libc.so.6 /lib/libc.so.6
+        COPY --from=base /bin/sh /bin/sh
+        COPY --from=base /etc/debian_version /etc/
+        """, "l/BUILD": 'container_image(name = "l", bases = {"debian": "//base:bookworm"})\n'})
+    r = iws.build("//l", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert r.code == 0, r.err
+    files = layer_files(iws.root / "forge-out/l/l.stages/1")
+    assert set(files) == {"lib/libc.so.6", "bin/sh", "etc/debian_version"}
+    assert files["bin/sh"][:4] == b"\x7fELF" and len(files["bin/sh"]) > 50_000
+    assert files["etc/debian_version"].startswith(b"12")
