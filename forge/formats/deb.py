@@ -1,43 +1,37 @@
 """Debian binary packages and archive indexes, read without dpkg or apt.
 
 A `.deb` is an `ar` archive (`!<arch>\\n`, then per member a 60-byte header: name[16]
-mtime[12] uid[6] gid[6] mode[8] size[10] and the magic "`\\n", the data padded to an even
-length). Its members are `debian-binary` ("2.0\\n"), `control.tar[.gz|.xz|.zst]` holding
-`./control` and the maintainer scripts, and `data.tar[.gz|.xz|.zst|.bz2]` holding the
-files. The compression is named by the member's suffix; zstd needs the `zstandard`
-module, which is optional.
+mtime[12] uid[6] gid[6] mode[8] size[10] "`\\n", the data padded to an even length) of
+`debian-binary`, `control.tar[.gz|.xz|.zst]` (`./control`, maintainer scripts) and
+`data.tar[.gz|.xz|.zst|.bz2]` (the files). The member's suffix names its compression;
+zstd needs the optional `zstandard` module.
 
-An archive is a tree `dists/<suite>/` whose `InRelease` (the `Release` file, clearsigned)
-lists, under `SHA256:`, the digest, size and path of every index beneath it, such as
-`main/binary-amd64/Packages.xz`. A `Packages` file is a sequence of deb822 stanzas
-("Field: value" lines, continuation lines starting with a space or tab, stanzas
-separated by blank lines), one per package version, giving among others `Package`,
-`Version`, `Depends`, `Filename` (relative to the mirror root), `Size` and `SHA256`.
-When the Release file says `Acquire-By-Hash: yes` the index is fetched from
-`by-hash/SHA256/<digest>`, so a mirror updated between the two downloads cannot mix
-generations.
+An archive has `dists/<suite>/InRelease` (the `Release` file, clearsigned) listing under
+`SHA256:` the digest, size and path of each index, e.g. `main/binary-amd64/Packages.xz`.
+A `Packages` index is deb822: stanzas of "Field: value" lines (continuation lines start
+with a space or tab) separated by blank lines, one per package version, with `Package`,
+`Version`, `Depends`, `Filename` (from the mirror root), `Size`, `SHA256`. With
+`Acquire-By-Hash: yes` the index is fetched as `by-hash/SHA256/<digest>`, so a mirror
+updated between two downloads cannot mix generations.
 
-Trust: the OpenPGP signature of InRelease is NOT checked here. The Release file's digest
-of the index is checked, and the index then pins every package by SHA256 and size, so a
-package is exactly what that Release file named; authenticating the Release file itself
-is left to the transport or to whoever supplies the mirror.
+Trust: the OpenPGP signature of InRelease is NOT checked. The index must match the
+Release file's digest, and pins every package by SHA256 and size, so a package is exactly
+what that Release file named; authenticating the Release file is left to the transport.
 
-Versions compare as Debian policy 5.6.12 says: `[epoch:]upstream[-revision]`; the epoch
-numerically (0 when absent), then upstream and revision by alternating non-digit runs
-(letters sort before non-letters, `~` before everything, even the end of the string) and
-digit runs compared as numbers.
+Versions compare as Debian policy 5.6.12 says: `[epoch:]upstream[-revision]`, the epoch
+as a number, then upstream and revision by alternating non-digit runs (letters before
+non-letters, `~` before anything, even the end) and digit runs compared as numbers.
 """
 
 from __future__ import annotations
 
-import bz2
 import functools
 import gzip
 import hashlib
-import io
 import lzma
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 import urllib.error
@@ -88,14 +82,11 @@ def read_ar(fileobj: BinaryIO) -> list[ArMember]:
         pos = data + size + ((data + size) & 1)
 
 
-class _Section(io.RawIOBase):
+class _Section:
     """A byte range of a file, seekable within itself (decompressors rewind to 0)."""
 
     def __init__(self, f: BinaryIO, offset: int, size: int):
         self._f, self._start, self._size, self._pos = f, offset, size, 0
-
-    def readable(self) -> bool:
-        return True
 
     def seekable(self) -> bool:
         return True
@@ -104,68 +95,57 @@ class _Section(io.RawIOBase):
         return self._pos
 
     def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, min(self._size, base + pos))
+        self._pos = max(0, min(self._size, pos + (0, self._pos, self._size)[whence]))
         return self._pos
 
-    def readinto(self, b) -> int:
-        n = min(len(b), self._size - self._pos)
+    def read(self, n: int | None = -1) -> bytes:
+        left = self._size - self._pos
         self._f.seek(self._start + self._pos)
-        data = self._f.read(n)
-        b[:len(data)] = data
+        data = self._f.read(left if n is None or n < 0 else min(n, left))
         self._pos += len(data)
-        return len(data)
-
-
-def _decompressor(name: str, raw: BinaryIO) -> BinaryIO:
-    if name.endswith((".xz", ".lzma")):
-        return lzma.LZMAFile(raw)
-    if name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if name.endswith(".bz2"):
-        return bz2.BZ2File(raw)
-    if name.endswith(".zst"):
-        try:
-            import zstandard  # optional: not in the standard library before 3.14
-        except ImportError:
-            raise DebError(f"{name} is zstd-compressed, but the zstandard module is not "
-                           "installed (pip install zstandard)") from None
-        # zstandard's reader cannot seek backwards, which random tar access needs: spool.
-        spool = tempfile.TemporaryFile()
-        with zstandard.ZstdDecompressor().stream_reader(raw) as r:
-            while chunk := r.read(_CHUNK):
-                spool.write(chunk)
-        spool.seek(0)
-        return spool
-    if name.endswith(".tar"):
-        return io.BufferedReader(raw)
-    raise DebError(f"unknown compression of member {name}")
+        return data
 
 
 class _OwningTarFile(tarfile.TarFile):
-    """Closes the streams below it too, so callers can use a plain `with`."""
-
-    _owned: list = []
+    _owned: list = []  # the streams below: closed too, so a plain `with` works
 
     def close(self) -> None:
         super().close()
-        for f in reversed(self._owned):
+        for f in self._owned:
             f.close()
 
 
+_TAR_MODES = {".tar": "r:", ".gz": "r:gz", ".xz": "r:xz", ".bz2": "r:bz2"}
+
+
 def _open_member_tar(deb_path: str | os.PathLike, prefix: str) -> tarfile.TarFile:
-    f = open(deb_path, "rb")
+    owned = [open(deb_path, "rb")]
     try:
-        members = read_ar(f)
+        members = read_ar(owned[0])
         m = next((m for m in members if m.name.startswith(prefix)), None)
         if m is None:
             raise DebError(f"{deb_path}: no {prefix}* member (has {[x.name for x in members]})")
-        stream = _decompressor(m.name, _Section(f, m.offset, m.size))
-        tf = _OwningTarFile.open(fileobj=stream, mode="r:")
+        stream, ext = _Section(owned[0], m.offset, m.size), m.name[len(prefix):] or ".tar"
+        if ext == ".zst":
+            try:
+                import zstandard  # optional: not in the standard library before 3.14
+            except ImportError:
+                raise DebError(f"{m.name} is zstd-compressed, but the zstandard module is not "
+                               "installed (pip install zstandard)") from None
+            # zstandard's reader cannot seek backwards, which random tar access needs: spool.
+            owned.append(tempfile.TemporaryFile())
+            with zstandard.ZstdDecompressor().stream_reader(stream) as r:
+                shutil.copyfileobj(r, owned[-1], _CHUNK)
+            stream, ext = owned[-1], ".tar"
+            stream.seek(0)
+        if ext not in _TAR_MODES:
+            raise DebError(f"{deb_path}: unknown compression of member {m.name}")
+        tf = _OwningTarFile.open(fileobj=stream, mode=_TAR_MODES[ext])
     except BaseException:
-        f.close()
+        for f in owned:
+            f.close()
         raise
-    tf._owned = [f, stream]
+    tf._owned = owned
     return tf
 
 
@@ -197,8 +177,6 @@ def parse_packages(text: str) -> list[dict[str, str]]:
             if cur:
                 out.append(cur)
             cur, key = {}, None
-        elif line.startswith("#"):
-            continue
         elif line[0] in " \t":
             if key is None:
                 raise DebError(f"continuation line before any field: {line!r}")
@@ -207,7 +185,7 @@ def parse_packages(text: str) -> list[dict[str, str]]:
             key, sep, value = line.partition(":")
             if not sep:
                 raise DebError(f"not a 'Field: value' line: {line!r}")
-            key = key.strip()
+            key = key.strip()  # kept as written: "SHA256", "Package"
             cur[key] = value.strip()
     if cur:
         out.append(cur)
@@ -222,24 +200,13 @@ def _strip_clearsign(text: str) -> str:
     return "\n".join(l[2:] if l.startswith("- ") else l for l in body.splitlines())
 
 
-def release_fields(text: str) -> dict[str, str]:
-    """The fields of a Release file, or of an InRelease file without its signature."""
-    fields = parse_packages(_strip_clearsign(text))
-    if not fields:
-        raise DebError("empty Release file")
-    return fields[0]
-
-
-def release_digests(fields: dict[str, str]) -> dict[str, tuple[str, int]]:
-    """path -> (sha256, size) from a Release file's `SHA256:` field."""
+def release_digests(text: str) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
+    """A Release or InRelease file's fields, and path -> (sha256, size) from its `SHA256:`."""
+    fields = (parse_packages(_strip_clearsign(text)) or [{}])[0]
     if "SHA256" not in fields:
         raise DebError("Release file has no SHA256 section")
-    out = {}
-    for line in fields["SHA256"].splitlines():
-        words = line.split()
-        if len(words) == 3:
-            out[words[2]] = (words[0].lower(), int(words[1]))
-    return out
+    rows = [line.split() for line in fields["SHA256"].splitlines()]
+    return fields, {w[2]: (w[0].lower(), int(w[1])) for w in rows if len(w) == 3}
 
 
 def urlopen_fetch(url: str) -> BinaryIO:
@@ -265,8 +232,7 @@ def fetch_index(mirror: str, suite: str, component: str = "main", arch: str = "a
         release = _read_all(fetch, f"{base}/InRelease")
     except FileNotFoundError:
         release = _read_all(fetch, f"{base}/Release")
-    fields = release_fields(release.decode("utf-8", "replace"))
-    digests = release_digests(fields)
+    fields, digests = release_digests(release.decode("utf-8", "replace"))
     by_hash = fields.get("Acquire-By-Hash", "").lower() == "yes"
     stem = f"{component}/binary-{arch}/Packages"
     for suffix in (".xz", ".gz", ""):
@@ -274,17 +240,13 @@ def fetch_index(mirror: str, suite: str, component: str = "main", arch: str = "a
             break
     else:
         raise DebError(f"{base}: Release lists no {stem}[.xz|.gz]")
-    path = stem + suffix
-    sha, size = digests[path]
-    url = f"{base}/{component}/binary-{arch}/by-hash/SHA256/{sha}" if by_hash else f"{base}/{path}"
+    sha, size = digests[stem + suffix]
+    url = f"{base}/{component}/binary-{arch}/by-hash/SHA256/{sha}" if by_hash else f"{base}/{stem}{suffix}"
     data = _read_all(fetch, url)
     if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
         raise DebError(f"{url}: got {len(data)} bytes with sha256 "
                        f"{hashlib.sha256(data).hexdigest()}, Release says {size} bytes, {sha}")
-    if suffix == ".xz":
-        data = lzma.decompress(data)
-    elif suffix == ".gz":
-        data = gzip.decompress(data)
+    data = {".xz": lzma.decompress, ".gz": gzip.decompress, "": bytes}[suffix](data)
     return parse_packages(data.decode("utf-8", "replace"))
 
 
@@ -302,9 +264,7 @@ def depends(entry: dict[str, str], field: str = "Depends") -> list[list[str]]:
 # ---- versions ----------------------------------------------------------------------------
 
 def _order(c: str) -> int:
-    if c == "~":
-        return -1
-    return ord(c) if c.isalpha() else ord(c) + 256
+    return -1 if c == "~" else ord(c) if c.isalpha() else ord(c) + 256
 
 
 def _compare_part(a: str, b: str) -> int:
@@ -358,11 +318,9 @@ def resolve(packages: list[dict[str, str]], name: str, version: str | None = Non
 def download(mirror: str, entry: dict[str, str], dest: str | os.PathLike, *,
              fetch: Fetch = urlopen_fetch) -> Path:
     """Fetch `entry`'s file to `dest`, checked against its SHA256 and Size; `dest`
-    appears only complete and verified, and an already verified `dest` is kept."""
+    appears only complete and verified."""
     dest = Path(dest)
     want, size = entry["SHA256"].lower(), int(entry["Size"])
-    if dest.is_file() and dest.stat().st_size == size and _sha256_file(dest) == want:
-        return dest
     url = f"{mirror.rstrip('/')}/{entry['Filename'].lstrip('/')}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -384,10 +342,3 @@ def download(mirror: str, entry: dict[str, str], dest: str | os.PathLike, *,
         raise
     return dest
 
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
