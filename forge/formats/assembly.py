@@ -132,6 +132,7 @@ class FileEntry:
     path: str
     loc: Loc
     raw: dict[str, Any]
+    locs: dict[str, Loc]
     contents: str | None = None
     source: str | None = None
     directory: bool = False
@@ -141,6 +142,10 @@ class FileEntry:
     mode: int = 0o600
     uid: int | str | None = None
     gid: int | str | None = None
+
+    @property
+    def what(self) -> str:
+        return f"file '{self.path}'"
 
 
 @dataclass(frozen=True)
@@ -210,8 +215,7 @@ def _scalar(node: yaml.ScalarNode) -> Any:
     v, kind = node.value, _kind(node)
     if kind == "integer":
         return int(v[2:], 8) if v.startswith("0o") else int(v, 16) if v.startswith("0x") else int(v)
-    return {"boolean": lambda: v.lower() == "true", "null": lambda: None,
-            "number": lambda: float(v.replace("inf", "Inf").lower())}.get(kind, lambda: v)()
+    return v.lower() == "true" if kind == "boolean" else None if kind == "null" else v
 
 
 class _Reader:
@@ -287,6 +291,169 @@ def _parse_file(file: str, text: str) -> tuple[yaml.Node | None, _Reader]:
                             "check the indentation and quoting on this line and the one before") from None
     except yaml.YAMLError as e:
         raise AssemblyError(f"YAML error: {e}", file) from None
+
+
+def parse_rlimit(text: str) -> tuple[str, int, int]:
+    """`"nofile,100,200"` -> ("RLIMIT_NOFILE", 100, 200); `unlimited` is 2**64-1. ValueError
+    says what is wrong."""
+    parts = [p.strip() for p in text.split(",", 2)]
+    if len(parts) != 3:
+        raise ValueError("is not of the form \"name,soft,hard\"")
+    name = parts[0].upper() if parts[0].upper().startswith("RLIMIT_") else "RLIMIT_" + parts[0].upper()
+    if name not in RLIMITS:
+        close = difflib.get_close_matches(name, RLIMITS, n=1)
+        raise ValueError("names no known limit" + (f"; did you mean {close[0]}?" if close else ""))
+    nums = [UNLIMITED if p.lower() == "unlimited" else int(p) if p.isdigit() else None for p in parts[1:]]
+    if None in nums or max(nums) > UNLIMITED:
+        raise ValueError("needs soft and hard limits that are numbers or unlimited")
+    return name, nums[0], nums[1]
+
+
+def _bind_problem(text: str) -> str | None:
+    n = len(text.split(":"))
+    return None if 2 <= n <= 3 else "is missing ':'" if n < 2 else "has too many ':'"
+
+
+def _check_items(r: _Reader, node: yaml.Node, what: str, problem, hint: str) -> None:
+    for i, item in enumerate(node.value, 1):
+        why = problem(item.value)
+        if why:
+            raise r.fail(item, f'item {i} of {what}, "{item.value}", {why}', hint)
+
+
+def _capability(text: str) -> str | None:
+    if text in CAPABILITIES:
+        return None
+    close = difflib.get_close_matches(text.upper(), CAPABILITIES, n=1)
+    return "is not a known capability" + (f"; did you mean {close[0]}?" if close else "")
+
+
+def _entry(r: _Reader, node: yaml.Node, noun: str, i: int, keys: dict, name_key: str):
+    """Common walk of one list item: (what, raw, locs, key nodes, value nodes)."""
+    r.expect(node, isinstance(node, yaml.MappingNode), "a mapping", f"{noun} {i}")
+    named = [v for k, v in node.value if k.value == name_key and _kind(v) == "string"]
+    what = f"{noun} '{named[0].value}'" if named else f"{noun} {i}"
+    pairs = r.pairs(node, keys, f" in {what}")
+    raw = {k: r.value(v, keys[k], f"'{k}' of {what}") for k, _, v in pairs}
+    return what, raw, {k: _loc(kn, r.file) for k, kn, _ in pairs}, {k: v for k, _, v in pairs}
+
+
+def _require(r: _Reader, node: yaml.Node, what: str, raw: dict, key: str, hint: str) -> None:
+    if key not in raw:
+        raise r.fail(node, f"{what} has no '{key}'", hint)
+
+
+def _error_of(fn, text: str) -> str | None:
+    try:
+        fn(text)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+_ITEM_CHECKS = {
+    "binds": (_bind_problem, 'write "/source:/destination" or "/source:/destination:opt1,opt2"'),
+    "tmpfs": (lambda t: "has too many ':'" if t.count(":") > 1 else None,
+              'write "/destination" or "/destination:opt1,opt2"'),
+    "rlimits": (lambda t: _error_of(parse_rlimit, t),
+                'write "name,soft,hard", e.g. "nofile,1024,4096" (a limit may be "unlimited")'),
+    "capabilities": (_capability, "capabilities are spelled like CAP_NET_ADMIN; "
+                     "a single 'all' or 'none' is also allowed"),
+}
+_ITEM_CHECKS["ambient"] = _ITEM_CHECKS["capabilities"]
+
+
+def image_entry(r: _Reader, node: yaml.Node, section: str, i: int) -> ImageEntry:
+    what, raw, locs, nodes = _entry(r, node, _SECTION_NOUN[section], i, IMAGE_KEYS, "name")
+    _require(r, node, what, raw, "name", "every image entry needs a 'name': it names the "
+             "container, its directory and its uid/gid")
+    _require(r, node, what, raw, "image", "add 'image:' with the image to run, a registry "
+             "reference or a forge label such as //images/redis:image")
+    for key, vnode in nodes.items():
+        check = _ITEM_CHECKS.get(key.removesuffix(".add"))
+        caps = raw[key] if key.startswith(("capabilities", "ambient")) else []
+        if check and not (len(caps) == 1 and caps[0].lower() in ("all", "none")):
+            _check_items(r, vnode, f"'{key}' of {what}", *check)
+    for key in ("devices", "devices.add"):
+        for dev, dnode in zip(raw.get(key, []), nodes[key].value if key in nodes else []):
+            if dev.get("path") != "all" and not re.fullmatch(r"[0-7]+", dev.get("mode", "")):
+                raise r.fail(dnode, f"device '{dev.get('path')}' of {what} needs an octal 'mode'",
+                             'add e.g. mode: "0666" (only path: all, which allows a whole type, needs none)')
+    return ImageEntry(section, raw["name"], raw["image"], _loc(node, r.file), raw, locs)
+
+
+_CONTENT_KEYS = ("contents", "source", "directory", "symlink", "metadata")
+
+
+def file_entry(r: _Reader, node: yaml.Node, _section: str, i: int) -> FileEntry:
+    what, raw, locs, nodes = _entry(r, node, "file", i, _FILE, "path")
+    _require(r, node, what, raw, "path", "add 'path:' with where the file goes in the image")
+    given = [k for k in _CONTENT_KEYS if k in raw and raw[k] is not False]
+    hint = "a file entry takes exactly one of " + ", ".join(_CONTENT_KEYS[:3]) + " (true), symlink, metadata"
+    if len(given) > 1:
+        raise AssemblyError(f"{what} sets both '{given[0]}' and '{given[1]}'", locs[given[1]], hint)
+    if not given:
+        raise r.fail(node, f"{what} says nothing about what to write", hint)
+    if raw.get("metadata", "yaml") not in ("yaml", "json"):
+        raise r.fail(nodes["metadata"], f"'metadata' of {what} must be yaml or json; got \"{raw['metadata']}\"")
+    mode = raw.get("mode")
+    if mode is not None and not re.fullmatch(r"0?[0-7]{1,4}", mode):
+        raise r.fail(nodes["mode"], f"'mode' of {what} must be an octal string; got \"{mode}\"",
+                     'write the permission bits in octal, quoted: mode: "0644"')
+    return FileEntry(raw["path"], _loc(node, r.file), raw, locs, raw.get("contents"), raw.get("source"),
+                     raw.get("directory", False), raw.get("symlink"), raw.get("metadata"),
+                     raw.get("optional", False),
+                     int(mode, 8) if mode else 0o700 if raw.get("directory") else 0o600,
+                     raw.get("uid"), raw.get("gid"))
+
+
+def volume(r: _Reader, node: yaml.Node, _section: str, i: int) -> Volume:
+    what, raw, locs, nodes = _entry(r, node, "volume", i, _VOLUME, "name")
+    _require(r, node, what, raw, "name", "add 'name:'; the volume appears at /containers/volumes/<name>")
+    if not _VOLUME_NAME.fullmatch(raw["name"]):
+        raise r.fail(nodes["name"], f"{what} has an invalid name",
+                     "use only lower-case letters, digits, '-' and '_'")
+    if raw.get("format", "oci") not in ("oci", "filesystem"):
+        raise r.fail(nodes["format"], f"'format' of {what} must be oci or filesystem; got \"{raw['format']}\"")
+    return Volume(raw["name"], _loc(node, r.file), raw, raw.get("image"), raw.get("readonly", False),
+                  raw.get("format", "oci"), raw.get("platforms", []))
+
+
+def check_names(asm: Assembly) -> None:
+    """Names LinuxKit requires unique, and `uid: <name>` references that must exist."""
+    for kind, items in (("service", asm.services), ("volume", asm.volumes)):
+        first: dict[str, Loc] = {}
+        for it in items:
+            if it.name in first:
+                raise AssemblyError(f"duplicate {kind} name '{it.name}'", it.loc,
+                                    f"the first is at {first[it.name]}; {kind} names must be unique "
+                                    "because each runs from its own directory; rename one")
+            first[it.name] = it.loc
+    ids = allocate_ids(asm)
+    for it in [*asm.entries(), *asm.files]:
+        for key in ("uid", "gid", "additionalGids", "additionalGids.add"):
+            vals = it.raw.get(key)
+            for v in vals if isinstance(vals, list) else [vals]:
+                if isinstance(v, str) and v not in ("", "root") and v not in ids:
+                    close = difflib.get_close_matches(v, list(ids), n=1)
+                    raise AssemblyError(
+                        f"'{key}' of {it.what} names '{v}', which is no onboot, onshutdown or service "
+                        "entry" + (f"; did you mean '{close[0]}'?" if close else ""), it.locs[key],
+                        "use a number, root, or the name of an image entry (each gets an id from 100)")
+
+
+def allocate_ids(asm: Assembly) -> dict[str, int]:
+    """LinuxKit's uid/gid per entry name: 100, 101, ... over onboot, onshutdown, services.
+    A name used twice keeps the later number, and still uses up the earlier one."""
+    return {e.name: n for n, e in enumerate(asm.entries(), 100)}
+
+
+def image_refs(asm: Assembly) -> set[str]:
+    """Every image the assembly names (kernel, init, entries, volumes), as written:
+    registry references or forge labels (`//pkg:target`), for the caller to resolve."""
+    refs = set(asm.init) | {e.image for e in asm.entries()} | {v.image for v in asm.volumes if v.image}
+    return refs | ({asm.kernel.image} if asm.kernel and asm.kernel.image else set())
+
 
 
 def load(files: list[tuple[str, str]]) -> Assembly:
