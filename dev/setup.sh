@@ -11,8 +11,9 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # ninja-build: bench/engine's reference; graphviz: `forge graph --format svg`; docker.io:
 # the engine for Dockerfile stages that RUN; mmdebstrap: debian_rootfs; docker-registry and
-# skopeo: a real registry (and a second client) for the registry tests.
-forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo)
+# skopeo: a real registry (and a second client) for the registry tests; cpio and zstd: the
+# initramfs tests check forge's archives with the real tools.
+forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do
