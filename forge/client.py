@@ -1,6 +1,6 @@
-"""The `forge` command. With FORGE_SERVER=1 it hands the command to a resident forge
-process for this workspace (forge/server.py), starting one when none answers, so a build
-costs a socket round trip instead of starting Python and importing forge. Otherwise, and
+"""The `forge` command. It hands the command to a resident forge process for this
+workspace (forge/server.py), starting one when none answers, so a build costs a socket
+round trip instead of starting Python and importing forge. With FORGE_SERVER=0, and
 whenever the server cannot serve, it runs the command in this process.
 
 Only the standard library's lightest modules are imported here.
@@ -17,7 +17,7 @@ SERVED = frozenset({"build", "test", "query", "explain", "graph", "clean", "cach
 
 def main() -> int:
     argv = sys.argv[1:]
-    if os.environ.get("FORGE_SERVER") == "1" and argv and argv[0] in SERVED:
+    if os.environ.get("FORGE_SERVER", "1") != "0" and argv and argv[0] in SERVED:
         code = _via_server(argv)
         if code is not None:
             return code
@@ -53,7 +53,10 @@ def _via_server(argv: list[str]) -> int | None:
     root = _root(cwd)
     if root is None:
         return None
-    path = socket_path(root)
+    try:
+        path = socket_path(root)
+    except OSError:
+        return None
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(path)
@@ -80,7 +83,10 @@ def _via_server(argv: list[str]) -> int | None:
 
 def _spawn(path: str) -> None:
     import subprocess
-    log = open(path[:-5] + ".log", "ab")
-    subprocess.Popen([sys.executable, "-m", "forge.server", path], stdin=subprocess.DEVNULL,
-                     stdout=log, stderr=log, start_new_session=True, cwd="/")
-    log.close()
+    try:
+        with open(path[:-5] + ".log", "ab") as log:
+            subprocess.Popen([sys.executable, "-m", "forge.server", path],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             start_new_session=True, cwd="/")
+    except OSError:
+        pass  # no server this time: commands keep running in-process
