@@ -38,6 +38,8 @@ def serve(sock_path: str) -> None:
     from forge import cli
     from forge.session import load_rules
     load_rules()  # the point of a server: everything imported once
+    import gc
+    gc.freeze()  # what is imported lives for good: keep collections from walking it
     state = Path(sock_path).parent
     started = code_fingerprint(state)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -40,6 +40,11 @@ def load_rules() -> None:
     _rules_loaded = True
 
 
+# Plans read in this process, by file: a resident forge (forge/server.py) reuses them
+# while the file is unchanged instead of unpickling it for every command.
+_PLANS: dict[str, tuple] = {}
+
+
 def _rule_fingerprint(records_dir: Path) -> list:
     """What the rule families are, without importing them: the `forge.rules` entry points
     and the mtime of every Python file in their packages. A plan made by other rule code
@@ -135,12 +140,27 @@ class Session:
         return plan
 
     def _cached_plan(self, path: Path, fingerprint: str):
+        memo = _PLANS.get(str(path))
         try:
-            with open(path, "rb") as f:
-                fp, inputs, dirs, plan = pickle.load(f)
+            if memo is None or memo[4] != path.stat().st_mtime_ns:
+                memo = None
+                import gc
+                gc.disable()  # tens of thousands of new objects: collecting would only cost
+                try:
+                    with open(path, "rb") as f:
+                        fp, inputs, dirs, plan = pickle.load(f)
+                finally:
+                    gc.enable()
         except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError,
                 ImportError):
             return None
+        if memo is not None:
+            fp, inputs, dirs, plan = memo[:4]
+        else:
+            try:
+                _PLANS[str(path)] = (fp, inputs, dirs, plan, path.stat().st_mtime_ns)
+            except OSError:
+                pass
         if fp != fingerprint:
             return None
         root = self.ws.root
