@@ -1,0 +1,161 @@
+"""Debian packages and kernels: `deb_package` (a .deb pinned by sha256 in forge.lock) and
+`kernel` (the kernel and its modules from a Debian kernel package, unpacked in Python,
+optionally cut down to the modules an OS needs, with their load order).
+
+Output of `kernel`, a directory in LinuxKit's layout:
+
+    kernel         the bootable image (boot/vmlinuz-<version> of the package)
+    kernel.tar     lib/modules/<version>/... (only the kept modules), reproducible
+    modules.load   the kept modules in load order, one path per line (for the init)
+    version        the kernel release, e.g. 6.1.0-50-cloud-amd64
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+from forge.api import ActionFailed, ExecContext, action_function, attr, pin_resolver, rule
+from forge.formats import deb, kmod
+
+from .debian import mirror_for
+
+DOC_SUITE = "Debian suite whose package index is used."
+
+
+def _pin_value(entry: dict) -> str:
+    return json.dumps({k: entry[k] for k in ("Package", "Version", "Filename", "SHA256", "Size")},
+                      sort_keys=True)
+
+
+def _index(key: str, config: dict):
+    suite, arch, spec = key.split("/", 2)
+    name, _, version = spec.partition("=")
+    return deb.fetch_index(mirror_for(config), suite, arch=arch), name, version or None
+
+
+@pin_resolver("deb")
+def resolve_deb(key: str, config: dict) -> str:
+    """`suite/arch/name[=version]` -> the index entry of that package, as JSON."""
+    index, name, version = _index(key, config)
+    return _pin_value(deb.resolve(index, name, version))
+
+
+@pin_resolver("debkernel")
+def resolve_kernel(key: str, config: dict) -> str:
+    """Like `deb`, but a metapackage (linux-image-cloud-amd64) is followed to the
+    versioned kernel package it depends on."""
+    index, name, version = _index(key, config)
+    entry = deb.resolve(index, name, version)
+    for _ in range(3):
+        nxt = [alt for clause in deb.depends(entry) for alt in clause
+               if alt.startswith("linux-image-") and alt != entry["Package"]]
+        if not nxt:
+            break
+        entry = deb.resolve(index, nxt[0])
+    return _pin_value(entry)
+
+
+def fetch_action(ctx, pin: dict, name: str):
+    out = ctx.declare(name)
+    ctx.call("DebFetch", {"filename": pin["Filename"], "sha256": pin["SHA256"],
+                          "size": pin["Size"]}, inputs=[], outputs=[out], mnemonic="DebFetch",
+             pool="network", description=f"DebFetch {pin['Package']} {pin['Version']}")
+    return out
+
+
+@rule("deb_package", version=1, doc="A Debian package from the mirror's index, pinned by "
+      "sha256 in forge.lock (resolved once; `forge lock` refreshes).", attrs={
+          "package": attr.string(mandatory=True, doc="Package name, optionally name=version."),
+          "suite": attr.string(default="bookworm", doc=DOC_SUITE),
+          "architecture": attr.string(default="amd64", doc="Debian architecture."),
+      })
+def deb_package(ctx):
+    pin = json.loads(ctx.pin("deb", f"{ctx.attr.suite}/{ctx.attr.architecture}/{ctx.attr.package}"))
+    out = fetch_action(ctx, pin, f"{ctx.label.name}.deb")
+    return ctx.info(files=[out], deb=out.path, package=pin["Package"], version=pin["Version"])
+
+
+@action_function("DebFetch", version=1)
+def deb_fetch(ctx: ExecContext) -> None:
+    if ctx.offline:
+        raise ActionFailed(f"{ctx.params['filename']} is not cached and --offline forbids "
+                           "downloading it")
+    p = ctx.params
+    entry = {"Filename": p["filename"], "SHA256": p["sha256"], "Size": p["size"]}
+    try:
+        deb.download(mirror_for(ctx.config), entry, ctx.path(ctx.outputs[0]))
+    except (deb.DebError, OSError) as e:
+        raise ActionFailed(f"cannot download {p['filename']}: {e}") from None
+
+
+@rule("kernel", version=1, doc="A kernel and its modules from a Debian kernel package.",
+      attrs={
+          "deb": attr.label(doc="A deb_package target (or a .deb file); default: `package`."),
+          "package": attr.string(default="linux-image-cloud-amd64",
+                                 doc="Kernel package (a metapackage is followed) when `deb` "
+                                 "is not given."),
+          "suite": attr.string(default="bookworm", doc=DOC_SUITE),
+          "architecture": attr.string(default="amd64", doc="Debian architecture."),
+          "modules": attr.string_list(doc="Modules to keep, with their dependencies; empty: "
+                                      "keep every module."),
+      })
+def kernel(ctx):
+    if ctx.attr.deb:
+        debs = ctx.files("deb")
+        if len(debs) != 1:
+            raise ctx.fail(f"deb must name one .deb file; it names {len(debs)}", attr="deb")
+        src = debs[0]
+    else:
+        key = f"{ctx.attr.suite}/{ctx.attr.architecture}/{ctx.attr.package}"
+        src = fetch_action(ctx, json.loads(ctx.pin("debkernel", key)), f"{ctx.label.name}.deb")
+    out = ctx.declare_dir(ctx.label.name)
+    ctx.call("KernelFromDeb", {"modules": list(ctx.attr.modules)}, inputs=[src], outputs=[out],
+             mnemonic="KernelFromDeb")
+    return ctx.info(files=[out], kernel=out.path)
+
+
+@action_function("KernelFromDeb", version=1)
+def kernel_from_deb(ctx: ExecContext) -> None:
+    out = ctx.path(ctx.outputs[0])
+    image = None
+    mods: dict[str, tuple[str, dict, bytes]] = {}
+    version = None
+    # One pass in archive order: the data tar is xz, and going back would decompress again.
+    with deb.open_data_tar(ctx.path(ctx.inputs[0])) as tf:
+        for m in tf:
+            name = m.name.lstrip("./")
+            if m.isfile() and name.startswith("boot/vmlinuz-"):
+                image = tf.extractfile(m).read()
+                version = name[len("boot/vmlinuz-"):]
+            elif m.isfile() and "/modules/" in name and name.endswith((".ko", ".ko.xz", ".ko.zst", ".ko.gz")):
+                data = tf.extractfile(m).read()
+                info = kmod.modinfo(data)
+                mods[kmod.module_name(name, info)] = (name, info, data)
+    if image is None:
+        raise ActionFailed(f"{ctx.inputs[0]} holds no boot/vmlinuz-*: not a kernel package")
+    wanted = ctx.params["modules"]
+    try:
+        order = kmod.load_order({k: v[1] for k, v in mods.items()}, wanted) if wanted \
+            else sorted(mods)
+    except kmod.ModuleError as e:
+        raise ActionFailed(str(e).strip("'\"")) from None
+    (out / "kernel").write_bytes(image)
+    (out / "version").write_text(version + "\n")
+    (out / "modules.load").write_text("".join(f"/{mods[n][0]}\n" for n in order) if wanted else "")
+    epoch = ctx.source_date_epoch
+    with tarfile.open(out / "kernel.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        dirs: set[str] = set()
+        for path, data in sorted((mods[n][0], mods[n][2]) for n in order):
+            parts = path.split("/")
+            for i in range(1, len(parts)):
+                d = "/".join(parts[:i])
+                if d not in dirs:
+                    dirs.add(d)
+                    ti = tarfile.TarInfo(d)
+                    ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, epoch
+                    tar.addfile(ti)
+            ti = tarfile.TarInfo(path)
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, epoch
+            tar.addfile(ti, io.BytesIO(data))

@@ -1,0 +1,47 @@
+"""kernel and deb_package against the machine's Debian mirror (the real cloud kernel)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pytest
+
+from conftest import require
+from forge.formats.aptsources import debian_mirror, read_sources
+
+pytestmark = pytest.mark.real
+
+
+def test_cloud_kernel_with_only_the_virtio_net_modules(ws):
+    require(debian_mirror(read_sources()) is not None, "no Debian mirror in the apt sources")
+    ws.write({"k/BUILD": 'kernel(name = "cloud", modules = ["virtio_net", "virtio_pci"])\n'})
+    r = ws.build("//k:cloud")
+    assert r.code == 0, r.err
+    out = ws.root / "forge-out/k/cloud"
+    assert (out / "kernel").read_bytes()[0x202:0x206] == b"HdrS"  # a bzImage
+    version = (out / "version").read_text().strip()
+    assert version.endswith("-cloud-amd64")
+    order = [p.rsplit("/", 1)[-1][:-3] for p in (out / "modules.load").read_text().split()]
+    assert set(order) == {"virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
+                          "virtio_pci", "failover", "net_failover", "virtio_net"}
+    for mod, needs in {"virtio_net": ["net_failover", "virtio", "virtio_ring"],
+                       "net_failover": ["failover"],
+                       "virtio_pci": ["virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio"]}.items():
+        assert all(order.index(n) < order.index(mod) for n in needs), order
+    with tarfile.open(out / "kernel.tar") as tf:
+        names = [m.name for m in tf.getmembers() if m.isfile()]
+    assert len(names) == 8 and all(n.startswith(f"lib/modules/{version}/") for n in names)
+    pin = json.loads(json.loads((ws.root / "forge.lock").read_text())["pins"]["debkernel"][
+        "bookworm/amd64/linux-image-cloud-amd64"])
+    assert pin["Package"] == f"linux-image-{version}" and len(pin["SHA256"]) == 64
+    # Offline with the pin and the cache: nothing is fetched.
+    assert ws.build("//k:cloud", "--offline").err.strip().endswith("0 executed, 2 cached")
+
+
+def test_unknown_module_is_a_clear_failure(ws):
+    require(debian_mirror(read_sources()) is not None, "no Debian mirror in the apt sources")
+    ws.write({"k/BUILD": 'kernel(name = "cloud", modules = ["virtio_nett"])\n'})
+    r = ws.build("//k:cloud")
+    assert r.code == 1 and "unknown kernel module 'virtio_nett'" in r.err and "virtio_net" in r.err
+    assert "Traceback" not in r.err
