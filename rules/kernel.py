@@ -90,8 +90,11 @@ def deb_fetch(ctx: ExecContext) -> None:
         raise ActionFailed(f"cannot download {p['filename']}: {e}") from None
 
 
-@rule("kernel", version=1, doc="A kernel and its modules from a Debian kernel package.",
+@rule("kernel", version=1, doc="""A kernel and its modules: from a Debian kernel package
+(`deb`, or `package` resolved through the mirror), or from an OCI image in LinuxKit's kernel
+layout (`image`: files `kernel`, `kernel.tar`, optionally `ucode.cpio` at the root).""",
       attrs={
+          "image": attr.label(doc="An image target in LinuxKit's kernel layout."),
           "deb": attr.label(doc="A deb_package target (or a .deb file); default: `package`."),
           "package": attr.string(default="linux-image-cloud-amd64",
                                  doc="Kernel package (a metapackage is followed) when `deb` "
@@ -102,6 +105,17 @@ def deb_fetch(ctx: ExecContext) -> None:
                                       "keep every module."),
       })
 def kernel(ctx):
+    out = ctx.declare_dir(ctx.label.name)
+    if ctx.attr.image:
+        if ctx.attr.deb:
+            raise ctx.fail("give either image or deb, not both", attr="deb")
+        layout = ctx.deps("image")[0].extra.get("image")
+        if layout is None:
+            raise ctx.fail(f"{ctx.attr.image} is not an image target", attr="image")
+        src = next(a for a in ctx.files("image") if a.path == layout)
+        ctx.call("KernelFromImage", {"modules": list(ctx.attr.modules)}, inputs=[src],
+                 outputs=[out], mnemonic="KernelFromImage")
+        return ctx.info(files=[out], kernel=out.path)
     if ctx.attr.deb:
         debs = ctx.files("deb")
         if len(debs) != 1:
@@ -110,15 +124,27 @@ def kernel(ctx):
     else:
         key = f"{ctx.attr.suite}/{ctx.attr.architecture}/{ctx.attr.package}"
         src = fetch_action(ctx, json.loads(ctx.pin("debkernel", key)), f"{ctx.label.name}.deb")
-    out = ctx.declare_dir(ctx.label.name)
     ctx.call("KernelFromDeb", {"modules": list(ctx.attr.modules)}, inputs=[src], outputs=[out],
              mnemonic="KernelFromDeb")
     return ctx.info(files=[out], kernel=out.path)
 
 
+_KO = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+def _take_module(tf: tarfile.TarFile, m: tarfile.TarInfo, mods: dict) -> bool:
+    """Keep `m` in `mods` (name -> (path, modinfo, bytes)) if it is a kernel module."""
+    name = m.name.lstrip("./")
+    if not (m.isfile() and "/modules/" in name and name.endswith(_KO)):
+        return False
+    data = tf.extractfile(m).read()
+    info = kmod.modinfo(data)
+    mods[kmod.module_name(name, info)] = (name, info, data)
+    return True
+
+
 @action_function("KernelFromDeb", version=1)
 def kernel_from_deb(ctx: ExecContext) -> None:
-    out = ctx.path(ctx.outputs[0])
     image = None
     mods: dict[str, tuple[str, dict, bytes]] = {}
     version = None
@@ -129,12 +155,17 @@ def kernel_from_deb(ctx: ExecContext) -> None:
             if m.isfile() and name.startswith("boot/vmlinuz-"):
                 image = tf.extractfile(m).read()
                 version = name[len("boot/vmlinuz-"):]
-            elif m.isfile() and "/modules/" in name and name.endswith((".ko", ".ko.xz", ".ko.zst", ".ko.gz")):
-                data = tf.extractfile(m).read()
-                info = kmod.modinfo(data)
-                mods[kmod.module_name(name, info)] = (name, info, data)
+            else:
+                _take_module(tf, m, mods)
     if image is None:
         raise ActionFailed(f"{ctx.inputs[0]} holds no boot/vmlinuz-*: not a kernel package")
+    _write_kernel(ctx, image, version, mods)
+
+
+def _write_kernel(ctx: ExecContext, image: bytes, version: str, mods: dict) -> None:
+    """The output directory: the image, the kept modules (all when none are listed) in
+    kernel.tar, their load order, the release."""
+    out = ctx.path(ctx.outputs[0])
     wanted = ctx.params["modules"]
     try:
         order = kmod.load_order({k: v[1] for k, v in mods.items()}, wanted) if wanted \
@@ -159,3 +190,26 @@ def kernel_from_deb(ctx: ExecContext) -> None:
             ti = tarfile.TarInfo(path)
             ti.size, ti.mode, ti.mtime = len(data), 0o644, epoch
             tar.addfile(ti, io.BytesIO(data))
+
+
+@action_function("KernelFromImage", version=1)
+def kernel_from_image(ctx: ExecContext) -> None:
+    from forge.formats import layers, oci
+    img = oci.read_image(ctx.path(ctx.inputs[0]))
+    root = ctx.path(".image")
+    names = ["kernel", "kernel.tar", "ucode.cpio"]
+    layers.apply_layers([b for _, b in img.layers], root,
+                        include=lambda rel: rel in names)
+    if not (root / "kernel").is_file():
+        raise ActionFailed(f"{ctx.inputs[0]} has no /kernel: not an image in LinuxKit's kernel "
+                           "layout (kernel, kernel.tar at the root)")
+    mods: dict[str, tuple[str, dict, bytes]] = {}
+    version = ""
+    if (root / "kernel.tar").is_file():
+        with tarfile.open(root / "kernel.tar") as tf:
+            for m in tf:
+                if _take_module(tf, m, mods) and not version:
+                    version = m.name.split("/modules/", 1)[1].split("/", 1)[0]
+    _write_kernel(ctx, (root / "kernel").read_bytes(), version, mods)
+    if (root / "ucode.cpio").is_file():
+        (ctx.path(ctx.outputs[0]) / "ucode.cpio").write_bytes((root / "ucode.cpio").read_bytes())

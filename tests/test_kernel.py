@@ -45,3 +45,41 @@ def test_unknown_module_is_a_clear_failure(ws):
     r = ws.build("//k:cloud")
     assert r.code == 1 and "unknown kernel module 'virtio_nett'" in r.err and "virtio_net" in r.err
     assert "Traceback" not in r.err
+
+
+def test_kernel_from_an_image_in_linuxkit_layout(ws, tmp_path):
+    """An OCI image with /kernel and /kernel.tar (LinuxKit's kernel images), made here from
+    gcc-built objects with a .modinfo section, imported with oci_archive."""
+    import io
+    from test_kmod import compile_module
+    from forge.formats import layers, oci
+    mods = {"dep_a": "", "dep_b": "dep_a", "top": "dep_b", "unused": ""}
+    ktar = io.BytesIO()
+    with tarfile.open(fileobj=ktar, mode="w") as tf:
+        for name, deps in mods.items():
+            data = compile_module(tmp_path, [f"name={name}", f"depends={deps}"], name)
+            ti = tarfile.TarInfo(f"lib/modules/9.9.9-test/kernel/{name}.ko")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    (root / "kernel").write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 64)
+    (root / "kernel.tar").write_bytes(ktar.getvalue())
+    layout = tmp_path / "layout"
+    with open(tmp_path / "layer.tgz", "wb") as f:
+        info = layers.layer_from_dir(root, f, mtime=0)
+    oci.add_blob(layout, tmp_path / "layer.tgz", info.media_type)
+    oci.write_image(layout, oci.image_config_defaults(diff_ids=[info.diff_id]), [info])
+    with open(ws.root / "kimg.tar", "wb") as f:
+        oci.export_oci_archive(layout, f)
+    ws.write({"BUILD": 'oci_archive(name = "kimg", src = "kimg.tar")\n'
+                       'kernel(name = "k", image = ":kimg", modules = ["top"])\n'})
+    r = ws.build("//:k")
+    assert r.code == 0, r.err
+    out = ws.root / "forge-out/k"
+    assert (out / "modules.load").read_text().split() == [
+        f"/lib/modules/9.9.9-test/kernel/{m}.ko" for m in ("dep_a", "dep_b", "top")]
+    assert (out / "version").read_text().strip() == "9.9.9-test"
+    with tarfile.open(out / "kernel.tar") as tf:
+        assert sorted(m.name for m in tf.getmembers() if m.isfile()) == sorted(
+            f"lib/modules/9.9.9-test/kernel/{m}.ko" for m in ("dep_a", "dep_b", "top"))
