@@ -285,6 +285,3 @@ class ActionFailed(ForgeError):
 
     exit_code = 1
 
-
-def location_of(value: Any) -> Location | None:  # pragma: no cover - convenience
-    return getattr(value, "location", None)

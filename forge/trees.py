@@ -39,6 +39,7 @@ def store(cache: Cache, root: Path, path: str,
     `known` maps inodes of cache blobs the action was given (hard links of its inputs)
     to those blobs: a file that is still one of them (an image layer carried over from
     the parent image) is recorded without being read again."""
+    from forge.formats.layers import symlink_escapes  # only when a tree is stored
     entries = []
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -51,7 +52,7 @@ def store(cache: Cache, root: Path, path: str,
             st = os.lstat(full)
             if os.path.islink(full):
                 target = os.readlink(full)
-                if os.path.isabs(target) or _escapes(rel, target):
+                if os.path.isabs(target) or symlink_escapes(rel.split("/")[:-1], target):
                     raise TreeError(f"output directory {path} holds a symlink {rel} -> {target} "
                                     "that points outside it")
                 entries.append([rel, "l", target])
@@ -70,18 +71,6 @@ def store(cache: Cache, root: Path, path: str,
     entries.sort(key=lambda e: e[0])
     data = json.dumps({"v": FORMAT, "entries": entries}, separators=(",", ":")).encode()
     return OutputFile(path, cache.put_bytes(data), total, False, True)
-
-
-def _escapes(rel: str, target: str) -> bool:
-    depth = rel.count("/")
-    for part in target.split("/"):
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                return True
-        elif part not in ("", "."):
-            depth += 1
-    return False
 
 
 def entries(cache: Cache, f: OutputFile) -> list[list]:

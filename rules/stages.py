@@ -155,9 +155,9 @@ def copy_layer(ctx: ExecContext) -> None:
         workdir = cfg.get("WorkingDir") or "/"
     for w in p["workdirs"]:
         workdir = posixpath.normpath(posixpath.join(workdir, w))
-    info = _copy_layer(ctx, p["step"], {"WorkingDir": workdir}, 0)
+    info = _copy_layer(ctx, p["step"], workdir)
     out = ctx.path(ctx.outputs[0])
-    os.replace(ctx.path(".layer-0"), out / "layer")
+    os.replace(ctx.path(".layer"), out / "layer")
     (out / "info.json").write_text(json.dumps({**info.descriptor(), "diff_id": info.diff_id},
                                               sort_keys=True))
 
@@ -177,12 +177,12 @@ def _owner(p, st) -> tuple[int, int]:
     return uid, gid
 
 
-def _copy_layer(ctx: ExecContext, st: dict, cfg: dict, n: int):
+def _copy_layer(ctx: ExecContext, st: dict, workdir: str):
+    """The layer of one COPY/ADD, written to `.layer` in the scratch directory."""
     p = ctx.params
-    staging = ctx.path(f".copy-{n}")
+    staging = ctx.path(".copy")
     staging.mkdir()
     dest = st["args"][-1]
-    workdir = cfg.get("WorkingDir") or "/"
     dest_abs = posixpath.normpath(posixpath.join(workdir, dest))
     into_dir = dest.endswith("/") or len(st["args"]) > 2
     heredocs = {h[0]: h for h in st["heredocs"]}
@@ -225,7 +225,7 @@ def _copy_layer(ctx: ExecContext, st: dict, cfg: dict, n: int):
                 _place(path, staging, target)
     uid, gid = _owner(p, st)
     mode = st["flags"].get("chmod")
-    with open(ctx.path(f".layer-{n}"), "wb") as fh:
+    with open(ctx.path(".layer"), "wb") as fh:
         info = layers.layer_from_dir(staging, fh, uid=uid, gid=gid, mtime=ctx.source_date_epoch,
                                      compress=True, mode_override=int(mode, 8) if mode else None)
     shutil.rmtree(staging, ignore_errors=True)
@@ -353,13 +353,10 @@ def docker_stage(ctx: ExecContext) -> None:
     p = ctx.params
     out = ctx.path(ctx.outputs[0])
     c = dockerengine.client()
-    parent_diff_ids: list[str] = []
-    if p["base"]["path"]:
-        base = dockerengine.ensure_loaded(c, ctx.path(p["base"]["path"]))
-        parent_diff_ids = oci.read_image(ctx.path(p["base"]["path"]), p["platform"]) \
-            .config["rootfs"]["diff_ids"]
-    else:
-        base = "scratch"
+    parent, descs = _start(ctx, out)  # the parent's blobs, linked into the result as they are
+    parent_diff_ids = list(parent["rootfs"]["diff_ids"])
+    base = dockerengine.ensure_loaded(c, ctx.path(p["base"]["path"])) if p["base"]["path"] \
+        else "scratch"
     context = ctx.path(".context")
     context.mkdir()
     for files in p["copies"].values():
@@ -382,7 +379,6 @@ def docker_stage(ctx: ExecContext) -> None:
     img = oci.read_image(tmp_layout, None)
     if img.config["rootfs"]["diff_ids"][:len(parent_diff_ids)] != parent_diff_ids:
         raise ActionFailed("the engine's result does not start with the parent's layers")
-    config, descs = _start(ctx, out)
     config = copy.deepcopy(img.config) | {"rootfs": {"type": "layers",
                                                      "diff_ids": list(parent_diff_ids)}}
     history = [h for h in img.config.get("history", [])]

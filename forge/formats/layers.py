@@ -175,7 +175,8 @@ def _resolve(parts: list[str], readlink: Callable[[str], str | None], member: st
     return done
 
 
-def _symlink_escapes(where: list[str], target: str) -> bool:
+def symlink_escapes(where: list[str], target: str) -> bool:
+    """Whether a relative `target`, read from the directory `where`, climbs above the root."""
     if target.startswith("/"):
         return False  # resolved from the image root when the image runs
     depth = len(where)
@@ -316,7 +317,7 @@ class _Extractor:
 
     def _write(self, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str, parent: str) -> None:
         p = self.host(rel)
-        if m.issym() and _symlink_escapes(parent.split("/") if parent else [], m.linkname):
+        if m.issym() and symlink_escapes(parent.split("/") if parent else [], m.linkname):
             raise UnsafeLayerError(
                 f"{m.name!r}: symlink target {m.linkname!r} points outside the root")
         if m.islnk():

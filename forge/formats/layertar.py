@@ -18,7 +18,7 @@ from typing import BinaryIO, Callable, Iterable
 from forge.formats.layers import (_OPAQUE, _Extractor, _WHITEOUT, _XATTR_PREFIXES,
                                   MEDIA_TYPE_TAR, MEDIA_TYPE_TAR_GZIP, LayerInfo, Source,
                                   UnsafeLayerError, _open_random, _parts, _resolve,
-                                  _sort_key, _symlink_escapes, _under)
+                                  _sort_key, _under, symlink_escapes)
 
 # ---- merging and writing without touching the disk ---------------------------------
 
@@ -166,7 +166,7 @@ class _Merger:
                 self.drop(rel)
             if m.isreg():
                 e.data = _tar_data(tf, m)
-            elif m.issym() and _symlink_escapes(parent.split("/") if parent else [], m.linkname):
+            elif m.issym() and symlink_escapes(parent.split("/") if parent else [], m.linkname):
                 raise UnsafeLayerError(
                     f"{m.name!r}: symlink target {m.linkname!r} points outside the root")
             elif m.islnk():
