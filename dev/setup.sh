@@ -12,8 +12,13 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # ninja-build: bench/engine's reference; graphviz: `forge graph --format svg`; docker.io:
 # the engine for Dockerfile stages that RUN; mmdebstrap: debian_rootfs; docker-registry and
 # skopeo: a real registry (and a second client) for the registry tests; cpio and zstd: the
-# initramfs tests check forge's archives with the real tools.
-forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd)
+# initramfs tests check forge's archives with the real tools; xorriso, isolinux, syslinux,
+# grub-*, mtools, dosfstools, fdisk, qemu-utils: the disk formats (ISO, raw, qcow2);
+# qemu-system-x86 and ovmf: booting images (BIOS and UEFI); busybox-static and runc: the
+# reference init; nginx-full: the WebDAV server the remote-cache tests use as a Bazel HTTP cache.
+forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd
+    xorriso isolinux syslinux syslinux-common grub-common grub-pc-bin grub-efi-amd64-bin mtools
+    dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do
