@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
-from forge.api import (OUT_PREFIX, RULES, Action, Artifact, RuleType, TargetInfo)
+from forge.api import (OUT_PREFIX, RULES, Action, Artifact, RuleType, SourceReader, TargetInfo)
 from forge.errors import AnalysisError, ForgeError, LoadError, did_you_mean
 from forge.labels import Label, LabelError, Pattern, parse_label
 from forge.loader import Loader, Target
@@ -101,6 +101,18 @@ class AnalysisContext:
             self._an.loader._remember(d / name)
             return Artifact(_join(self.package, name))
         return None
+
+    def source_file(self, path: str) -> Artifact:
+        """A file of the workspace named by its workspace-relative path inside a source
+        file (an assembly's `source:`), as an input. FileNotFoundError if it is missing;
+        its directory's mtime is recorded so the plan notices it appearing or going."""
+        p = self._an.ws.root / path
+        d = p.parent
+        self._an.loader.dirs[d.relative_to(self._an.ws.root).as_posix().lstrip(".")] = \
+            d.stat().st_mtime_ns if d.is_dir() else 0
+        if not p.is_file():
+            raise FileNotFoundError(path)
+        return Artifact(p.relative_to(self._an.ws.root).as_posix())
 
     def pin(self, kind: str, key: str) -> str:
         """The pinned value for a floating reference (see forge.lockfile), e.g.
@@ -232,8 +244,39 @@ class Analyzer:
                                 location=t.attr_location(name), hint=e.hint) from None
             for lb in deps:
                 self.resolve(lb, t, name)
+        if rule.implicit_deps is not None:
+            deps.extend(self._implicit_deps(t, rule))
         node.deps = list(dict.fromkeys(deps))
         return node.deps
+
+    def _implicit_deps(self, t: Target, rule: RuleType) -> list[Label]:
+        def path(text: str) -> str:
+            lb = parse_label(text, t.label.package) if isinstance(text, str) else text
+            return _join(lb.package, lb.name)
+
+        def read(text: str) -> str:
+            p = self.ws.root / path(text)
+            self.loader._remember(p)
+            return p.read_text()
+
+        reader = SourceReader(t.label.package, SimpleNamespace(**t.attrs), read, path)
+        try:
+            found = rule.implicit_deps(reader)
+        except ForgeError as e:
+            raise e.with_location(t.location) from None
+        out = []
+        for text, where in found:
+            try:
+                lb = parse_label(text, t.label.package)
+            except LabelError as e:
+                raise LoadError(e.message, location=where, hint=e.hint) from None
+            try:
+                self.resolve(lb, t, None)
+            except LoadError as e:
+                e.location = where or e.location  # the line in the source file naming it
+                raise
+            out.append(lb)
+        return out
 
     def analyze(self, roots: list[Label]) -> Plan:
         state: dict[Label, int] = {}

@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
     t.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     r = sub.add_parser("run", parents=[common, building], help=COMMANDS["run"])
-    r.add_argument("target", help="the target to run; arguments for it go after --")
+    r.add_argument("target", help="the target to run; arguments for it go after -- (options "
+                   "forge does not know, e.g. `-p 6379` for an OS image, go to it too)")
     ld = sub.add_parser("load", parents=[common, building], help=COMMANDS["load"])
     ld.add_argument("target")
     ld.add_argument("tag", help="e.g. myrepo/x:dev")
@@ -101,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "run" and "--" in argv:  # what follows `--` belongs to the program
         cut = argv.index("--")
         argv, program_args = argv[:cut], argv[cut + 1:]
-    args = parser.parse_args(argv)
+    if argv[0] == "run":  # options forge does not know go to the runner: `-p 6379`
+        args, extra = parser.parse_known_args(argv)
+        program_args = extra + program_args
+    else:
+        args = parser.parse_args(argv)
     args.program_args = program_args
     if args.command == "version":
         print(f"forge {__version__}")
@@ -237,7 +242,8 @@ def cmd_test(ws, args) -> int:
         return EXIT_OK
     cancel = threading.Event()
     try:
-        results = run_tests(plan, ws.root, s.cache, args.jobs or os.cpu_count() or 1, cancel)
+        results = run_tests(plan, ws.root, s.cache, args.jobs or os.cpu_count() or 1, cancel,
+                            ws.config)
     except KeyboardInterrupt:
         cancel.set()
         return EXIT_INTERRUPTED

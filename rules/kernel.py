@@ -192,24 +192,28 @@ def _write_kernel(ctx: ExecContext, image: bytes, version: str, mods: dict) -> N
             tar.addfile(ti, io.BytesIO(data))
 
 
-@action_function("KernelFromImage", version=1)
+@action_function("KernelFromImage", version=2)
 def kernel_from_image(ctx: ExecContext) -> None:
+    """`binary`, `tar` and `ucode` are the assembly's kernel keys: the files' names in the
+    image ("" for `tar: none` / no ucode)."""
     from forge.formats import layers, oci
     img = oci.read_image(ctx.path(ctx.inputs[0]))
     root = ctx.path(".image")
-    names = ["kernel", "kernel.tar", "ucode.cpio"]
+    p = ctx.params
+    binary, tar, ucode = p.get("binary", "kernel"), p.get("tar", "kernel.tar"), p.get("ucode", "ucode.cpio")
+    names = [n.lstrip("/") for n in (binary, tar, ucode) if n]
     layers.apply_layers([b for _, b in img.layers], root,
                         include=lambda rel: rel in names)
-    if not (root / "kernel").is_file():
-        raise ActionFailed(f"{ctx.inputs[0]} has no /kernel: not an image in LinuxKit's kernel "
+    if not (root / binary).is_file():
+        raise ActionFailed(f"{ctx.inputs[0]} has no /{binary}: not an image in LinuxKit's kernel "
                            "layout (kernel, kernel.tar at the root)")
     mods: dict[str, tuple[str, dict, bytes]] = {}
     version = ""
-    if (root / "kernel.tar").is_file():
-        with tarfile.open(root / "kernel.tar") as tf:
+    if tar and (root / tar).is_file():
+        with tarfile.open(root / tar) as tf:
             for m in tf:
                 if _take_module(tf, m, mods) and not version:
                     version = m.name.split("/modules/", 1)[1].split("/", 1)[0]
-    _write_kernel(ctx, (root / "kernel").read_bytes(), version, mods)
-    if (root / "ucode.cpio").is_file():
-        (ctx.path(ctx.outputs[0]) / "ucode.cpio").write_bytes((root / "ucode.cpio").read_bytes())
+    _write_kernel(ctx, (root / binary).read_bytes(), version, mods)
+    if ucode and (root / ucode).is_file():
+        (ctx.path(ctx.outputs[0]) / "ucode.cpio").write_bytes((root / ucode).read_bytes())
