@@ -206,7 +206,8 @@ class Analyzer:
                 rel = _join(label.package, label.name)
                 raise LoadError(
                     f"'{label}' names no target of //{label.package} and no file {rel}"
-                    + (f" (in '{attr}' of {owner.label})" if owner else ""),
+                    + (f" (in '{attr}' of {owner.label})" if owner and attr
+                       else f" (named by {owner.label})" if owner else ""),
                     location=where,
                     hint=did_you_mean(label.name, names)
                     or f"//{label.package} defines: {', '.join(sorted(names)[:12]) or 'nothing'}")

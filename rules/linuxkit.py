@@ -72,14 +72,10 @@ def _image_uses(asm: asmlib.Assembly) -> list[tuple[str, asmlib.Loc | None]]:
     uses = []
     if asm.kernel and asm.kernel.image:
         uses.append((asm.kernel.image, asm.kernel.loc))
-    uses += [(ref, None) for ref in asm.init]
+    uses += list(zip(asm.init, asm.init_locs))
     uses += [(e.image, e.locs.get("image", e.loc)) for e in asm.entries()]
     uses += [(v.image, v.loc) for v in asm.volumes if v.image]
     return uses
-
-
-def _loc_json(loc) -> list | None:
-    return [loc.file, loc.line, loc.col] if loc else None
 
 
 # --- the rule -----------------------------------------------------------------------------
@@ -184,13 +180,23 @@ class _Planner:
                 d = f"containers/{section}/" + (e.name if section == "services" else f"{i:03d}-{e.name}")
                 src = self.unpack(e.image, e.locs.get("image", e.loc))
                 frag = self.ctx.declare(f"{self.name}.rootfs/{section}-{i:03d}-{e.name}.tar")
+                self._check(e)
+                # No line numbers in the params: moving an entry must not rebuild it.
                 params = {"dir": d, "section": section, "name": e.name, "image": e.image,
-                          "raw": e.raw, "loc": _loc_json(e.loc),
-                          "locs": {k: _loc_json(v) for k, v in e.locs.items()},
-                          "ids": self.ids}
+                          "raw": e.raw, "ids": self.ids}
                 self.ctx.call("LkBundle", params, inputs=[src], outputs=[frag],
                               mnemonic="LkBundle", description=f"LkBundle {self.ctx.label} [{d}]")
                 self.fragments.append((f"{section}/{e.name}", frag))
+
+    def _check(self, e: asmlib.ImageEntry) -> None:
+        """Errors in the entry's own keys, found now with their lines (and by --nobuild);
+        what is left for the step is the image label, which it names."""
+        try:
+            runtime_config(e, {}, {}, self.ids, readonly_default=False)
+        except asmlib.AssemblyError as err:
+            w = err.where
+            raise AnalysisError(err.message, location=Location(w.file, w.line, w.col)
+                                if isinstance(w, asmlib.Loc) else None, hint=err.hint) from None
 
     def files(self) -> None:
         if not self.asm.files:
@@ -269,8 +275,8 @@ class _Planner:
     def plan(self):
         ctx = self.ctx
         kernel_dir = self.kernel()
-        for i, ref in enumerate(self.asm.init):
-            self.fragments.append((f"init/{i}", self.unpack(ref, self.asm.kernel.loc)))
+        for i, (ref, loc) in enumerate(zip(self.asm.init, self.asm.init_locs)):
+            self.fragments.append((f"init/{i}", self.unpack(ref, loc)))
         self.entries()
         self.volumes()
         self.files()
@@ -342,9 +348,8 @@ def bundle_step(ctx: ExecContext) -> None:
     """One entry's OCI bundle. Writable entries (LinuxKit's default) get their image in
     lower/ and an empty rootfs/ where the init mounts an overlay; read-only ones in rootfs/."""
     p = ctx.params
-    loc = asmlib.Loc(*p["loc"]) if p["loc"] else asmlib.Loc("?", 0, 0)
-    locs = {k: asmlib.Loc(*v) for k, v in p["locs"].items() if v}
-    entry = asmlib.ImageEntry(p["section"], p["name"], p["image"], loc, p["raw"], locs)
+    entry = asmlib.ImageEntry(p["section"], p["name"], p["image"], asmlib.Loc(p["dir"], 0, 0),
+                              p["raw"], {})
     src = ctx.path(ctx.inputs[0])
     image_config = json.loads((src / "config.json").read_text())
     try:
