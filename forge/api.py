@@ -292,6 +292,7 @@ class RunContext:
 RUNNERS: dict[str, Callable[[RunContext], int]] = {}
 # kind -> (key, workspace config) -> pinned value, for `forge.lock` (see AnalysisContext.pin)
 PIN_RESOLVERS: dict[str, Callable[[str, dict], str]] = {}
+PIN_PLACEHOLDERS: dict[str, str] = {}
 
 
 def runner(name: str) -> Callable:
@@ -303,11 +304,15 @@ def runner(name: str) -> Callable:
     return register
 
 
-def pin_resolver(kind: str) -> Callable:
+def pin_resolver(kind: str, placeholder: str | None = None) -> Callable:
     """Register how a floating reference of `kind` (e.g. an image tag) is resolved to a
-    pinned value; `forge lock` calls it again to refresh `forge.lock`."""
+    pinned value; `forge lock` calls it again to refresh `forge.lock`. `placeholder`, a
+    well-formed value, stands in for what is not pinned yet when `--nobuild` plans
+    without touching the network."""
     def register(fn):
         PIN_RESOLVERS[kind] = fn
+        if placeholder is not None:
+            PIN_PLACEHOLDERS[kind] = placeholder
         return fn
     return register
 

@@ -173,7 +173,7 @@ def _build(ws, args, patterns, *, tests: bool = False):
     s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
                                  file=sys.stderr))
     try:
-        plan = s.plan(patterns, offline=args.offline)
+        plan = s.plan(patterns, offline=args.offline, dry=args.nobuild)
         t1 = time.perf_counter()
         if args.nobuild:
             print(f"forge: {len(plan.roots)} targets loaded and analysed, "

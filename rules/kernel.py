@@ -35,14 +35,18 @@ def _index(key: str, config: dict):
     return deb.fetch_index(mirror_for(config), suite, arch=arch), name, version or None
 
 
-@pin_resolver("deb")
+_PLACEHOLDER = json.dumps({"Package": "unresolved", "Version": "0", "Filename": "unresolved.deb",
+                           "SHA256": "0" * 64, "Size": "0"})
+
+
+@pin_resolver("deb", placeholder=_PLACEHOLDER)
 def resolve_deb(key: str, config: dict) -> str:
     """`suite/arch/name[=version]` -> the index entry of that package, as JSON."""
     index, name, version = _index(key, config)
     return _pin_value(deb.resolve(index, name, version))
 
 
-@pin_resolver("debkernel")
+@pin_resolver("debkernel", placeholder=_PLACEHOLDER)
 def resolve_kernel(key: str, config: dict) -> str:
     """Like `deb`, but a metapackage (linux-image-cloud-amd64) is followed to the
     versioned kernel package it depends on."""

@@ -234,3 +234,15 @@ def test_unknown_format_is_an_error(lk):
     (lk.root / "BUILD").write_text(BUILD.replace('"tar"', '"isobios"'))
     r = lk.forge("build", "--nobuild", "//:os")
     assert r.code != 0 and "unknown format 'isobios'" in r.err and "iso-bios" in r.err, r.err
+
+
+def test_nobuild_plans_registry_images_without_the_network(lk):
+    # Nothing listens on port 1: resolving the tag would fail, so passing proves no fetch.
+    text = (lk.root / "os.yml").read_text().replace("    image: app\n    binds.add",
+                                                    "    image: 127.0.0.1:1/team/web:1.0\n    binds.add")
+    (lk.root / "os.yml").write_text(text)
+    r = lk.forge("build", "--nobuild", "//:os")
+    assert r.code == 0, r.err
+    assert not (lk.root / "forge.lock").exists()
+    r = lk.forge("build", "//:os", "--offline")
+    assert r.code != 0 and "127.0.0.1:1/team/web:1.0" in r.err and "not pinned" in r.err, r.err
