@@ -57,11 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"forge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     b = sub.add_parser("build", parents=[common, building], help=COMMANDS["build"])
-    b.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
+    b.add_argument("patterns", nargs="*", metavar="TARGET", help="targets or patterns "
+                   "(//... for all); with none, nothing is built")
     b.add_argument("--load", metavar="TAG", help="load the built image into the Docker engine "
                    "as TAG (one image target)")
     t = sub.add_parser("test", parents=[common, building], help=COMMANDS["test"])
-    t.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
+    t.add_argument("patterns", nargs="*", metavar="TARGET", help="targets or patterns "
+                   "(//... for all); with none, nothing is tested")
     t.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     r = sub.add_parser("run", parents=[common, building], help=COMMANDS["run"])
     r.add_argument("target", help="the target to run; arguments for it go after --")
@@ -203,7 +205,16 @@ def _write_last(s, summary) -> None:
                           for r in summary.results])
 
 
+def _no_targets(what: str) -> int:
+    # `forge build $(forge affected ...)` with nothing affected must not build everything.
+    print(f"forge: no targets given, nothing to {what} (//... means every target)",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_build(ws, args) -> int:
+    if not args.patterns:
+        return _no_targets("build")
     s, plan, summary, code = _build(ws, args, args.patterns)
     if code == EXIT_OK and args.load and summary is not None:
         if len(plan.roots) != 1:
@@ -229,11 +240,17 @@ def cmd_test(ws, args) -> int:
     import threading
 
     from forge.testing import run_tests, write_junit
+    if not args.patterns:
+        if args.junit:  # CI steps that publish the report expect one, even an empty one
+            write_junit(args.junit, [])
+        return _no_targets("test")
     s, plan, summary, code = _build(ws, args, args.patterns)
     if code != EXIT_OK or args.nobuild:
         return code
     if not plan.tests:
         print("forge: no test targets matched", file=sys.stderr)
+        if args.junit:
+            write_junit(args.junit, [])
         return EXIT_OK
     cancel = threading.Event()
     try:
