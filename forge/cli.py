@@ -25,6 +25,7 @@ COMMANDS = {
     "load": "build an image target and load it into the Docker engine under a tag",
     "lock": "resolve every floating reference (image tags) again and rewrite forge.lock",
     "query": "query the target graph: deps(), rdeps(), kind(), attr(), somepath(), + - ^",
+    "affected": "the targets a git change touches: forge build $(forge affected --base origin/main)",
     "graph": "draw a target's dependency graph (dot, svg, mermaid)",
     "explain": "why each action of the last build ran",
     "clean": "remove outputs (--expunge: also this workspace's records)",
@@ -75,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", parents=[common], help=COMMANDS["query"])
     q.add_argument("expr")
     q.add_argument("--output", choices=("label", "json", "dot"), default="label")
+    af = sub.add_parser("affected", parents=[common], help=COMMANDS["affected"])
+    af.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET",
+                    help="report only targets these patterns cover (default //...)")
+    af.add_argument("--base", required=True, metavar="REV", help="the git revision to compare "
+                    "with, e.g. origin/main")
+    af.add_argument("--head", metavar="REV", help="the revision compared (default: the working "
+                    "tree, with uncommitted and untracked files)")
+    af.add_argument("--output", choices=("label", "json"), default="label")
     g = sub.add_parser("graph", parents=[common], help=COMMANDS["graph"])
     g.add_argument("target")
     g.add_argument("--format", choices=("dot", "svg", "mermaid"), default="dot")
@@ -143,7 +152,7 @@ def _help(parser, topic) -> int:
         parser.print_help()
         print("\ncommands:")
         for name, text in COMMANDS.items():
-            print(f"  {name:8} {text}")
+            print(f"  {name:9} {text}")
         return EXIT_OK
     if topic not in COMMANDS:
         from forge.errors import did_you_mean
@@ -361,6 +370,25 @@ def cmd_graph(ws, args) -> int:
     return EXIT_OK
 
 
+def cmd_affected(ws, args) -> int:
+    import json
+
+    from forge.affected import find_affected
+    r = find_affected(ws, args.patterns, args.base, args.head)
+    for w in r.warnings:
+        print(f"WARNING: {w}", file=sys.stderr)  # as the build reports them
+    if args.output == "json":
+        print(json.dumps({"base": r.base, "head": r.head,
+                          "changed": [{"path": p, "status": st} for p, st in r.changes.items()],
+                          "targets": [{"label": str(lb), "kind": kind, "why": why}
+                                      for lb, (kind, why) in r.targets.items()]}, indent=2))
+    else:
+        sys.stdout.write("".join(f"{lb}\n" for lb in r.targets))
+    print(f"forge: {len(r.targets)} targets affected by {len(r.changes)} changed files "
+          f"({r.base[:12]}..{r.head[:12] if r.head else 'working tree'})", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_explain(ws, args) -> int:
     s = _session(ws, args)
     last = s.records.read_last()
@@ -441,5 +469,5 @@ def _human(n: int) -> str:
 
 
 _COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,
-             "lock": cmd_lock, "query": cmd_query,
+             "lock": cmd_lock, "query": cmd_query, "affected": cmd_affected,
              "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache}
