@@ -90,6 +90,7 @@ class AnalysisContext:
     def read_source(self, artifact: Artifact) -> str:
         path = self._an.ws.root / artifact.path
         self._an.loader._remember(path)
+        self._an.reads.setdefault(self.label, set()).add(artifact.path)
         return path.read_text()
 
     def optional_source(self, name: str) -> Artifact | None:
@@ -97,6 +98,7 @@ class AnalysisContext:
         cache notices when it appears or goes (its directory's mtime is recorded)."""
         d = self._an.ws.root / self.package if self.package else self._an.ws.root
         self._an.loader.dirs[self.package] = d.stat().st_mtime_ns
+        self._an.reads.setdefault(self.label, set()).add(_join(self.package, name))
         if (d / name).is_file():
             self._an.loader._remember(d / name)
             return Artifact(_join(self.package, name))
@@ -153,6 +155,8 @@ class Analyzer:
         self.infos: dict[Label, TargetInfo] = {}
         self.actions: list[Action] = []
         self._producers: dict[str, Action] = {}
+        # Files each target's rule read or looked for while planning (forge affected).
+        self.reads: dict[Label, set[str]] = {}
 
     # --- patterns -------------------------------------------------------------------
 

@@ -75,6 +75,8 @@ class Loader:
         # Files and directories whose change invalidates what was loaded.
         self.inputs: dict[str, tuple[int, int]] = {}
         self.dirs: dict[str, int] = {}
+        # BUILD or .bzl file -> the .bzl files it loads (workspace-relative), for affected.py.
+        self.loads: dict[str, set[str]] = {}
         self._prelude_src = _prelude(self.rules)
         self._current: Package | None = None
         self._pending: BaseException | None = None
@@ -174,6 +176,8 @@ class Loader:
                 raise err
             m = self._eval(path, display)
             self.bzl[key] = m.freeze()
+        rel = f"{label.package}/{label.name}" if label.package else label.name
+        self.loads.setdefault(requester, set()).add(rel)
         return self.bzl[key]
 
     def _starlark_error(self, text: str, display: str) -> LoadError:
