@@ -109,6 +109,7 @@ class AnalysisContext:
         file (an assembly's `source:`), as an input. FileNotFoundError if it is missing;
         its directory's mtime is recorded so the plan notices it appearing or going."""
         p = self._an.ws.root / path
+        self._an.reads.setdefault(self.label, set()).add(path)
         d = p.parent
         self._an.loader.dirs[d.relative_to(self._an.ws.root).as_posix().lstrip(".")] = \
             d.stat().st_mtime_ns if d.is_dir() else 0
@@ -262,6 +263,7 @@ class Analyzer:
         def read(text: str) -> str:
             p = self.ws.root / path(text)
             self.loader._remember(p)
+            self.reads.setdefault(t.label, set()).add(path(text))
             return p.read_text()
 
         reader = SourceReader(t.label.package, SimpleNamespace(**t.attrs), read, path)
