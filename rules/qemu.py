@@ -91,31 +91,64 @@ def qemu_test(ctx):
         "probe": probe, "timeout": timeout, "memory": ctx.attr.memory, "cpus": ctx.attr.cpus}})
 
 
+def boot_spec(fmt: str, paths: list):
+    """How QEMU boots the files of format `fmt` (see disk.FORMATS for their order)."""
+    from forge.formats import qemu
+    if fmt == "kernel+initrd":
+        kernel, initrd, cmdline = paths
+        return qemu.kernel_boot(kernel, initrd, cmdline.read_text())
+    if fmt.startswith("iso-"):
+        return qemu.iso_boot(paths[0], efi=fmt.endswith("-efi"))
+    return qemu.disk_boot(paths[0], efi=fmt.endswith("-efi"),
+                          image_format="qcow2" if fmt.startswith("qcow2") else "raw")
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _probe(p: dict, vm, cancel):
+    """The test's probe, also watching for Ctrl-C (which kills the VM at once)."""
+    from forge.formats import qemu
+    kind = p["kind"]
+    if kind == "redis_ping":
+        probe = qemu.redis_ping("127.0.0.1", vm.host_port(p["port"]))
+    elif kind == "tcp_expect":
+        probe = qemu.tcp_expect(vm.host_port(p["port"]), p.get("send", "").encode(), p.get("expect", ""))
+    else:
+        probe = qemu.console_regex(p["pattern"])
+
+    def check(console):
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled()
+        return probe.check(console)
+    return qemu.Probe(probe.what, check)
+
+
 @runner("QemuTest")
 def qemu_test_runner(ctx: RunContext) -> int:
+    import tempfile
+    import time
     from forge.formats import qemu
     p = ctx.params
     out = ctx.out or sys.stdout
-    forwards = {qemu.free_port(): int(g) for g in p["forward"].values()}
-    guest_to_host = {g: h for h, g in forwards.items()}
-    spec = qemu.boot_spec(p["format"], [ctx.root / f for f in p["files"]])
-    probe = p["probe"]
-    kind = probe["kind"]
-    if kind == "redis_ping":
-        check = qemu.redis_ping("127.0.0.1", guest_to_host[probe["port"]])
-    elif kind == "tcp_expect":
-        check = qemu.tcp_expect("127.0.0.1", guest_to_host[probe["port"]],
-                                probe.get("send", "").encode(), probe.get("expect", ""))
-    else:
-        check = qemu.console_regex(probe["pattern"])
-    try:
-        with qemu.VM(spec, forwards=forwards, memory=p["memory"], cpus=p["cpus"],
-                     accel=ctx.config.get("qemu", {}).get("accel")) as vm:
-            took = vm.wait(check, timeout=p["timeout"], cancel=ctx.cancel)
-    except qemu.BootError as e:
-        out.write(f"{e}\n")
-        return 1
-    out.write(f"{kind} answered after {took:.1f} s ({vm.accel})\n")
+    spec = boot_spec(p["format"], [ctx.root / f for f in p["files"]])
+    accel = ctx.config.get("qemu", {}).get("accel")
+    with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
+        vm = qemu.VM(spec, rundir, accel=accel, memory=p["memory"], cpus=p["cpus"],
+                     forwards={int(g): 0 for g in p["forward"].values()})
+        t0 = time.monotonic()
+        try:
+            with vm:
+                vm.wait(_probe(p["probe"], vm, ctx.cancel), timeout=p["timeout"])
+        except _Cancelled:
+            out.write("interrupted\n")
+            return 1
+        except qemu.QemuError as e:
+            out.write(f"{e}\n")
+            return 1
+    out.write(f"{p['probe']['kind']} answered {time.monotonic() - t0:.1f} s after QEMU started "
+              f"({p['format']}, {vm.accel})\n")
     return 0
 
 
@@ -123,8 +156,9 @@ def qemu_test_runner(ctx: RunContext) -> int:
 def qemu_run(ctx: RunContext) -> int:
     """`forge run //images:x [--format F] [-p HOST:GUEST]... [--accel kvm|tcg] [-m MiB]
     [--cpus N]`: the serial console on this terminal; Ctrl-C (or powering off) stops it."""
-    from forge.formats import qemu
+    import tempfile
     from forge.api import UsageError
+    from forge.formats import qemu
     formats = ctx.params["formats"]
     ap = argparse.ArgumentParser(prog="forge run IMAGE", add_help=False)
     ap.add_argument("--format", default=next((f for f in BOOTABLE if f in formats), None))
@@ -146,9 +180,16 @@ def qemu_run(ctx: RunContext) -> int:
         host, _, guest = text.partition(":")
         if not (host.isdigit() and (guest or host).isdigit()):
             raise UsageError(f"-p {text}: expected PORT or HOST:GUEST")
-        forwards[int(host)] = int(guest or host)
-    spec = qemu.boot_spec(args.format, [ctx.root / f for f in formats[args.format]])
-    print(f"forge: booting {ctx.params['name']} ({args.format}); Ctrl-C stops the VM"
-          + "".join(f"; 127.0.0.1:{h} -> guest {g}" for h, g in forwards.items()), file=sys.stderr)
-    return qemu.run_interactive(spec, forwards=forwards, memory=args.memory, cpus=args.cpus,
-                                accel=args.accel or ctx.config.get("qemu", {}).get("accel"))
+        forwards[int(guest or host)] = int(host)
+    spec = boot_spec(args.format, [ctx.root / f for f in formats[args.format]])
+    with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
+        vm = qemu.VM(spec, rundir, accel=args.accel or ctx.config.get("qemu", {}).get("accel"),
+                     memory=args.memory, cpus=args.cpus, forwards=forwards, interactive=True)
+        print(f"forge: booting {ctx.params['name']} ({args.format}, {vm.accel}); Ctrl-C stops the VM"
+              + "".join(f"; 127.0.0.1:{h} -> guest {g}" for g, h in vm.ports.items()), file=sys.stderr)
+        try:
+            with vm:
+                return vm.wait_exit()
+        except KeyboardInterrupt:
+            print("\nforge: VM stopped", file=sys.stderr)
+            return 0

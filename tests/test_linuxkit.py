@@ -59,6 +59,10 @@ linuxkit_image(
 """
 
 
+ALL_FORMATS = ("kernel+initrd", "tar", "iso-bios", "iso-efi", "raw-bios", "raw-efi",
+               "qcow2-bios", "qcow2-efi")
+
+
 def _kernel_tar() -> bytes:
     import io
     buf = io.BytesIO()
@@ -160,11 +164,18 @@ def test_segments_unpack_with_cpio(lk):
 
 def test_two_clean_builds_are_byte_identical(tmp_path):
     require(Path("/bin/busybox").is_file(), "busybox-static is not installed")
+    for tool in ("xorriso", "mkfs.vfat", "mcopy", "syslinux", "grub-mkimage", "qemu-img", "sfdisk"):
+        require(shutil.which(tool) is not None, f"{tool} is not installed (see dev/setup.sh)")
+    every = BUILD.replace('["kernel+initrd", "tar"]', repr(list(ALL_FORMATS)).replace("'", '"'))
     a = make_workspace(tmp_path / "one" / "ws", tmp_path / "cache1")
     b = make_workspace(tmp_path / "two" / "elsewhere", tmp_path / "cache2")
-    assert a.build("//:os").code == 0
-    assert b.build("//:os").code == 0
-    for name in ("os-kernel", "os-initrd.img", "os-cmdline", "os.tar"):
+    for w in (a, b):
+        (w.root / "BUILD").write_text(every)
+        r = w.build("//:os")
+        assert r.code == 0, r.err
+    names = ["os-kernel", "os-initrd.img", "os-cmdline", "os.tar", "os.iso", "os-efi.iso",
+             "os-bios.img", "os-efi.img", "os.qcow2", "os-efi.qcow2"]
+    for name in names:
         assert (a.root / "forge-out" / name).read_bytes() == (b.root / "forge-out" / name).read_bytes(), name
 
 
