@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge import sandbox
+from forge.errors import ForgeError
 from forge.plan import Plan
 from forge.cache import Cache
 from forge.labels import Label
@@ -74,16 +75,20 @@ def _run_in_process(label: Label, spec: dict, root: Path, config: dict,
     fn = RUNNERS.get(spec["runner"])
     if fn is None:
         return TestResult(label, False, 0.0, "", f"no runner '{spec['runner']}' is registered")
+    reason = ""
     try:
         code = fn(RunContext(spec.get("params"), root, [], config, out=out, cancel=cancel))
+    except ForgeError as e:  # the test failed: the first line says why, the rest is detail
+        out.write(f"{e.message}\n")
+        code, reason = 1, e.message.splitlines()[0]
     except Exception as e:  # noqa: BLE001 - a failing test reports, never crashes the run
         out.write(f"\n{type(e).__name__}: {e}\n")
-        code = 1
+        code, reason = 1, f"{type(e).__name__}: {e}"
     took = time.perf_counter() - t0
     if cancel.is_set():
         return TestResult(label, False, took, out.getvalue(), "interrupted")
     return TestResult(label, code == 0, took, out.getvalue(), "" if code == 0 else
-                      (out.getvalue().strip().splitlines() or ["failed"])[-1][:200])
+                      (reason or f"exit code {code}")[:200])
 
 
 def write_junit(path: str, results: list[TestResult]) -> None:

@@ -12,7 +12,7 @@ import argparse
 import re
 import sys
 
-from forge.api import RunContext, attr, build_helper, pool, rule, runner
+from forge.api import ActionFailed, RunContext, attr, build_helper, pool, rule, runner
 
 pool("qemu", 2)
 
@@ -142,11 +142,9 @@ def qemu_test_runner(ctx: RunContext) -> int:
             with vm:
                 vm.wait(_probe(p["probe"], vm, ctx.cancel), timeout=p["timeout"])
         except _Cancelled:
-            out.write("interrupted\n")
-            return 1
+            raise ActionFailed("interrupted") from None
         except qemu.QemuError as e:
-            out.write(f"{e}\n")
-            return 1
+            raise ActionFailed(str(e)) from None
     out.write(f"{p['probe']['kind']} answered {time.monotonic() - t0:.1f} s after QEMU started "
               f"({p['format']}, {vm.accel})\n")
     return 0

@@ -49,7 +49,9 @@ def test_iso_and_disk_argv():
     bios = qemu.qemu_argv(qemu.iso_boot(Path("/x/a.iso")), accel="kvm")
     assert _pairs(bios, "-cdrom") == ["/x/a.iso"] and _pairs(bios, "-boot") == ["d"]
     assert _pairs(bios, "-cpu") == ["host"]
-    assert "-serial" not in bios  # interactive: the console is on stdio (-nographic)
+    # interactive: the console on stdio, with Ctrl-C stopping QEMU rather than reaching the guest
+    assert _pairs(bios, "-serial") == ["chardev:con0"]
+    assert _pairs(bios, "-chardev") == ["stdio,id=con0,signal=on"]
     disk = qemu.qemu_argv(qemu.disk_boot(Path("/x/a,b.qcow2")), accel="tcg")
     assert _pairs(disk, "-drive") == ["file=/x/a,,b.qcow2,format=qcow2,if=virtio,snapshot=on"]
     raw = qemu.qemu_argv(qemu.disk_boot(Path("/x/a-bios.img")), accel="tcg")

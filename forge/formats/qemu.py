@@ -98,8 +98,8 @@ def qemu_argv(boot: Boot, *, accel: str, memory: int = 256, cpus: int = 1,
               efi_vars: Path | None = None, qemu: str = QEMU,
               extra: Iterable[str] = ()) -> list[str]:
     """The QEMU command line. `forwards` are (host port, guest port) pairs, on 127.0.0.1;
-    `console` None puts the serial console (and QEMU's monitor, Ctrl-A c) on stdio, a path
-    writes it there; `efi_vars` is the VM's own copy of the OVMF variable store."""
+    `console` None puts the serial console on stdio (Ctrl-C stops QEMU), a path writes it
+    there; `efi_vars` is the VM's own copy of the OVMF variable store."""
     if accel not in ("tcg", "kvm"):
         raise QemuError(f"accelerator must be tcg or kvm, not {accel!r}")
     argv = [qemu, "-accel", accel, "-nographic", "-no-reboot", "-m", str(memory),
@@ -128,6 +128,10 @@ def qemu_argv(boot: Boot, *, accel: str, memory: int = 256, cpus: int = 1,
     argv += ["-netdev", f"user,id=n0{fwd}", "-device", "virtio-net-pci,netdev=n0"]
     if console is not None:
         argv += ["-serial", f"file:{console}", "-monitor", "none"]
+    else:
+        # The terminal stays cooked for signals: Ctrl-C stops QEMU (and forge) instead of
+        # reaching the guest, as -nographic's default mon:stdio would have it.
+        argv += ["-chardev", "stdio,id=con0,signal=on", "-serial", "chardev:con0", "-monitor", "none"]
     return argv + list(extra)
 
 
