@@ -144,7 +144,7 @@ def assemble_stage(ctx: ExecContext) -> None:
     _finish(out, config, descs, history)
 
 
-@action_function("CopyLayer", version=2)
+@action_function("CopyLayer", version=3)
 def copy_layer(ctx: ExecContext) -> None:
     """One COPY/ADD of a stage without RUN, as its own cached action: a change to what a
     later instruction copies does not redo this layer (BuildKit caches the same way)."""
@@ -227,7 +227,8 @@ def _copy_layer(ctx: ExecContext, st: dict, workdir: str):
     mode = st["flags"].get("chmod")
     with open(ctx.path(".layer"), "wb") as fh:
         info = layers.layer_from_dir(staging, fh, uid=uid, gid=gid, mtime=ctx.source_date_epoch,
-                                     compress=True, mode_override=int(mode, 8) if mode else None)
+                                     compress=True, mode_override=int(mode, 8) if mode else None,
+                                     override_under=dest_abs)
     shutil.rmtree(staging, ignore_errors=True)
     return info
 

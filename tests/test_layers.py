@@ -361,3 +361,19 @@ def test_symlink_loops_and_file_parents_are_errors(tmp_path):
         safe_extract(under_file, tmp_path / "r2")
     with pytest.raises(UnsafeLayerError, match="not a directory"):
         flatten([under_file], io.BytesIO())
+
+
+def test_chmod_leaves_the_parents_a_copy_creates(tmp_path):
+    """COPY --chmod=0600 a /etc/conf/a: BuildKit makes etc/ and etc/conf/ 0755."""
+    from forge.formats.layertar import layer_from_dir
+    src = tmp_path / "staging"
+    (src / "etc/conf").mkdir(parents=True)
+    (src / "etc/conf/a").write_text("x")
+    (src / "etc").chmod(0o755)
+    (src / "etc/conf").chmod(0o755)
+    out = tmp_path / "layer.tar"
+    with open(out, "wb") as f:
+        layer_from_dir(src, f, mtime=0, compress=False, mode_override=0o600, override_under="/etc/conf/a")
+    with tarfile.open(out) as t:
+        modes = {m.name: m.mode for m in t.getmembers()}
+    assert modes == {"etc": 0o755, "etc/conf": 0o755, "etc/conf/a": 0o600}

@@ -212,13 +212,22 @@ def flatten(layer_paths: Iterable[Source], out_fileobj: BinaryIO, *, mtime: int 
             obj.close()
 
 
+def _copied(rel: str, is_dir: bool, under: str) -> bool:
+    under = under.strip("/")
+    if not under:
+        return True
+    return rel.startswith(under + "/") or (rel == under and not is_dir)
+
+
 def layer_from_dir(src_dir: Path, out_fileobj: BinaryIO, *, prefix: str = "", uid: int = 0,
                    gid: int = 0, mtime: int, compress: bool = True,
-                   mode_override: int | None = None) -> LayerInfo:
+                   mode_override: int | None = None, override_under: str = "") -> LayerInfo:
     """A reproducible layer holding the tree under `src_dir`, placed under `prefix`.
 
     Ownership comes from `uid`/`gid`, never from the host; `mode_override` (like
-    `COPY --chmod`) replaces the mode of files and directories. Neither `src_dir` itself
+    `COPY --chmod`) replaces the mode of files and directories; with `override_under`
+    (the COPY destination), only of the file of that name or what lies below it, so the
+    parent directories a COPY creates keep 0755, as BuildKit makes them. Neither `src_dir` itself
     nor the directories of `prefix` get entries, so the layer never changes the mode of
     a directory that a lower layer owns (such as /tmp). Symlinks are stored, not followed;
     files hardlinked together stay hardlinked; sockets are left out.
@@ -251,7 +260,8 @@ def layer_from_dir(src_dir: Path, out_fileobj: BinaryIO, *, prefix: str = "", ui
                 info.type = tarfile.FIFOTYPE
             else:
                 continue
-            if mode_override is not None and (info.isdir() or e.data is not None):
+            if mode_override is not None and (info.isdir() or e.data is not None) and \
+                    _copied(rel, info.isdir(), override_under):
                 info.mode = mode_override
             entries[f"{base}/{rel}" if base else rel] = e
     return _write_tar(entries, out_fileobj, compress=compress)
