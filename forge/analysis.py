@@ -309,9 +309,13 @@ class Analyzer:
                 if s == 1:
                     cycle = path[path.index(nxt):] + [nxt]
                     first = self.nodes[cycle[0]].target
+                    hint = "a target cannot depend on itself, directly or not"
+                    if len(cycle) == 2 and (self.ws.root / cycle[0].package / cycle[0].name).exists():
+                        hint = (f"'{cycle[0].name}' names the target {cycle[0]}, which shadows the "
+                                f"file {_join(cycle[0].package, cycle[0].name)}; rename the target "
+                                "or the file")
                     raise LoadError("dependency cycle: " + " -> ".join(map(str, cycle)),
-                                    location=first.location if first else None,
-                                    hint="a target cannot depend on itself, directly or not")
+                                    location=first.location if first else None, hint=hint)
                 state[nxt] = 1
                 path.append(nxt)
                 stack.append((nxt, iter(self._deps_of(self.nodes[nxt]))))
