@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Workspace, require
+from registry_fixture import registry  # noqa: F401  (fixture)
 
 ASSEMBLY = """\
 kernel:
@@ -257,3 +258,43 @@ def test_nobuild_plans_registry_images_without_the_network(lk):
     assert not (lk.root / "forge.lock").exists()
     r = lk.forge("build", "//:os", "--offline")
     assert r.code != 0 and "127.0.0.1:1/team/web:1.0" in r.err and "not pinned" in r.err, r.err
+
+
+@pytest.mark.real
+def test_a_registry_reference_is_pulled_and_pinned(lk, registry):  # noqa: F811
+    from test_pull import publish
+    digest = publish(lk, registry, "from the registry\n")
+    text = (lk.root / "os.yml").read_text().replace(
+        "  - name: other\n    image: app", f"  - name: other\n    image: {registry.host}/team/app:v1")
+    (lk.root / "os.yml").write_text(text)
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    lock = json.loads((lk.root / "forge.lock").read_text())
+    assert lock["pins"]["oci"][f"{registry.host}/team/app:v1"] == digest
+    with tarfile.open(lk.root / "forge-out/os.tar") as t:
+        assert t.extractfile("containers/services/other/lower/a.txt").read() == b"from the registry\n"
+
+
+def test_each_image_is_unpacked_once_and_ucode_goes_first(lk):
+    # the init image serves `init` and the onboot entry; app serves two services
+    import io
+    ucode = io.BytesIO()
+    from forge.formats import cpio
+    w = cpio.CpioWriter(ucode, mtime=0)
+    w.add_dir("kernel")
+    w.add_file("kernel/x86/microcode/GenuineIntel.bin", b"UCODE")
+    w.close()
+    (lk.root / "kimg/ucode.cpio").write_bytes(ucode.getvalue())
+    (lk.root / "kimg/Dockerfile").write_text("FROM scratch\nCOPY kernel kernel.tar ucode.cpio /\n")
+    (lk.root / "kimg/BUILD").write_text(
+        'container_image(name = "kimg", srcs = ["kernel", "kernel.tar", "ucode.cpio"])\n')
+    text = (lk.root / "os.yml").read_text().replace('  cmdline: "console=ttyS0"',
+                                                     '  cmdline: "console=ttyS0"\n  ucode: ucode.cpio')
+    (lk.root / "os.yml").write_text(text)
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    assert sum(e.get("mnemonic") == "LkUnpack" and e["status"] == "executed" for e in r.event_list) == 2
+    initrd = (lk.root / "forge-out/os-initrd.img").read_bytes()
+    assert initrd.startswith(ucode.getvalue())  # uncompressed, first
+    with tarfile.open(lk.root / "forge-out/os.tar") as t:
+        assert t.extractfile("boot/ucode.cpio").read() == ucode.getvalue()
