@@ -95,8 +95,9 @@ def deb_fetch(ctx: ExecContext) -> None:
 
 
 @rule("kernel", version=1, doc="""A kernel and its modules: from a Debian kernel package
-(`deb`, or `package` resolved through the mirror), or from an OCI image in LinuxKit's kernel
-layout (`image`: files `kernel`, `kernel.tar`, optionally `ucode.cpio` at the root).""",
+(`deb`, or `package` resolved through the mirror), from an OCI image in LinuxKit's kernel
+layout (`image`: files `kernel`, `kernel.tar`, optionally `ucode.cpio` at the root), or from
+a URL with its sha256 (a .deb, or a bare kernel image).""",
       attrs={
           "image": attr.label(doc="An image target in LinuxKit's kernel layout."),
           "deb": attr.label(doc="A deb_package target (or a .deb file); default: `package`."),
@@ -105,6 +106,9 @@ layout (`image`: files `kernel`, `kernel.tar`, optionally `ucode.cpio` at the ro
                                  "is not given."),
           "suite": attr.string(default="bookworm", doc=DOC_SUITE),
           "architecture": attr.string(default="amd64", doc="Debian architecture."),
+          "url": attr.string(default="", doc="A kernel from a URL: a .deb kernel package, or a "
+                             "bare kernel image (bzImage) without modules."),
+          "sha256": attr.string(default="", doc="The sha256 of what `url` serves (required with url)."),
           "modules": attr.string_list(doc="Modules to keep, with their dependencies; empty: "
                                       "keep every module."),
       })
@@ -120,7 +124,22 @@ def kernel(ctx):
         ctx.call("KernelFromImage", {"modules": list(ctx.attr.modules)}, inputs=[src],
                  outputs=[out], mnemonic="KernelFromImage")
         return ctx.info(files=[out], kernel=out.path)
-    if ctx.attr.deb:
+    if ctx.attr.url:
+        sha = ctx.attr.sha256.lower()
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ctx.fail(f"sha256 must be 64 hex digits; got {ctx.attr.sha256!r}", attr="sha256",
+                           hint="a URL is only fetched with the sha256 of what it serves")
+        is_deb = ctx.attr.url.endswith(".deb")
+        src = ctx.declare(f"{ctx.label.name}.download{'.deb' if is_deb else ''}")
+        ctx.call("HttpFetch", {"urls": [ctx.attr.url], "sha256": sha}, inputs=[], outputs=[src],
+                 mnemonic="HttpFetch", pool="network")
+        if not is_deb:  # a bare kernel image: no modules come with it
+            if ctx.attr.modules:
+                raise ctx.fail("modules need a kernel package or image; this URL is a bare kernel",
+                               attr="modules")
+            ctx.call("KernelFromFile", {}, inputs=[src], outputs=[out], mnemonic="KernelFromFile")
+            return ctx.info(files=[out], kernel=out.path)
+    elif ctx.attr.deb:
         debs = ctx.files("deb")
         if len(debs) != 1:
             raise ctx.fail(f"deb must name one .deb file; it names {len(debs)}", attr="deb")
@@ -131,6 +150,15 @@ def kernel(ctx):
     ctx.call("KernelFromDeb", {"modules": list(ctx.attr.modules)}, inputs=[src], outputs=[out],
              mnemonic="KernelFromDeb")
     return ctx.info(files=[out], kernel=out.path)
+
+
+@action_function("KernelFromFile", version=1)
+def kernel_from_file(ctx: ExecContext) -> None:
+    import shutil
+    out = ctx.path(ctx.outputs[0])
+    shutil.copyfile(ctx.path(ctx.inputs[0]), out / "kernel")
+    (out / "modules.load").write_text("")
+    (out / "version").write_text("\n")
 
 
 _KO = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")

@@ -298,3 +298,17 @@ def test_each_image_is_unpacked_once_and_ucode_goes_first(lk):
     assert initrd.startswith(ucode.getvalue())  # uncompressed, first
     with tarfile.open(lk.root / "forge-out/os.tar") as t:
         assert t.extractfile("boot/ucode.cpio").read() == ucode.getvalue()
+
+
+def test_a_kernel_from_a_url_with_its_sha256(lk):
+    import hashlib
+    kernel = lk.root / "kimg/kernel"
+    sha = hashlib.sha256(kernel.read_bytes()).hexdigest()
+    (lk.root / "BUILD").write_text(BUILD + f'kernel(name = "k", url = "file://{kernel}", sha256 = "{sha}")\n')
+    (lk.root / "os.yml").write_text((lk.root / "os.yml").read_text().replace("//kimg:kimg", "//:k"))
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    assert (lk.root / "forge-out/os-kernel").read_bytes() == kernel.read_bytes()
+    (lk.root / "BUILD").write_text(BUILD + f'kernel(name = "k", url = "file://{kernel}", sha256 = "{"0" * 64}")\n')
+    r = lk.build("//:os")
+    assert r.code == 1 and "sha256" in r.err, r.err
