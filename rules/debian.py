@@ -9,7 +9,7 @@ from forge.formats import aptsources, layers, oci
 
 from . import dockerengine  # noqa: F401  (registers the image runners)
 
-pool("mmdebstrap", 1)  # each run downloads and unpacks hundreds of packages: one at a time
+pool("mmdebstrap", 2)  # downloads overlap the other run's unpacking; more would only fight for 2 cores
 
 VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd",
             "important", "standard")
