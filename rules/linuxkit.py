@@ -97,7 +97,7 @@ action. `forge run` boots it under QEMU.""", attrs={
     "platform": attr.string(default="linux/amd64", doc="Platform of pulled images."),
 })
 def linuxkit_image(ctx):
-    for i, fmt in enumerate(ctx.attr.formats):
+    for fmt in ctx.attr.formats:
         if fmt not in disk.FORMATS:
             raise ctx.fail(f"unknown format '{fmt}'", attr="formats",
                            hint=did_you_mean(fmt, disk.FORMATS)
@@ -148,6 +148,10 @@ class _Planner:
 
     def unpack(self, text: str, loc) -> object:
         layout = self.layout(text, loc)
+        if self.kinds[text] == "kernel":
+            raise AnalysisError(f"'{text}' is a kernel target; only `kernel.image` may name one",
+                                location=Location(loc.file, loc.line, loc.col) if loc else None,
+                                hint="name an image target here (container_image, oci_pull, ...)")
         if layout.path not in self.unpacked:
             out = self.ctx.declare_dir(f"{self.name}.unpacked/{len(self.unpacked)}")
             self.ctx.call("LkUnpack", {"image": text, "platform": self.ctx.attr.platform},
