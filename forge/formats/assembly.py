@@ -288,8 +288,14 @@ def _parse_file(file: str, text: str) -> tuple[yaml.Node | None, _Reader]:
         mark = e.problem_mark or e.context_mark
         where = Loc(file, mark.line + 1, mark.column + 1) if mark else file
         ctx = f" ({e.context})" if e.context else ""
-        raise AssemblyError(f"YAML syntax error: {e.problem}{ctx}", where,
-                            "check the indentation and quoting on this line and the one before") from None
+        hint = "check the indentation and quoting on this line and the one before"
+        cm = e.context_mark
+        if cm is not None and mark is not None and cm.line != mark.line and \
+                any(w in (e.context or "") for w in ("quoted scalar", "flow")):
+            # an unclosed quote or bracket: where it opened says more than where the file ended
+            what = e.context.split(" ", 2)[-1].removeprefix("a ")
+            hint = f"the {what} that starts at {file}:{cm.line + 1}:{cm.column + 1} is not closed"
+        raise AssemblyError(f"YAML syntax error: {e.problem}{ctx}", where, hint) from None
     except yaml.YAMLError as e:
         raise AssemblyError(f"YAML error: {e}", file) from None
 
