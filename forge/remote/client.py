@@ -236,9 +236,9 @@ class RemoteCache:
             small = [d for d in missing if 0 < self.store.batch_limit and d.size <= self.store.batch_limit // 8]
             large = [d for d in missing if d not in small]
             jobs = [self.pool.submit(self.store.write, d, blobs[d.hash][1], self.cancel) for d in large]
-            jobs += [self.pool.submit(self.store.write_batch, [(d, _bytes(blobs[d.hash][1])) for d, _ in g],
-                                      self.cancel)
-                     for g in _groups([(None, d) for d in small], self.store.batch_limit)]
+            jobs += [self.pool.submit(self.store.write_batch,
+                                      [(d, _bytes(blobs[d.hash][1])) for _, d in group], self.cancel)
+                     for group in _groups([(None, d) for d in small], self.store.batch_limit)]
             for j in jobs:
                 j.result()
             self.store.update_action_result(action_digest(key), result, self.cancel)
@@ -248,6 +248,9 @@ class RemoteCache:
             self._failed(e, f"the result of {action.description} was not uploaded")
         except (OSError, ValueError, trees.TreeError) as e:  # a local blob vanished (gc)
             self._note(f"the result of {action.description} was not uploaded: {e}")
+        except Exception as e:  # a bug here must not fail a build that succeeded
+            self._note(f"the result of {action.description} was not uploaded: "
+                       f"{type(e).__name__}: {e}")
 
     def _sha_of(self, xx: str, exe: bool, blobs: dict) -> Digest:
         d = self._sha.get((xx, exe))
@@ -267,7 +270,10 @@ class RemoteCache:
     def finish(self) -> None:
         """Wait for queued uploads; then close connections."""
         for f in self._uploads:
-            f.result()
+            try:
+                f.result()
+            except Exception as e:  # cancelled, or a bug: the build itself succeeded
+                self._note(f"an upload to the remote cache failed: {type(e).__name__}: {e}")
         self._uploads.clear()
 
     def close(self) -> None:
