@@ -190,8 +190,9 @@ class FaultProxy:
 
     def _serve(self, client: socket.socket, mode: str) -> None:
         try:
+            delay = 0.0
             if mode.startswith("delay:"):
-                time.sleep(float(mode.split(":", 1)[1]))
+                delay = float(mode.split(":", 1)[1])
                 mode = "pass"
             if mode == "503":
                 _read_head(client)
@@ -209,7 +210,7 @@ class FaultProxy:
             except OSError:
                 return  # upstream gone: the client sees its connection closed
             with up:
-                t = threading.Thread(target=_pipe, args=(client, up), daemon=True)
+                t = threading.Thread(target=_pipe, args=(client, up, delay), daemon=True)
                 t.start()
                 if mode == "truncate":
                     head, rest = _read_head(up)
@@ -252,12 +253,14 @@ def _content_length(head: bytes) -> int | None:
     return None
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
+def _pipe(src: socket.socket, dst: socket.socket, delay: float = 0.0) -> None:
     try:
         while True:
             data = src.recv(1 << 20)
             if not data:
                 break
+            if delay:
+                time.sleep(delay)
             dst.sendall(data)
     except OSError:
         pass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -96,15 +97,23 @@ def test_server_killed_in_the_middle_of_a_build(tmp_path, buildgrid):
     a, b = make(tmp_path, "a", chain), make(tmp_path, "b", chain)
     assert a.build("//...", *flags(buildgrid, "--remote-upload")).code == 0
     b.write({"c/src.txt": "1\n"})  # b runs the chain itself, uploading as it goes
-    killer = threading.Timer(0.8, buildgrid.kill)
-    killer.start()
+    before = len(list((buildgrid.base / "cas").rglob("*")))
+    done = threading.Event()
+
+    def kill_after_first_upload():  # b's first result reached the server: pull the plug
+        while not done.is_set():
+            if len(list((buildgrid.base / "cas").rglob("*"))) > before:
+                buildgrid.kill()
+                return
+            time.sleep(0.02)
+    threading.Thread(target=kill_after_first_upload, daemon=True).start()
     try:
         r = b.build("//...", *flags(buildgrid, "--remote-upload", "--remote-timeout", "2"))
     finally:
-        killer.cancel()
+        done.set()
     assert r.code == 0, r.err
     assert count(r, "executed") == 12
-    assert "is not usable" in r.err, r.err
+    assert buildgrid.proc.poll() is not None and "is not usable" in r.err, r.err
     assert (b.root / "forge-out/c/s11.txt").read_text() == "1\n" + "".join(f"{i}\n" for i in range(12))
 
 

@@ -7,6 +7,7 @@ share one remote, through the real CLI.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -58,7 +59,12 @@ def count(r, status: str) -> int:
 
 
 def test_second_workspace_downloads_everything(tmp_path, nginx):
-    a, b = make(tmp_path, "a"), make(tmp_path / "deeper", "b")
+    a = make(tmp_path, "a")
+    old = os.umask(0o077)  # b's checkout and build: another umask, another path
+    try:
+        b = make(tmp_path / "deeper", "b")
+    finally:
+        os.umask(old)
     r = a.build("//...", "--remote-cache", nginx.url, "--remote-upload")
     assert r.code == 0, r.err
     assert count(r, "executed") == N_ACTIONS
@@ -69,7 +75,11 @@ def test_second_workspace_downloads_everything(tmp_path, nginx):
     for blob in nginx.blobs("cas"):
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
 
-    r = b.build("//...", "--remote-cache", nginx.url)
+    old = os.umask(0o077)
+    try:
+        r = b.build("//...", "--remote-cache", nginx.url)
+    finally:
+        os.umask(old)
     assert r.code == 0, r.err
     assert count(r, "executed") == 0 and count(r, "remote") == N_ACTIONS, r.err
     assert r.err.strip().splitlines()[-1] == f"forge: {N_ACTIONS} actions: 0 executed, 0 cached, " \
@@ -199,13 +209,21 @@ def test_server_killed_in_the_middle_of_a_build(tmp_path, nginx):
         f'outs = ["s{i}.txt"], cmd = "cat $< > $@; echo {i} >> $@")' for i in range(12))}
     a, b = make(tmp_path, "a", chain), make(tmp_path, "b", chain)
     assert a.build("//...", "--remote-cache", nginx.url, "--remote-upload").code == 0
-    proxy = FaultProxy(nginx.port, mode="delay:0.3")  # each lookup takes a while
-    killer = threading.Timer(1.5, nginx.kill)
+    proxy = FaultProxy(nginx.port, mode="delay:0.3")  # each request takes a while
+    done = threading.Event()
+
+    def kill_after_first_download():
+        while not done.is_set():
+            if any(m == "GET" and "/cas/" in p and st == 200 for m, p, st in nginx.requests()):
+                nginx.kill()
+                return
+            time.sleep(0.02)
+    killer = threading.Thread(target=kill_after_first_download, daemon=True)
+    killer.start()
     try:
-        killer.start()
         r = b.build("//...", "--remote-cache", proxy.url(), "--remote-timeout", "2")
     finally:
-        killer.cancel()
+        done.set()
         proxy.close()
     assert r.code == 0, r.err
     st = statuses(r)
@@ -218,3 +236,23 @@ def test_bad_url_is_a_usage_error(tmp_path):
     a = make(tmp_path, "a")
     r = a.forge("build", "//...", "--remote-cache", "ftp://x/y")
     assert r.code == 2 and "is not a URL forge can use" in r.err and "Traceback" not in r.err
+
+
+def test_ci_reports_with_a_remote(tmp_path, nginx):
+    """`forge test --junit`, `--build-events` and `--profile` on a build fed by the remote."""
+    sources = {**SOURCES, "app/check.sh": "#!/bin/sh\ngrep -q ALPHA forge-out/app/sorted.txt\n"}
+    sources["app/BUILD"] += ('sh_test(name = "check", srcs = ["check.sh"], '
+                             'data = [":sorted"])\n')
+    a, b = make(tmp_path, "a", sources), make(tmp_path, "b", sources)
+    assert a.build("//...", "--remote-cache", nginx.url, "--remote-upload").code == 0
+    junit, profile, events = tmp_path / "junit.xml", tmp_path / "trace.json", tmp_path / "ev.jsonl"
+    r = b.forge("test", "//...", "--remote-cache", nginx.url, "--junit", str(junit),
+                "--profile", str(profile), "--build-events", str(events))
+    assert r.code == 0, r.err
+    assert 'testcase name="//app:check"' in junit.read_text() and "<failure" not in junit.read_text()
+    import json
+    trace = json.loads(profile.read_text())["traceEvents"]
+    assert {e["cat"] for e in trace if e.get("ph") == "X" and e["cat"] != "phase"} == {"remote"}
+    lines = [json.loads(x) for x in events.read_text().splitlines()]
+    assert lines[-1]["remote"] == lines[-1]["remote_cache"]["hits"] > 0
+    assert all(x["status"] == "remote" for x in lines[:-1])
