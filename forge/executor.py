@@ -97,6 +97,7 @@ class Executor:
         self._remote_settings = None if offline else remote
         self._remote = None
         self._lookups: ThreadPoolExecutor | None = None
+        self._fetched: list[tuple] = []  # (key, outputs) fetched, not yet in the local cache
 
     # --- the walk -------------------------------------------------------------------
 
@@ -176,6 +177,11 @@ class Executor:
                     if r is None:
                         runnable.append(i)
                     else:
+                        # Recorded here in batches, not on the lookup threads: SQLite
+                        # writers in one process wait for each other with sleeps.
+                        self._fetched.append((r.key, r.outputs))
+                        if len(self._fetched) >= 256:
+                            self._save_fetched()
                         self._pending.pop(r.action.id, None)
                         complete(i, r)
                     continue
@@ -195,11 +201,15 @@ class Executor:
                 results[i] = r
                 if r.status != "failed":
                     self._record(r)
+                if r.status == "remote":
+                    self._fetched.append((r.key, r.outputs))
+            self._save_fetched()
             self.records.save()
             self._close_remote(wait=False)
             return BuildSummary([r for r in results if r is not None], interrupted=True,
                                 remote=self._remote_stats())
         pool.shutdown(wait=True)
+        self._save_fetched()
         self._close_remote(wait=True)
         self.records.save()
         for w in range(1, self.jobs + 1):
@@ -354,7 +364,6 @@ class Executor:
         try:
             outs = self._remote.lookup(key, a)
             if outs is not None and not self.cancel.is_set():
-                self.cache.put_record(key, outs)
                 self._link_out(outs)
                 r = ActionResult(a, "remote", key, time.perf_counter() - t0, t0 - self._epoch,
                                  outs, worker=self.jobs + 1)
@@ -364,6 +373,11 @@ class Executor:
                                   f"({type(e).__name__}: {e}); building it")
             r = None
         self._done.put(("lookup", index, r))
+
+    def _save_fetched(self) -> None:
+        if self._fetched:
+            self.cache.put_records(self._fetched)
+            self._fetched = []
 
     def _link_out(self, outs: list[OutputFile]) -> None:
         for o in outs:

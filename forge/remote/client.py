@@ -140,7 +140,7 @@ class RemoteCache:
             if self.store.read(d, sink, self.cancel) is None:
                 return None
             self._count("blobs_down", bytes_down=d.size)
-            return Path(sink.path).read_bytes()
+            return sink.read()
         finally:
             sink.discard()
 
@@ -159,11 +159,14 @@ class RemoteCache:
                 todo.append((k, d))
         small = [t for t in todo if 0 < self.store.batch_limit and t[1].size <= self.store.batch_limit // 8]
         large = [t for t in todo if t not in small]
-        jobs = [self.pool.submit(self._one, k, d) for k, d in large]
-        jobs += [self.pool.submit(self._batch, group) for group in _groups(small, self.store.batch_limit)]
+        calls = [(self._one, k, d) for k, d in large]
+        calls += [(self._batch, group) for group in _groups(small, self.store.batch_limit)]
+        # The common case, one blob, is fetched on this thread: a hand-off to the pool
+        # and back costs more than the request on a fast network.
+        jobs = [self.pool.submit(*c) for c in calls[1:]]
         missing = False
         error = None
-        for j in jobs:
+        for j in ([_Done(calls[0])] if calls else []) + jobs:
             try:
                 for k, xx in j.result():
                     if xx is None:
@@ -184,7 +187,7 @@ class RemoteCache:
         try:
             xx = self.store.read(d, sink, self.cancel)
             if xx is not None:
-                self.cache.put_file(sink.path, k[1], digest=xx)
+                sink.store(self.cache, k[1], xx)
                 self._count("blobs_down", bytes_down=d.size)
             return [(k, xx)]
         finally:
@@ -315,6 +318,21 @@ class RemoteCache:
                     return
                 self._warned.add(once)
         self._warn(text)
+
+
+class _Done:
+    """A call made here, with the interface of a Future."""
+
+    def __init__(self, call):
+        try:
+            self._value, self._error = call[0](*call[1:]), None
+        except Exception as e:
+            self._value, self._error = None, e
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _groups(items: list, limit: int):

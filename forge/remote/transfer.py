@@ -47,13 +47,23 @@ def with_retries(call, what: str, cancel=None):
     raise AssertionError("unreachable")
 
 
+IN_MEMORY = 1 << 20  # smaller blobs are collected in memory: a temp file costs more syscalls
+
+
 class Sink:
-    """A blob being downloaded into `tmp_dir`: `write()` chunks, then `finish()`."""
+    """A blob being downloaded: `write()` chunks, then `finish()`. Large blobs go to a
+    file in `tmp_dir` (`.path`), small ones stay in memory (`.data`)."""
 
     def __init__(self, tmp_dir: Path, digest: Digest):
         self.digest = digest
-        self.path = tmp_dir / f"remote-{uuid.uuid4().hex}"
-        self._f = open(self.path, "wb")
+        self.path: Path | None = None
+        self.data: bytearray | None = None
+        if digest.size <= IN_MEMORY:
+            self.data = bytearray()
+            self._f = None
+        else:
+            self.path = tmp_dir / f"remote-{uuid.uuid4().hex}"
+            self._f = open(self.path, "wb")
         self._sha = hashlib.sha256()
         self._xx = xxhash.xxh3_128()
         self.size = 0
@@ -61,13 +71,21 @@ class Sink:
     def write(self, data) -> None:
         self._sha.update(data)
         self._xx.update(data)
-        self._f.write(data)
+        if self._f is None:
+            self.data += data
+        else:
+            self._f.write(data)
         self.size += len(data)
 
     def restart(self) -> None:
         """Forget what arrived (a retry starts the body again)."""
-        self._f.seek(0)
-        self._f.truncate()
+        if self.size == 0:
+            return
+        if self._f is None:
+            self.data = bytearray()
+        else:
+            self._f.seek(0)
+            self._f.truncate()
         self._sha = hashlib.sha256()
         self._xx = xxhash.xxh3_128()
         self.size = 0
@@ -78,10 +96,24 @@ class Sink:
         if self.size != self.digest.size or self._sha.hexdigest() != self.digest.hash:
             raise CorruptBlob(f"blob {self.digest.hash[:16]}... came back with "
                               f"{self.size} bytes that do not match its digest", retry=True)
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
         return self._xx.hexdigest()
 
+    def store(self, cache, executable: bool, xxh: str) -> None:
+        """Move the verified blob into the local CAS under its xxh3 name."""
+        if self.data is not None:
+            cache.put_bytes(bytes(self.data), executable)
+        else:
+            cache.put_file(self.path, executable, digest=xxh)
+
+    def read(self) -> bytes:
+        return bytes(self.data) if self.data is not None else Path(self.path).read_bytes()
+
     def discard(self) -> None:
+        if self._f is None:
+            self.data = None
+            return
         if not self._f.closed:
             self._f.close()
         try:
