@@ -51,6 +51,7 @@ http {{
             create_full_put_path on;
             dav_access user:rw group:r all:r;
             client_max_body_size 2G;
+{auth}
         }}
     }}
 }}
@@ -110,7 +111,8 @@ def _children(parent: int) -> list[int]:
 
 
 @contextmanager
-def start_nginx(base: Path):
+def start_nginx(base: Path, writer: tuple[str, str] | None = None):
+    """`writer=(user, password)`: PUT needs those credentials (basic auth), reads do not."""
     require(Path(BINARY).exists(), "nginx is not installed (apt-get install nginx-full)")
     base.mkdir(parents=True, exist_ok=True)
     for d in ("data/forge", "tmp"):
@@ -120,7 +122,12 @@ def start_nginx(base: Path):
     # Started as root, nginx would run its workers as nobody, who cannot enter pytest's
     # private temp directories.
     user = "user root root;" if os.geteuid() == 0 else ""
-    conf.write_text(CONFIG.format(base=base, port=port, user=user))
+    auth = ""
+    if writer:
+        (base / "htpasswd").write_text(f"{writer[0]}:{{PLAIN}}{writer[1]}\n")
+        auth = (f'            limit_except GET HEAD {{ auth_basic "forge"; '
+                f'auth_basic_user_file {base}/htpasswd; }}')
+    conf.write_text(CONFIG.format(base=base, port=port, user=user, auth=auth))
     log = base / "stderr.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([BINARY, "-e", str(base / "error.log"), "-c", str(conf),

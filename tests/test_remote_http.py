@@ -256,3 +256,30 @@ def test_ci_reports_with_a_remote(tmp_path, nginx):
     lines = [json.loads(x) for x in events.read_text().splitlines()]
     assert lines[-1]["remote"] == lines[-1]["remote_cache"]["hits"] > 0
     assert all(x["status"] == "remote" for x in lines[:-1])
+
+
+def test_ci_writes_developers_read(tmp_path):
+    """nginx lets only the CI user PUT; a developer without credentials reads."""
+    from nginx_fixture import start_nginx
+    with start_nginx(tmp_path / "nginx", writer=("ci", "s3cret")) as n:
+        ci, dev, anon = make(tmp_path, "ci"), make(tmp_path, "dev"), make(tmp_path, "anon")
+        r = anon.build("//...", "--remote-cache", n.url, "--remote-upload")
+        assert r.code == 0 and "HTTP 401" in r.err and "check the credentials" in r.err, r.err
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login ci password s3cret\n")
+        r = ci.build("//...", "--remote-cache", n.url, "--remote-upload",
+                     env={"NETRC": str(netrc)})
+        assert r.code == 0 and "WARNING" not in r.err, r.err
+        r = dev.build("//...", "--remote-cache", n.url)
+        assert r.code == 0 and count(r, "remote") == N_ACTIONS, r.err
+        assert outputs(dev) == outputs(ci)
+
+
+def test_local_hits_never_ask_the_remote(tmp_path, nginx):
+    a = make(tmp_path, "a")
+    assert a.build("//...", "--remote-cache", nginx.url, "--remote-upload").code == 0
+    before = len(nginx.requests())
+    a.forge("clean")  # not even the workspace state: hits come from the local action cache
+    r = a.build("//...", "--remote-cache", nginx.url)
+    assert r.code == 0 and count(r, "cached") == N_ACTIONS
+    assert len(nginx.requests()) == before
