@@ -61,7 +61,8 @@ class RemoteCache:
             return None
         self._count("lookups")
         try:
-            result = self.store.get_action_result(action_digest(key), self.cancel)
+            result = self.store.get_action_result(
+                action_digest(key), self.cancel, [o.path for o in action.outputs if not o.directory])
             if result is None:
                 self._ok("misses")
                 return None
@@ -87,8 +88,9 @@ class RemoteCache:
         inline: dict[tuple[str, bool], bytes] = {}
         for f in result.output_files:
             d = from_proto(f.digest)
-            if f.contents and digest_of(f.contents) == d:
+            if f.contents and digest_of(f.contents) == d:  # inlined, and verified too
                 inline[(d.hash, f.is_executable)] = f.contents
+                self._count("inlined", bytes_down=d.size)
             want[(d.hash, f.is_executable)] = d
         walked = {}
         for od in result.output_directories:

@@ -108,7 +108,7 @@ class HttpStore:
 
     # --- the protocol --------------------------------------------------------------------
 
-    def get_action_result(self, d: Digest, cancel=None) -> re_pb.ActionResult | None:
+    def get_action_result(self, d: Digest, cancel=None, inline=()) -> re_pb.ActionResult | None:
         status, data = with_retries(lambda: self._call("GET", "ac", d.hash, consume=_read_all),
                                     "ac", cancel)
         if status == 404:

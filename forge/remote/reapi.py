@@ -114,9 +114,11 @@ class GrpcStore:
 
     # --- the protocol --------------------------------------------------------------------
 
-    def get_action_result(self, d: Digest, cancel=None) -> re_pb.ActionResult | None:
+    def get_action_result(self, d: Digest, cancel=None, inline=()) -> re_pb.ActionResult | None:
+        """The entry, or None; the server may send the files named in `inline` along
+        (small ones: it decides), which saves a round trip per output."""
         req = re_pb.GetActionResultRequest(instance_name=self.s.instance, action_digest=d.proto(),
-                                           digest_function=SHA256)
+                                           inline_output_files=list(inline), digest_function=SHA256)
         try:
             return self._call(self._get_ac, req, "GetActionResult", cancel)
         except _NotFound:
