@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
-from forge.api import (OUT_PREFIX, RULES, Action, Artifact, RuleType, TargetInfo)
+from forge.api import (OUT_PREFIX, RULES, Action, Artifact, RuleType, SourceReader, TargetInfo)
 from forge.errors import AnalysisError, ForgeError, LoadError, did_you_mean
 from forge.labels import Label, LabelError, Pattern, parse_label
 from forge.loader import Loader, Target
@@ -90,6 +90,7 @@ class AnalysisContext:
     def read_source(self, artifact: Artifact) -> str:
         path = self._an.ws.root / artifact.path
         self._an.loader._remember(path)
+        self._an.reads.setdefault(self.label, set()).add(artifact.path)
         return path.read_text()
 
     def optional_source(self, name: str) -> Artifact | None:
@@ -97,10 +98,24 @@ class AnalysisContext:
         cache notices when it appears or goes (its directory's mtime is recorded)."""
         d = self._an.ws.root / self.package if self.package else self._an.ws.root
         self._an.loader.dirs[self.package] = d.stat().st_mtime_ns
+        self._an.reads.setdefault(self.label, set()).add(_join(self.package, name))
         if (d / name).is_file():
             self._an.loader._remember(d / name)
             return Artifact(_join(self.package, name))
         return None
+
+    def source_file(self, path: str) -> Artifact:
+        """A file of the workspace named by its workspace-relative path inside a source
+        file (an assembly's `source:`), as an input. FileNotFoundError if it is missing;
+        its directory's mtime is recorded so the plan notices it appearing or going."""
+        p = self._an.ws.root / path
+        self._an.reads.setdefault(self.label, set()).add(path)
+        d = p.parent
+        self._an.loader.dirs[d.relative_to(self._an.ws.root).as_posix().lstrip(".")] = \
+            d.stat().st_mtime_ns if d.is_dir() else 0
+        if not p.is_file():
+            raise FileNotFoundError(path)
+        return Artifact(p.relative_to(self._an.ws.root).as_posix())
 
     def pin(self, kind: str, key: str) -> str:
         """The pinned value for a floating reference (see forge.lockfile), e.g.
@@ -141,6 +156,8 @@ class Analyzer:
         self.infos: dict[Label, TargetInfo] = {}
         self.actions: list[Action] = []
         self._producers: dict[str, Action] = {}
+        # Files each target's rule read or looked for while planning (forge affected).
+        self.reads: dict[Label, set[str]] = {}
 
     # --- patterns -------------------------------------------------------------------
 
@@ -194,7 +211,8 @@ class Analyzer:
                 rel = _join(label.package, label.name)
                 raise LoadError(
                     f"'{label}' names no target of //{label.package} and no file {rel}"
-                    + (f" (in '{attr}' of {owner.label})" if owner else ""),
+                    + (f" (in '{attr}' of {owner.label})" if owner and attr
+                       else f" (named by {owner.label})" if owner else ""),
                     location=where,
                     hint=did_you_mean(label.name, names)
                     or f"//{label.package} defines: {', '.join(sorted(names)[:12]) or 'nothing'}")
@@ -232,8 +250,40 @@ class Analyzer:
                                 location=t.attr_location(name), hint=e.hint) from None
             for lb in deps:
                 self.resolve(lb, t, name)
+        if rule.implicit_deps is not None:
+            deps.extend(self._implicit_deps(t, rule))
         node.deps = list(dict.fromkeys(deps))
         return node.deps
+
+    def _implicit_deps(self, t: Target, rule: RuleType) -> list[Label]:
+        def path(text: str) -> str:
+            lb = parse_label(text, t.label.package) if isinstance(text, str) else text
+            return _join(lb.package, lb.name)
+
+        def read(text: str) -> str:
+            p = self.ws.root / path(text)
+            self.loader._remember(p)
+            self.reads.setdefault(t.label, set()).add(path(text))
+            return p.read_text()
+
+        reader = SourceReader(t.label.package, SimpleNamespace(**t.attrs), read, path)
+        try:
+            found = rule.implicit_deps(reader)
+        except ForgeError as e:
+            raise e.with_location(t.location) from None
+        out = []
+        for text, where in found:
+            try:
+                lb = parse_label(text, t.label.package)
+            except LabelError as e:
+                raise LoadError(e.message, location=where, hint=e.hint) from None
+            try:
+                self.resolve(lb, t, None)
+            except LoadError as e:
+                e.location = where or e.location  # the line in the source file naming it
+                raise
+            out.append(lb)
+        return out
 
     def analyze(self, roots: list[Label]) -> Plan:
         state: dict[Label, int] = {}

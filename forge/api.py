@@ -25,8 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from forge.errors import AnalysisError, ForgeError, Location  # noqa: F401 (for rules)
-from forge.labels import Label
+from forge.errors import (AnalysisError, ForgeError, LoadError, Location, UsageError,  # noqa: F401 (for rules)
+                          did_you_mean)
+from forge.labels import Label, parse_label  # noqa: F401 (for rules)
 
 __all__ = [
     "Action", "AnalysisError", "Artifact", "Attr", "ExecContext", "ForgeError", "Label",
@@ -124,6 +125,8 @@ class _AttrFactory:
         "label": "a label string", "label_list": "a list of label strings",
         "label_dict": "a dict of string to label string",
         "output": "a file name", "output_list": "a list of file names",
+        "int_dict": "a dict of integer to integer",
+        "dict": "a dict with string keys (values: strings, numbers, booleans, lists, dicts)",
     }
 
     def __getattr__(self, type_name: str) -> Callable[..., Attr]:
@@ -156,27 +159,52 @@ class RuleType:
     version: int = 1
     doc: str = ""
     test: bool = False  # `forge test` runs its executable
+    # Labels a target names inside its source files (an assembly's `image: //x:y`), found
+    # while the target graph is built: (SourceReader) -> label strings. See SourceReader.
+    implicit_deps: Callable[["SourceReader"], list[str]] | None = None
 
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
 
 
+@dataclass
+class SourceReader:
+    """What a rule's `implicit_deps` sees: the target's attributes (labels still as
+    written) and `read(label)`, the text of a source file of the workspace. Files read
+    here invalidate the cached plan when they change, like BUILD files."""
+
+    package: str
+    attrs: Any
+    read: Callable[[str], str]
+    path: Callable[[str], str]  # label -> workspace-relative path (for error locations)
+
+
 RULES: dict[str, RuleType] = {}
+# Starlark definitions added to every BUILD file's globals, e.g. constructors of the
+# values a rule's `dict` attribute takes (`probe = redis_ping()`).
+BUILD_HELPERS: dict[str, str] = {}
 FUNCTIONS: dict[str, tuple[Callable[["ExecContext"], None], int]] = {}
 # Named resource pools and how many of their actions may run at once.
 POOLS: dict[str, int] = {}
 
 
 def rule(name: str, *, attrs: dict[str, Attr], version: int = 1, doc: str = "",
-         test: bool = False) -> Callable:
-    """Register an analysis function as the rule type `name`."""
+         test: bool = False, implicit_deps: Callable | None = None) -> Callable:
+    """Register an analysis function as the rule type `name`. `implicit_deps`, if given,
+    returns the labels the target's source files name (see SourceReader)."""
     def register(impl):
         all_attrs = dict(COMMON_ATTRS)
         all_attrs.update(attrs)
-        RULES[name] = RuleType(name, impl, all_attrs, version, doc or (impl.__doc__ or ""), test)
+        RULES[name] = RuleType(name, impl, all_attrs, version, doc or (impl.__doc__ or ""), test,
+                               implicit_deps)
         return impl
     return register
+
+
+def build_helper(name: str, source: str) -> None:
+    """Make the Starlark function `name`, defined by `source`, callable in BUILD files."""
+    BUILD_HELPERS[name] = source
 
 
 def action_function(name: str, *, version: int = 1) -> Callable:
@@ -255,11 +283,16 @@ class RunContext:
     root: Any  # pathlib.Path of the workspace; built files are at root / artifact.path
     args: list[str]
     config: dict = field(default_factory=dict)
+    # Set when a test runs it (`ctx.info(test={"runner": ..., "params": ...})`): where its
+    # output goes (kept for the report and JUnit), and the Ctrl-C event to stop at.
+    out: Any = None
+    cancel: Any = None
 
 
 RUNNERS: dict[str, Callable[[RunContext], int]] = {}
 # kind -> (key, workspace config) -> pinned value, for `forge.lock` (see AnalysisContext.pin)
 PIN_RESOLVERS: dict[str, Callable[[str, dict], str]] = {}
+PIN_PLACEHOLDERS: dict[str, str] = {}
 
 
 def runner(name: str) -> Callable:
@@ -271,11 +304,15 @@ def runner(name: str) -> Callable:
     return register
 
 
-def pin_resolver(kind: str) -> Callable:
+def pin_resolver(kind: str, placeholder: str | None = None) -> Callable:
     """Register how a floating reference of `kind` (e.g. an image tag) is resolved to a
-    pinned value; `forge lock` calls it again to refresh `forge.lock`."""
+    pinned value; `forge lock` calls it again to refresh `forge.lock`. `placeholder`, a
+    well-formed value, stands in for what is not pinned yet when `--nobuild` plans
+    without touching the network."""
     def register(fn):
         PIN_RESOLVERS[kind] = fn
+        if placeholder is not None:
+            PIN_PLACEHOLDERS[kind] = placeholder
         return fn
     return register
 

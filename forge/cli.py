@@ -25,6 +25,7 @@ COMMANDS = {
     "load": "build an image target and load it into the Docker engine under a tag",
     "lock": "resolve every floating reference (image tags) again and rewrite forge.lock",
     "query": "query the target graph: deps(), rdeps(), kind(), attr(), somepath(), + - ^",
+    "affected": "the targets a git change touches: forge build $(forge affected --base origin/main)",
     "graph": "draw a target's dependency graph (dot, svg, mermaid)",
     "explain": "why each action of the last build ran",
     "clean": "remove outputs (--expunge: also this workspace's records)",
@@ -67,14 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"forge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     b = sub.add_parser("build", parents=[common, building], help=COMMANDS["build"])
-    b.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
+    b.add_argument("patterns", nargs="*", metavar="TARGET", help="targets or patterns "
+                   "(//... for all); with none, nothing is built")
     b.add_argument("--load", metavar="TAG", help="load the built image into the Docker engine "
                    "as TAG (one image target)")
     t = sub.add_parser("test", parents=[common, building], help=COMMANDS["test"])
-    t.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
+    t.add_argument("patterns", nargs="*", metavar="TARGET", help="targets or patterns "
+                   "(//... for all); with none, nothing is tested")
     t.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     r = sub.add_parser("run", parents=[common, building], help=COMMANDS["run"])
-    r.add_argument("target", help="the target to run; arguments for it go after --")
+    r.add_argument("target", help="the target to run; arguments for it go after -- (options "
+                   "forge does not know, e.g. `-p 6379` for an OS image, go to it too)")
     ld = sub.add_parser("load", parents=[common, building], help=COMMANDS["load"])
     ld.add_argument("target")
     ld.add_argument("tag", help="e.g. myrepo/x:dev")
@@ -83,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", parents=[common], help=COMMANDS["query"])
     q.add_argument("expr")
     q.add_argument("--output", choices=("label", "json", "dot"), default="label")
+    af = sub.add_parser("affected", parents=[common], help=COMMANDS["affected"])
+    af.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET",
+                    help="report only targets these patterns cover (default //...)")
+    af.add_argument("--base", required=True, metavar="REV", help="the git revision to compare "
+                    "with, e.g. origin/main")
+    af.add_argument("--head", metavar="REV", help="the revision compared (default: the working "
+                    "tree, with uncommitted and untracked files)")
+    af.add_argument("--output", choices=("label", "json"), default="label")
     g = sub.add_parser("graph", parents=[common], help=COMMANDS["graph"])
     g.add_argument("target")
     g.add_argument("--format", choices=("dot", "svg", "mermaid"), default="dot")
@@ -111,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "run" and "--" in argv:  # what follows `--` belongs to the program
         cut = argv.index("--")
         argv, program_args = argv[:cut], argv[cut + 1:]
-    args = parser.parse_args(argv)
+    if argv[0] == "run":  # options forge does not know go to the runner: `-p 6379`
+        args, extra = parser.parse_known_args(argv)
+        program_args = extra + program_args
+    else:
+        args = parser.parse_args(argv)
     args.program_args = program_args
     if args.command == "version":
         print(f"forge {__version__}")
@@ -151,7 +167,7 @@ def _help(parser, topic) -> int:
         parser.print_help()
         print("\ncommands:")
         for name, text in COMMANDS.items():
-            print(f"  {name:8} {text}")
+            print(f"  {name:9} {text}")
         return EXIT_OK
     if topic not in COMMANDS:
         from forge.errors import did_you_mean
@@ -178,7 +194,7 @@ def _build(ws, args, patterns, *, tests: bool = False):
     s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
                                  file=sys.stderr))
     try:
-        plan = s.plan(patterns, offline=args.offline)
+        plan = s.plan(patterns, offline=args.offline, dry=args.nobuild)
         t1 = time.perf_counter()
         if args.nobuild:
             print(f"forge: {len(plan.roots)} targets loaded and analysed, "
@@ -216,7 +232,16 @@ def _write_last(s, summary) -> None:
                           for r in summary.results], remote=summary.remote)
 
 
+def _no_targets(what: str) -> int:
+    # `forge build $(forge affected ...)` with nothing affected must not build everything.
+    print(f"forge: no targets given, nothing to {what} (//... means every target)",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_build(ws, args) -> int:
+    if not args.patterns:
+        return _no_targets("build")
     s, plan, summary, code = _build(ws, args, args.patterns)
     if code == EXIT_OK and args.load and summary is not None:
         if len(plan.roots) != 1:
@@ -242,15 +267,22 @@ def cmd_test(ws, args) -> int:
     import threading
 
     from forge.testing import run_tests, write_junit
+    if not args.patterns:
+        if args.junit:  # CI steps that publish the report expect one, even an empty one
+            write_junit(args.junit, [])
+        return _no_targets("test")
     s, plan, summary, code = _build(ws, args, args.patterns)
     if code != EXIT_OK or args.nobuild:
         return code
     if not plan.tests:
         print("forge: no test targets matched", file=sys.stderr)
+        if args.junit:
+            write_junit(args.junit, [])
         return EXIT_OK
     cancel = threading.Event()
     try:
-        results = run_tests(plan, ws.root, s.cache, args.jobs or os.cpu_count() or 1, cancel)
+        results = run_tests(plan, ws.root, s.cache, args.jobs or os.cpu_count() or 1, cancel,
+                            ws.config)
     except KeyboardInterrupt:
         cancel.set()
         return EXIT_INTERRUPTED
@@ -354,6 +386,25 @@ def cmd_graph(ws, args) -> int:
             sys.stdout.buffer.write(render_svg(format_dot(nodes, graph)))
         except QueryError as e:
             raise UsageError(str(e)) from None
+    return EXIT_OK
+
+
+def cmd_affected(ws, args) -> int:
+    import json
+
+    from forge.affected import find_affected
+    r = find_affected(ws, args.patterns, args.base, args.head)
+    for w in r.warnings:
+        print(f"WARNING: {w}", file=sys.stderr)  # as the build reports them
+    if args.output == "json":
+        print(json.dumps({"base": r.base, "head": r.head,
+                          "changed": [{"path": p, "status": st} for p, st in r.changes.items()],
+                          "targets": [{"label": str(lb), "kind": kind, "why": why}
+                                      for lb, (kind, why) in r.targets.items()]}, indent=2))
+    else:
+        sys.stdout.write("".join(f"{lb}\n" for lb in r.targets))
+    print(f"forge: {len(r.targets)} targets affected by {len(r.changes)} changed files "
+          f"({r.base[:12]}..{r.head[:12] if r.head else 'working tree'})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -463,5 +514,5 @@ def _human(n: int) -> str:
 
 
 _COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,
-             "lock": cmd_lock, "query": cmd_query,
+             "lock": cmd_lock, "query": cmd_query, "affected": cmd_affected,
              "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache}

@@ -12,7 +12,7 @@ import os
 import sys
 
 SERVED = frozenset({"build", "test", "query", "explain", "graph", "clean", "cache", "load",
-                    "lock"})
+                    "lock", "affected"})
 
 
 def main() -> int:

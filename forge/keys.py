@@ -28,7 +28,8 @@ class ToolError(Exception):
 
 
 class ToolIds:
-    """Host tool name -> digest of the program the sandbox PATH resolves it to."""
+    """Host tool name -> digest of the program the sandbox PATH resolves it to, or of the
+    file an absolute path names."""
 
     def __init__(self, stat_cache: StatCache):
         self.stat_cache = stat_cache
@@ -37,7 +38,9 @@ class ToolIds:
     def __call__(self, name: str) -> str:
         d = self.ids.get(name)
         if d is None:
-            path = shutil.which(name, path=SANDBOX_PATH)
+            # An absolute path may name a data file a tool reads (a boot loader image).
+            path = name if os.path.isabs(name) and os.path.isfile(name) else \
+                shutil.which(name, path=SANDBOX_PATH)
             if path is None:
                 raise ToolError(f"the program '{name}' is not installed (looked in {SANDBOX_PATH})")
             d = self.ids[name] = self.stat_cache.digest(os.path.realpath(path))

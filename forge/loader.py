@@ -18,7 +18,7 @@ from pathlib import Path
 
 import starlark as sl
 
-from forge.api import RULES, Attr, RuleType, _AttrFactory
+from forge.api import BUILD_HELPERS, RULES, Attr, RuleType, _AttrFactory
 from forge.errors import ForgeError, LoadError, Location, did_you_mean
 from forge.labels import Label, LabelError, parse_label
 from forge.workspace import CONFIG_NAME, SKIP_DIRS, Workspace, build_file
@@ -56,6 +56,7 @@ class Package:
 def _prelude(rules: dict[str, RuleType]) -> str:
     defs = [f'def {n}(**kwargs):\n    _rule("{n}", call_stack(), kwargs)\n' for n in sorted(rules)]
     members = ", ".join(f"{n} = {n}" for n in sorted(rules))
+    defs += [BUILD_HELPERS[n] for n in sorted(BUILD_HELPERS)]
     defs.append(f"native = struct({members}, glob = glob, package_name = package_name, "
                 f"exports_files = exports_files, package = package)\n")
     return "\n".join(defs)
@@ -74,6 +75,8 @@ class Loader:
         # Files and directories whose change invalidates what was loaded.
         self.inputs: dict[str, tuple[int, int]] = {}
         self.dirs: dict[str, int] = {}
+        # BUILD or .bzl file -> the .bzl files it loads (workspace-relative), for affected.py.
+        self.loads: dict[str, set[str]] = {}
         self._prelude_src = _prelude(self.rules)
         self._current: Package | None = None
         self._pending: BaseException | None = None
@@ -173,6 +176,8 @@ class Loader:
                 raise err
             m = self._eval(path, display)
             self.bzl[key] = m.freeze()
+        rel = f"{label.package}/{label.name}" if label.package else label.name
+        self.loads.setdefault(requester, set()).add(rel)
         return self.bzl[key]
 
     def _starlark_error(self, text: str, display: str) -> LoadError:
@@ -187,7 +192,7 @@ class Loader:
         if u:
             name = u.group(1)
             msg = f"'{name}' is not defined"
-            kinds = list(self.rules) + list(_BUILTINS)
+            kinds = list(self.rules) + list(_BUILTINS) + list(BUILD_HELPERS)
             hint = did_you_mean(name, kinds) or f"known rules: {', '.join(sorted(self.rules))}"
         return LoadError(msg, location=loc, hint=hint)
 
@@ -363,6 +368,11 @@ def _type_ok(spec: Attr, v) -> bool:
         return isinstance(v, bool)
     if t in ("string_list", "label_list", "output_list"):
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if t == "int_dict":
+        return isinstance(v, dict) and all(isinstance(k, int) and isinstance(x, int)
+                                           and not isinstance(x, bool) for k, x in v.items())
+    if t == "dict":
+        return isinstance(v, dict) and all(isinstance(k, str) for k in v)
     if t in ("string_dict", "label_dict"):
         return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
                                            for k, x in v.items())

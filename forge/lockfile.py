@@ -15,17 +15,21 @@ import json
 import os
 from pathlib import Path
 
-from forge.api import PIN_RESOLVERS
+from forge.api import PIN_PLACEHOLDERS, PIN_RESOLVERS
 from forge.errors import AnalysisError, LoadError, Location
 
 LOCK_NAME = "forge.lock"
 
 
 class Lockfile:
-    def __init__(self, root: Path, config: dict, *, offline: bool = False, refresh: bool = False):
+    def __init__(self, root: Path, config: dict, *, offline: bool = False, refresh: bool = False,
+                 dry: bool = False):
         self.path = root / LOCK_NAME
         self.config = config
         self.offline = offline
+        # `--nobuild`: what is not pinned gets its kind's placeholder, resolved by no one
+        self.dry = dry
+        self.used_placeholder = False
         self.refresh = refresh  # `forge lock`: resolve again even what is pinned
         self.pins: dict[str, dict[str, str]] = {}
         self.dirty = False
@@ -42,6 +46,9 @@ class Lockfile:
         pinned = self.pins.get(kind, {}).get(key)
         if pinned is not None and not (self.refresh and (kind, key) not in self._refreshed):
             return pinned
+        if self.dry and pinned is None and kind in PIN_PLACEHOLDERS:
+            self.used_placeholder = True
+            return PIN_PLACEHOLDERS[kind]
         if self.offline:
             raise AnalysisError(f"'{key}' is not pinned in {LOCK_NAME} and --offline forbids "
                                 "resolving it", hint="run forge lock (online) once")

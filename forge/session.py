@@ -103,7 +103,8 @@ class Session:
         return "" if rel == "." else rel
 
     def plan(self, pattern_texts: list[str], *, cwd: Path | None = None, use_cache: bool = True,
-             include_manual: bool = False, offline: bool = False, refresh_lock: bool = False):
+             include_manual: bool = False, offline: bool = False, refresh_lock: bool = False,
+             dry: bool = False):
         from forge.plan import Plan
         cwd_pkg = self.cwd_package(cwd)
         patterns = [parse_pattern(p, cwd_pkg) for p in pattern_texts]
@@ -117,7 +118,7 @@ class Session:
         from forge.analysis import Analyzer
         load_rules()
         from forge.lockfile import Lockfile
-        lock = Lockfile(self.ws.root, self.ws.config, offline=offline, refresh=refresh_lock)
+        lock = Lockfile(self.ws.root, self.ws.config, offline=offline, refresh=refresh_lock, dry=dry)
         an = Analyzer(self.ws, lock=lock)
         an.loader._remember(self.ws.root / CONFIG_NAME)
         try:
@@ -130,7 +131,7 @@ class Session:
             lock.save()  # what was resolved stays resolved, even if analysis failed later
         if lock.path.exists():
             an.loader._remember(lock.path)
-        if use_cache:
+        if use_cache and not lock.used_placeholder:
             # Building needs only the actions and the roots' infos; the full target
             # graph (for query) would make every no-op build unpickle it.
             from forge.keys import static_digest

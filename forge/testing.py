@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge import sandbox
+from forge.errors import ForgeError
 from forge.plan import Plan
 from forge.cache import Cache
 from forge.labels import Label
@@ -25,9 +26,11 @@ class TestResult:
 
 
 def run_tests(plan: Plan, root: Path, cache: Cache, jobs: int,
-              cancel: threading.Event) -> list[TestResult]:
+              cancel: threading.Event, config: dict | None = None) -> list[TestResult]:
     def one(label: Label) -> TestResult:
         info = plan.infos[label]
+        if "test" in info.extra:
+            return _run_in_process(label, info.extra["test"], root, config or {}, cancel)
         exe = info.executable
         scratch = sandbox.new_scratch(cache.tmp, f"test-{label.name}")
         t0 = time.perf_counter()
@@ -57,6 +60,35 @@ def run_tests(plan: Plan, root: Path, cache: Cache, jobs: int,
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(one, plan.tests))
+
+
+def _run_in_process(label: Label, spec: dict, root: Path, config: dict,
+                    cancel: threading.Event) -> TestResult:
+    """A test whose rule runs it in forge's process (a `@runner`, e.g. booting a VM and
+    probing it), rather than as an executable; the runner keeps its own deadline."""
+    import io
+    from forge.api import RUNNERS, RunContext
+    from forge.session import load_rules
+    load_rules()
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    fn = RUNNERS.get(spec["runner"])
+    if fn is None:
+        return TestResult(label, False, 0.0, "", f"no runner '{spec['runner']}' is registered")
+    reason = ""
+    try:
+        code = fn(RunContext(spec.get("params"), root, [], config, out=out, cancel=cancel))
+    except ForgeError as e:  # the test failed: the first line says why, the rest is detail
+        out.write(f"{e.message}\n")
+        code, reason = 1, e.message.splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - a failing test reports, never crashes the run
+        out.write(f"\n{type(e).__name__}: {e}\n")
+        code, reason = 1, f"{type(e).__name__}: {e}"
+    took = time.perf_counter() - t0
+    if cancel.is_set():
+        return TestResult(label, False, took, out.getvalue(), "interrupted")
+    return TestResult(label, code == 0, took, out.getvalue(), "" if code == 0 else
+                      (reason or f"exit code {code}")[:200])
 
 
 def write_junit(path: str, results: list[TestResult]) -> None:

@@ -35,14 +35,18 @@ def _index(key: str, config: dict):
     return deb.fetch_index(mirror_for(config), suite, arch=arch), name, version or None
 
 
-@pin_resolver("deb")
+_PLACEHOLDER = json.dumps({"Package": "unresolved", "Version": "0", "Filename": "unresolved.deb",
+                           "SHA256": "0" * 64, "Size": "0"})
+
+
+@pin_resolver("deb", placeholder=_PLACEHOLDER)
 def resolve_deb(key: str, config: dict) -> str:
     """`suite/arch/name[=version]` -> the index entry of that package, as JSON."""
     index, name, version = _index(key, config)
     return _pin_value(deb.resolve(index, name, version))
 
 
-@pin_resolver("debkernel")
+@pin_resolver("debkernel", placeholder=_PLACEHOLDER)
 def resolve_kernel(key: str, config: dict) -> str:
     """Like `deb`, but a metapackage (linux-image-cloud-amd64) is followed to the
     versioned kernel package it depends on."""
@@ -192,24 +196,28 @@ def _write_kernel(ctx: ExecContext, image: bytes, version: str, mods: dict) -> N
             tar.addfile(ti, io.BytesIO(data))
 
 
-@action_function("KernelFromImage", version=1)
+@action_function("KernelFromImage", version=2)
 def kernel_from_image(ctx: ExecContext) -> None:
+    """`binary`, `tar` and `ucode` are the assembly's kernel keys: the files' names in the
+    image ("" for `tar: none` / no ucode)."""
     from forge.formats import layers, oci
     img = oci.read_image(ctx.path(ctx.inputs[0]))
     root = ctx.path(".image")
-    names = ["kernel", "kernel.tar", "ucode.cpio"]
+    p = ctx.params
+    binary, tar, ucode = p.get("binary", "kernel"), p.get("tar", "kernel.tar"), p.get("ucode", "ucode.cpio")
+    names = [n.lstrip("/") for n in (binary, tar, ucode) if n]
     layers.apply_layers([b for _, b in img.layers], root,
                         include=lambda rel: rel in names)
-    if not (root / "kernel").is_file():
-        raise ActionFailed(f"{ctx.inputs[0]} has no /kernel: not an image in LinuxKit's kernel "
+    if not (root / binary).is_file():
+        raise ActionFailed(f"{ctx.inputs[0]} has no /{binary}: not an image in LinuxKit's kernel "
                            "layout (kernel, kernel.tar at the root)")
     mods: dict[str, tuple[str, dict, bytes]] = {}
     version = ""
-    if (root / "kernel.tar").is_file():
-        with tarfile.open(root / "kernel.tar") as tf:
+    if tar and (root / tar).is_file():
+        with tarfile.open(root / tar) as tf:
             for m in tf:
                 if _take_module(tf, m, mods) and not version:
                     version = m.name.split("/modules/", 1)[1].split("/", 1)[0]
-    _write_kernel(ctx, (root / "kernel").read_bytes(), version, mods)
-    if (root / "ucode.cpio").is_file():
-        (ctx.path(ctx.outputs[0]) / "ucode.cpio").write_bytes((root / "ucode.cpio").read_bytes())
+    _write_kernel(ctx, (root / binary).read_bytes(), version, mods)
+    if ucode and (root / ucode).is_file():
+        (ctx.path(ctx.outputs[0]) / "ucode.cpio").write_bytes((root / ucode).read_bytes())

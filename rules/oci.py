@@ -37,7 +37,7 @@ def registry_client(config: dict):
     return RegistryClient(insecure=regs.get("insecure", []), mirrors=regs.get("mirrors", {}))
 
 
-@pin_resolver("oci")
+@pin_resolver("oci", placeholder="sha256:" + "0" * 64)
 def resolve_tag(ref: str, config: dict) -> str:
     from forge.formats.registry import RegistryError
     try:

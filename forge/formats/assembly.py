@@ -168,6 +168,7 @@ class Assembly:
     services: list[ImageEntry]
     files: list[FileEntry]
     volumes: list[Volume]
+    init_locs: list[Loc] = field(default_factory=list)  # where each `init` item is written
 
     def entries(self) -> list[ImageEntry]:
         """All image entries in id order: onboot, onshutdown, services."""
@@ -461,6 +462,7 @@ def load(files: list[tuple[str, str]]) -> Assembly:
     b.yml` does: a later file's kernel keys win, every list is concatenated."""
     kernel_raw: dict[str, Any] = {}
     kernel_loc: Loc | None = None
+    init_locs: list[Loc] = []
     parts: dict[str, list] = {k: [] for k in ("init", *SECTIONS, "files", "volumes")}
     for file, text in files:
         root, r = _parse_file(file, text)
@@ -475,6 +477,7 @@ def load(files: list[tuple[str, str]]) -> Assembly:
                 kernel_loc = _loc(knode, file)
             elif key == "init":
                 parts["init"] += r.value(v, "strs", "'init'")
+                init_locs += [_loc(n, file) for n in v.value] if isinstance(v, yaml.SequenceNode) else []
             elif key == "trust":
                 continue
             else:
@@ -489,6 +492,6 @@ def load(files: list[tuple[str, str]]) -> Assembly:
                         kernel_raw.get("binary", "kernel"), None if tar == "none" else tar,
                         kernel_raw.get("ucode"), kernel_loc, kernel_raw)
     asm = Assembly(kernel, parts["init"], parts["onboot"], parts["onshutdown"], parts["services"],
-                   parts["files"], parts["volumes"])
+                   parts["files"], parts["volumes"], init_locs)
     check_names(asm)
     return asm

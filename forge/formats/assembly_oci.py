@@ -69,7 +69,7 @@ class _Merge:
 
     def where(self, key: str) -> Loc | str:
         if key in self.y or key + ".add" in self.y:
-            return self.entry.locs.get(key) or self.entry.locs[key + ".add"]
+            return self.entry.locs.get(key) or self.entry.locs.get(key + ".add", self.entry.loc)
         return self.label_where
 
     def fail(self, key: str, message: str, hint: str | None = None) -> AssemblyError:

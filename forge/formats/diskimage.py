@@ -1,0 +1,209 @@
+"""Bootable images from a kernel, an initrd and a command line: LinuxKit's iso-bios,
+iso-efi, raw-bios, raw-efi, qcow2-bios and qcow2-efi, with Debian's tools, without root,
+loop devices or Docker, byte for byte reproducible.
+
+File names for an assembly named N are LinuxKit's (src/cmd/linuxkit/moby/output.go):
+`N.iso`, `N-efi.iso`, `N-bios.img`, `N-efi.img`, `N.qcow2`, `N-efi.qcow2`.
+
+What each image holds:
+
+- iso-bios: ISO 9660 with Rock Ridge, El Torito no-emulation boot of ISOLINUX, and an
+  isohybrid MBR so the same file boots from a disk. /isolinux/{isolinux.bin,ldlinux.c32,
+  isolinux.cfg}, /boot/{kernel,initrd.img,cmdline}.
+- iso-efi: the same tree without ISOLINUX, plus /boot/efiboot.img, a FAT image holding
+  /EFI/BOOT/BOOTX64.EFI (GRUB with its config embedded), named as the El Torito EFI
+  entry. GRUB starts with $root on the CD, where the kernel is.
+- raw-bios, raw-efi: a partitioned disk with one FAT partition (diskimage_fat).
+- qcow2-*: `qemu-img convert -O qcow2` of the raw image (writes are in order, so the
+  cluster layout and the bytes are stable).
+
+The command line: ISOLINUX and SYSLINUX take it verbatim (APPEND). GRUB gets it as the
+kernel's own words (`a="b c"` is the word `a=b c`), each single-quoted so that nothing in
+it is GRUB syntax; GRUB re-quotes words holding blanks and prepends BOOT_IMAGE=.
+
+Reproducibility: the kernel and initrd go in by graft points and by mtools, never copied
+with their own times; xorriso gets every file date and its volume dates from the epoch
+(`--set_all_file_dates`, `--modification-date`, which also seeds the isohybrid MBR id);
+volume ids come from the name; the FAT side is described in diskimage_fat.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from forge.formats import diskimage_fat as fat
+from forge.formats.diskimage_tools import DiskImageError, data_file, find_tool, run, tool_env
+
+__all__ = ["FORMATS", "DiskImageError", "build", "tools", "output_names"]
+
+# format -> output file names, templates of the assembly name {name}
+FORMATS: dict[str, tuple[str, ...]] = {
+    "iso-bios": ("{name}.iso",),
+    "iso-efi": ("{name}-efi.iso",),
+    "raw-bios": ("{name}-bios.img",),
+    "raw-efi": ("{name}-efi.img",),
+    "qcow2-bios": ("{name}.qcow2",),
+    "qcow2-efi": ("{name}-efi.qcow2",),
+}
+
+ISOLINUX = "/usr/lib/ISOLINUX/isolinux.bin"
+ISOHDPFX = "/usr/lib/ISOLINUX/isohdpfx.bin"
+LDLINUX_C32 = "/usr/lib/syslinux/modules/bios/ldlinux.c32"
+_EFI_TOOLS = ["grub-mkimage", "mkfs.vfat", "mlabel", "mmd", "mcopy"]
+_TOOLS = {
+    "iso-bios": ["xorriso"],
+    "iso-efi": ["xorriso"] + _EFI_TOOLS,
+    "raw-bios": ["sfdisk", "mkfs.vfat", "mlabel", "mmd", "mcopy", "mattrib", "syslinux"],
+    "raw-efi": ["sfdisk"] + _EFI_TOOLS,
+}
+_TOOLS["qcow2-bios"] = _TOOLS["raw-bios"] + ["qemu-img"]
+_TOOLS["qcow2-efi"] = _TOOLS["raw-efi"] + ["qemu-img"]
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise DiskImageError(f"unknown disk image format {fmt!r}; known: {', '.join(FORMATS)}")
+
+
+def output_names(fmt: str, name: str) -> list[str]:
+    _check_format(fmt)
+    return [t.format(name=name) for t in FORMATS[fmt]]
+
+
+def tools(fmt: str) -> list[str]:
+    """The host executables and boot-loader files `fmt` reads, absolute and sorted: hash
+    them into a cache key so that upgrading one rebuilds. Raises DiskImageError naming
+    the Debian package of anything missing."""
+    _check_format(fmt)
+    out = {find_tool(t) for t in _TOOLS[fmt]}
+    if fmt == "iso-bios":
+        out |= {data_file(p) for p in (ISOLINUX, ISOHDPFX, LDLINUX_C32)}
+    if fmt.endswith("-efi"):
+        out |= set(fat.grub_module_files())
+    if fmt.endswith("-bios") and fmt != "iso-bios":
+        out.add(data_file(fat.SYSLINUX_MBR))  # ldlinux.sys/.c32 are inside the syslinux binary
+    return sorted(str(p) for p in out)
+
+
+def build(fmt: str, *, kernel: Path, initrd: Path, cmdline: str, name: str, outdir: Path,
+          workdir: Path, epoch: int) -> list[Path]:
+    """Write `fmt`'s image(s) of `kernel` + `initrd` booting with `cmdline` into `outdir`
+    (file names from FORMATS) and return their paths. `workdir` is scratch space (empty,
+    private); `epoch` is SOURCE_DATE_EPOCH."""
+    _check_format(fmt)
+    if "\n" in cmdline or "\r" in cmdline:
+        raise DiskImageError("the kernel command line must be one line")
+    if not name or "/" in name or name in (".", ".."):
+        raise DiskImageError(f"image name {name!r} cannot be a file name")
+    if epoch < 0:
+        raise DiskImageError(f"SOURCE_DATE_EPOCH {epoch} is before 1970")
+    for p in (kernel, initrd):
+        if not Path(p).is_file():
+            raise DiskImageError(f"{p}: no such file")
+    kernel, initrd = Path(kernel).resolve(), Path(initrd).resolve()
+    outdir.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tools(fmt)  # every missing tool is reported before anything runs
+    env = tool_env(workdir, epoch)
+    cmdfile = workdir / "cmdline"
+    cmdfile.write_text(cmdline + "\n")
+    boot = [("boot/kernel", kernel), ("boot/initrd.img", initrd), ("boot/cmdline", cmdfile)]
+    out = outdir / output_names(fmt, name)[0]
+    try:
+        _build(fmt, out, boot, cmdline, name, workdir, epoch, env)
+    except BaseException:
+        out.unlink(missing_ok=True)  # never leave a partial image behind
+        raise
+    return [out]
+
+
+def _build(fmt: str, out: Path, boot: list[tuple[str, Path]], cmdline: str, name: str,
+           workdir: Path, epoch: int, env: dict[str, str]) -> None:
+    if fmt == "iso-bios":
+        cfg = workdir / "isolinux.cfg"
+        cfg.write_text(_syslinux_cfg(cmdline))
+        files = boot + [("isolinux/isolinux.bin", data_file(ISOLINUX)),
+                        ("isolinux/ldlinux.c32", data_file(LDLINUX_C32)),
+                        ("isolinux/isolinux.cfg", cfg)]
+        _xorriso(out, files, name, epoch, env,
+                 ["-b", "isolinux/isolinux.bin", "-c", "isolinux/boot.cat", "-no-emul-boot",
+                  "-boot-load-size", "4", "-boot-info-table",
+                  "-isohybrid-mbr", data_file(ISOHDPFX)])
+    elif fmt == "iso-efi":
+        efi = fat.grub_efi(workdir / "BOOTX64.EFI", _grub_cfg(cmdline), workdir, env)
+        fenv = dict(env, SOURCE_DATE_EPOCH=str(fat.fat_epoch(epoch)))
+        img = fat.fat_image(workdir / "efiboot.img", [("EFI/BOOT/BOOTX64.EFI", efi)],
+                            label="EFIBOOT", serial=fat.ids(name, fmt, "fat").int & 0xFFFFFFFF,
+                            env=fenv)
+        _xorriso(out, boot + [("boot/efiboot.img", img)], name, epoch, env,
+                 ["-e", "boot/efiboot.img", "-no-emul-boot"])
+    else:
+        raw_fmt = fmt.replace("qcow2-", "raw-")
+        efi = raw_fmt == "raw-efi"
+        fenv = dict(env, SOURCE_DATE_EPOCH=str(fat.fat_epoch(epoch)))
+        files = list(boot)
+        if efi:
+            files.append(("EFI/BOOT/BOOTX64.EFI",
+                          fat.grub_efi(workdir / "BOOTX64.EFI", _grub_cfg(cmdline), workdir, env)))
+        else:
+            cfg = workdir / "syslinux.cfg"
+            cfg.write_text(_syslinux_cfg(cmdline))
+            files.append(("syslinux.cfg", cfg))
+        raw = out if fmt == raw_fmt else workdir / output_names(raw_fmt, name)[0]
+        fat.raw_disk(raw, efi=efi, files=files, name=name, fmt=raw_fmt, workdir=workdir,
+                     env=fenv)
+        if raw != out:
+            run([find_tool("qemu-img"), "convert", "-f", "raw", "-O", "qcow2",
+                 "-o", "compat=1.1", raw, out], env)
+            raw.unlink()
+
+
+def _syslinux_cfg(cmdline: str) -> str:
+    # SERIAL: the loader's own messages reach a headless VM's console too.
+    return ("SERIAL 0 115200\nPROMPT 0\nTIMEOUT 0\nDEFAULT linux\nLABEL linux\n"
+            f"  KERNEL /boot/kernel\n  INITRD /boot/initrd.img\n  APPEND {cmdline}\n")
+
+
+def kernel_words(cmdline: str) -> list[str]:
+    """The command line split as the kernel splits it: at blanks outside double quotes,
+    the quotes removed (`a="b c"` is the one word `a=b c`)."""
+    return [w.replace('"', "") for w in re.findall(r'(?:[^\s"]|"[^"]*"?)+', cmdline)]
+
+
+def _grub_word(word: str) -> str:
+    # Single quotes make everything literal in GRUB's lexer; GRUB puts double quotes back
+    # around a word holding blanks when it builds the kernel's command line.
+    return "'" + word.replace("'", "'\\''") + "'"
+
+
+def _grub_cfg(cmdline: str) -> str:
+    """GRUB's embedded config. It runs in GRUB's rescue parser (no `if`), before normal
+    mode; `boot` only returns on failure, so the message and halt end a broken image
+    instead of leaving it at a prompt."""
+    args = " ".join(_grub_word(w) for w in kernel_words(cmdline))
+    return ("set timeout=0\n"
+            f"linux /boot/kernel {args}\n"
+            "initrd /boot/initrd.img\n"
+            "boot\n"
+            "echo 'forge: GRUB could not boot /boot/kernel'\n"
+            "halt\n")
+
+
+def _volume_id(name: str) -> str:
+    return (re.sub(r"[^A-Z0-9_]", "_", name.upper()) or "FORGE")[:32]
+
+
+def _graft(path: str) -> str:
+    return path.replace("\\", "\\\\").replace("=", "\\=")
+
+
+def _xorriso(out: Path, files: list[tuple[str, Path]], name: str, epoch: int,
+             env: dict[str, str], boot: list) -> None:
+    stamp = time.strftime("%Y%m%d%H%M%S00", time.gmtime(epoch))
+    # Graft points: files go in from where they are, with the dates set below, not theirs.
+    grafts = [f"{_graft(dest)}={_graft(str(src))}" for dest, src in sorted(files)]
+    run([find_tool("xorriso"), "-no_rc", "-as", "mkisofs", "-o", out, "-V", _volume_id(name),
+         "-r", "-J", "-joliet-long", "--modification-date=" + stamp,
+         "--set_all_file_dates", stamp, *boot, "-graft-points", *grafts], env)

@@ -1,0 +1,327 @@
+"""Launching QEMU virtual machines and waiting for them to answer.
+
+A `Boot` says what to boot (a kernel with its initrd, an ISO, a raw or qcow2 disk, by BIOS
+or UEFI); `qemu_argv` turns it into a command line; `VM` runs that command in its own
+process group and always kills it on leaving its `with` block; `wait_for` polls a probe
+(`redis_ping`, `tcp_expect`, `console_regex`) every 0.25 s until it answers, the deadline
+passes (BootTimeout) or QEMU exits (VMExited); both errors carry the console's last lines.
+
+Disks are attached with `snapshot=on`: the guest's writes go to a temporary overlay, so an
+image in a cache is never modified. UEFI boots get a private copy of OVMF's variable store,
+since the firmware writes its boot entries into it.
+
+The accelerator is "tcg", "kvm" or "auto" (the default, overridden by $FORGE_QEMU_ACCEL);
+see `choose_accel` for how "auto" decides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from forge.formats.qemu_probe import (TAIL_LINES, BootTimeout, Probe, QemuError, VMExited,
+                                      console_regex, console_tail, redis_ping, tcp_expect,
+                                      wait_for)
+
+__all__ = ["ACCEL_ENV", "Boot", "BootTimeout", "Probe", "QemuError", "VM", "VMExited",
+           "choose_accel", "console_regex", "console_tail", "disk_boot", "free_port",
+           "iso_boot", "kernel_boot", "kvm_works", "ovmf_firmware", "qemu_argv",
+           "redis_ping", "tcp_expect", "wait_for"]
+
+ACCEL_ENV = "FORGE_QEMU_ACCEL"
+QEMU = "qemu-system-x86_64"
+# (code, variables template) pairs, most specific first: Debian's 4M build, Debian's 2M
+# build, Fedora's edk2 package.
+OVMF = [("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+        ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+        ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd")]
+
+
+# ---- what to boot, and the command line -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Boot:
+    kind: str                 # "kernel" | "iso" | "disk"
+    efi: bool = False         # UEFI (OVMF on q35) instead of SeaBIOS
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    image: Path | None = None  # the ISO or the disk
+    image_format: str = "raw"  # of a disk: "raw" | "qcow2"
+
+
+def kernel_boot(kernel: Path, initrd: Path | None, cmdline: str) -> Boot:
+    return Boot("kernel", kernel=Path(kernel), initrd=Path(initrd) if initrd else None,
+                cmdline=cmdline)
+
+
+def iso_boot(iso: Path, *, efi: bool = False) -> Boot:
+    return Boot("iso", efi=efi, image=Path(iso))
+
+
+def disk_boot(image: Path, *, efi: bool = False, image_format: str | None = None) -> Boot:
+    image = Path(image)
+    return Boot("disk", efi=efi, image=image,
+                image_format=image_format or ("qcow2" if image.suffix == ".qcow2" else "raw"))
+
+
+def ovmf_firmware() -> tuple[Path, Path]:
+    """OVMF's code and variable-store template."""
+    for code, var in OVMF:
+        if os.path.isfile(code) and os.path.isfile(var):
+            return Path(code), Path(var)
+    raise QemuError("no OVMF firmware for UEFI boots: install the Debian package ovmf")
+
+
+def qemu_binary() -> str:
+    found = shutil.which(QEMU)
+    if found is None:
+        raise QemuError(f"{QEMU} is not installed: install the Debian package qemu-system-x86")
+    return found
+
+
+def _opt(path: Path) -> str:
+    return str(path).replace(",", ",,")  # a comma inside an option value is doubled
+
+
+def qemu_argv(boot: Boot, *, accel: str, memory: int = 256, cpus: int = 1,
+              forwards: Iterable[tuple[int, int]] = (), console: Path | None = None,
+              efi_vars: Path | None = None, qemu: str = QEMU,
+              extra: Iterable[str] = ()) -> list[str]:
+    """The QEMU command line. `forwards` are (host port, guest port) pairs, on 127.0.0.1;
+    `console` None puts the serial console on stdio (Ctrl-C stops QEMU), a path writes it
+    there; `efi_vars` is the VM's own copy of the OVMF variable store."""
+    if accel not in ("tcg", "kvm"):
+        raise QemuError(f"accelerator must be tcg or kvm, not {accel!r}")
+    argv = [qemu, "-accel", accel, "-nographic", "-no-reboot", "-m", str(memory),
+            "-smp", str(cpus)]
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    if boot.efi:
+        if efi_vars is None:
+            raise QemuError("a UEFI boot needs efi_vars: a private copy of OVMF's variables")
+        code, _ = ovmf_firmware()
+        argv += ["-machine", "q35",
+                 "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(code)}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={_opt(efi_vars)}"]
+    if boot.kind == "kernel":
+        argv += ["-kernel", str(boot.kernel), "-append", boot.cmdline]
+        if boot.initrd is not None:
+            argv += ["-initrd", str(boot.initrd)]
+    elif boot.kind == "iso":
+        argv += ["-cdrom", str(boot.image)] + ([] if boot.efi else ["-boot", "d"])
+    elif boot.kind == "disk":
+        argv += ["-drive", f"file={_opt(boot.image)},"
+                 f"format={boot.image_format},if=virtio,snapshot=on"]
+    else:
+        raise QemuError(f"unknown boot kind {boot.kind!r}")
+    fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in forwards)
+    argv += ["-netdev", f"user,id=n0{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+    if console is not None:
+        argv += ["-serial", f"file:{console}", "-monitor", "none"]
+    else:
+        # The terminal stays cooked for signals: Ctrl-C stops QEMU (and forge) instead of
+        # reaching the guest, as -nographic's default mon:stdio would have it.
+        argv += ["-chardev", "stdio,id=con0,signal=on", "-serial", "chardev:con0", "-monitor", "none"]
+    return argv + list(extra)
+
+
+# ---- the accelerator ----------------------------------------------------------------------
+
+# A boot sector that writes 1 to QEMU's isa-debug-exit port (0xf4): QEMU exits with status
+# (1 << 1) | 1 = 3. Code: mov al,1; out 0xf4,al; hlt; jmp $.
+_PROBE_SECTOR = bytes([0xB0, 0x01, 0xE6, 0xF4, 0xF4, 0xEB, 0xFE]).ljust(510, b"\0") + b"\x55\xaa"
+_PROBE_SECONDS = 3.0
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "forge"
+
+
+def kvm_works(qemu: str | None = None, *, memo: Path | None = None) -> bool:
+    """Whether KVM runs guests here at a useful speed.
+
+    /dev/kvm being there and openable is not enough: on some machines (nested or emulated
+    hosts) KVM accepts a VM and then crawls or hangs; on this project's build machine the
+    probe below takes 6 s of system time under KVM, and a Linux kernel never reaches its
+    init. So the probe runs SeaBIOS up to a one-instruction boot sector that exits through
+    isa-debug-exit: it takes about 0.1 s under a healthy KVM (and under TCG). KVM is used
+    only if the probe exits with the expected status within 3 s. The answer is kept in
+    ~/.cache/forge/qemu-accel.json keyed by kernel release and QEMU version, since those
+    are what change it.
+    """
+    if not (os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)):
+        return False
+    qemu = qemu or qemu_binary()
+    try:
+        version = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout.splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return False
+    key = f"{platform.release()} | {version}"
+    memo = memo or _cache_dir() / "qemu-accel.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), bool):
+        return known[key]
+    with tempfile.TemporaryDirectory(prefix="forge-kvm-probe-") as tmp:
+        disk = Path(tmp) / "probe.img"
+        disk.write_bytes(_PROBE_SECTOR)
+        argv = [qemu, "-accel", "kvm", "-nodefaults", "-no-user-config", "-display", "none",
+                "-machine", "pc", "-m", "16", "-no-reboot",
+                "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                "-drive", f"file={disk},format=raw,if=ide,snapshot=on"]
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            ok = p.wait(_PROBE_SECONDS) == 3
+        except subprocess.TimeoutExpired:
+            ok = False
+        finally:
+            _kill_group(p)
+    known[key] = ok
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmpf = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmpf.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(tmpf, memo)
+    except OSError:
+        pass  # no cache: probe again next time
+    return ok
+
+
+def choose_accel(requested: str | None = None, *, qemu: str | None = None) -> str:
+    """"tcg" or "kvm": `requested`, else $FORGE_QEMU_ACCEL, else "auto" (kvm where
+    `kvm_works`, tcg otherwise)."""
+    want = (requested or os.environ.get(ACCEL_ENV) or "auto").strip().lower()
+    if want in ("tcg", "kvm"):
+        return want
+    if want != "auto":
+        raise QemuError(f"unknown QEMU accelerator {want!r} (from "
+                        f"{'the request' if requested else '$' + ACCEL_ENV}): "
+                        "use tcg, kvm or auto")
+    return "kvm" if kvm_works(qemu) else "tcg"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- running a VM -------------------------------------------------------------------------
+
+def _kill_group(p: subprocess.Popen, grace: float = 0.0) -> None:
+    """End `p`'s process group: SIGTERM and up to `grace` seconds, then SIGKILL; the
+    SIGKILL also happens when the wait is interrupted (Ctrl-C). The group is signalled only
+    while its leader is unreaped, so its id cannot have been reused."""
+    try:
+        if grace and p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
+
+
+class VM:
+    """A QEMU process for a `with` block: started on entry, killed (its whole process
+    group) on exit, also on errors and Ctrl-C. Headless, the serial console goes to
+    `rundir/console.log` and QEMU's own output to `rundir/qemu.log`; interactive, both use
+    the terminal and QEMU stays in the terminal's process group (a background group would
+    be stopped by SIGTTIN when it reads the keyboard)."""
+
+    def __init__(self, boot: Boot, rundir: Path, *, accel: str | None = None,
+                 memory: int = 256, cpus: int = 1, forwards: Mapping[int, int] | None = None,
+                 interactive: bool = False, extra: Iterable[str] = ()):
+        """`forwards` maps guest ports to host ports (0: a free one, see `host_port`)."""
+        self.boot, self.rundir, self.interactive = boot, Path(rundir), interactive
+        self.accel = choose_accel(accel)
+        self.ports = {g: (h or free_port()) for g, h in (forwards or {}).items()}
+        self.console = None if interactive else self.rundir / "console.log"
+        self.proc: subprocess.Popen | None = None
+        self._opts = dict(memory=memory, cpus=cpus, extra=tuple(extra))
+
+    def host_port(self, guest_port: int) -> int:
+        return self.ports[guest_port]
+
+    def argv(self) -> list[str]:
+        efi_vars = self.rundir / "OVMF_VARS.fd" if self.boot.efi else None
+        return qemu_argv(self.boot, accel=self.accel, console=self.console, efi_vars=efi_vars,
+                         forwards=sorted((h, g) for g, h in self.ports.items()),
+                         qemu=qemu_binary(), **self._opts)
+
+    def start(self) -> VM:
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        argv = self.argv()
+        if self.boot.efi:
+            shutil.copyfile(ovmf_firmware()[1], self.rundir / "OVMF_VARS.fd")
+        if self.interactive:
+            self.proc = subprocess.Popen(argv)
+        else:
+            self.console.write_bytes(b"")
+            with open(self.rundir / "qemu.log", "wb") as log:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.interactive:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+        else:
+            _kill_group(self.proc, grace=2.0)
+
+    def __enter__(self) -> VM:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def console_tail(self, lines: int = TAIL_LINES) -> str:
+        return console_tail(self.console, lines)
+
+    def qemu_output(self) -> str:
+        try:
+            return (self.rundir / "qemu.log").read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def wait(self, probe: Probe, timeout: float = 120) -> object:
+        """`wait_for(probe)` with this VM's console and process."""
+        return wait_for(probe, timeout, console=self.console, proc=self.proc,
+                        qemu_output=self.qemu_output)
+
+    def wait_exit(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+

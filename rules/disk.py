@@ -1,0 +1,74 @@
+"""The output formats of `linuxkit_image`: one action each, all without root, loop devices
+or a Docker engine, all byte-reproducible. The disk formats are built by
+forge.formats.diskimage from the kernel, the initrd and the command line; the host tools
+each one runs are part of its key, so upgrading xorriso or grub rebuilds the image."""
+
+from __future__ import annotations
+
+import tarfile
+
+from forge.api import ActionFailed, ExecContext, action_function
+from forge.formats.rootfs import FragmentWriter
+
+# format -> output file names (N = the target's name), as LinuxKit names them
+FORMATS = {
+    "kernel+initrd": ("{N}-kernel", "{N}-initrd.img", "{N}-cmdline"),
+    "tar": ("{N}.tar",),
+    "iso-bios": ("{N}.iso",),
+    "iso-efi": ("{N}-efi.iso",),
+    "raw-bios": ("{N}-bios.img",),
+    "raw-efi": ("{N}-efi.img",),
+    "qcow2-bios": ("{N}.qcow2",),
+    "qcow2-efi": ("{N}-efi.qcow2",),
+}
+
+
+def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list) -> list:
+    """Plan the action for `fmt`; its output artifacts."""
+    if fmt == "kernel+initrd":
+        return [boot["kernel"], boot["initrd"], boot["cmdline"]]
+    outs = [ctx.declare(n.format(N=name)) for n in FORMATS[fmt]]
+    if fmt == "tar":
+        ctx.call("LkTar", {}, inputs=[boot["kernel"], boot["cmdline"], kernel_dir, *fragments],
+                 outputs=outs, mnemonic="LkTar")
+        return outs
+    from forge.formats import diskimage
+    ctx.call("LkDisk", {"format": fmt, "name": name},
+             inputs=[boot["kernel"], boot["initrd"], boot["cmdline"]], outputs=outs,
+             mnemonic="LkDisk", tools=diskimage.tools(fmt), description=f"LkDisk {ctx.label} [{fmt}]")
+    return outs
+
+
+@action_function("LkDisk", version=1)
+def disk_step(ctx: ExecContext) -> None:
+    from forge.formats import diskimage
+    p = ctx.params
+    kernel, initrd, cmdline = (ctx.path(i) for i in ctx.inputs[:3])
+    outdir = ctx.path(ctx.outputs[0]).parent
+    work = ctx.path(".work")
+    work.mkdir()
+    try:
+        made = diskimage.build(p["format"], kernel=kernel, initrd=initrd,
+                               cmdline=cmdline.read_text(), name=p["name"], outdir=outdir,
+                               workdir=work, epoch=ctx.source_date_epoch)
+    except diskimage.DiskImageError as e:
+        raise ActionFailed(str(e)) from None
+    missing = {str(ctx.path(o)) for o in ctx.outputs} - {str(m) for m in made}
+    if missing:
+        raise ActionFailed(f"{p['format']} did not write {', '.join(sorted(missing))}")
+
+
+@action_function("LkTar", version=1)
+def tar_step(ctx: ExecContext) -> None:
+    """The root filesystem as one tar, as LinuxKit's `tar` format: boot/kernel,
+    boot/cmdline, boot/ucode.cpio, then every fragment in initrd order."""
+    kernel, cmdline, kdir = (ctx.path(i) for i in ctx.inputs[:3])
+    with open(ctx.path(ctx.outputs[0]), "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
+        w.file("boot/kernel", kernel.read_bytes())
+        w.file("boot/cmdline", cmdline.read_bytes())
+        if (kdir / "ucode.cpio").is_file():
+            w.file("boot/ucode.cpio", (kdir / "ucode.cpio").read_bytes())
+        for rel in ctx.inputs[3:]:
+            p = ctx.path(rel)
+            with tarfile.open(p / "rootfs.tar" if p.is_dir() else p) as tf:
+                w.copy_tree(tf)

@@ -1,0 +1,429 @@
+"""`linuxkit_image`: an OS image from a LinuxKit assembly (YAML), as independent actions.
+
+The plan for an assembly named N (see docs/linuxkit.md):
+
+    each distinct image  -> LkUnpack: its layers flattened once into rootfs.tar (+ config)
+    kernel               -> LkKernelFragment: modules (kernel.tar) + etc/forge/modules.load
+    each init image      -> its flattened rootfs.tar is the fragment itself
+    each onboot/onshutdown/service entry -> LkBundle: containers/<section>/<dir>/ with
+                            config.json, runtime.json and rootfs/ (or lower/ when writable)
+    files, each volume   -> LkFiles, LkVolume
+    each fragment        -> LkSegment: one compressed newc cpio segment
+    LkInitrd             -> N-initrd.img: [ucode.cpio] + the segments, concatenated
+    LkBootFiles          -> N-kernel, N-cmdline
+    each other format    -> one action from kernel + initrd + cmdline (rules/disk.py), or
+                            from the fragments (`tar`)
+
+Changing one service reruns its bundle, its segment, the concatenation and the formats.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+from forge.api import (ActionFailed, AnalysisError, ExecContext, LoadError, Location,
+                       action_function, attr, did_you_mean, parse_label, rule)
+from forge.formats import assembly as asmlib
+from forge.formats.assembly_oci import runtime_config
+from forge.formats.rootfs import LINUXKIT_DROP, LINUXKIT_REPLACE, FragmentWriter
+
+from . import disk
+from .oci import pinned, pull_action
+
+COMPRESSIONS = ("gzip", "zstd", "none")
+_SEGMENT_EXT = {"gzip": ".cpio.gz", "zstd": ".cpio.zst", "none": ".cpio"}
+# Mount points an image may lack; runc needs them in a bundle's root, the init in /.
+MOUNT_POINTS = ("dev", "proc", "sys", "tmp", "run")
+MODULES_LOAD = "etc/forge/modules.load"
+
+
+# --- reading the assembly ---------------------------------------------------------------
+
+def _is_label(text: str) -> bool:
+    return text.startswith(("//", ":", "@"))
+
+
+def _parse(files: list[tuple[str, str]]) -> asmlib.Assembly:
+    try:
+        return asmlib.load(files)
+    except asmlib.AssemblyError as e:
+        where = e.where if isinstance(e.where, asmlib.Loc) else None
+        loc = Location(where.file, where.line, where.col) if where else None
+        raise LoadError(e.message, location=loc, hint=e.hint) from None
+
+
+def _assembly_labels(attrs) -> list:
+    return [attrs.assembly, *attrs.overlays]
+
+
+def implicit_images(src) -> list:
+    """The forge labels an assembly names as images (not through `images` aliases)."""
+    asm = _parse([(src.path(lb), src.read(lb)) for lb in _assembly_labels(src.attrs)])
+    aliases = set(src.attrs.images)
+    found = []
+    for text, loc in _image_uses(asm):
+        if text not in aliases and _is_label(text):
+            found.append((text, Location(loc.file, loc.line, loc.col) if loc else None))
+    return found
+
+
+def _image_uses(asm: asmlib.Assembly) -> list[tuple[str, asmlib.Loc | None]]:
+    uses = []
+    if asm.kernel and asm.kernel.image:
+        uses.append((asm.kernel.image, asm.kernel.loc))
+    uses += list(zip(asm.init, asm.init_locs))
+    uses += [(e.image, e.locs.get("image", e.loc)) for e in asm.entries()]
+    uses += [(v.image, v.loc) for v in asm.volumes if v.image]
+    return uses
+
+
+# --- the rule -----------------------------------------------------------------------------
+
+@rule("linuxkit_image", version=1, implicit_deps=implicit_images, doc="""An OS image from a
+LinuxKit assembly (LinuxKit's YAML, unchanged). `image:` values may be registry references
+(pinned in forge.lock), forge labels, or names mapped to targets by `images`. Each image is
+unpacked once, each entry is its own cached fragment and initrd segment, each format its own
+action. `forge run` boots it under QEMU.""", attrs={
+    "assembly": attr.label(mandatory=True, doc="The assembly YAML file."),
+    "overlays": attr.label_list(doc="More assembly files merged after it, as `linuxkit build "
+                                "a.yml b.yml` does (kernel keys replaced, lists appended)."),
+    "images": attr.label_dict(doc='Image names used in the assembly mapped to image targets, '
+                              'e.g. {"redis": "//images/redis:image"}.'),
+    "formats": attr.string_list(default=["kernel+initrd"], doc="Output formats: "
+                                + ", ".join(disk.FORMATS) + "."),
+    "compression": attr.string(default="gzip", values=COMPRESSIONS,
+                               doc="Compression of each initrd segment."),
+    "platform": attr.string(default="linux/amd64", doc="Platform of pulled images."),
+})
+def linuxkit_image(ctx):
+    for i, fmt in enumerate(ctx.attr.formats):
+        if fmt not in disk.FORMATS:
+            raise ctx.fail(f"unknown format '{fmt}'", attr="formats",
+                           hint=did_you_mean(fmt, disk.FORMATS)
+                           or f"formats are: {', '.join(disk.FORMATS)}")
+    arts = [a for lb in _assembly_labels(ctx.attr) for a in ctx.dep(lb).files]
+    asm = _parse([(a.path, ctx.read_source(a)) for a in arts])
+    if asm.kernel is None or not asm.kernel.image:
+        raise ctx.fail("the assembly has no kernel image", attr="assembly",
+                       hint="add `kernel: {image: //pkg:kernel, cmdline: \"console=ttyS0\"}`")
+    return _Planner(ctx, asm).plan()
+
+
+class _Planner:
+    def __init__(self, ctx, asm: asmlib.Assembly):
+        self.ctx, self.asm = ctx, asm
+        self.name = ctx.label.name
+        self.ids = asmlib.allocate_ids(asm)
+        self.layouts: dict[str, object] = {}   # image text -> layout artifact
+        self.kinds: dict[str, str] = {}        # image text -> "image" | "kernel" (a kernel target)
+        self.unpacked: dict[str, object] = {}  # layout path -> LkUnpack output dir
+        self.fragments: list[tuple[str, object]] = []
+
+    # images
+    def layout(self, text: str, loc) -> object:
+        if text in self.layouts:
+            return self.layouts[text]
+        ctx = self.ctx
+        if text in ctx.attr.images or _is_label(text):
+            label = ctx.attr.images.get(text) or parse_label(text, ctx.package)
+            info = ctx.dep(label)
+            path = info.extra.get("image") or info.extra.get("kernel")
+            self.kinds[text] = "image" if info.extra.get("image") else "kernel"
+            if path is None:
+                raise AnalysisError(f"'{text}' is not an image target (it has no image output)",
+                                    location=Location(loc.file, loc.line, loc.col) if loc else None,
+                                    hint="name a container_image, oci_pull, debian_rootfs or kernel target")
+            art = next(a for a in info.files if a.path == path)
+        else:
+            try:
+                ref = pinned(ctx, text)
+            except AnalysisError as e:
+                raise e.with_location(Location(loc.file, loc.line, loc.col) if loc else None)
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+            art = pull_action(ctx, ref, ctx.attr.platform, f"{self.name}.images/{safe}")
+            self.kinds[text] = "image"
+        self.layouts[text] = art
+        return art
+
+    def unpack(self, text: str, loc) -> object:
+        layout = self.layout(text, loc)
+        if layout.path not in self.unpacked:
+            out = self.ctx.declare_dir(f"{self.name}.unpacked/{len(self.unpacked)}")
+            self.ctx.call("LkUnpack", {"image": text, "platform": self.ctx.attr.platform},
+                          inputs=[layout], outputs=[out], mnemonic="LkUnpack",
+                          description=f"LkUnpack {text}")
+            self.unpacked[layout.path] = out
+        return self.unpacked[layout.path]
+
+    # fragments
+    def kernel(self) -> object:
+        """The kernel directory (kernel, kernel.tar, modules.load[, ucode.cpio]): a `kernel`
+        target's output as it is, or extracted from an image in LinuxKit's kernel layout."""
+        k, ctx = self.asm.kernel, self.ctx
+        art = self.layout(k.image, k.loc)
+        if self.kinds[k.image] != "kernel":
+            out = ctx.declare_dir(f"{self.name}.kernel")
+            ctx.call("KernelFromImage", {"modules": [], "binary": k.binary, "tar": k.tar or "",
+                                         "ucode": k.ucode or ""},
+                     inputs=[art], outputs=[out], mnemonic="KernelFromImage")
+            art = out
+        frag = ctx.declare(f"{self.name}.rootfs/kernel.tar")
+        ctx.call("LkKernelFragment", {"modules": k.tar is not None}, inputs=[art],
+                 outputs=[frag], mnemonic="LkKernelFragment")
+        self.fragments.append(("kernel", frag))
+        return art
+
+    def entries(self) -> None:
+        for section in asmlib.SECTIONS:
+            for i, e in enumerate(getattr(self.asm, section)):
+                d = f"containers/{section}/" + (e.name if section == "services" else f"{i:03d}-{e.name}")
+                src = self.unpack(e.image, e.locs.get("image", e.loc))
+                frag = self.ctx.declare(f"{self.name}.rootfs/{section}-{i:03d}-{e.name}.tar")
+                self._check(e)
+                # No line numbers in the params: moving an entry must not rebuild it.
+                params = {"dir": d, "section": section, "name": e.name, "image": e.image,
+                          "raw": e.raw, "ids": self.ids}
+                self.ctx.call("LkBundle", params, inputs=[src], outputs=[frag],
+                              mnemonic="LkBundle", description=f"LkBundle {self.ctx.label} [{d}]")
+                self.fragments.append((f"{section}/{e.name}", frag))
+
+    def _check(self, e: asmlib.ImageEntry) -> None:
+        """Errors in the entry's own keys, found now with their lines (and by --nobuild);
+        what is left for the step is the image label, which it names."""
+        try:
+            runtime_config(e, {}, {}, self.ids, readonly_default=False)
+        except asmlib.AssemblyError as err:
+            w = err.where
+            raise AnalysisError(err.message, location=Location(w.file, w.line, w.col)
+                                if isinstance(w, asmlib.Loc) else None, hint=err.hint) from None
+
+    def files(self) -> None:
+        if not self.asm.files:
+            return
+        ctx = self.ctx
+        items, inputs = [], []
+        for f in self.asm.files:
+            item = {"path": f.path, "mode": f.mode, "uid": self._id(f.uid), "gid": self._id(f.gid)}
+            if f.directory:
+                item["directory"] = True
+            elif f.symlink is not None:
+                item["symlink"] = f.symlink
+            elif f.contents is not None:
+                item["contents"] = f.contents
+            elif f.metadata is not None:
+                item["contents"] = self._metadata(f.metadata)
+            elif f.source is not None:
+                art = self._source(f)
+                if art is None:
+                    continue
+                item["source"] = art.path
+                inputs.append(art)
+            else:
+                item["contents"] = ""
+            items.append(item)
+        frag = ctx.declare(f"{self.name}.rootfs/files.tar")
+        ctx.call("LkFiles", {"files": items}, inputs=inputs, outputs=[frag], mnemonic="LkFiles")
+        self.fragments.append(("files", frag))
+
+    def _id(self, v) -> int:
+        if v is None or v in ("", "root"):
+            return 0
+        return v if isinstance(v, int) else self.ids[v]
+
+    def _source(self, f: asmlib.FileEntry):
+        from pathlib import PurePosixPath
+        loc = f.locs.get("source", f.loc)
+        where = Location(loc.file, loc.line, loc.col)
+        if f.source.startswith("~") or f.source.startswith("/"):
+            raise AnalysisError(f"file '{f.path}': source '{f.source}' is outside the workspace",
+                                location=where, hint="forge keys every input by content, so "
+                                "sources must be files of the workspace; copy it into the package "
+                                "and give its path relative to the assembly")
+        base = PurePosixPath(loc.file).parent
+        rel = str(base / f.source)
+        try:
+            art = self.ctx.source_file(rel)
+        except FileNotFoundError:
+            if f.optional:
+                return None
+            raise AnalysisError(f"file '{f.path}': source {rel} does not exist", location=where,
+                                hint="fix the path (relative to the assembly file) or set "
+                                "`optional: true`") from None
+        return art
+
+    def _metadata(self, kind: str) -> str:
+        a = self.asm
+        doc = {"kernel": dict(a.kernel.raw) if a.kernel else {}, "init": a.init,
+               **{s: [e.raw for e in getattr(a, s)] for s in asmlib.SECTIONS},
+               "files": [f.raw for f in a.files], "volumes": [v.raw for v in a.volumes]}
+        if kind == "json":
+            return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+        import yaml
+        return yaml.safe_dump(doc, sort_keys=True)
+
+    def volumes(self) -> None:
+        for v in self.asm.volumes:
+            inputs = [self.unpack(v.image, v.loc) if v.format == "filesystem" else
+                      self.layout(v.image, v.loc)] if v.image else []
+            frag = self.ctx.declare(f"{self.name}.rootfs/volume-{v.name}.tar")
+            self.ctx.call("LkVolume", {"name": v.name, "format": v.format if v.image else "none"},
+                          inputs=inputs, outputs=[frag], mnemonic="LkVolume")
+            self.fragments.append((f"volumes/{v.name}", frag))
+
+    # the whole plan
+    def plan(self):
+        ctx = self.ctx
+        kernel_dir = self.kernel()
+        for i, (ref, loc) in enumerate(zip(self.asm.init, self.asm.init_locs)):
+            self.fragments.append((f"init/{i}", self.unpack(ref, loc)))
+        self.entries()
+        self.volumes()
+        self.files()
+        comp = ctx.attr.compression
+        segments = []
+        for n, (what, frag) in enumerate(self.fragments):
+            seg = ctx.declare(f"{self.name}.initrd/{n:03d}-{what.replace('/', '-')}{_SEGMENT_EXT[comp]}")
+            ctx.call("LkSegment", {"compression": comp, "base": n == 0}, inputs=[frag],
+                     outputs=[seg], mnemonic="LkSegment", description=f"LkSegment {ctx.label} [{what}]")
+            segments.append(seg)
+        initrd = ctx.declare(f"{self.name}-initrd.img")
+        ctx.call("LkInitrd", {}, inputs=[kernel_dir, *segments], outputs=[initrd], mnemonic="LkInitrd")
+        kernel, cmdline = ctx.declare(f"{self.name}-kernel"), ctx.declare(f"{self.name}-cmdline")
+        ctx.call("LkBootFiles", {"cmdline": self.asm.kernel.cmdline}, inputs=[kernel_dir],
+                 outputs=[kernel, cmdline], mnemonic="LkBootFiles")
+        boot = {"kernel": kernel, "initrd": initrd, "cmdline": cmdline}
+        outputs = {}
+        for fmt in ctx.attr.formats:
+            outputs[fmt] = disk.plan_format(ctx, fmt, self.name, boot, kernel_dir,
+                                            [f for _, f in self.fragments])
+        files = [a for arts in outputs.values() for a in arts]
+        return ctx.info(files=files, kernel=kernel.path, initrd=initrd.path, cmdline=cmdline.path,
+                        formats={f: [a.path for a in arts] for f, arts in outputs.items()},
+                        boot_files=[kernel, initrd, cmdline],
+                        run={"runner": "QemuRun", "params": {
+                            "name": self.name,
+                            "formats": {f: [a.path for a in arts] for f, arts in outputs.items()}}})
+
+
+# --- steps ------------------------------------------------------------------------------
+
+def _in_dir(ctx: ExecContext, i: int, name: str):
+    p = ctx.path(ctx.inputs[i])
+    return p / name if p.is_dir() else p
+
+
+@action_function("LkUnpack", version=1)
+def unpack_step(ctx: ExecContext) -> None:
+    """An image's layers flattened, with LinuxKit's drops and replacements, + its config."""
+    import tempfile
+    from forge.formats import layertar, oci
+    try:
+        img = oci.read_image(ctx.path(ctx.inputs[0]), ctx.params["platform"])
+    except oci.LayoutError as e:
+        raise ActionFailed(f"{ctx.params['image']}: {e}") from None
+    out = ctx.path(ctx.outputs[0])
+    (out / "config.json").write_bytes(oci.canonical_json(img.config))
+    with tempfile.TemporaryFile(dir=ctx.scratch) as flat:
+        layertar.flatten([b for _, b in img.layers], flat, mtime=None)
+        flat.seek(0)
+        with tarfile.open(fileobj=flat, mode="r:") as src, \
+                open(out / "rootfs.tar", "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
+            w.copy_tree(src, drop=LINUXKIT_DROP, replace=LINUXKIT_REPLACE)
+
+
+@action_function("LkKernelFragment", version=1)
+def kernel_fragment_step(ctx: ExecContext) -> None:
+    kdir = ctx.path(ctx.inputs[0])
+    with open(ctx.path(ctx.outputs[0]), "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
+        if ctx.params["modules"] and (kdir / "kernel.tar").is_file():
+            with tarfile.open(kdir / "kernel.tar") as src:
+                w.copy_tree(src)
+        load = kdir / "modules.load"
+        w.file(MODULES_LOAD, load.read_bytes() if load.is_file() else b"")
+
+
+@action_function("LkBundle", version=1)
+def bundle_step(ctx: ExecContext) -> None:
+    """One entry's OCI bundle. Writable entries (LinuxKit's default) get their image in
+    lower/ and an empty rootfs/ where the init mounts an overlay; read-only ones in rootfs/."""
+    p = ctx.params
+    entry = asmlib.ImageEntry(p["section"], p["name"], p["image"], asmlib.Loc(p["dir"], 0, 0),
+                              p["raw"], {})
+    src = ctx.path(ctx.inputs[0])
+    image_config = json.loads((src / "config.json").read_text())
+    try:
+        config, runtime = runtime_config(entry, image_config, None, p["ids"], readonly_default=False)
+    except asmlib.AssemblyError as e:
+        raise ActionFailed(str(e), hint=e.hint) from None
+    readonly = config["root"].get("readonly", False)
+    d = p["dir"]
+    with open(ctx.path(ctx.outputs[0]), "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
+        w.directory(d)
+        w.file(f"{d}/config.json", json.dumps(config, indent=4).encode() + b"\n")
+        w.file(f"{d}/runtime.json", json.dumps(runtime, indent=4).encode() + b"\n")
+        if not readonly:
+            w.directory(f"{d}/rootfs")
+        with tarfile.open(src / "rootfs.tar") as tf:
+            w.copy_tree(tf, f"{d}/rootfs" if readonly else f"{d}/lower", extra_dirs=MOUNT_POINTS)
+
+
+@action_function("LkFiles", version=1)
+def files_step(ctx: ExecContext) -> None:
+    with open(ctx.path(ctx.outputs[0]), "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
+        for it in ctx.params["files"]:
+            ids = {"uid": it["uid"], "gid": it["gid"]}
+            if it.get("directory"):
+                w.directory(it["path"], it["mode"], **ids)
+            elif "symlink" in it:
+                w.symlink(it["path"], it["symlink"], **ids)
+            elif "source" in it:
+                w.file(it["path"], ctx.path(it["source"]).read_bytes(), it["mode"], **ids)
+            else:
+                w.file(it["path"], it["contents"].encode(), it["mode"], **ids)
+
+
+@action_function("LkVolume", version=1)
+def volume_step(ctx: ExecContext) -> None:
+    base = f"containers/volumes/{ctx.params['name']}"
+    fmt = ctx.params["format"]
+    with open(ctx.path(ctx.outputs[0]), "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
+        w.directory(base)
+        if fmt == "filesystem":
+            with tarfile.open(ctx.path(ctx.inputs[0]) / "rootfs.tar") as tf:
+                w.copy_tree(tf, base)
+        elif fmt == "oci":
+            layout = ctx.path(ctx.inputs[0])
+            for p in sorted(layout.rglob("*")):
+                rel = f"{base}/{p.relative_to(layout).as_posix()}"
+                if p.is_dir():
+                    w.directory(rel)
+                else:
+                    w.file(rel, p.read_bytes())
+
+
+@action_function("LkSegment", version=1)
+def segment_step(ctx: ExecContext) -> None:
+    from forge.formats import cpio
+    base = ctx.params["base"]
+    with open(_in_dir(ctx, 0, "rootfs.tar"), "rb") as src, open(ctx.path(ctx.outputs[0]), "wb") as out, \
+            cpio.open_compressed(out, ctx.params["compression"]) as z:
+        cpio.write_tree_from_tar(src, z, mtime=ctx.source_date_epoch, drop=(), replace=None,
+                                 extra_dirs=MOUNT_POINTS if base else (), console=base)
+
+
+@action_function("LkInitrd", version=1)
+def initrd_step(ctx: ExecContext) -> None:
+    """Early microcode must come first and uncompressed; then the segments in order."""
+    from forge.formats import cpio
+    ucode = ctx.path(ctx.inputs[0]) / "ucode.cpio"
+    parts = ([ucode] if ucode.is_file() else []) + [ctx.path(i) for i in ctx.inputs[1:]]
+    with open(ctx.path(ctx.outputs[0]), "wb") as out:
+        cpio.concatenate(parts, out)
+
+
+@action_function("LkBootFiles", version=1)
+def boot_files_step(ctx: ExecContext) -> None:
+    import shutil
+    shutil.copyfile(ctx.path(ctx.inputs[0]) / "kernel", ctx.path(ctx.outputs[0]))
+    ctx.path(ctx.outputs[1]).write_text(ctx.params["cmdline"])

@@ -1,0 +1,193 @@
+"""Booting OS images under QEMU: the runner behind `forge run` for `linuxkit_image`
+targets, and `qemu_test`, which boots an image headless and probes it.
+
+The accelerator is chosen by forge.formats.qemu (KVM where it works, else TCG; override
+with `--accel` or FORGE_QEMU_ACCEL). Images in the cache are never written: disks boot
+with `snapshot=on`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from forge.api import ActionFailed, RunContext, attr, build_helper, pool, rule, runner
+
+pool("qemu", 2)
+
+# format -> how it boots (see forge.formats.qemu.boot_spec)
+BOOTABLE = ("kernel+initrd", "iso-bios", "iso-efi", "raw-bios", "raw-efi", "qcow2-bios", "qcow2-efi")
+
+build_helper("redis_ping", '''def redis_ping(port = 6379):
+    """A qemu_test probe: Redis answers PING with PONG on guest port `port`."""
+    return {"kind": "redis_ping", "port": port}
+''')
+build_helper("tcp_expect", '''def tcp_expect(port, send = "", expect = ""):
+    """A qemu_test probe: after sending `send` to guest port `port`, the reply matches the
+    regular expression `expect`."""
+    return {"kind": "tcp_expect", "port": port, "send": send, "expect": expect}
+''')
+build_helper("console_regex", '''def console_regex(pattern):
+    """A qemu_test probe: a line of the serial console matches `pattern`."""
+    return {"kind": "console_regex", "pattern": pattern}
+''')
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m)?$")
+
+
+def _seconds(text: str) -> float | None:
+    m = _DURATION.match(text.strip())
+    if not m:
+        return None
+    return float(m.group(1)) * (60 if m.group(2) == "m" else 1)
+
+
+def _image_formats(ctx, attr_name: str) -> dict:
+    info = ctx.deps(attr_name)[0]
+    formats = info.extra.get("formats")
+    if formats is None:
+        raise ctx.fail(f"{getattr(ctx.attr, attr_name)} is not an OS image (linuxkit_image) target",
+                       attr=attr_name)
+    return formats
+
+
+@rule("qemu_test", version=1, test=True, doc="""Boots an OS image under QEMU with no display
+and passes when its probe succeeds before the timeout; on failure it reports the tail of
+the serial console. The VM is always killed. Host ports are picked free at each run, so
+boot tests run side by side.""", attrs={
+    "image": attr.label(mandatory=True, doc="A linuxkit_image target."),
+    "format": attr.string(default="kernel+initrd", values=BOOTABLE,
+                          doc="Which of the image's formats to boot (the image must build it)."),
+    "forward": attr.int_dict(doc="Ports to forward, {HOST: GUEST} as `-p HOST:GUEST`; in a test "
+                             "the host side is always a free port."),
+    "probe": attr.dict(doc="redis_ping(port), tcp_expect(port, send, expect) or "
+                       "console_regex(pattern); default: the console shows the init's "
+                       "'forge-init: services started'."),
+    "timeout": attr.string(default="120s", doc="How long the probe may take, e.g. 90s or 3m."),
+    "memory": attr.int(default=512, doc="Guest memory in MiB."),
+    "cpus": attr.int(default=1, doc="Guest CPUs."),
+})
+def qemu_test(ctx):
+    formats = _image_formats(ctx, "image")
+    fmt = ctx.attr.format
+    if fmt not in formats:
+        raise ctx.fail(f"{ctx.attr.image} does not build the format '{fmt}'", attr="format",
+                       hint=f"add \"{fmt}\" to its formats, or test one of: {', '.join(formats)}")
+    timeout = _seconds(ctx.attr.timeout)
+    if timeout is None:
+        raise ctx.fail(f"timeout '{ctx.attr.timeout}' is not a duration", attr="timeout",
+                       hint='write seconds or minutes: "120s", "3m"')
+    probe = dict(ctx.attr.probe) or {"kind": "console_regex", "pattern": "forge-init: services started"}
+    if probe.get("kind") not in ("redis_ping", "tcp_expect", "console_regex"):
+        raise ctx.fail("probe must be redis_ping(), tcp_expect(...) or console_regex(...)", attr="probe")
+    if probe["kind"] != "console_regex" and probe["port"] not in ctx.attr.forward.values():
+        raise ctx.fail(f"the probe reaches guest port {probe['port']}, which forward does not "
+                       "forward", attr="probe",
+                       hint=f"add forward = {{{probe['port']}: {probe['port']}}}")
+    files = [a for a in ctx.deps("image")[0].files if a.path in formats[fmt]]
+    return ctx.info(files=files, test={"runner": "QemuTest", "params": {
+        "format": fmt, "files": formats[fmt], "forward": {str(g): g for g in ctx.attr.forward.values()},
+        "probe": probe, "timeout": timeout, "memory": ctx.attr.memory, "cpus": ctx.attr.cpus}})
+
+
+def boot_spec(fmt: str, paths: list):
+    """How QEMU boots the files of format `fmt` (see disk.FORMATS for their order)."""
+    from forge.formats import qemu
+    if fmt == "kernel+initrd":
+        kernel, initrd, cmdline = paths
+        return qemu.kernel_boot(kernel, initrd, cmdline.read_text())
+    if fmt.startswith("iso-"):
+        return qemu.iso_boot(paths[0], efi=fmt.endswith("-efi"))
+    return qemu.disk_boot(paths[0], efi=fmt.endswith("-efi"),
+                          image_format="qcow2" if fmt.startswith("qcow2") else "raw")
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _probe(p: dict, vm, cancel):
+    """The test's probe, also watching for Ctrl-C (which kills the VM at once)."""
+    from forge.formats import qemu
+    kind = p["kind"]
+    if kind == "redis_ping":
+        probe = qemu.redis_ping("127.0.0.1", vm.host_port(p["port"]))
+    elif kind == "tcp_expect":
+        probe = qemu.tcp_expect(vm.host_port(p["port"]), p.get("send", "").encode(), p.get("expect", ""))
+    else:
+        probe = qemu.console_regex(p["pattern"])
+
+    def check(console):
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled()
+        return probe.check(console)
+    return qemu.Probe(probe.what, check)
+
+
+@runner("QemuTest")
+def qemu_test_runner(ctx: RunContext) -> int:
+    import tempfile
+    import time
+    from forge.formats import qemu
+    p = ctx.params
+    out = ctx.out or sys.stdout
+    spec = boot_spec(p["format"], [ctx.root / f for f in p["files"]])
+    accel = ctx.config.get("qemu", {}).get("accel")
+    with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
+        vm = qemu.VM(spec, rundir, accel=accel, memory=p["memory"], cpus=p["cpus"],
+                     forwards={int(g): 0 for g in p["forward"].values()})
+        t0 = time.monotonic()
+        try:
+            with vm:
+                vm.wait(_probe(p["probe"], vm, ctx.cancel), timeout=p["timeout"])
+        except _Cancelled:
+            raise ActionFailed("interrupted") from None
+        except qemu.QemuError as e:
+            raise ActionFailed(str(e)) from None
+    out.write(f"{p['probe']['kind']} answered {time.monotonic() - t0:.1f} s after QEMU started "
+              f"({p['format']}, {vm.accel})\n")
+    return 0
+
+
+@runner("QemuRun")
+def qemu_run(ctx: RunContext) -> int:
+    """`forge run //images:x [--format F] [-p HOST:GUEST]... [--accel kvm|tcg] [-m MiB]
+    [--cpus N]`: the serial console on this terminal; Ctrl-C (or powering off) stops it."""
+    import tempfile
+    from forge.api import UsageError
+    from forge.formats import qemu
+    formats = ctx.params["formats"]
+    ap = argparse.ArgumentParser(prog="forge run IMAGE", add_help=False)
+    ap.add_argument("--format", default=next((f for f in BOOTABLE if f in formats), None))
+    ap.add_argument("-p", "--publish", action="append", default=[])
+    ap.add_argument("--accel")
+    ap.add_argument("-m", "--memory", type=int, default=512)
+    ap.add_argument("--cpus", type=int, default=1)
+    try:
+        args = ap.parse_args(ctx.args)
+    except SystemExit:
+        raise UsageError(f"cannot read the run options {' '.join(ctx.args)}",
+                         hint="forge run IMAGE [--format F] [-p HOST:GUEST]... [--accel kvm|tcg] "
+                         "[-m MiB] [--cpus N]") from None
+    if args.format not in formats or args.format not in BOOTABLE:
+        raise UsageError(f"the image has no bootable format '{args.format}'",
+                         hint=f"it builds: {', '.join(f for f in formats if f in BOOTABLE)}")
+    forwards = {}
+    for text in args.publish:
+        host, _, guest = text.partition(":")
+        if not (host.isdigit() and (guest or host).isdigit()):
+            raise UsageError(f"-p {text}: expected PORT or HOST:GUEST")
+        forwards[int(guest or host)] = int(host)
+    spec = boot_spec(args.format, [ctx.root / f for f in formats[args.format]])
+    with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
+        vm = qemu.VM(spec, rundir, accel=args.accel or ctx.config.get("qemu", {}).get("accel"),
+                     memory=args.memory, cpus=args.cpus, forwards=forwards, interactive=True)
+        print(f"forge: booting {ctx.params['name']} ({args.format}, {vm.accel}); Ctrl-C stops the VM"
+              + "".join(f"; 127.0.0.1:{h} -> guest {g}" for g, h in vm.ports.items()), file=sys.stderr)
+        try:
+            with vm:
+                return vm.wait_exit()
+        except KeyboardInterrupt:
+            print("\nforge: VM stopped", file=sys.stderr)
+            return 0

@@ -1,0 +1,259 @@
+"""linuxkit_image without network or Docker: images made FROM scratch by COPY (assembled
+in Python), a stand-in kernel in LinuxKit's kernel layout. Checks the fragments, the
+initrd segments (with the real `cpio`), reproducibility across caches and paths, what
+reruns after a one-entry change, and assembly errors. Booting is tested in
+test_redisos.py."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import Workspace, require
+
+ASSEMBLY = """\
+kernel:
+  image: //kimg:kimg
+  cmdline: "console=ttyS0"
+init:
+  - //init:image
+onboot:
+  - name: setup
+    image: //init:image
+    command: ["/bin/busybox", "true"]
+    readonly: true
+services:
+  - name: web
+    image: app
+    binds.add: ["/etc:/etc:ro"]
+  - name: other
+    image: app
+files:
+  - path: etc/motd
+    contents: "hi\\n"
+    mode: "0644"
+  - path: etc/conf
+    source: conf.txt
+  - path: etc/meta.json
+    metadata: json
+  - path: run/web
+    directory: true
+    uid: web
+volumes:
+  - name: data
+"""
+
+BUILD = """\
+linuxkit_image(
+    name = "os",
+    assembly = "os.yml",
+    images = {"app": "//app:app"},
+    formats = ["kernel+initrd", "tar"],
+)
+"""
+
+
+ALL_FORMATS = ("kernel+initrd", "tar", "iso-bios", "iso-efi", "raw-bios", "raw-efi",
+               "qcow2-bios", "qcow2-efi")
+
+
+def _kernel_tar() -> bytes:
+    import io
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for d in ("lib", "lib/modules", "lib/modules/6.1.0-test"):
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+            t.addfile(ti)
+    return buf.getvalue()
+
+
+def make_workspace(root: Path, cache: Path) -> Workspace:
+    root.mkdir(parents=True)
+    (root / "forge.toml").write_text("")
+    w = Workspace(root, cache)
+    w.write({
+        "kimg/Dockerfile": "FROM scratch\nCOPY kernel kernel.tar /\n",
+        "kimg/BUILD": 'container_image(name = "kimg", srcs = ["kernel", "kernel.tar"])\n',
+        "init/Dockerfile": "FROM scratch\nCOPY busybox /bin/busybox\nCOPY init /init\n",
+        "init/BUILD": 'container_image(name = "image", srcs = ["busybox", "init"])\n',
+        "init/init": "#!/bin/busybox sh\necho hi\n",
+        "app/hello.txt": "hello\n",
+        "app/Dockerfile": "FROM scratch\nCOPY hello.txt /srv/hello.txt\n"
+                          "LABEL org.mobyproject.config='{\"capabilities\": [\"CAP_NET_BIND_SERVICE\"], "
+                          "\"binds\": [\"/var:/var\"]}'\nCMD [\"/bin/serve\", \"--port\", \"80\"]\n",
+        "app/BUILD": 'container_image(name = "app", srcs = ["hello.txt"])\n',
+        "os.yml": ASSEMBLY,
+        "conf.txt": "conf\n",
+        "BUILD": BUILD,
+    })
+    (root / "kimg/kernel").write_bytes(b"\0FAKEKERNEL" * 100)
+    (root / "kimg/kernel.tar").write_bytes(_kernel_tar())
+    shutil.copy("/bin/busybox", root / "init/busybox")
+    return w
+
+
+@pytest.fixture
+def lk(tmp_path):
+    require(Path("/bin/busybox").is_file(), "busybox-static is not installed (apt-get install busybox-static)")
+    return make_workspace(tmp_path / "ws", tmp_path / "cache")
+
+
+def _tar_members(path: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(path) as t:
+        return {m.name: m for m in t.getmembers()}
+
+
+def test_fragments_and_bundles(lk):
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    tar = lk.root / "forge-out/os.tar"
+    m = _tar_members(tar)
+    assert m["boot/kernel"].size == 1100 and m["boot/cmdline"].size == len("console=ttyS0")
+    # read-only entry: image in rootfs/; writable (LinuxKit's default): lower/ + empty rootfs/
+    assert "containers/onboot/000-setup/rootfs/bin/busybox" in m
+    assert "containers/services/web/lower/srv/hello.txt" in m
+    assert m["containers/services/web/rootfs"].isdir()
+    assert "containers/services/web/lower/proc" in m  # mount points runc needs
+    assert "containers/volumes/data" in m
+    assert m["etc/conf"].mode == 0o600 and m["etc/motd"].mode == 0o644
+    assert m["run/web"].isdir() and m["run/web"].uid == 101 and m["run/web"].mode == 0o700
+    assert {x.mtime for x in m.values()} == {315532800}
+    with tarfile.open(tar) as t:
+        cfg = json.load(t.extractfile("containers/services/web/config.json"))
+        meta = json.load(t.extractfile("etc/meta.json"))
+    assert cfg["process"]["args"] == ["/bin/serve", "--port", "80"]
+    assert cfg["process"]["capabilities"]["bounding"] == ["CAP_NET_BIND_SERVICE"]
+    binds = [(x["destination"], x["options"]) for x in cfg["mounts"] if x["type"] == "bind"]
+    assert ("/etc", ["rbind", "rprivate", "ro"]) in binds or any(d == "/etc" for d, _ in binds)
+    assert any(d == "/var" for d, _ in binds)  # from the label, kept by binds.add
+    assert "root" in cfg and "readonly" not in cfg["root"]
+    assert [e["name"] for e in meta["services"]] == ["web", "other"]
+
+
+def test_segments_unpack_with_cpio(lk):
+    require(shutil.which("cpio") is not None, "cpio is not installed (apt-get install cpio)")
+    assert lk.build("//:os").code == 0
+    segs = sorted((lk.root / "forge-out/os.initrd").iterdir())
+    names = [s.name for s in segs]
+    assert names == ["000-kernel.cpio.gz", "001-init-0.cpio.gz", "002-onboot-setup.cpio.gz",
+                     "003-services-web.cpio.gz", "004-services-other.cpio.gz",
+                     "005-volumes-data.cpio.gz", "006-files.cpio.gz"]
+    listing = {}
+    for s in segs:
+        p = subprocess.run(["cpio", "-itv", "--quiet"], input=gzip.decompress(s.read_bytes()),
+                           capture_output=True, check=True)
+        listing[s.name] = p.stdout.decode().splitlines()
+    base = listing["000-kernel.cpio.gz"]
+    assert any(ln.startswith("crw") and ln.endswith(" dev/console") for ln in base)
+    assert any(ln.endswith(" etc/forge/modules.load") for ln in base)
+    web = [ln.split()[-1] for ln in listing["003-services-web.cpio.gz"]]
+    assert web[:3] == ["containers", "containers/services", "containers/services/web"]
+    assert "containers/services/web/config.json" in web
+    # later segments carry no console of their own
+    assert not any("dev/console" in ln for ln in listing["003-services-web.cpio.gz"])
+    initrd = (lk.root / "forge-out/os-initrd.img").read_bytes()
+    assert initrd == b"".join(s.read_bytes() for s in segs)  # gzip members need no padding
+
+
+def test_two_clean_builds_are_byte_identical(tmp_path):
+    require(Path("/bin/busybox").is_file(), "busybox-static is not installed")
+    for tool in ("xorriso", "mkfs.vfat", "mcopy", "syslinux", "grub-mkimage", "qemu-img", "sfdisk"):
+        require(shutil.which(tool) is not None, f"{tool} is not installed (see dev/setup.sh)")
+    every = BUILD.replace('["kernel+initrd", "tar"]', repr(list(ALL_FORMATS)).replace("'", '"'))
+    a = make_workspace(tmp_path / "one" / "ws", tmp_path / "cache1")
+    b = make_workspace(tmp_path / "two" / "elsewhere", tmp_path / "cache2")
+    for w in (a, b):
+        (w.root / "BUILD").write_text(every)
+        r = w.build("//:os")
+        assert r.code == 0, r.err
+    names = ["os-kernel", "os-initrd.img", "os-cmdline", "os.tar", "os.iso", "os-efi.iso",
+             "os-bios.img", "os-efi.img", "os.qcow2", "os-efi.qcow2"]
+    for name in names:
+        assert (a.root / "forge-out" / name).read_bytes() == (b.root / "forge-out" / name).read_bytes(), name
+
+
+def _executed(r) -> list[tuple[str, str]]:
+    return sorted((e["mnemonic"], Path(e["outputs"][0]).name) for e in r.event_list
+                  if e.get("status") == "executed")
+
+
+def test_changing_one_service_reruns_only_its_fragment(lk):
+    assert lk.build("//:os").code == 0
+    text = (lk.root / "os.yml").read_text()
+    (lk.root / "os.yml").write_text(text.replace('binds.add: ["/etc:/etc:ro"]',
+                                                 'binds.add: ["/etc:/etc:ro"]\n    env: ["A=1"]'))
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    # etc/meta.json holds the assembly (`metadata: json`), so the files fragment changes too
+    assert _executed(r) == [("LkBundle", "services-000-web.tar"), ("LkFiles", "files.tar"),
+                            ("LkInitrd", "os-initrd.img"), ("LkSegment", "003-services-web.cpio.gz"),
+                            ("LkSegment", "006-files.cpio.gz"), ("LkTar", "os.tar")]
+    assert lk.build("//:os").event_list[-1]["executed"] == 0
+
+
+def test_zstd_segments(lk):
+    require(shutil.which("zstd") is not None, "zstd is not installed (apt-get install zstd)")
+    (lk.root / "BUILD").write_text(BUILD.replace('formats', 'compression = "zstd",\n    formats'))
+    assert lk.build("//:os").code == 0
+    seg = lk.root / "forge-out/os.initrd/003-services-web.cpio.zst"
+    p = subprocess.run(["zstd", "-dc", str(seg)], capture_output=True, check=True)
+    assert p.stdout.startswith(b"070701")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("    binds.add", "os.yml:14:16: error: 'binds.add' of service 'web' must be a list of strings"),
+    ("  - name: web", None),
+])
+def test_nobuild_reports_assembly_errors_at_their_line(lk, change, message):
+    text = (lk.root / "os.yml").read_text()
+    if change == "  - name: web":
+        text = text.replace("    image: app\n    binds.add", "    imgae: app\n    binds.add")
+        message = "os.yml:13:5: error: unknown key 'imgae' in service 'web'; did you mean 'image'?"
+    else:
+        text = text.replace('    binds.add: ["/etc:/etc:ro"]', "    binds.add: 7")
+    (lk.root / "os.yml").write_text(text)
+    r = lk.forge("build", "--nobuild", "//:os")
+    assert r.code != 0
+    assert message in r.err, r.err
+    assert "Traceback" not in r.err
+
+
+def test_nobuild_runs_nothing(lk):
+    r = lk.build("--nobuild", "//:os")
+    assert r.code == 0, r.err
+    assert not any(e.get("status") == "executed" for e in r.event_list)
+    assert not (lk.root / "forge-out/os.tar").exists()
+
+
+def test_unknown_label_in_assembly_names_the_yaml_line(lk):
+    text = (lk.root / "os.yml").read_text().replace("  - //init:image", "  - //init:imagex")
+    (lk.root / "os.yml").write_text(text)
+    r = lk.forge("build", "--nobuild", "//:os")
+    assert r.code != 0
+    assert "os.yml:5:" in r.err and "'//init:imagex' names no target" in r.err, r.err
+    assert "did you mean" in r.err or "image" in r.err
+
+
+def test_unknown_format_is_an_error(lk):
+    (lk.root / "BUILD").write_text(BUILD.replace('"tar"', '"isobios"'))
+    r = lk.forge("build", "--nobuild", "//:os")
+    assert r.code != 0 and "unknown format 'isobios'" in r.err and "iso-bios" in r.err, r.err
+
+
+def test_nobuild_plans_registry_images_without_the_network(lk):
+    # Nothing listens on port 1: resolving the tag would fail, so passing proves no fetch.
+    text = (lk.root / "os.yml").read_text().replace("    image: app\n    binds.add",
+                                                    "    image: 127.0.0.1:1/team/web:1.0\n    binds.add")
+    (lk.root / "os.yml").write_text(text)
+    r = lk.forge("build", "--nobuild", "//:os")
+    assert r.code == 0, r.err
+    assert not (lk.root / "forge.lock").exists()
+    r = lk.forge("build", "//:os", "--offline")
+    assert r.code != 0 and "127.0.0.1:1/team/web:1.0" in r.err and "not pinned" in r.err, r.err

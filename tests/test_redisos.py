@@ -1,0 +1,143 @@
+"""RedisOS end to end (examples/images): built from a real Debian mirror, a real Docker
+engine and Debian's cloud kernel, booted under QEMU until Redis answers PING through a
+forwarded port, for kernel+initrd, iso-bios and qcow2-bios; `forge run` with Ctrl-C;
+and what a one-service change reruns."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Workspace, require
+from test_images import engine_ok
+
+pytestmark = pytest.mark.real
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def redisos(tmp_path_factory):
+    for tool in ("mmdebstrap", "qemu-system-x86_64", "xorriso", "qemu-img", "runc"):
+        require(shutil.which(tool) is not None, f"{tool} is not installed (see dev/setup.sh)")
+    require(engine_ok(), "no Docker engine answers (dev/setup.sh starts dockerd)")
+    root = tmp_path_factory.mktemp("redisos") / "ws"
+    root.mkdir()
+    shutil.copy(REPO / "examples/forge.toml", root / "forge.toml")
+    shutil.copytree(REPO / "examples/images", root / "images",
+                    ignore=shutil.ignore_patterns("forge-out"))
+    w = Workspace(root, root.parent / "cache")
+    r = w.build("//images:redisos", timeout=1800)
+    assert r.code == 0, r.err
+    return w
+
+
+def test_boots_to_pong_in_three_formats(redisos):
+    r = redisos.forge("test", "//images:boot_test", "//images:boot_test_iso",
+                      "//images:boot_test_qcow2", "--junit", str(redisos.root.parent / "junit.xml"),
+                      timeout=900)
+    assert r.code == 0, r.out + r.err
+    assert r.out.count("PASSED") == 3, r.out
+    assert "failures=\"0\"" in (redisos.root.parent / "junit.xml").read_text()
+
+
+def test_a_probe_that_never_answers_fails_with_the_console_tail(redisos):
+    (redisos.root / "images/BUILD").write_text((redisos.root / "images/BUILD").read_text() + '''
+qemu_test(
+    name = "wrong_port",
+    image = ":redisos",
+    forward = {6380: 6380},
+    probe = redis_ping(port = 6380),
+    timeout = "25s",
+)
+''')
+    r = redisos.forge("test", "//images:wrong_port", timeout=300)
+    assert r.code == 3, r.out + r.err
+    assert "FAILED" in r.out and "(no redis PING on 127.0.0.1:" in r.out, r.out
+    assert "redis: " in r.out  # the console's last lines follow
+    assert subprocess.run(["pgrep", "-f", "qemu-system-x86_64.*redisos"], capture_output=True).returncode == 1
+
+
+def test_one_service_change_reruns_its_fragment_segment_initrd_and_formats(redisos):
+    yml = redisos.root / "images/redisos.yml"
+    text = yml.read_text()
+    yml.write_text(text.replace("    image: redis\n", "    image: redis\n    env: [\"CHANGED=1\"]\n"))
+    try:
+        r = redisos.build("//images:redisos")
+        assert r.code == 0, r.err
+        ran = sorted((e["mnemonic"], Path(e["outputs"][0]).name) for e in r.event_list
+                     if e.get("status") == "executed")
+        assert ran == [("LkBundle", "services-000-redis.tar"),
+                       ("LkDisk", "redisos-efi.img"), ("LkDisk", "redisos.iso"),
+                       ("LkDisk", "redisos.qcow2"), ("LkInitrd", "redisos-initrd.img"),
+                       ("LkSegment", "003-services-redis.cpio.gz")], ran
+    finally:
+        yml.write_text(text)
+    # back to the original assembly: every output comes from the cache, no Docker needed
+    r = redisos.build("//images:redisos", env={"DOCKER_HOST": "unix:///nonexistent.sock"})
+    assert r.code == 0 and r.event_list[-1]["executed"] == 0, r.err
+
+
+def test_forge_run_boots_and_ctrl_c_stops_the_vm(redisos):
+    port = _free_port()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: forge run on a terminal, as a user types it
+        os.chdir(redisos.root)
+        os.execv(sys.executable, [sys.executable, "-m", "forge", "run", "//images:redisos",
+                                  "--cache-dir", str(redisos.cache), "-p", f"{port}:6379"])
+    out = b""
+    try:
+        deadline = time.monotonic() + 180
+        pong = False
+        while time.monotonic() < deadline and not pong:
+            out += _read(fd, 0.5)
+            pong = _ping(port)
+        assert pong, out.decode(errors="replace")[-3000:]
+        assert b"forge-init" in out  # the serial console is on the terminal
+        os.write(fd, b"\x03")
+        deadline = time.monotonic() + 30
+        status = None
+        while time.monotonic() < deadline and status is None:
+            out += _read(fd, 0.2)
+            done, st = os.waitpid(pid, os.WNOHANG)
+            status = os.waitstatus_to_exitcode(st) if done else None
+        assert status == 0, out.decode(errors="replace")[-2000:]
+        assert b"VM stopped" in out
+        assert not _ping(port)
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read(fd: int, wait: float) -> bytes:
+    r, _, _ = select.select([fd], [], [], wait)
+    try:
+        return os.read(fd, 65536) if r else b""
+    except OSError:
+        return b""
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return b"+PONG" in s.recv(64)
+    except OSError:
+        return False
