@@ -113,6 +113,8 @@ class RemoteCache:
         for o in action.outputs:
             if not o.directory:
                 f = by_path[o.path]
+                if f.is_executable != (o.path in action.executable):
+                    raise ShapeError(f"the executable bit of {o.path} is not the declared one")
                 d = from_proto(f.digest)
                 outs.append(OutputFile(o.path, got[(d.hash, f.is_executable)], d.size,
                                        f.is_executable))
