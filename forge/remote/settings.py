@@ -24,7 +24,6 @@ from urllib.parse import unquote, urlsplit
 from forge.errors import UsageError
 
 SCHEMES = ("http", "https", "grpc", "grpcs")
-KEYS = {"cache", "instance", "upload", "timeout", "jobs", "ca_cert"}
 
 
 @dataclass(frozen=True)
