@@ -154,6 +154,12 @@ class Cache:
                           "outputs": [(o.path, o.digest, o.size, o.executable, o.tree)
                                       for o in outputs]})
 
+    def put_records(self, items: list[tuple[str, list[OutputFile]]]) -> None:
+        """Several records in one SQLite transaction (outputs fetched from a remote cache)."""
+        with self.ac.transact():
+            for key, outputs in items:
+                self.put_record(key, outputs)
+
     def drop_record(self, key: str) -> None:
         self.ac.delete(key)
 

@@ -52,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     building.add_argument("--offline", action="store_true",
                           help="never use the network: fail clearly when something is not cached "
                           "or not pinned in forge.lock")
+    building.add_argument("--remote-cache", metavar="URL",
+                          help="shared cache: http(s)://host/path (Bazel HTTP cache: nginx, "
+                          "bazel-remote) or grpc(s)://host:port (REAPI: BuildGrid, ...); "
+                          "default: [remote] cache in forge.toml; empty: none")
+    building.add_argument("--remote-upload", action=argparse.BooleanOptionalAction, default=None,
+                          help="upload the results of actions that ran here (default: "
+                          "[remote] upload, false)")
+    building.add_argument("--remote-instance", metavar="NAME", help="REAPI instance name")
+    building.add_argument("--remote-timeout", metavar="SECONDS", type=float,
+                          help="per-request timeout for the remote cache (default 60)")
 
     p = argparse.ArgumentParser(prog="forge", description="forge: builds OS images from BUILD files, "
                                 "caching every step by the content of its inputs.")
@@ -190,8 +200,11 @@ def _build(ws, args, patterns, *, tests: bool = False):
             print(f"forge: {len(plan.roots)} targets loaded and analysed, "
                   f"{len(plan.actions)} actions planned", file=sys.stderr)
             return s, plan, None, EXIT_OK
+        from forge.remote.settings import from_config
+        remote = from_config(ws.config, url=args.remote_cache, upload=args.remote_upload,
+                             instance=args.remote_instance, timeout=args.remote_timeout)
         ex = s.executor(jobs=args.jobs, keep_going=args.keep_going, reporter=reporter,
-                        offline=args.offline)
+                        offline=args.offline, remote=remote)
         offset = ex._epoch - t0
         summary = ex.run(plan.actions, plan.static_keys or None)
         reporter.close()
@@ -216,7 +229,7 @@ def _write_last(s, summary) -> None:
     s.records.write_last([{"id": r.action.id, "label": str(r.action.owner),
                            "mnemonic": r.action.mnemonic, "description": r.action.description,
                            "status": r.status, "key": r.key, "reasons": r.reasons}
-                          for r in summary.results])
+                          for r in summary.results], remote=summary.remote)
 
 
 def _no_targets(what: str) -> int:
@@ -420,6 +433,10 @@ def cmd_explain(ws, args) -> int:
                 print(f"    {reason}")
         elif a["status"] == "cached":
             print(f"{a['description']}: up to date (key {a['key'][:16]} unchanged)")
+        elif a["status"] == "remote":
+            print(f"{a['description']}: fetched from the remote cache (key {a['key'][:16]})")
+            for reason in a["reasons"]:
+                print(f"    {reason}")
         else:
             print(f"{a['description']}: {a['status']}")
     if not shown:
@@ -451,10 +468,7 @@ def cmd_cache(ws, args) -> int:
               f"action records: {st['records']}")
         last = s.records.read_last()
         if last:
-            acts = last["actions"]
-            hits = sum(a["status"] == "cached" for a in acts)
-            rate = f"{100 * hits / len(acts):.0f}%" if acts else "n/a"
-            print(f"last build: {len(acts)} actions, {hits} cached (hit rate {rate})")
+            _print_last_rates(last)
         return EXIT_OK
     try:
         limit = parse_size(args.max_size)
@@ -464,6 +478,31 @@ def cmd_cache(ws, args) -> int:
     print(f"forge: removed {r['blobs_removed']} blobs ({_human(r['bytes_freed'])}), dropped "
           f"{r['records_dropped']} records; {_human(r['bytes_kept'])} kept")
     return EXIT_OK
+
+
+def _print_last_rates(last: dict) -> None:
+    acts = last["actions"]
+    n = len(acts)
+    local = sum(a["status"] == "cached" for a in acts)
+    remote = sum(a["status"] == "remote" for a in acts)
+    ran = sum(a["status"] == "executed" for a in acts)
+
+    def pct(k, total):
+        return f"{100 * k / total:.0f}%" if total else "n/a"
+    print(f"last build: {n} actions, {local} cached locally (local hit rate {pct(local, n)})")
+    r = last.get("remote")
+    if r is None:
+        print("remote cache: none used")
+        return
+    asked = remote + ran
+    print(f"remote cache: {r['url']} ({'read-write' if r.get('upload') else 'read-only'})\n"
+          f"  {remote} of the {asked} local misses fetched (remote hit rate {pct(remote, asked)}), "
+          f"{ran} executed\n"
+          f"  downloaded {r.get('blobs_down', 0)} blobs ({_human(r.get('bytes_down', 0))}), "
+          f"uploaded {r.get('blobs_up', 0)} blobs ({_human(r.get('bytes_up', 0))}) for "
+          f"{r.get('uploads', 0)} results"
+          + (f"\n  {r['errors']} remote errors" if r.get("errors") else "")
+          + ("; the remote was given up during the build" if r.get("down") else ""))
 
 
 def _human(n: int) -> str:

@@ -92,7 +92,9 @@ def write_build_events(path: str, summary: BuildSummary, exit_code: int) -> None
             }) + "\n")
         f.write(json.dumps({"type": "build_finished", "exit_code": exit_code,
                             "executed": summary.count("executed"), "cached": summary.count("cached"),
-                            "failed": summary.count("failed")}) + "\n")
+                            "failed": summary.count("failed"),
+                            **({"remote": summary.count("remote"), "remote_cache": summary.remote}
+                               if summary.remote else {})}) + "\n")
 
 
 def write_profile(path: str, summary: BuildSummary, phases: list[tuple[str, float, float]]) -> None:

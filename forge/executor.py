@@ -30,7 +30,7 @@ from forge.records import Records
 @dataclass
 class ActionResult:
     action: Action
-    status: str  # executed | cached | failed | skipped
+    status: str  # executed | cached | remote | failed | skipped
     key: str = ""
     duration: float = 0.0
     start: float = 0.0
@@ -46,6 +46,7 @@ class ActionResult:
 class BuildSummary:
     results: list[ActionResult]
     interrupted: bool = False
+    remote: dict | None = None  # the remote cache's counters (forge.remote.client)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r.status == status)
@@ -70,7 +71,7 @@ class Executor:
     def __init__(self, root: Path, cache: Cache, records: Records, *, jobs: int | None = None,
                  keep_going: bool = False, salt: str = "", reporter: Reporter | None = None,
                  config: dict | None = None, offline: bool = False,
-                 before_work: Callable[[], None] | None = None):
+                 before_work: Callable[[], None] | None = None, remote=None):
         self.root = root
         self._root_str = str(root)
         self.cache = cache
@@ -91,6 +92,12 @@ class Executor:
         self._epoch = time.perf_counter()
         self._pending: dict[str, tuple[str, dict]] = {}  # action id -> (key, preimage)
         self._tool_ids: dict[tuple, dict] = {}  # an action's tools -> their identities
+        # The shared cache (forge.remote.settings.RemoteSettings), connected on the first
+        # local miss: a build whose every action is a local hit never touches it.
+        self._remote_settings = None if offline else remote
+        self._remote = None
+        self._lookups: ThreadPoolExecutor | None = None
+        self._fetched: list[tuple] = []  # (key, outputs) fetched, not yet in the local cache
 
     # --- the walk -------------------------------------------------------------------
 
@@ -108,8 +115,10 @@ class Executor:
             for u in ups:
                 dependents[u].append(i)
         ready = deque(i for i in range(n) if waiting[i] == 0)
+        runnable: deque = deque()  # missed every cache: waiting for a worker
         results: list[ActionResult | None] = [None] * n
         running: set[int] = set()
+        looking = 0  # remote lookups under way
         pools: Counter = Counter()
         free_workers = list(range(self.jobs, 0, -1))
         stop = False
@@ -137,49 +146,81 @@ class Executor:
                     stack.extend(dependents[d])
 
         try:
-            while ready or running:
-                while ready and not stop and len(running) < self.jobs:
-                    i = self._pick(actions, ready, pools)
-                    if i is None:
-                        break
+            while ready or runnable or running or looking:
+                while ready and not stop:
+                    i = ready.popleft()
                     a = actions[i]
                     r = self._prepare(a, statics[i])
                     if r is not None:
                         complete(i, r)
-                        continue
+                    elif self._remote_usable():
+                        looking += 1
+                        self._lookups.submit(self._lookup, i, a, self._pending[a.id])
+                    else:
+                        runnable.append(i)
+                while runnable and not stop and len(running) < self.jobs:
+                    i = self._pick(actions, runnable, pools)
+                    if i is None:
+                        break
+                    a = actions[i]
                     running.add(i)
                     pools[a.pool] += 1
                     self.reporter.started(a)
                     pool.submit(self._work, i, a, self._pending.pop(a.id), free_workers.pop())
-                if not running:
-                    if ready and stop:
+                if not running and not looking:
+                    if stop:
                         break
                     continue
-                i, r = self._wait()
+                kind, i, r = self._wait()
+                if kind == "lookup":
+                    looking -= 1
+                    if r is None:
+                        runnable.append(i)
+                    else:
+                        # Recorded here in batches, not on the lookup threads: SQLite
+                        # writers in one process wait for each other with sleeps.
+                        self._fetched.append((r.key, r.outputs))
+                        if len(self._fetched) >= 256:
+                            self._save_fetched()
+                        self._pending.pop(r.action.id, None)
+                        complete(i, r)
+                    continue
                 running.discard(i)
                 pools[r.action.pool] -= 1
                 free_workers.append(r.worker)
                 complete(i, r)
         except KeyboardInterrupt:
             self.cancel.set()
+            if self._lookups is not None:
+                self._lookups.shutdown(wait=False, cancel_futures=True)
             pool.shutdown(wait=True)
             while not self._done.empty():
-                i, r = self._done.get()
+                _kind, i, r = self._done.get()
+                if r is None:
+                    continue
                 results[i] = r
                 if r.status != "failed":
                     self._record(r)
+                if r.status == "remote":
+                    self._fetched.append((r.key, r.outputs))
+            self._save_fetched()
             self.records.save()
-            return BuildSummary([r for r in results if r is not None], interrupted=True)
+            self._close_remote(wait=False)
+            return BuildSummary([r for r in results if r is not None], interrupted=True,
+                                remote=self._remote_stats())
         pool.shutdown(wait=True)
+        self._save_fetched()
+        self._close_remote(wait=True)
         self.records.save()
         for w in range(1, self.jobs + 1):
             try:
                 os.unlink(self.cache.tmp / f"log-{os.getpid()}-{w}")
             except OSError:
                 pass
-        return BuildSummary([r or ActionResult(a, "skipped") for a, r in zip(actions, results)])
+        return BuildSummary([r or ActionResult(a, "skipped") for a, r in zip(actions, results)],
+                            remote=self._remote_stats())
 
-    def _wait(self) -> tuple[int, ActionResult]:
+    def _wait(self) -> tuple[str, int, ActionResult | None]:
         while True:
             try:
                 return self._done.get(timeout=0.2)
@@ -297,6 +338,69 @@ class Executor:
             self.records.put_preimage(a.id, pre)
         return why
 
+    # --- the remote cache (lookups run on their own threads) ---------------------------
+
+    def _remote_usable(self) -> bool:
+        if self._remote_settings is None:
+            return False
+        if self._remote is None:
+            try:
+                from forge.remote.client import RemoteCache
+                self._remote = RemoteCache(self._remote_settings, self.cache,
+                                           self.reporter.warning, self.cancel)
+            except Exception as e:  # e.g. grpc missing or a bad CA file: build locally
+                self.reporter.warning(f"remote cache {self._remote_settings.url} cannot be "
+                                      f"used: {e}; building locally")
+                self._remote_settings = None
+                return False
+            self._lookups = ThreadPoolExecutor(max_workers=self._remote_settings.jobs,
+                                               thread_name_prefix="forge-lookup")
+        return not self._remote.down
+
+    def _lookup(self, index: int, a: Action, pending) -> None:
+        key, pre = pending
+        t0 = time.perf_counter()
+        r = None
+        try:
+            outs = self._remote.lookup(key, a)
+            if outs is not None and not self.cancel.is_set():
+                self._link_out(outs)
+                r = ActionResult(a, "remote", key, time.perf_counter() - t0, t0 - self._epoch,
+                                 outs, worker=self.jobs + 1)
+                r.reasons = self._remember_preimage(a, pre, reasons=True)
+        except Exception as e:  # whatever goes wrong, the action can still run here
+            self.reporter.warning(f"fetching {a.description} from the remote cache failed "
+                                  f"({type(e).__name__}: {e}); building it")
+            r = None
+        self._done.put(("lookup", index, r))
+
+    def _save_fetched(self) -> None:
+        if self._fetched:
+            self.cache.put_records(self._fetched)
+            self._fetched = []
+
+    def _link_out(self, outs: list[OutputFile]) -> None:
+        for o in outs:
+            if o.tree:
+                trees.materialise(self.cache, o, self.root / o.path)
+            else:
+                self.cache.link_out(o, self.root / o.path)
+
+    def _close_remote(self, wait: bool) -> None:
+        if self._remote is None:
+            return
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=wait, cancel_futures=not wait)
+        if wait:
+            self._remote.finish()
+        self._remote.close()
+
+    def _remote_stats(self) -> dict | None:
+        if self._remote is None:
+            return None
+        return {"url": self._remote.settings.url, "upload": self._remote.settings.upload,
+                "down": self._remote.down, **self._remote.stats}
+
     # --- running (worker threads) ---------------------------------------------------
 
     def _work(self, index: int, a: Action, pending, worker: int) -> None:
@@ -313,7 +417,7 @@ class Executor:
         r.start, r.duration = t0 - self._epoch, time.perf_counter() - t0
         if r.status == "executed":
             r.reasons = self._remember_preimage(a, pre, reasons=True)
-        self._done.put((index, r))
+        self._done.put(("work", index, r))
 
     def _execute(self, a: Action, key: str, worker: int) -> ActionResult:
         scratch = sandbox.new_scratch(self.cache.tmp, a.mnemonic)
@@ -365,11 +469,9 @@ class Executor:
                 f = self.cache.put_file(scratch / o.path, o.path in a.executable)
                 outs.append(OutputFile(o.path, f.digest, f.size, f.executable))
             self.cache.put_record(key, outs)  # after its blobs: never a dangling record
-            for o in outs:
-                if o.tree:
-                    trees.materialise(self.cache, o, self.root / o.path)
-                else:
-                    self.cache.link_out(o, self.root / o.path)
+            self._link_out(outs)
+            if self._remote is not None:
+                self._remote.upload(key, a, outs)
             return ActionResult(a, "executed", key, outputs=outs)
         finally:
             if not keep:

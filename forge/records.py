@@ -98,9 +98,9 @@ class Records:
             self._pre.close()
             self._pre = None
 
-    def write_last(self, actions: list[dict]) -> None:
+    def write_last(self, actions: list[dict], remote: dict | None = None) -> None:
         tmp = self.dir / f".last.{os.getpid()}"
-        tmp.write_text(json.dumps({"time": time.time(), "actions": actions}))
+        tmp.write_text(json.dumps({"time": time.time(), "actions": actions, "remote": remote}))
         os.replace(tmp, self.dir / "last.json")
 
     def read_last(self) -> dict | None:

@@ -28,7 +28,8 @@ def code_fingerprint(state: Path) -> list[tuple[str, int]]:
     import forge
     from forge.session import _rule_fingerprint
     out = []
-    for d in (Path(forge.__file__).parent, Path(forge.__file__).parent / "formats"):
+    for d in (Path(forge.__file__).parent, Path(forge.__file__).parent / "formats",
+              Path(forge.__file__).parent / "remote"):
         for f in sorted(d.glob("*.py")):
             out.append((str(f), f.stat().st_mtime_ns))
     return out + _rule_fingerprint(state)

@@ -69,8 +69,13 @@ def store(cache: Cache, root: Path, path: str,
                 raise TreeError(f"output directory {path} holds {rel}, which is neither a file, "
                                 "a directory nor a symlink")
     entries.sort(key=lambda e: e[0])
-    data = json.dumps({"v": FORMAT, "entries": entries}, separators=(",", ":")).encode()
-    return OutputFile(path, cache.put_bytes(data), total, False, True)
+    return OutputFile(path, cache.put_bytes(encode(entries)), total, False, True)
+
+
+def encode(entries: list[list]) -> bytes:
+    """The manifest of entries sorted by path: the same entries give the same bytes (a
+    tree fetched from a remote cache gets the digest it had where it was built)."""
+    return json.dumps({"v": FORMAT, "entries": entries}, separators=(",", ":")).encode()
 
 
 def entries(cache: Cache, f: OutputFile) -> list[list]:

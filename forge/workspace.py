@@ -20,8 +20,9 @@ SKIP_DIRS = frozenset({OUT_DIR, ".git", ".hg", ".svn", "node_modules", "__pycach
 
 # Known keys of forge.toml, so that a typo is an error and not silently ignored.
 _KNOWN = {
-    "": {"salt", "jobs", "cache", "registries", "debian", "qemu"},
+    "": {"salt", "jobs", "cache", "registries", "debian", "qemu", "remote"},
     "cache": {"dir"},
+    "remote": {"cache", "instance", "upload", "timeout", "jobs", "ca_cert"},  # forge.remote
     "registries": {"insecure", "mirrors"},  # read by the image rules (rules/oci.py)
     "debian": {"mirror"},  # read by debian_rootfs (rules/debian.py)
     "qemu": {"accel"},  # read by forge run and qemu_test (rules/qemu.py)
