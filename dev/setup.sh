@@ -15,10 +15,11 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # initramfs tests check forge's archives with the real tools; xorriso, isolinux, syslinux,
 # grub-*, mtools, dosfstools, fdisk, qemu-utils: the disk formats (ISO, raw, qcow2);
 # qemu-system-x86 and ovmf: booting images (BIOS and UEFI); busybox-static and runc: the
-# reference init; nginx-full: the WebDAV server the remote-cache tests use as a Bazel HTTP cache.
+# reference init; nginx-full: the WebDAV server the remote-cache tests use as a Bazel HTTP cache;
+# openssl: the certificates of the TLS remote-cache test.
 forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd
     xorriso isolinux syslinux syslinux-common grub-common grub-pc-bin grub-efi-amd64-bin mtools
-    dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full)
+    dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full openssl)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do
