@@ -49,6 +49,30 @@ def test_boots_to_pong_in_three_formats(redisos):
     assert "failures=\"0\"" in (redisos.root.parent / "junit.xml").read_text()
 
 
+def test_tcp_expect_and_console_regex_probes(redisos):
+    build = redisos.root / "images/BUILD"
+    original = build.read_text()
+    build.write_text(original + '''
+qemu_test(
+    name = "inline_ping",
+    image = ":redisos",
+    forward = {6379: 6379},
+    probe = tcp_expect(6379, send = "PING\\r\\n", expect = "^[+]PONG"),
+)
+qemu_test(
+    name = "console",
+    image = ":redisos",
+    probe = console_regex("redis: .*Ready to accept connections"),
+)
+''')
+    try:
+        r = redisos.forge("test", "//images:inline_ping", "//images:console", timeout=600)
+        assert r.code == 0, r.out + r.err
+        assert r.out.count("PASSED") == 2, r.out
+    finally:
+        build.write_text(original)
+
+
 def test_a_probe_that_never_answers_fails_with_the_console_tail(redisos):
     (redisos.root / "images/BUILD").write_text((redisos.root / "images/BUILD").read_text() + '''
 qemu_test(

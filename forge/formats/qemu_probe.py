@@ -106,7 +106,7 @@ def tcp_expect(port: int, send: bytes, expect: bytes | str | Pattern[bytes], *,
                     return None
                 data += chunk
 
-    shown = expect.pattern if pattern is not None else expect
+    shown = pattern.pattern if pattern is not None else expect
     return Probe(f"{shown!r} from {host}:{port}", check)
 
 
