@@ -196,7 +196,7 @@ class _Planner:
         """Errors in the entry's own keys, found now with their lines (and by --nobuild);
         what is left for the step is the image label, which it names."""
         try:
-            runtime_config(e, {}, {}, self.ids, readonly_default=False)
+            runtime_config(e, {}, {}, self.ids)
         except asmlib.AssemblyError as err:
             w = err.where
             raise AnalysisError(err.message, location=Location(w.file, w.line, w.col)
@@ -357,7 +357,7 @@ def bundle_step(ctx: ExecContext) -> None:
     src = ctx.path(ctx.inputs[0])
     image_config = json.loads((src / "config.json").read_text())
     try:
-        config, runtime = runtime_config(entry, image_config, None, p["ids"], readonly_default=False)
+        config, runtime = runtime_config(entry, image_config, None, p["ids"])
     except asmlib.AssemblyError as e:
         raise ActionFailed(str(e), hint=e.hint) from None
     readonly = config["root"].get("readonly", False)

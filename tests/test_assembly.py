@@ -147,7 +147,7 @@ def test_entry_key_replaces_label_and_defaults():
     assert config["linux"]["namespaces"] == [
         {"type": "network"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "pid"},
         {"type": "mount"}, {"type": "cgroup"}]
-    assert config["root"] == {"path": "rootfs", "readonly": True}  # the caller's default
+    assert config["root"] == {"path": "rootfs"}  # writable: LinuxKit's default
     assert runtime["bindNS"]["net"] == "" and runtime["mkdir"] == []
 
 

@@ -77,7 +77,7 @@ class _Merge:
 
 
 def runtime_config(entry: ImageEntry, image_config: dict, label_defaults: dict | None,
-                   ids: dict[str, int], *, readonly_default: bool = True) -> tuple[dict, dict]:
+                   ids: dict[str, int], *, readonly_default: bool = False) -> tuple[dict, dict]:
     """(config.json, runtime.json) as dicts for `entry`.
 
     `image_config` is the image's OCI config, whole or just its `config` object.
