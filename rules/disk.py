@@ -33,9 +33,14 @@ def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: lis
                  outputs=outs, mnemonic="LkTar")
         return outs
     from forge.formats import diskimage
+    try:
+        tools = diskimage.tools(fmt)
+    except diskimage.DiskImageError as e:
+        raise ctx.fail(f"format {fmt} cannot be built here: {e}", attr="formats",
+                       hint="install the package (dev/setup.sh lists them all), or drop the format") from None
     ctx.call("LkDisk", {"format": fmt, "name": name},
              inputs=[boot["kernel"], boot["initrd"], boot["cmdline"]], outputs=outs,
-             mnemonic="LkDisk", tools=diskimage.tools(fmt), description=f"LkDisk {ctx.label} [{fmt}]")
+             mnemonic="LkDisk", tools=tools, description=f"LkDisk {ctx.label} [{fmt}]")
     return outs
 
 
