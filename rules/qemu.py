@@ -181,8 +181,12 @@ def qemu_run(ctx: RunContext) -> int:
         forwards[int(guest or host)] = int(host)
     spec = boot_spec(args.format, [ctx.root / f for f in formats[args.format]])
     with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
-        vm = qemu.VM(spec, rundir, accel=args.accel or ctx.config.get("qemu", {}).get("accel"),
-                     memory=args.memory, cpus=args.cpus, forwards=forwards, interactive=True)
+        try:
+            vm = qemu.VM(spec, rundir, accel=args.accel or ctx.config.get("qemu", {}).get("accel"),
+                         memory=args.memory, cpus=args.cpus, forwards=forwards, interactive=True)
+            vm.argv()  # a missing QEMU or firmware is said now, not as a crash
+        except qemu.QemuError as e:
+            raise ActionFailed(str(e)) from None
         print(f"forge: booting {ctx.params['name']} ({args.format}, {vm.accel}); Ctrl-C stops the VM"
               + "".join(f"; 127.0.0.1:{h} -> guest {g}" for g, h in vm.ports.items()), file=sys.stderr)
         try:
