@@ -256,31 +256,45 @@ def _unpack_sources(root: Path, blobs: list[Path], sources: list[str]):
     what they name: a large base image below a few copied files is read, not written.
     Globs (rare in COPY --from) unpack the whole image."""
     if not any(c in s for s in sources for c in "*?["):
-        # First as written: one pass over the layers does when no symlink is on the way
-        # (the usual `COPY --from=build /out/ /`); else resolve symlinks from the tar
-        # headers (`/lib -> usr/lib`) and unpack again.
-        literal = {s: posixpath.normpath(s.strip("/")).lstrip(".") for s in sources}
-        for attempt in ("literal", "resolved"):
-            real = literal if attempt == "literal" else layers.resolve_paths(blobs, sources)
-            wanted = [r for r in real.values() if r is not None]
-
-            def include(rel: str) -> bool:
-                return any(w == "" or rel == w or rel.startswith(w + "/") or
-                           w.startswith(rel + "/") for w in wanted)
-            try:
-                layers.apply_layers(blobs, root, include=include)
-                if attempt == "resolved" or all(_plain_path(root, r) for r in wanted):
-                    return [(s, real[s]) for s in sources]
-            except layers.UnsafeLayerError:
-                pass  # e.g. a hard link to a file not unpacked: unpack everything below
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir()
+        try:
+            return _unpack_named(root, blobs, sources)
+        except layers.UnsafeLayerError:
+            pass  # e.g. a hard link to a file not unpacked: unpack everything below
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
     layers.apply_layers(blobs, root)
     out = []
     for s in sources:
         matches = _image_glob(root, s)
         out += [(s, m.lstrip("/")) for m in matches] or [(s, None)]
     return out
+
+
+def _unpack_named(root: Path, blobs: list[Path], sources: list[str]):
+    """One pass over the layers when no symlink is on the way (the usual `COPY
+    --from=build /out/ /`). A symlink met on the way (`/lib -> usr/lib`, `libx.so.2 ->
+    libx.so.2.5`) was unpacked with the path's ancestors, so it is followed on disk and
+    only its target is unpacked in a further pass."""
+    real = {s: posixpath.normpath(s.strip("/")).lstrip(".") for s in sources}
+    todo = set(real.values())
+    for _ in range(8):
+        def include(rel: str) -> bool:
+            return any(w == "" or rel == w or rel.startswith(w + "/") or
+                       w.startswith(rel + "/") for w in todo)
+        layers.apply_layers(blobs, root, include=include)
+        todo = set()
+        for s, r in real.items():
+            if r is None or _plain_path(root, r):
+                continue
+            resolved = "/".join(layers.resolve_on_disk(root, r))
+            if resolved == r:  # no symlink on the way: the image has no such path
+                real[s] = None
+            else:
+                real[s] = resolved
+                todo.add(resolved)
+        if not todo:
+            return list(real.items())
+    raise layers.UnsafeLayerError("symbolic links chained too deep for a partial unpack")
 
 
 def _plain_path(root: Path, rel: str) -> bool:

@@ -175,6 +175,15 @@ def _resolve(parts: list[str], readlink: Callable[[str], str | None], member: st
     return done
 
 
+def resolve_on_disk(root: Path, rel: str) -> list[str]:
+    """`rel`'s components with the symlinks unpacked under `root` followed as if `root`
+    were `/` (components not on disk are taken as plain directories)."""
+    def readlink(p: str) -> str | None:
+        full = root / p
+        return os.readlink(full) if full.is_symlink() else None
+    return _resolve(_parts(rel, rel), readlink, rel)
+
+
 def symlink_escapes(where: list[str], target: str) -> bool:
     """Whether a relative `target`, read from the directory `where`, climbs above the root."""
     if target.startswith("/"):
