@@ -236,16 +236,15 @@ class _Planner:
         return v if isinstance(v, int) else self.ids[v]
 
     def _source(self, f: asmlib.FileEntry):
-        from pathlib import PurePosixPath
+        import posixpath
         loc = f.locs.get("source", f.loc)
         where = Location(loc.file, loc.line, loc.col)
-        if f.source.startswith("~") or f.source.startswith("/"):
+        rel = posixpath.normpath(posixpath.join(posixpath.dirname(loc.file), f.source))
+        if f.source.startswith(("~", "/")) or rel == ".." or rel.startswith("../"):
             raise AnalysisError(f"file '{f.path}': source '{f.source}' is outside the workspace",
                                 location=where, hint="forge keys every input by content, so "
                                 "sources must be files of the workspace; copy it into the package "
                                 "and give its path relative to the assembly")
-        base = PurePosixPath(loc.file).parent
-        rel = str(base / f.source)
         try:
             art = self.ctx.source_file(rel)
         except FileNotFoundError:

@@ -312,3 +312,11 @@ def test_a_kernel_from_a_url_with_its_sha256(lk):
     (lk.root / "BUILD").write_text(BUILD + f'kernel(name = "k", url = "file://{kernel}", sha256 = "{"0" * 64}")\n')
     r = lk.build("//:os")
     assert r.code == 1 and "sha256" in r.err, r.err
+
+
+@pytest.mark.parametrize("source", ["../../../etc/passwd", "~/.ssh/id_rsa", "/etc/passwd"])
+def test_a_file_source_outside_the_workspace_is_an_error(lk, source):
+    text = (lk.root / "os.yml").read_text().replace("    source: conf.txt", f"    source: {source}")
+    (lk.root / "os.yml").write_text(text)
+    r = lk.forge("build", "--nobuild", "//:os")
+    assert r.code == 2 and f"os.yml:22:5: error: file 'etc/conf': source '{source}' is outside the workspace" in r.err, r.err
