@@ -316,7 +316,7 @@ def _in_dir(ctx: ExecContext, i: int, name: str):
     return p / name if p.is_dir() else p
 
 
-@action_function("LkUnpack", version=1)
+@action_function("LkUnpack", version=2)
 def unpack_step(ctx: ExecContext) -> None:
     """An image's layers flattened, with LinuxKit's drops and replacements, + its config."""
     import tempfile

@@ -320,3 +320,22 @@ def test_a_file_source_outside_the_workspace_is_an_error(lk, source):
     (lk.root / "os.yml").write_text(text)
     r = lk.forge("build", "--nobuild", "//:os")
     assert r.code == 2 and f"os.yml:22:5: error: file 'etc/conf': source '{source}' is outside the workspace" in r.err, r.err
+
+
+def test_fragments_keep_dotfiles_at_the_root(tmp_path):
+    import io
+    from forge.formats.rootfs import FragmentWriter
+    src = io.BytesIO()
+    with tarfile.open(fileobj=src, mode="w") as t:
+        for name in ("./.profile", "./etc/.hidden"):
+            ti = tarfile.TarInfo(name)
+            ti.size = 1
+            t.addfile(ti, io.BytesIO(b"x"))
+    src.seek(0)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=src) as tf, FragmentWriter(out, mtime=0) as w:
+        w.copy_tree(tf, "containers/x/rootfs", drop=[".dockerenv"])
+    out.seek(0)
+    with tarfile.open(fileobj=out) as t:
+        names = t.getnames()
+    assert "containers/x/rootfs/.profile" in names and "containers/x/rootfs/etc/.hidden" in names

@@ -24,8 +24,7 @@ from forge.formats.cpio import LINUXKIT_DROP, LINUXKIT_REPLACE  # noqa: F401 (re
 
 
 def _norm(path: str) -> str:
-    p = posixpath.normpath("/" + path.lstrip("./")).lstrip("/")
-    return "" if p == "." else p
+    return posixpath.normpath("/" + path).lstrip("/")  # "./x", "/x", "x/" -> "x"; "." -> ""
 
 
 class FragmentWriter:
