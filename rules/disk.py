@@ -8,18 +8,15 @@ from __future__ import annotations
 import tarfile
 
 from forge.api import ActionFailed, ExecContext, action_function
+from forge.formats import diskimage
 from forge.formats.rootfs import FragmentWriter
 
-# format -> output file names (N = the target's name), as LinuxKit names them
+# format -> output file names, templates of the target's name; the disk formats' names
+# are those the library writes.
 FORMATS = {
-    "kernel+initrd": ("{N}-kernel", "{N}-initrd.img", "{N}-cmdline"),
-    "tar": ("{N}.tar",),
-    "iso-bios": ("{N}.iso",),
-    "iso-efi": ("{N}-efi.iso",),
-    "raw-bios": ("{N}-bios.img",),
-    "raw-efi": ("{N}-efi.img",),
-    "qcow2-bios": ("{N}.qcow2",),
-    "qcow2-efi": ("{N}-efi.qcow2",),
+    "kernel+initrd": ("{name}-kernel", "{name}-initrd.img", "{name}-cmdline"),
+    "tar": ("{name}.tar",),
+    **diskimage.FORMATS,
 }
 
 
@@ -27,12 +24,11 @@ def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: lis
     """Plan the action for `fmt`; its output artifacts."""
     if fmt == "kernel+initrd":
         return [boot["kernel"], boot["initrd"], boot["cmdline"]]
-    outs = [ctx.declare(n.format(N=name)) for n in FORMATS[fmt]]
+    outs = [ctx.declare(n.format(name=name)) for n in FORMATS[fmt]]
     if fmt == "tar":
         ctx.call("LkTar", {}, inputs=[boot["kernel"], boot["cmdline"], kernel_dir, *fragments],
                  outputs=outs, mnemonic="LkTar")
         return outs
-    from forge.formats import diskimage
     try:
         tools = diskimage.tools(fmt)
     except diskimage.DiskImageError as e:
@@ -46,7 +42,6 @@ def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: lis
 
 @action_function("LkDisk", version=1)
 def disk_step(ctx: ExecContext) -> None:
-    from forge.formats import diskimage
     p = ctx.params
     kernel, initrd, cmdline = (ctx.path(i) for i in ctx.inputs[:3])
     outdir = ctx.path(ctx.outputs[0]).parent

@@ -12,12 +12,12 @@ Output of `kernel`, a directory in LinuxKit's layout:
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 
 from forge.api import ActionFailed, ExecContext, action_function, attr, pin_resolver, rule
 from forge.formats import deb, kmod
+from forge.formats.rootfs import FragmentWriter
 
 from .debian import mirror_for
 
@@ -207,21 +207,9 @@ def _write_kernel(ctx: ExecContext, image: bytes, version: str, mods: dict) -> N
     (out / "kernel").write_bytes(image)
     (out / "version").write_text(version + "\n")
     (out / "modules.load").write_text("".join(f"/{mods[n][0]}\n" for n in order) if wanted else "")
-    epoch = ctx.source_date_epoch
-    with tarfile.open(out / "kernel.tar", "w", format=tarfile.PAX_FORMAT) as tar:
-        dirs: set[str] = set()
+    with open(out / "kernel.tar", "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
         for path, data in sorted((mods[n][0], mods[n][2]) for n in order):
-            parts = path.split("/")
-            for i in range(1, len(parts)):
-                d = "/".join(parts[:i])
-                if d not in dirs:
-                    dirs.add(d)
-                    ti = tarfile.TarInfo(d)
-                    ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, epoch
-                    tar.addfile(ti)
-            ti = tarfile.TarInfo(path)
-            ti.size, ti.mode, ti.mtime = len(data), 0o644, epoch
-            tar.addfile(ti, io.BytesIO(data))
+            w.file(path, data)
 
 
 @action_function("KernelFromImage", version=2)

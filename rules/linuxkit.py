@@ -25,16 +25,15 @@ import tarfile
 from forge.api import (ActionFailed, AnalysisError, ExecContext, LoadError, Location,
                        action_function, attr, did_you_mean, parse_label, rule)
 from forge.formats import assembly as asmlib
+from forge.formats import cpio
 from forge.formats.assembly_oci import runtime_config
-from forge.formats.rootfs import LINUXKIT_DROP, LINUXKIT_REPLACE, FragmentWriter
+from forge.formats.rootfs import FragmentWriter
 
 from . import disk
 from .oci import pinned, pull_action
 
 COMPRESSIONS = ("gzip", "zstd", "none")
 _SEGMENT_EXT = {"gzip": ".cpio.gz", "zstd": ".cpio.zst", "none": ".cpio"}
-# Mount points an image may lack; runc needs them in a bundle's root, the init in /.
-MOUNT_POINTS = ("dev", "proc", "sys", "tmp", "run")
 MODULES_LOAD = "etc/forge/modules.load"
 
 
@@ -332,7 +331,7 @@ def unpack_step(ctx: ExecContext) -> None:
         flat.seek(0)
         with tarfile.open(fileobj=flat, mode="r:") as src, \
                 open(out / "rootfs.tar", "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
-            w.copy_tree(src, drop=LINUXKIT_DROP, replace=LINUXKIT_REPLACE)
+            w.copy_tree(src, drop=cpio.LINUXKIT_DROP, replace=cpio.LINUXKIT_REPLACE)
 
 
 @action_function("LkKernelFragment", version=1)
@@ -346,7 +345,7 @@ def kernel_fragment_step(ctx: ExecContext) -> None:
         w.file(MODULES_LOAD, load.read_bytes() if load.is_file() else b"")
 
 
-@action_function("LkBundle", version=1)
+@action_function("LkBundle", version=2)
 def bundle_step(ctx: ExecContext) -> None:
     """One entry's OCI bundle. Writable entries (LinuxKit's default) get their image in
     lower/ and an empty rootfs/ where the init mounts an overlay; read-only ones in rootfs/."""
@@ -368,7 +367,8 @@ def bundle_step(ctx: ExecContext) -> None:
         if not readonly:
             w.directory(f"{d}/rootfs")
         with tarfile.open(src / "rootfs.tar") as tf:
-            w.copy_tree(tf, f"{d}/rootfs" if readonly else f"{d}/lower", extra_dirs=MOUNT_POINTS)
+            # runc mounts on these; an image from scratch may lack them
+            w.copy_tree(tf, f"{d}/rootfs" if readonly else f"{d}/lower", extra_dirs=cpio.MOUNT_POINTS)
 
 
 @action_function("LkFiles", version=1)
@@ -405,20 +405,18 @@ def volume_step(ctx: ExecContext) -> None:
                     w.file(rel, p.read_bytes())
 
 
-@action_function("LkSegment", version=1)
+@action_function("LkSegment", version=2)
 def segment_step(ctx: ExecContext) -> None:
-    from forge.formats import cpio
     base = ctx.params["base"]
     with open(_in_dir(ctx, 0, "rootfs.tar"), "rb") as src, open(ctx.path(ctx.outputs[0]), "wb") as out, \
             cpio.open_compressed(out, ctx.params["compression"]) as z:
         cpio.write_tree_from_tar(src, z, mtime=ctx.source_date_epoch, drop=(), replace=None,
-                                 extra_dirs=MOUNT_POINTS if base else (), console=base)
+                                 extra_dirs=cpio.MOUNT_POINTS if base else (), console=base)
 
 
 @action_function("LkInitrd", version=1)
 def initrd_step(ctx: ExecContext) -> None:
     """Early microcode must come first and uncompressed; then the segments in order."""
-    from forge.formats import cpio
     ucode = ctx.path(ctx.inputs[0]) / "ucode.cpio"
     parts = ([ucode] if ucode.is_file() else []) + [ctx.path(i) for i in ctx.inputs[1:]]
     with open(ctx.path(ctx.outputs[0]), "wb") as out:

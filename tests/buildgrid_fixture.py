@@ -13,17 +13,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import require
+from conftest import require, wait_for_port
 from registry_fixture import free_port
 
 
@@ -117,16 +115,7 @@ def start_buildgrid(base: Path, instance: str = "main", tls: tuple[Path, Path] |
     scheme = "grpcs" if tls else "grpc"
     bg = BuildGrid(f"{scheme}://127.0.0.1:{port}", instance, base, port, proc)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"BuildGrid did not start on port {port} (exit {proc.poll()}):\n"
-                                f"{log.read_text()[-3000:]}")
-                time.sleep(0.1)
+        wait_for_port(port, proc, seconds=60, what="BuildGrid", output=lambda: log.read_text()[-3000:])
         yield bg
     finally:
         bg.kill()

@@ -24,6 +24,22 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def wait_for_port(port: int, proc, *, seconds: float, what: str, output) -> None:
+    """Wait until a server started as `proc` accepts connections on 127.0.0.1:`port`;
+    fail with `output()` (its log's tail) if it exits or takes longer than `seconds`."""
+    import socket
+    import time
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{what} did not start on port {port} (exit {proc.poll()}):\n{output()}")
+            time.sleep(0.05)
+
+
 @dataclass
 class Result:
     code: int

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require
+from conftest import require, wait_for_port
 from registry_fixture import free_port
 
 BINARY = shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/nginx"
@@ -134,16 +134,9 @@ def start_nginx(base: Path, writer: tuple[str, str] | None = None):
                                  "-g", "daemon off;"], stdout=out, stderr=subprocess.STDOUT)
     n = Nginx(f"http://127.0.0.1:{port}/forge", port, base, proc)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"nginx did not start on port {port} (exit {proc.poll()}): "
-                                f"{log.read_text()[-2000:]} {(base / 'error.log').read_text()[-2000:] if (base / 'error.log').exists() else ''}")
-                time.sleep(0.05)
+        errors = base / "error.log"
+        wait_for_port(port, proc, seconds=20, what="nginx", output=lambda: log.read_text()[-2000:]
+                      + (errors.read_text()[-2000:] if errors.exists() else ""))
         yield n
     finally:
         n.kill()

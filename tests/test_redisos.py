@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Workspace, require
+from registry_fixture import free_port
 from test_images import engine_ok
 
 pytestmark = pytest.mark.real
@@ -111,7 +112,7 @@ def test_one_service_change_reruns_its_fragment_segment_initrd_and_formats(redis
 
 
 def test_forge_run_boots_and_ctrl_c_stops_the_vm(redisos):
-    port = _free_port()
+    port = free_port()
     pid, fd = pty.fork()
     if pid == 0:  # the child: forge run on a terminal, as a user types it
         os.chdir(redisos.root)
@@ -142,12 +143,6 @@ def test_forge_run_boots_and_ctrl_c_stops_the_vm(redisos):
             os.waitpid(pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _read(fd: int, wait: float) -> bytes:

@@ -20,8 +20,6 @@ import posixpath
 import tarfile
 from typing import BinaryIO, Iterable
 
-from forge.formats.cpio import LINUXKIT_DROP, LINUXKIT_REPLACE  # noqa: F401 (re-exported)
-
 
 def _norm(path: str) -> str:
     return posixpath.normpath("/" + path).lstrip("/")  # "./x", "/x", "x/" -> "x"; "." -> ""

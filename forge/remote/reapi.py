@@ -46,31 +46,25 @@ class GrpcStore:
         else:
             self.channel = grpc.insecure_channel(target, options)
         self._metadata = (("authorization", s.authorization),) if s.authorization else ()
-        u = self.channel.unary_unary
-        self._capabilities = u(RE + "Capabilities/GetCapabilities",
-                               request_serializer=re_pb.GetCapabilitiesRequest.SerializeToString,
-                               response_deserializer=re_pb.ServerCapabilities.FromString)
-        self._find_missing = u(RE + "ContentAddressableStorage/FindMissingBlobs",
-                               request_serializer=re_pb.FindMissingBlobsRequest.SerializeToString,
-                               response_deserializer=re_pb.FindMissingBlobsResponse.FromString)
-        self._batch_read = u(RE + "ContentAddressableStorage/BatchReadBlobs",
-                             request_serializer=re_pb.BatchReadBlobsRequest.SerializeToString,
-                             response_deserializer=re_pb.BatchReadBlobsResponse.FromString)
-        self._batch_update = u(RE + "ContentAddressableStorage/BatchUpdateBlobs",
-                               request_serializer=re_pb.BatchUpdateBlobsRequest.SerializeToString,
-                               response_deserializer=re_pb.BatchUpdateBlobsResponse.FromString)
-        self._get_ac = u(RE + "ActionCache/GetActionResult",
-                         request_serializer=re_pb.GetActionResultRequest.SerializeToString,
-                         response_deserializer=re_pb.ActionResult.FromString)
-        self._update_ac = u(RE + "ActionCache/UpdateActionResult",
-                            request_serializer=re_pb.UpdateActionResultRequest.SerializeToString,
-                            response_deserializer=re_pb.ActionResult.FromString)
-        self._read = self.channel.unary_stream("/google.bytestream.ByteStream/Read",
-                        request_serializer=bs_pb.ReadRequest.SerializeToString,
-                        response_deserializer=bs_pb.ReadResponse.FromString)
-        self._write = self.channel.stream_unary("/google.bytestream.ByteStream/Write",
-                         request_serializer=bs_pb.WriteRequest.SerializeToString,
-                         response_deserializer=bs_pb.WriteResponse.FromString)
+        def call(kind: str, path: str, request, response):
+            return getattr(self.channel, kind)(path, request_serializer=request.SerializeToString,
+                                               response_deserializer=response.FromString)
+        self._capabilities = call("unary_unary", RE + "Capabilities/GetCapabilities",
+                                  re_pb.GetCapabilitiesRequest, re_pb.ServerCapabilities)
+        self._find_missing = call("unary_unary", RE + "ContentAddressableStorage/FindMissingBlobs",
+                                  re_pb.FindMissingBlobsRequest, re_pb.FindMissingBlobsResponse)
+        self._batch_read = call("unary_unary", RE + "ContentAddressableStorage/BatchReadBlobs",
+                                re_pb.BatchReadBlobsRequest, re_pb.BatchReadBlobsResponse)
+        self._batch_update = call("unary_unary", RE + "ContentAddressableStorage/BatchUpdateBlobs",
+                                  re_pb.BatchUpdateBlobsRequest, re_pb.BatchUpdateBlobsResponse)
+        self._get_ac = call("unary_unary", RE + "ActionCache/GetActionResult",
+                            re_pb.GetActionResultRequest, re_pb.ActionResult)
+        self._update_ac = call("unary_unary", RE + "ActionCache/UpdateActionResult",
+                               re_pb.UpdateActionResultRequest, re_pb.ActionResult)
+        self._read = call("unary_stream", "/google.bytestream.ByteStream/Read",
+                          bs_pb.ReadRequest, bs_pb.ReadResponse)
+        self._write = call("stream_unary", "/google.bytestream.ByteStream/Write",
+                           bs_pb.WriteRequest, bs_pb.WriteResponse)
         self._checked = False
         self._lock = threading.Lock()
         self.batch_limit = DEFAULT_BATCH
