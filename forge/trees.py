@@ -39,7 +39,7 @@ def store(cache: Cache, root: Path, path: str,
     `known` maps inodes of cache blobs the action was given (hard links of its inputs)
     to those blobs: a file that is still one of them (an image layer carried over from
     the parent image) is recorded without being read again."""
-    from forge.formats.layers import symlink_escapes  # only when a tree is stored
+    from forge.formats.common.treepath import symlink_escapes  # only when a tree is stored
     entries = []
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):

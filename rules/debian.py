@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 
 from forge.api import ActionFailed, ExecContext, action_function, attr, pool, rule
-from forge.formats import aptsources, layers, oci
+from forge.formats.debian import sources as aptsources
+from forge.formats.image.layer_write import normalise
+from forge.formats.image.layout import add_blob, image_config_defaults, write_image
 
 from . import dockerengine  # noqa: F401  (registers the image runners)
 
@@ -82,11 +84,11 @@ def run_mmdebstrap(ctx: ExecContext) -> None:
     epoch = ctx.source_date_epoch
     layer_tmp = ctx.path("layer.tar.gz")
     with open(raw, "rb") as src, open(layer_tmp, "wb") as dst:
-        info = layers.normalise(src, dst, mtime=epoch, compress=True)
+        info = normalise(src, dst, mtime=epoch, compress=True)
     raw.unlink()
-    oci.add_blob(out, layer_tmp, info.media_type)
+    add_blob(out, layer_tmp, info.media_type)
     arch = ARCH_TO_OCI.get(p["architecture"], p["architecture"])
-    config = oci.image_config_defaults(
+    config = image_config_defaults(
         diff_ids=[info.diff_id], platform=f"linux/{arch}", cmd=p["cmd"],
         env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
-    oci.write_image(out, config, [info], platform=("linux", arch))
+    write_image(out, config, [info], platform=("linux", arch))

@@ -1,6 +1,6 @@
 """The output formats of `linuxkit_image`: one action each, all without root, loop devices
 or a Docker engine, all byte-reproducible. The disk formats are built by
-forge.formats.diskimage from the kernel, the initrd and the command line; the host tools
+forge.formats.disk.images from the kernel, the initrd and the command line; the host tools
 each one runs are part of its key, so upgrading xorriso or grub rebuilds the image."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import tarfile
 
 from forge.api import ActionFailed, ExecContext, action_function
-from forge.formats import diskimage
-from forge.formats.rootfs import FragmentWriter
+from forge.formats.disk import images as diskimage
+from forge.formats.linux.fragments import FragmentWriter
 
 # format -> output file names, templates of the target's name; the disk formats' names
 # are those the library writes.

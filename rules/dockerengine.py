@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from forge.api import ActionFailed, RunContext, runner
-from forge.formats import oci
+from forge.formats.image.archive import export_docker_archive
+from forge.formats.image.layout import read_image
 
 LOCAL_REPO = "forge.local/image"  # engine-side tag of images forge loaded: <repo>:<config hex>
 
@@ -32,7 +33,7 @@ def client():
 
 def ensure_loaded(c, layout: Path) -> str:
     """The engine-side reference of the image in `layout`, loading it if missing."""
-    img = oci.read_image(layout)
+    img = read_image(layout)
     config_digest = img.manifest["config"]["digest"]
     tag = f"{LOCAL_REPO}:{config_digest.split(':', 1)[1][:32]}"
     try:
@@ -42,7 +43,7 @@ def ensure_loaded(c, layout: Path) -> str:
     except Exception:
         pass
     buf = io.BytesIO()
-    oci.export_docker_archive(layout, buf, [tag])
+    export_docker_archive(layout, buf, [tag])
     c.images.load(buf.getvalue())
     return tag
 

@@ -16,8 +16,9 @@ import json
 import tarfile
 
 from forge.api import ActionFailed, ExecContext, action_function, attr, pin_resolver, rule
-from forge.formats import deb, kmod
-from forge.formats.rootfs import FragmentWriter
+from forge.formats.debian import package as deb
+from forge.formats.linux import modules as kmod
+from forge.formats.linux.fragments import FragmentWriter
 
 from .debian import mirror_for
 
@@ -216,13 +217,14 @@ def _write_kernel(ctx: ExecContext, image: bytes, version: str, mods: dict) -> N
 def kernel_from_image(ctx: ExecContext) -> None:
     """`binary`, `tar` and `ucode` are the assembly's kernel keys: the files' names in the
     image ("" for `tar: none` / no ucode)."""
-    from forge.formats import layers, oci
-    img = oci.read_image(ctx.path(ctx.inputs[0]))
+    from forge.formats.image.layer_read import apply_layers
+    from forge.formats.image.layout import read_image
+    img = read_image(ctx.path(ctx.inputs[0]))
     root = ctx.path(".image")
     p = ctx.params
     binary, tar, ucode = p.get("binary", "kernel"), p.get("tar", "kernel.tar"), p.get("ucode", "ucode.cpio")
     names = [n.lstrip("/") for n in (binary, tar, ucode) if n]
-    layers.apply_layers([b for _, b in img.layers], root,
+    apply_layers([b for _, b in img.layers], root,
                         include=lambda rel: rel in names)
     if not (root / binary).is_file():
         raise ActionFailed(f"{ctx.inputs[0]} has no /{binary}: not an image in LinuxKit's kernel "

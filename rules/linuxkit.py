@@ -24,10 +24,10 @@ import tarfile
 
 from forge.api import (ActionFailed, AnalysisError, ExecContext, LoadError, Location,
                        action_function, attr, did_you_mean, parse_label, rule)
-from forge.formats import assembly as asmlib
-from forge.formats import cpio
-from forge.formats.assembly_oci import runtime_config
-from forge.formats.rootfs import FragmentWriter
+from forge.formats.linuxkit import assembly as asmlib
+from forge.formats.linux import cpio
+from forge.formats.linuxkit.runtime import runtime_config
+from forge.formats.linux.fragments import FragmentWriter
 
 from . import disk
 from .oci import pinned, pull_action
@@ -319,15 +319,18 @@ def _in_dir(ctx: ExecContext, i: int, name: str):
 def unpack_step(ctx: ExecContext) -> None:
     """An image's layers flattened, with LinuxKit's drops and replacements, + its config."""
     import tempfile
-    from forge.formats import layertar, oci
+    from forge.formats.image.layer_write import flatten
+    from forge.formats.common.files import canonical_json
+    from forge.formats.image.errors import LayoutError
+    from forge.formats.image.layout import read_image
     try:
-        img = oci.read_image(ctx.path(ctx.inputs[0]), ctx.params["platform"])
-    except oci.LayoutError as e:
+        img = read_image(ctx.path(ctx.inputs[0]), ctx.params["platform"])
+    except LayoutError as e:
         raise ActionFailed(f"{ctx.params['image']}: {e}") from None
     out = ctx.path(ctx.outputs[0])
-    (out / "config.json").write_bytes(oci.canonical_json(img.config))
+    (out / "config.json").write_bytes(canonical_json(img.config))
     with tempfile.TemporaryFile(dir=ctx.scratch) as flat:
-        layertar.flatten([b for _, b in img.layers], flat, mtime=None)
+        flatten([b for _, b in img.layers], flat, mtime=None)
         flat.seek(0)
         with tarfile.open(fileobj=flat, mode="r:") as src, \
                 open(out / "rootfs.tar", "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:

@@ -12,10 +12,13 @@ import re
 
 from forge.api import ActionFailed, AnalysisError, ExecContext, Location, RunContext, \
     action_function, attr, pin_resolver, pool, rule, runner
-from forge.formats import oci
-from forge.formats.dockerfile import DockerfileError, context_sources, needed_stages, parse
-from forge.formats.dockerignore import DockerIgnore
-from forge.formats.reference import Reference, ReferenceError
+from forge.formats.image.archive import import_archive
+from forge.formats.image.errors import ImageError, LayoutError
+from forge.formats.image.layout import verify_layout
+from forge.formats.dockerfile.parser import DockerfileError, context_sources, needed_stages, parse
+from forge.formats.dockerfile.ignore import DockerIgnore
+from forge.formats.image.errors import InvalidReferenceError
+from forge.formats.image.reference import Reference
 
 from . import dockerengine, stages  # noqa: F401  (register runners and stage steps)
 
@@ -32,14 +35,14 @@ def image_info(ctx, layout, **extra):
 
 
 def registry_client(config: dict):
-    from forge.formats.registry import RegistryClient
+    from forge.formats.registry.client import RegistryClient
     regs = config.get("registries", {})
     return RegistryClient(insecure=regs.get("insecure", []), mirrors=regs.get("mirrors", {}))
 
 
 @pin_resolver("oci", placeholder="sha256:" + "0" * 64)
 def resolve_tag(ref: str, config: dict) -> str:
-    from forge.formats.registry import RegistryError
+    from forge.formats.registry.errors import RegistryError
     try:
         return str(registry_client(config).resolve(ref).digest)
     except (RegistryError, OSError) as e:
@@ -52,7 +55,7 @@ def pinned(ctx, text: str, attr_name: str | None = None) -> Reference:
     """A registry reference with its digest: given, or from forge.lock."""
     try:
         ref = Reference.parse(text)
-    except ReferenceError as e:
+    except InvalidReferenceError as e:
         raise ctx.fail(str(e), attr=attr_name) from None
     if ref.digest:
         return ref
@@ -80,9 +83,9 @@ def oci_pull(ctx):
     return image_info(ctx, pull_action(ctx, ref, ctx.attr.platform, ctx.label.name))
 
 
-@action_function("OciPull", version=1)
+@action_function("OciPull", version=2)  # 2: index.json in canonical JSON
 def oci_pull_step(ctx: ExecContext) -> None:
-    from forge.formats.registry import RegistryError
+    from forge.formats.registry.errors import RegistryError
     if ctx.offline:
         raise ActionFailed(f"{ctx.params['ref']} is not in the cache and --offline forbids "
                            "pulling it", hint="build once online: the image is then cached")
@@ -91,7 +94,7 @@ def oci_pull_step(ctx: ExecContext) -> None:
     try:
         registry_client(ctx.config).pull(ctx.params["ref"], out, platform=ctx.params["platform"],
                                          progress=ctx.progress)
-    except RegistryError as e:
+    except (RegistryError, ImageError) as e:
         raise ActionFailed(str(e)) from None
 
 
@@ -113,9 +116,9 @@ def oci_archive(ctx):
 @action_function("OciImport", version=1)
 def oci_import_step(ctx: ExecContext) -> None:
     try:
-        oci.import_archive(ctx.path(ctx.inputs[0]), ctx.path(ctx.outputs[0]))
-        oci.verify_layout(ctx.path(ctx.outputs[0]))
-    except (oci.LayoutError, OSError, ValueError) as e:
+        import_archive(ctx.path(ctx.inputs[0]), ctx.path(ctx.outputs[0]))
+        verify_layout(ctx.path(ctx.outputs[0]))
+    except (LayoutError, OSError, ValueError) as e:
         raise ActionFailed(f"{ctx.inputs[0]} is not an image archive forge can read: {e}") from None
 
 
@@ -134,7 +137,7 @@ def oci_push(ctx):
         raise ctx.fail(f"{ctx.attr.image} is not an image target", attr="image")
     try:
         Reference.parse(ctx.attr.repository)
-    except ReferenceError as e:
+    except InvalidReferenceError as e:
         raise ctx.fail(str(e), attr="repository") from None
     return ctx.info(files=info.files, run={"runner": "OciPush", "params": {
         "layout": layout, "repository": ctx.attr.repository, "tags": list(ctx.attr.tags)}})
@@ -143,7 +146,7 @@ def oci_push(ctx):
 @runner("OciPush")
 def push_runner(ctx: RunContext) -> int:
     import sys
-    from forge.formats.registry import RegistryError
+    from forge.formats.registry.errors import RegistryError
     client = registry_client(ctx.config)
     p = ctx.params
     tags = list(ctx.args) or p["tags"]
@@ -151,7 +154,7 @@ def push_runner(ctx: RunContext) -> int:
         ref = f"{p['repository']}:{tag}"
         try:
             digest = client.push(ctx.root / p["layout"], ref)
-        except RegistryError as e:
+        except (RegistryError, ImageError) as e:
             raise ActionFailed(f"push to {ref} failed: {e}") from None
         print(f"{ref}@{digest}")
     print(f"forge: pushed {len(tags)} tag(s)", file=sys.stderr)

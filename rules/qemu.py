@@ -1,7 +1,7 @@
 """Booting OS images under QEMU: the runner behind `forge run` for `linuxkit_image`
 targets, and `qemu_test`, which boots an image headless and probes it.
 
-The accelerator is chosen by forge.formats.qemu (KVM where it works, else TCG; override
+The accelerator is chosen by forge.formats.vm.machine (KVM where it works, else TCG; override
 with `--accel` or FORGE_QEMU_ACCEL). Images in the cache are never written: disks boot
 with `snapshot=on`.
 """
@@ -93,7 +93,7 @@ def qemu_test(ctx):
 
 def boot_spec(fmt: str, paths: list):
     """How QEMU boots the files of format `fmt` (see disk.FORMATS for their order)."""
-    from forge.formats import qemu
+    from forge.formats.vm import machine as qemu
     if fmt == "kernel+initrd":
         kernel, initrd, cmdline = paths
         return qemu.kernel_boot(kernel, initrd, cmdline.read_text())
@@ -109,7 +109,7 @@ class _Cancelled(Exception):
 
 def _probe(p: dict, vm, cancel):
     """The test's probe, also watching for Ctrl-C (which kills the VM at once)."""
-    from forge.formats import qemu
+    from forge.formats.vm import machine as qemu
     kind = p["kind"]
     if kind == "redis_ping":
         probe = qemu.redis_ping("127.0.0.1", vm.host_port(p["port"]))
@@ -129,7 +129,7 @@ def _probe(p: dict, vm, cancel):
 def qemu_test_runner(ctx: RunContext) -> int:
     import tempfile
     import time
-    from forge.formats import qemu
+    from forge.formats.vm import machine as qemu
     p = ctx.params
     out = ctx.out or sys.stdout
     spec = boot_spec(p["format"], [ctx.root / f for f in p["files"]])
@@ -156,7 +156,7 @@ def qemu_run(ctx: RunContext) -> int:
     [--cpus N]`: the serial console on this terminal; Ctrl-C (or powering off) stops it."""
     import tempfile
     from forge.api import UsageError
-    from forge.formats import qemu
+    from forge.formats.vm import machine as qemu
     formats = ctx.params["formats"]
     ap = argparse.ArgumentParser(prog="forge run IMAGE", add_help=False)
     ap.add_argument("--format", default=next((f for f in BOOTABLE if f in formats), None))

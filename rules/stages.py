@@ -18,7 +18,12 @@ import tempfile
 from pathlib import Path
 
 from forge.api import ActionFailed, ExecContext, action_function
-from forge.formats import layers, oci
+from forge.formats.common.treepath import UnsafePathError, resolve_on_disk
+from forge.formats.image.errors import UnsafeLayerError
+from forge.formats.image.layer_read import apply_layers, safe_extract
+from forge.formats.image.layer_write import layer_from_dir, normalise
+from forge.formats.image.archive import import_archive
+from forge.formats.image.layout import add_blob, image_config_defaults, read_image, write_image
 
 from . import dockerengine
 
@@ -47,12 +52,12 @@ def _start(ctx: ExecContext, out: Path):
     """(config, layer descriptors) of the parent, its blobs linked into `out`."""
     p = ctx.params
     if not p["base"]["path"]:
-        return oci.image_config_defaults(platform=p["platform"]), []
-    img = oci.read_image(ctx.path(p["base"]["path"]), p["platform"])
+        return image_config_defaults(platform=p["platform"]), []
+    img = read_image(ctx.path(p["base"]["path"]), p["platform"])
     config = copy.deepcopy(img.config)
     descs = []
     for desc, blob in img.layers:
-        oci.add_blob(out, blob, desc["mediaType"])
+        add_blob(out, blob, desc["mediaType"])
         descs.append({k: desc[k] for k in ("mediaType", "digest", "size")})
     return config, descs
 
@@ -64,7 +69,7 @@ def _finish(out: Path, config: dict, descs: list[dict], history: list[dict]) -> 
     inner = config.get("config") or {}
     config["config"] = {k: inner[k] for k in CONFIG_KEYS if inner.get(k) not in (None, [], {})}
     config["history"] = [{k: v for k, v in h.items() if k != "created"} for h in history]
-    oci.write_image(out, config, descs,
+    write_image(out, config, descs,
                     platform=(config.get("os", "linux"), config.get("architecture", "amd64")))
 
 
@@ -131,7 +136,7 @@ def assemble_stage(ctx: ExecContext) -> None:
         elif c in ("COPY", "ADD"):
             made = ctx.path(p["layers"][str(n)])  # a CopyLayer action's output
             info = json.loads((made / "info.json").read_text())
-            oci.add_blob(out, made / "layer", info["mediaType"])
+            add_blob(out, made / "layer", info["mediaType"])
             descs.append({k: info[k] for k in ("mediaType", "digest", "size")})
             diff_ids.append(info["diff_id"])
             empty = False
@@ -151,7 +156,7 @@ def copy_layer(ctx: ExecContext) -> None:
     p = ctx.params
     workdir = "/"
     if p["base"]["path"]:  # only when the destination is relative
-        cfg = oci.read_image(ctx.path(p["base"]["path"]), p["platform"]).config.get("config") or {}
+        cfg = read_image(ctx.path(p["base"]["path"]), p["platform"]).config.get("config") or {}
         workdir = cfg.get("WorkingDir") or "/"
     for w in p["workdirs"]:
         workdir = posixpath.normpath(posixpath.join(workdir, w))
@@ -194,7 +199,7 @@ def _copy_layer(ctx: ExecContext, st: dict, workdir: str):
             _write(staging, target, heredocs[name][1].encode())
     elif frm is not None:
         root = Path(tempfile.mkdtemp(dir=ctx.scratch, prefix=".from-"))
-        img = oci.read_image(ctx.path(p["from"][frm]), p["platform"])
+        img = read_image(ctx.path(p["from"][frm]), p["platform"])
         for src, real in _unpack_sources(root, [b for _, b in img.layers], st["args"][:-1]):
             if real is None:
                 raise _fail(p, st, f"{src} does not exist in {frm}")
@@ -216,7 +221,7 @@ def _copy_layer(ctx: ExecContext, st: dict, workdir: str):
                     continue
                 path = ctx.path(p["context_prefix"] + f)
                 if st["cmd"] == "ADD" and f.endswith(TAR_SUFFIXES):
-                    layers.safe_extract(path, staging / dest_abs.lstrip("/"))
+                    safe_extract(path, staging / dest_abs.lstrip("/"))
                     continue
                 if rel == "":  # the source named this file itself
                     target = posixpath.join(dest_abs, posixpath.basename(f)) if into_dir else dest_abs
@@ -226,7 +231,7 @@ def _copy_layer(ctx: ExecContext, st: dict, workdir: str):
     uid, gid = _owner(p, st)
     mode = st["flags"].get("chmod")
     with open(ctx.path(".layer"), "wb") as fh:
-        info = layers.layer_from_dir(staging, fh, uid=uid, gid=gid, mtime=ctx.source_date_epoch,
+        info = layer_from_dir(staging, fh, uid=uid, gid=gid, mtime=ctx.source_date_epoch,
                                      compress=True, mode_override=int(mode, 8) if mode else None,
                                      override_under=dest_abs)
     shutil.rmtree(staging, ignore_errors=True)
@@ -258,11 +263,11 @@ def _unpack_sources(root: Path, blobs: list[Path], sources: list[str]):
     if not any(c in s for s in sources for c in "*?["):
         try:
             return _unpack_named(root, blobs, sources)
-        except layers.UnsafeLayerError:
+        except UnsafePathError:
             pass  # e.g. a hard link to a file not unpacked: unpack everything below
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir()
-    layers.apply_layers(blobs, root)
+    apply_layers(blobs, root)
     out = []
     for s in sources:
         matches = _image_glob(root, s)
@@ -281,12 +286,12 @@ def _unpack_named(root: Path, blobs: list[Path], sources: list[str]):
         def include(rel: str) -> bool:
             return any(w == "" or rel == w or rel.startswith(w + "/") or
                        w.startswith(rel + "/") for w in todo)
-        layers.apply_layers(blobs, root, include=include)
+        apply_layers(blobs, root, include=include)
         todo = set()
         for s, r in real.items():
             if r is None or _plain_path(root, r):
                 continue
-            resolved = "/".join(layers.resolve_on_disk(root, r))
+            resolved = "/".join(resolve_on_disk(root, r))
             if resolved == r:  # no symlink on the way: the image has no such path
                 real[s] = None
             else:
@@ -294,7 +299,7 @@ def _unpack_named(root: Path, blobs: list[Path], sources: list[str]):
                 todo.add(resolved)
         if not todo:
             return list(real.items())
-    raise layers.UnsafeLayerError("symbolic links chained too deep for a partial unpack")
+    raise UnsafeLayerError("symbolic links chained too deep for a partial unpack")
 
 
 def _plain_path(root: Path, rel: str) -> bool:
@@ -389,9 +394,9 @@ def docker_stage(ctx: ExecContext) -> None:
     saved = ctx.path(".saved.tar")
     dockerengine.save(c, image_id, saved)
     tmp_layout = ctx.path(".engine-layout")
-    oci.import_archive(saved, tmp_layout)
+    import_archive(saved, tmp_layout)
     saved.unlink()
-    img = oci.read_image(tmp_layout, None)
+    img = read_image(tmp_layout, None)
     if img.config["rootfs"]["diff_ids"][:len(parent_diff_ids)] != parent_diff_ids:
         raise ActionFailed("the engine's result does not start with the parent's layers")
     config = copy.deepcopy(img.config) | {"rootfs": {"type": "layers",
@@ -400,8 +405,8 @@ def docker_stage(ctx: ExecContext) -> None:
     for n, (desc, blob) in enumerate(img.layers[len(parent_diff_ids):]):
         tmp = ctx.path(f".norm-{n}")
         with open(tmp, "wb") as fh:
-            info = layers.normalise(blob, fh, mtime=ctx.source_date_epoch, compress=True)
-        oci.add_blob(out, tmp, info.media_type)
+            info = normalise(blob, fh, mtime=ctx.source_date_epoch, compress=True)
+        add_blob(out, tmp, info.media_type)
         tmp.unlink()
         descs.append(info.descriptor())
         config["rootfs"]["diff_ids"].append(info.diff_id)

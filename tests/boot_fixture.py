@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from forge.formats import aptsources, cpio, deb
+from forge.formats.debian import sources as aptsources
+from forge.formats.linux import cpio
+from forge.formats.debian import package as deb
 
 MARKER = "FORGE-BOOT-OK"
 BUSYBOX = Path("/bin/busybox")

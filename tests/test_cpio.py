@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from forge.formats.cpio import (LINUXKIT_REPLACE, CpioWriter, compress, concatenate,
+from forge.formats.linux.cpio import (LINUXKIT_REPLACE, CpioWriter, compress, concatenate,
                                 open_compressed, write_tree_from_tar)
 
 MTIME = 1_492_533_000  # LinuxKit's fixed 2017-04-18 16:30 UTC

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from forge.formats.deb import (DebError, compare_versions, control_fields, depends, download,
+from forge.formats.debian.package import (DebError, compare_versions, control_fields, depends, download,
                                fetch_index, open_data_tar, parse_packages, read_ar, resolve)
 
 CONTROL = """\
@@ -250,7 +250,7 @@ def test_missing_suite_and_missing_index(tmp_path, serve, debs):
 @pytest.mark.real
 def test_real_cloud_kernel_index():
     from conftest import require
-    from forge.formats.aptsources import debian_mirror, read_sources
+    from forge.formats.debian.sources import debian_mirror, read_sources
 
     mirror = debian_mirror(read_sources())
     require(mirror is not None, "no Debian mirror in the apt sources")

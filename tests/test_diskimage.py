@@ -13,7 +13,10 @@ import pytest
 
 from boot_fixture import CMDLINE, MARKER, boot_initrd, cloud_kernel  # noqa: F401 (fixtures)
 from conftest import require
-from forge.formats import diskimage, diskimage_fat, diskimage_tools, qemu
+from forge.formats.disk import images as diskimage
+from forge.formats.disk import fat as diskimage_fat
+from forge.formats.disk import tools as diskimage_tools
+from forge.formats.vm import machine as qemu
 
 EPOCH = 1700000000  # 2023-11-14T22:13:20Z
 NAME = "demo"

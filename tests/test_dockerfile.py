@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 
-from forge.formats.dockerfile import (DockerfileError, context_sources, external_refs,
+from forge.formats.dockerfile.parser import (DockerfileError, context_sources, external_refs,
                                       mount_options, needed_stages, parse, remote_sources,
                                       stage_deps, substitute)
-from forge.formats.dockerignore import DockerIgnore
+from forge.formats.dockerfile.ignore import DockerIgnore
 
 
 def df(text: str):

@@ -92,8 +92,8 @@ def statuses(r) -> dict[str, str]:
 def layer_files(layout: Path) -> dict[str, bytes]:
     """Path -> content of every regular file in the image's layers (later layers win)."""
     import tarfile
-    from forge.formats import oci
-    img = oci.read_image(layout)
+    from forge.formats.image.layout import read_image
+    img = read_image(layout)
     files = {}
     for _, blob in img.layers:
         with tarfile.open(blob) as tf:
@@ -162,8 +162,8 @@ def test_stages_without_run_build_with_no_engine(iws):
     assert r.code == 0, r.err
     layout = iws.root / "forge-out/s/s.stages/1"
     assert layer_files(layout) == {"b.txt": b"A\n"}
-    from forge.formats import oci
-    cfg = oci.read_image(layout).config
+    from forge.formats.image.layout import read_image
+    cfg = read_image(layout).config
     assert cfg["config"]["Labels"] == {"org.example": "yes"} and "created" not in cfg
 
 

@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from conftest import require
-from forge.formats.aptsources import debian_mirror, read_sources
+from forge.formats.debian.sources import debian_mirror, read_sources
 
 pytestmark = pytest.mark.real
 
@@ -52,7 +52,9 @@ def test_kernel_from_an_image_in_linuxkit_layout(ws, tmp_path):
     gcc-built objects with a .modinfo section, imported with oci_archive."""
     import io
     from test_kmod import compile_module
-    from forge.formats import layers, oci
+    from forge.formats.image.layer_write import layer_from_dir
+    from forge.formats.image.archive import export_oci_archive
+    from forge.formats.image.layout import add_blob, image_config_defaults, write_image
     mods = {"dep_a": "", "dep_b": "dep_a", "top": "dep_b", "unused": ""}
     ktar = io.BytesIO()
     with tarfile.open(fileobj=ktar, mode="w") as tf:
@@ -67,11 +69,11 @@ def test_kernel_from_an_image_in_linuxkit_layout(ws, tmp_path):
     (root / "kernel.tar").write_bytes(ktar.getvalue())
     layout = tmp_path / "layout"
     with open(tmp_path / "layer.tgz", "wb") as f:
-        info = layers.layer_from_dir(root, f, mtime=0)
-    oci.add_blob(layout, tmp_path / "layer.tgz", info.media_type)
-    oci.write_image(layout, oci.image_config_defaults(diff_ids=[info.diff_id]), [info])
+        info = layer_from_dir(root, f, mtime=0)
+    add_blob(layout, tmp_path / "layer.tgz", info.media_type)
+    write_image(layout, image_config_defaults(diff_ids=[info.diff_id]), [info])
     with open(ws.root / "kimg.tar", "wb") as f:
-        oci.export_oci_archive(layout, f)
+        export_oci_archive(layout, f)
     ws.write({"BUILD": 'oci_archive(name = "kimg", src = "kimg.tar")\n'
                        'kernel(name = "k", image = ":kimg", modules = ["top"])\n'})
     r = ws.build("//:k")

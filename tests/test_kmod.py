@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from forge.formats.kmod import ModuleError, index_tar, index_tree, load_order, modinfo
+from forge.formats.linux.modules import ModuleError, index_tar, index_tree, load_order, modinfo
 
 # The virtio network stack of the Debian cloud kernel, with its real depends= fields.
 VIRTIO = {
@@ -154,7 +154,7 @@ def test_index_tree(virtio, tmp_path):
 
 
 def test_index_tar_of_a_deb(virtio, tmp_path):
-    from forge.formats.deb import open_data_tar
+    from forge.formats.debian.package import open_data_tar
     from test_deb import make_deb
 
     files = {f"lib/modules/6.1.0-99-cloud-amd64/kernel/{n}.ko": b for n, b in virtio.items()}
@@ -172,8 +172,8 @@ def test_index_tar_of_a_deb(virtio, tmp_path):
 @pytest.mark.slow
 def test_real_cloud_kernel_module_order(tmp_path_factory):
     from conftest import require
-    from forge.formats.aptsources import debian_mirror, read_sources
-    from forge.formats.deb import depends, download, fetch_index, open_data_tar, resolve
+    from forge.formats.debian.sources import debian_mirror, read_sources
+    from forge.formats.debian.package import depends, download, fetch_index, open_data_tar, resolve
 
     mirror = debian_mirror(read_sources())
     require(mirror is not None, "no Debian mirror in the apt sources")

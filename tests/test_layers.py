@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from forge.formats.layers import (MEDIA_TYPE_TAR, MEDIA_TYPE_TAR_GZIP, UnsafeLayerError,
-                                  apply_layers, flatten, layer_from_dir, normalise,
-                                  safe_extract)
+from forge.formats.image.errors import UnsafeLayerError
+from forge.formats.image.layer_read import apply_layers, safe_extract
+from forge.formats.image.layer_write import flatten, layer_from_dir, normalise
+from forge.formats.image.spec import OCI_LAYER as MEDIA_TYPE_TAR
+from forge.formats.image.spec import OCI_LAYER_GZIP as MEDIA_TYPE_TAR_GZIP
 
 
 def make_tar(entries, *, gz=False, fmt=tarfile.PAX_FORMAT) -> bytes:
@@ -365,7 +367,7 @@ def test_symlink_loops_and_file_parents_are_errors(tmp_path):
 
 def test_chmod_leaves_the_parents_a_copy_creates(tmp_path):
     """COPY --chmod=0600 a /etc/conf/a: BuildKit makes etc/ and etc/conf/ 0755."""
-    from forge.formats.layertar import layer_from_dir
+    from forge.formats.image.layer_write import layer_from_dir
     src = tmp_path / "staging"
     (src / "etc/conf").mkdir(parents=True)
     (src / "etc/conf/a").write_text("x")

@@ -279,7 +279,7 @@ def test_each_image_is_unpacked_once_and_ucode_goes_first(lk):
     # the init image serves `init` and the onboot entry; app serves two services
     import io
     ucode = io.BytesIO()
-    from forge.formats import cpio
+    from forge.formats.linux import cpio
     w = cpio.CpioWriter(ucode, mtime=0)
     w.add_dir("kernel")
     w.add_file("kernel/x86/microcode/GenuineIntel.bin", b"UCODE")
@@ -324,7 +324,7 @@ def test_a_file_source_outside_the_workspace_is_an_error(lk, source):
 
 def test_fragments_keep_dotfiles_at_the_root(tmp_path):
     import io
-    from forge.formats.rootfs import FragmentWriter
+    from forge.formats.linux.fragments import FragmentWriter
     src = io.BytesIO()
     with tarfile.open(fileobj=src, mode="w") as t:
         for name in ("./.profile", "./etc/.hidden"):

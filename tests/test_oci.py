@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from forge.formats.layers import normalise
-from forge.formats.oci import (OCI_INDEX, OCI_LAYER, OCI_MANIFEST, LayoutError, add_blob,
-                               blob_path, canonical_json, export_docker_archive,
-                               export_oci_archive, image_config_defaults, import_archive,
-                               read_image, verify_layout, write_image, write_index)
+from forge.formats.common.files import canonical_json
+from forge.formats.image.archive import export_docker_archive, export_oci_archive, import_archive
+from forge.formats.image.errors import LayoutError
+from forge.formats.image.layer_write import normalise
+from forge.formats.image.layout import (add_blob, blob_path, image_config_defaults, read_image,
+                                        verify_layout, write_image, write_index)
+from forge.formats.image.spec import OCI_INDEX, OCI_LAYER, OCI_MANIFEST
 
 
 def tar_of(files: dict[str, bytes]) -> bytes:

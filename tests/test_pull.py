@@ -33,8 +33,8 @@ def publish(w, registry, content: str, tag="v1"):
 
 def layer_text(layout) -> str:
     import tarfile
-    from forge.formats import oci
-    img = oci.read_image(layout)
+    from forge.formats.image.layout import read_image
+    img = read_image(layout)
     with tarfile.open(img.layers[-1][1]) as tf:
         return tf.extractfile("a.txt").read().decode()
 
@@ -90,8 +90,8 @@ def test_from_a_registry_reference_and_a_wrong_digest(tmp_path, registry):
                         f'digest = "sha256:{"0" * 64}")\n'})
     r = w.build("//c")
     assert r.code == 0, r.err
-    from forge.formats import oci
-    img = oci.read_image(w.root / "forge-out/c/c.stages/0")
+    from forge.formats.image.layout import read_image
+    img = read_image(w.root / "forge-out/c/c.stages/0")
     assert len(img.layers) == 2
     assert json.loads((w.root / "forge.lock").read_text())["pins"]["oci"][
         f"{registry.host}/team/app:v1"] == digest

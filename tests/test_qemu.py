@@ -20,7 +20,7 @@ import pytest
 
 from boot_fixture import CMDLINE, MARKER, boot_initrd, busybox_initrd, cloud_kernel  # noqa: F401
 from conftest import require
-from forge.formats import qemu
+from forge.formats.vm import machine as qemu
 
 # ---- command lines (pure) ------------------------------------------------------------------
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from forge.formats.reference import Reference, ReferenceError
-from forge.formats.registry import (
-    OCI_INDEX, OCI_MANIFEST, REF_NAME, Challenge, LayoutError, NotFoundError,
-    PlatformNotFoundError, RegistryAuthError, RegistryClient, VerificationError,
-    parse_www_authenticate,
-)
+from forge.formats.image.errors import InvalidReferenceError, LayoutError
+from forge.formats.image.reference import Reference
+from forge.formats.image.spec import OCI_INDEX, OCI_MANIFEST, REF_NAME
+from forge.formats.registry.auth import Challenge, parse_www_authenticate
+from forge.formats.registry.client import RegistryClient
+from forge.formats.registry.errors import (NotFoundError, PlatformNotFoundError, RegistryAuthError,
+                                           VerificationError)
 from registry_fixture import registry, start_registry  # noqa: F401  (fixture)
 
 # ---- building images by hand -------------------------------------------------------------
@@ -151,7 +152,7 @@ def test_reference_str_is_fully_qualified():
     ("-a.b/x", "not a valid registry"),
 ])
 def test_reference_rejects(text, why):
-    with pytest.raises(ReferenceError) as e:
+    with pytest.raises(InvalidReferenceError) as e:
         Reference.parse(text)
     assert why in str(e.value)
     assert "a reference looks like" in str(e.value)
@@ -185,9 +186,9 @@ def test_credentials_from_docker_config(tmp_path, monkeypatch):
                   "http://reg.example:5000/v2/": {"username": "u", "password": "p"}},
         "credHelpers": {"helped.example": "forgetest"}}))
     c = RegistryClient(docker_config=cfg)
-    hub, reg = c._endpoint("docker.io", "docker.io"), c._endpoint("reg.example:5000", "x")
-    assert c._credentials(hub) == ("hub", "pw", None)
-    assert c._credentials(reg) == ("u", "p", None)
+    hub, reg = c.transport.endpoint("docker.io", "docker.io"), c.transport.endpoint("reg.example:5000", "x")
+    assert c.transport.auth.credentials(hub.host) == ("hub", "pw", None)
+    assert c.transport.auth.credentials(reg.host) == ("u", "p", None)
     helper = tmp_path / "bin" / "docker-credential-forgetest"
     helper.parent.mkdir()
     helper.write_text('#!/bin/sh\nread server\n[ "$1" = get ] || exit 3\n'
@@ -195,7 +196,7 @@ def test_credentials_from_docker_config(tmp_path, monkeypatch):
                       '"$server" "$server"\n')
     helper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{helper.parent}:{os.environ['PATH']}")
-    assert c._credentials(c._endpoint("helped.example", "x")) == \
+    assert c.transport.auth.credentials(c.transport.endpoint("helped.example", "x").host) == \
         (None, None, "idt-helped.example")
 
 
@@ -205,16 +206,16 @@ def test_missing_credential_helper_is_explained(tmp_path):
     c = RegistryClient(docker_config=cfg)
     with pytest.raises(RegistryAuthError, match="docker-credential-forge-absent-helper .*credsStore"
                        ".* is not installed"):
-        c._credentials(c._endpoint("reg.example", "reg.example"))
+        c.transport.auth.credentials(c.transport.endpoint("reg.example", "reg.example").host)
 
 
 def test_schemes_follow_docker():
     c = RegistryClient(insecure=["reg.lan:5000", "10.1.0.0/16"], docker_config=None)
-    scheme = lambda h: c._endpoint(h, h).scheme  # noqa: E731
+    scheme = lambda h: c.transport.endpoint(h, h).scheme  # noqa: E731
     assert scheme("localhost:5000") == scheme("127.0.0.5:80") == scheme("[::1]:5000") == "http"
     assert scheme("reg.lan:5000") == scheme("10.1.2.3:5000") == "http"
     assert scheme("reg.lan:5001") == scheme("quay.example") == "https"
-    assert c._endpoint("docker.io", "docker.io").host == "registry-1.docker.io"
+    assert c.transport.endpoint("docker.io", "docker.io").host == "registry-1.docker.io"
 
 
 # ---- against the real registry ---------------------------------------------------------
@@ -652,11 +653,11 @@ def test_push_follows_upload_locations_and_basic_auth(fake, tmp_path, location):
 
 
 def test_diff_id_stream_handles_members_padding_and_plain_tar():
-    from forge.formats.registry import _Decompressor
+    from forge.formats.common.compression import CompressionError, StreamDecompressor
     tar = os.urandom(3000) + b"\0" * (8 << 20)  # big and very compressible: bounded output
 
     def diff_id(blob: bytes, chunk: int) -> str:
-        d, h = _Decompressor("sha256:x"), hashlib.sha256()
+        d, h = StreamDecompressor("layer sha256:x"), hashlib.sha256()
         for i in range(0, len(blob), chunk):
             for piece in d.feed(blob[i:i + chunk]):
                 h.update(piece)
@@ -667,5 +668,5 @@ def test_diff_id_stream_handles_members_padding_and_plain_tar():
     for blob in (gzip.compress(tar), two_members, tar, b"ab"):
         expect = sha(b"ab") if blob == b"ab" else sha(tar)
         assert diff_id(blob, 3) == expect if len(blob) < 100 else diff_id(blob, 65536) == expect
-    with pytest.raises(VerificationError, match="gzip stream is truncated"):
+    with pytest.raises(CompressionError, match="gzip stream is truncated"):
         diff_id(gzip.compress(tar)[:-100], 4096)

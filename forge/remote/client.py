@@ -123,7 +123,7 @@ class RemoteCache:
         return outs
 
     def _tree_output(self, path: str, walked, got) -> OutputFile:
-        from forge.formats.layers import symlink_escapes
+        from forge.formats.common.treepath import symlink_escapes
         entries, total = [], 0
         for rel, kind, d, exe in walked:
             if kind == "d":

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from forge.formats.image.errors import InvalidReferenceError
+
 DOCKER_HUB = "docker.io"
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -29,10 +31,6 @@ _SHAPE = ("a reference looks like [registry[:port]/]repository[:tag][@sha256:<64
           "e.g. alpine:3.20, docker.io/library/alpine@sha256:..., localhost:5000/team/app:v1")
 
 
-class ReferenceError(ValueError):
-    """A text that is not a valid image reference."""
-
-
 @dataclass(frozen=True)
 class Reference:
     """A normalised image reference; `tag` and `digest` may both be set."""
@@ -43,13 +41,18 @@ class Reference:
     digest: str | None = None
 
     @classmethod
+    def of(cls, ref: Reference | str) -> Reference:
+        """`ref` itself, or parsed when it is text."""
+        return ref if isinstance(ref, Reference) else cls.parse(ref)
+
+    @classmethod
     def parse(cls, text: str) -> Reference:
         original = text
         if not isinstance(text, str) or not text or text != text.strip():
-            raise ReferenceError(f"invalid image reference {original!r}: {_SHAPE}")
+            raise InvalidReferenceError(f"invalid image reference {original!r}: {_SHAPE}")
 
-        def bad(why: str) -> ReferenceError:
-            return ReferenceError(f"invalid image reference {original!r}: {why}; {_SHAPE}")
+        def bad(why: str) -> InvalidReferenceError:
+            return InvalidReferenceError(f"invalid image reference {original!r}: {why}; {_SHAPE}")
 
         digest = None
         if "@" in text:

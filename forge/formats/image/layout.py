@@ -1,4 +1,4 @@
-"""OCI image layouts, and the `docker save` / OCI tarballs that carry them.
+"""OCI image layouts: the one place that writes and reads them.
 
 An OCI image layout (image-spec `image-layout.md`) is a directory:
 
@@ -12,12 +12,9 @@ manifest names one config blob and the layer blobs in order; the config's
 layer is tied to the filesystem it carries. Everything forge writes here is canonical
 JSON (sorted keys, no spaces), so the same image always gives the same digests.
 
-The legacy `docker save` archive (Docker engines before 25, e.g. Debian's 20.10) is a
-tar holding `manifest.json` = [{"Config": "<hex>.json", "RepoTags": [...], "Layers":
-["<id>/layer.tar", ...]}], the config file, one uncompressed tar per layer (a repeated
-layer may be a symlink to an earlier one), and a `repositories` file that only
-pre-manifest engines read. Engines 25+ write an OCI layout tarball instead (with a
-`manifest.json` beside it for older tools); both are accepted here.
+What forge reads from a layout was written by someone else: digests are checked before
+they name a path, nested indexes are followed only so deep, and `verify_layout` checks
+every blob and diff_id a layout reaches.
 """
 
 from __future__ import annotations
@@ -25,65 +22,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from forge.formats.layers import (MEDIA_TYPE_TAR, MEDIA_TYPE_TAR_GZIP, MEDIA_TYPE_TAR_ZSTD,
-                                  UnsafeLayerError, open_decompressed)
+from forge.formats.common.compression import CompressionError, open_decompressed
+from forge.formats.common.files import atomic_write, canonical_json
+from forge.formats.image.errors import LayoutError
+from forge.formats.image.spec import (INDEX_TYPES, LAYOUT_VERSION, MANIFEST_TYPES, MAX_NESTING,
+                                      OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, REF_NAME, Descriptor,
+                                      digest_of, parse_platform, platform_dict, platform_matches,
+                                      platform_str, split_digest)
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = MEDIA_TYPE_TAR
-OCI_LAYER_GZIP = MEDIA_TYPE_TAR_GZIP
-OCI_LAYER_ZSTD = MEDIA_TYPE_TAR_ZSTD
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-DOCKER_LAYER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
-
-INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-REF_NAME = "org.opencontainers.image.ref.name"
-IMAGE_NAME = "io.containerd.image.name"  # the full reference, as Docker 25+ writes it
-
-_DIGEST = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 _CHUNK = 1 << 20
-_MAX_NESTING = 8
-
-
-class LayoutError(Exception):
-    """An image layout or archive is missing something, or a blob does not match."""
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    media_type: str
-    digest: str
-    size: int
-    platform: dict | None = None
-    annotations: dict | None = None
-
-    def to_dict(self) -> dict:
-        d = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-        if self.platform:
-            d["platform"] = self.platform
-        if self.annotations:
-            d["annotations"] = self.annotations
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Descriptor":
-        return cls(d["mediaType"], d["digest"], d["size"], d.get("platform"), d.get("annotations"))
 
 
 @dataclass
 class Image:
+    """One image read from a layout: its manifest, config and layer blobs."""
+
     layout: Path
     index: dict  # the layout's index.json
     manifest: dict
@@ -93,57 +52,22 @@ class Image:
     layers: list[tuple[dict, Path]] = field(default_factory=list)  # (descriptor, blob)
 
 
-def canonical_json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def parse_platform(platform: str | Iterable[str]) -> tuple[str, str, str | None]:
-    """`linux/arm64/v8` or ("linux", "arm64", "v8") -> (os, architecture, variant)."""
-    parts = platform.split("/") if isinstance(platform, str) else list(platform)
-    if len(parts) not in (2, 3) or not all(parts):
-        raise ValueError(f"platform {platform!r} is not os/architecture[/variant]")
-    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
-
-
-def _platform_dict(platform) -> dict:
-    os_, arch, variant = parse_platform(platform)
-    d = {"os": os_, "architecture": arch}
-    if variant:
-        d["variant"] = variant
-    return d
-
-
-def _platform_str(p: dict) -> str:
-    return "/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x)
-
-
 # ---- blobs --------------------------------------------------------------------------
 
 def init_layout(layout: Path) -> Path:
     layout = Path(layout)
     (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     if not (layout / "oci-layout").exists():
-        _atomic_write(layout / "oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"}))
+        atomic_write(layout / "oci-layout", canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
     return layout
 
 
 def blob_path(layout: Path, digest: str) -> Path:
-    # The digest comes from files we did not write: never let it name a path.
-    if not _DIGEST.match(digest):
-        raise LayoutError(f"invalid digest {digest!r}")
-    algo, hexd = digest.split(":")
+    algo, hexd = split_digest(digest)  # raises before an untrusted digest names a path
     return Path(layout) / "blobs" / algo / hexd
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def _store_stream(layout: Path, src: BinaryIO, expect: str | None = None) -> tuple[str, int]:
+def store_stream(layout: Path, src: BinaryIO, expect: str | None = None) -> tuple[str, int]:
     """Copy a stream into the layout as a blob, hashing on the way; (digest, size)."""
     d = init_layout(layout) / "blobs" / "sha256"
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
@@ -173,7 +97,7 @@ def add_blob(layout: Path, data: bytes | Path,
     if isinstance(data, (bytes, bytearray)):
         hexd = hashlib.sha256(data).hexdigest()
         if not (d / hexd).exists():
-            _atomic_write(d / hexd, bytes(data))
+            atomic_write(d / hexd, bytes(data))
         return Descriptor(media_type, f"sha256:{hexd}", len(data))
     sha = hashlib.sha256()
     with open(data, "rb") as f:
@@ -193,7 +117,7 @@ def add_blob(layout: Path, data: bytes | Path,
     return Descriptor(media_type, f"sha256:{hexd}", size)
 
 
-def _load_json(layout: Path, digest: str) -> dict:
+def load_json(layout: Path, digest: str) -> dict:
     try:
         return json.loads(blob_path(layout, digest).read_bytes())
     except FileNotFoundError:
@@ -202,16 +126,37 @@ def _load_json(layout: Path, digest: str) -> dict:
         raise LayoutError(f"{layout}: blob {digest} is not JSON: {e}") from None
 
 
-def _load_index(layout: Path) -> dict:
+def load_index(layout: Path) -> dict:
     try:
         return json.loads((Path(layout) / "index.json").read_bytes())
     except FileNotFoundError:
         raise LayoutError(f"{layout} is not an OCI image layout: no index.json") from None
 
 
+def put_blob(layout: Path, digest: str, data: bytes) -> None:
+    """Store bytes the caller has already checked against `digest` (any algorithm)."""
+    path = blob_path(layout, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
+
+
+def read_blob(layout: Path, desc: dict) -> bytes:
+    """The bytes a descriptor names, checked against its digest."""
+    try:
+        digest = desc["digest"]
+        data = blob_path(layout, digest).read_bytes()
+    except (KeyError, TypeError, OSError) as e:
+        raise LayoutError(f"{layout}: cannot read the blob a descriptor points to ({e}): the "
+                          "layout is incomplete") from None
+    if digest_of(data, split_digest(digest)[0]) != digest:
+        raise LayoutError(f"{layout}: blob {digest} does not hash to its name: the layout is "
+                          "corrupt")
+    return data
+
+
 # ---- writing and reading images -----------------------------------------------------
 
-def _layer_dict(layer) -> dict:
+def descriptor_dict(layer) -> dict:
     if isinstance(layer, dict):
         return {k: layer[k] for k in ("mediaType", "digest", "size", "annotations") if k in layer}
     return {"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size}
@@ -219,7 +164,7 @@ def _layer_dict(layer) -> dict:
 
 def write_index(layout: Path, manifests: list[Descriptor]) -> None:
     init_layout(layout)
-    _atomic_write(Path(layout) / "index.json", canonical_json(
+    atomic_write(Path(layout) / "index.json", canonical_json(
         {"schemaVersion": 2, "mediaType": OCI_INDEX,
          "manifests": [m.to_dict() for m in manifests]}))
 
@@ -244,15 +189,15 @@ def write_image(layout: Path, config: dict, layers: list, *, annotations: dict |
             raise LayoutError(f"layer {x.digest} has diff_id {x.diff_id}, the config says {want}")
     cfg = add_blob(layout, canonical_json(config), OCI_CONFIG)
     manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "config": _layer_dict(cfg), "layers": [_layer_dict(x) for x in layers]}
+                "config": descriptor_dict(cfg), "layers": [descriptor_dict(x) for x in layers]}
     if annotations:
         manifest["annotations"] = annotations
     m = add_blob(layout, canonical_json(manifest), OCI_MANIFEST)
-    desc = Descriptor(m.media_type, m.digest, m.size, _platform_dict(platform),
+    desc = Descriptor(m.media_type, m.digest, m.size, platform_dict(platform),
                       {REF_NAME: ref_name} if ref_name else None)
     entries = []
     if append and (Path(layout) / "index.json").exists():
-        entries = [Descriptor.from_dict(d) for d in _load_index(layout).get("manifests", [])
+        entries = [Descriptor.from_dict(d) for d in load_index(layout).get("manifests", [])
                    if (d.get("platform"), (d.get("annotations") or {}).get(REF_NAME))
                    != (desc.platform, ref_name)]
     write_index(layout, entries + [desc])
@@ -261,45 +206,38 @@ def write_image(layout: Path, config: dict, layers: list, *, annotations: dict |
 
 def _candidates(layout: Path, index: dict, depth: int = 0) -> list[tuple[dict, dict]]:
     """(manifest descriptor, platform) for every image manifest an index reaches."""
-    if depth > _MAX_NESTING:
-        raise LayoutError(f"{layout}: image indexes nested more than {_MAX_NESTING} deep")
+    if depth > MAX_NESTING:
+        raise LayoutError(f"{layout}: image indexes nested more than {MAX_NESTING} deep")
     out = []
     for d in index.get("manifests", []):
         if d.get("mediaType") in INDEX_TYPES:
-            out += _candidates(layout, _load_json(layout, d["digest"]), depth + 1)
+            out += _candidates(layout, load_json(layout, d["digest"]), depth + 1)
         elif d.get("mediaType") in MANIFEST_TYPES:
             p = d.get("platform")
             if not p:  # single-platform layouts often omit it: the config knows
-                cfg = _load_json(layout, _load_json(layout, d["digest"])["config"]["digest"])
+                cfg = load_json(layout, load_json(layout, d["digest"])["config"]["digest"])
                 p = {k: cfg[k] for k in ("os", "architecture", "variant") if cfg.get(k)}
             out.append((d, p))
     return out
 
 
-def _matches(p: dict, want: tuple[str, str, str | None]) -> bool:
-    os_, arch, variant = want
-    have = p.get("variant") or ("v8" if p.get("architecture") == "arm64" else None)
-    return p.get("os") == os_ and p.get("architecture") == arch and \
-        (variant is None or variant == have)
-
-
 def read_image(layout: Path, platform: str | None = "linux/amd64") -> Image:
     """The image for `platform` (None: the only one) in a layout, nested indexes followed."""
     layout = Path(layout)
-    index = _load_index(layout)
+    index = load_index(layout)
     cands = _candidates(layout, index)
     if platform is None:
         chosen = list({d["digest"]: (d, p) for d, p in cands}.values())
         if len(chosen) != 1:
             raise LayoutError(f"{layout} holds {len(chosen)} images; name a platform")
     else:
-        chosen = [(d, p) for d, p in cands if _matches(p, parse_platform(platform))]
+        chosen = [(d, p) for d, p in cands if platform_matches(p, parse_platform(platform))]
     if not chosen:
-        have = ", ".join(sorted({_platform_str(p) for _, p in cands})) or "none"
+        have = ", ".join(sorted({platform_str(p) for _, p in cands})) or "none"
         raise LayoutError(f"{layout} has no image for platform {platform}; available: {have}")
     desc = chosen[0][0]
-    manifest = _load_json(layout, desc["digest"])
-    config = _load_json(layout, manifest["config"]["digest"])
+    manifest = load_json(layout, desc["digest"])
+    config = load_json(layout, manifest["config"]["digest"])
     layers = [(d, blob_path(layout, d["digest"])) for d in manifest.get("layers", [])]
     return Image(layout, index, manifest, desc["digest"], config, manifest["config"]["digest"],
                  layers)
@@ -321,7 +259,7 @@ class _HashReader:
         return False
 
 
-def _hash_layer(path: Path) -> tuple[str, int, str | None]:
+def hash_layer(path: Path) -> tuple[str, int, str | None]:
     """(digest, size, uncompressed digest or None when it cannot be decompressed)."""
     with open(path, "rb") as f:
         hr = _HashReader(f)
@@ -331,7 +269,7 @@ def _hash_layer(path: Path) -> tuple[str, int, str | None]:
             while chunk := stream.read(_CHUNK):
                 diff.update(chunk)
             diff_id = f"sha256:{diff.hexdigest()}"
-        except UnsafeLayerError:
+        except CompressionError:
             diff_id = None
         while hr.read(_CHUNK):
             pass
@@ -343,7 +281,7 @@ def _check_blob(layout: Path, d: dict, layer: bool = False) -> str | None:
     if not p.is_file():
         raise LayoutError(f"{layout}: blob {d['digest']} ({d.get('mediaType')}) is missing")
     if layer:
-        digest, size, diff_id = _hash_layer(p)
+        digest, size, diff_id = hash_layer(p)
     else:
         data = p.read_bytes()
         digest, size, diff_id = f"sha256:{hashlib.sha256(data).hexdigest()}", len(data), None
@@ -364,28 +302,28 @@ def verify_layout(layout: Path) -> list[str]:
         version = json.loads((layout / "oci-layout").read_bytes())["imageLayoutVersion"]
     except (FileNotFoundError, ValueError, KeyError):
         raise LayoutError(f"{layout}: missing or invalid oci-layout file") from None
-    if version != "1.0.0":
+    if version != LAYOUT_VERSION:
         raise LayoutError(f"{layout}: unsupported imageLayoutVersion {version!r}")
     unchecked: list[str] = []
     seen: set[str] = set()
 
     def walk(index: dict, depth: int) -> None:
-        if depth > _MAX_NESTING:
-            raise LayoutError(f"{layout}: image indexes nested more than {_MAX_NESTING} deep")
+        if depth > MAX_NESTING:
+            raise LayoutError(f"{layout}: image indexes nested more than {MAX_NESTING} deep")
         for d in index.get("manifests", []):
             if d["digest"] in seen:
                 continue
             seen.add(d["digest"])
             _check_blob(layout, d)
             if d.get("mediaType") in INDEX_TYPES:
-                walk(_load_json(layout, d["digest"]), depth + 1)
+                walk(load_json(layout, d["digest"]), depth + 1)
             elif d.get("mediaType") in MANIFEST_TYPES:
                 manifest(d["digest"])
 
     def manifest(digest: str) -> None:
-        m = _load_json(layout, digest)
+        m = load_json(layout, digest)
         _check_blob(layout, m["config"])
-        diff_ids = _load_json(layout, m["config"]["digest"]).get("rootfs", {}).get("diff_ids", [])
+        diff_ids = load_json(layout, m["config"]["digest"]).get("rootfs", {}).get("diff_ids", [])
         if len(diff_ids) != len(m.get("layers", [])):
             raise LayoutError(f"{layout}: manifest {digest} has {len(m.get('layers', []))} "
                               f"layers but its config lists {len(diff_ids)} diff_ids")
@@ -397,7 +335,7 @@ def verify_layout(layout: Path) -> list[str]:
                 raise LayoutError(f"{layout}: layer blob {d['digest']} uncompresses to {got}, "
                                   f"but the config's diff_id is {want}")
 
-    walk(_load_index(layout), 0)
+    walk(load_index(layout), 0)
     return unchecked
 
 
@@ -425,8 +363,3 @@ def image_config_defaults(*, diff_ids: Iterable[str] = (), platform: str = "linu
     if created is not None:
         config["created"] = created
     return config
-
-
-# Import and export of archives live in their own module; these names stay importable here.
-from forge.formats.oci_archive import (export_docker_archive, export_oci_archive,  # noqa: E402,F401
-                                       import_archive)

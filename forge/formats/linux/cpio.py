@@ -46,7 +46,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from forge.formats.layers import open_decompressed
+from forge.formats.common.compression import open_decompressed
 
 try:
     import zstandard  # optional: not in the standard library before Python 3.14

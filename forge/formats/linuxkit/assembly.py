@@ -300,6 +300,16 @@ def _parse_file(file: str, text: str) -> tuple[yaml.Node | None, _Reader]:
         raise AssemblyError(f"YAML error: {e}", file) from None
 
 
+def parse_label(text: str, where: str, what: str = "the label") -> dict[str, Any]:
+    """Validate the `org.mobyproject.config` label text (JSON, read as YAML) like an entry
+    without `name` and `image`; `where` names it in errors ("label ... of redis:7")."""
+    root, r = _parse_file(where, text)
+    if root is None:
+        return {}
+    keys = {k: v for k, v in IMAGE_KEYS.items() if k not in ("name", "image")}
+    return r.value(root, keys, what)
+
+
 def parse_rlimit(text: str) -> tuple[str, int, int]:
     """`"nofile,100,200"` -> ("RLIMIT_NOFILE", 100, 200); `unlimited` is 2**64-1. ValueError
     says what is wrong."""

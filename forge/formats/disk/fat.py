@@ -29,7 +29,7 @@ import os
 import uuid
 from pathlib import Path
 
-from forge.formats.diskimage_tools import DiskImageError, data_file, find_tool, run
+from forge.formats.disk.tools import DiskImageError, data_file, find_tool, run
 
 SECTOR = 512
 ALIGN = 2048  # sectors: partitions start on 1 MiB

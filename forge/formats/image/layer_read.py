@@ -24,97 +24,38 @@ that order, the other names linking to it.
 
 from __future__ import annotations
 
-import gzip
-import io
+import functools
 import os
 import shutil
 import stat
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
-MEDIA_TYPE_TAR = "application/vnd.oci.image.layer.v1.tar"
-MEDIA_TYPE_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-MEDIA_TYPE_TAR_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+from forge.formats.common.compression import open_decompressed
+from forge.formats.common import treepath
+from forge.formats.common.treepath import UnsafePathError
+from forge.formats.image.errors import UnsafeLayerError
+from forge.formats.image.spec import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, XATTR_PREFIXES
 
-_WHITEOUT = ".wh."
-_OPAQUE = ".wh..wh..opq"
-_XATTR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
-_MAX_SYMLINK_HOPS = 40  # Linux's own limit (MAXSYMLINKS)
 _CHUNK = 1 << 20
 
 Source = BinaryIO | str | os.PathLike
 
 
-class UnsafeLayerError(Exception):
-    """A layer member would escape the destination or cannot be applied safely."""
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What an OCI manifest and config need to know about a written layer."""
-
-    digest: str  # sha256 of the bytes as stored (compressed or not)
-    size: int
-    diff_id: str  # sha256 of the uncompressed tar: what config rootfs.diff_ids lists
-    media_type: str
-
-    def descriptor(self) -> dict:
-        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-
-
-# ---- decompression -------------------------------------------------------------------
-
-class _Prefixed(io.RawIOBase):
-    """A non-seekable stream whose first bytes were already read to sniff its type."""
-
-    def __init__(self, head: bytes, rest: BinaryIO):
-        self._head, self._rest = head, rest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self._head:
-            n = min(len(b), len(self._head))
-            b[:n], self._head = self._head[:n], self._head[n:]
-            return n
-        data = self._rest.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-
-def compression_of(head: bytes) -> str:
-    """`gzip`, `zstd` or `none`, from the first bytes of a blob."""
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head[:4] == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    return "none"
-
-
-def open_decompressed(fileobj: BinaryIO) -> BinaryIO:
-    """A readable stream of `fileobj`'s uncompressed bytes (gzip, zstd or plain)."""
-    if fileobj.seekable():
-        pos = fileobj.tell()
-        head = fileobj.read(4)
-        fileobj.seek(pos)
-    else:
-        head = fileobj.read(4)
-        fileobj = io.BufferedReader(_Prefixed(head, fileobj))
-    kind = compression_of(head)
-    if kind == "gzip":
-        return gzip.GzipFile(fileobj=fileobj, mode="rb")
-    if kind == "zstd":
+def layer_errors(fn):
+    """Path escapes found by the shared path helpers surface as this domain's
+    `UnsafeLayerError`, so a caller of the layer functions catches one error."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
         try:
-            import zstandard  # optional: not in the standard library before 3.14
-        except ImportError:
-            raise UnsafeLayerError("zstd-compressed layer, but the zstandard module "
-                                   "is not installed (pip install zstandard)") from None
-        return zstandard.ZstdDecompressor().stream_reader(fileobj)
-    return fileobj
+            return fn(*args, **kwargs)
+        except UnsafeLayerError:
+            raise
+        except UnsafePathError as e:
+            raise UnsafeLayerError(str(e)) from None
+    return wrapper
 
 
 def _open_source(src: Source) -> tuple[BinaryIO, bool]:
@@ -123,7 +64,7 @@ def _open_source(src: Source) -> tuple[BinaryIO, bool]:
     return src, False
 
 
-def _open_random(src: Source, keep: list) -> tarfile.TarFile:
+def open_random(src: Source, keep: list) -> tarfile.TarFile:
     """A TarFile allowing `extractfile` in any order; compressed input is spooled."""
     f, owned = _open_source(src)
     if owned:
@@ -140,76 +81,9 @@ def _open_random(src: Source, keep: list) -> tarfile.TarFile:
     return tf
 
 
-# ---- names and chroot-like resolution -----------------------------------------------
-
-def _parts(name: str, member: str) -> list[str]:
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UnsafeLayerError(f"{member!r}: a '..' component would escape the root")
-    return parts
-
-
-def _resolve(parts: list[str], readlink: Callable[[str], str | None], member: str) -> list[str]:
-    """Follow symlinks met in `parts` as if the root were `/` (`..` stops at the root)."""
-    done: list[str] = []
-    todo = list(parts)
-    hops = 0
-    while todo:
-        comp = todo.pop(0)
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            if done:
-                done.pop()
-            continue
-        target = readlink("/".join(done + [comp]))
-        if target is None:
-            done.append(comp)
-            continue
-        hops += 1
-        if hops > _MAX_SYMLINK_HOPS:
-            raise UnsafeLayerError(f"{member!r}: too many levels of symbolic links")
-        if target.startswith("/"):
-            done = []
-        todo = target.split("/") + todo
-    return done
-
-
-def resolve_on_disk(root: Path, rel: str) -> list[str]:
-    """`rel`'s components with the symlinks unpacked under `root` followed as if `root`
-    were `/` (components not on disk are taken as plain directories)."""
-    def readlink(p: str) -> str | None:
-        full = root / p
-        return os.readlink(full) if full.is_symlink() else None
-    return _resolve(_parts(rel, rel), readlink, rel)
-
-
-def symlink_escapes(where: list[str], target: str) -> bool:
-    """Whether a relative `target`, read from the directory `where`, climbs above the root."""
-    if target.startswith("/"):
-        return False  # resolved from the image root when the image runs
-    depth = len(where)
-    for comp in target.split("/"):
-        if comp == "..":
-            depth -= 1
-            if depth < 0:
-                return True
-        elif comp not in ("", "."):
-            depth += 1
-    return False
-
-
-def _under(path: str, root: str) -> bool:
-    return root == "" or path == root or path.startswith(root + "/")
-
-
-def _sort_key(path: str) -> list[str]:
-    return path.split("/")
-
-
 # ---- extraction to disk -------------------------------------------------------------
 
-class _Extractor:
+class Extractor:
     def __init__(self, dest: Path, strip_devices: bool,
                  include: Callable[[str], bool] | None = None):
         self.dest = os.path.realpath(dest)
@@ -243,12 +117,12 @@ class _Extractor:
         written: set[str] = set()
         dirs: dict[str, tarfile.TarInfo] = {}
         for m in tf:
-            parts = _parts(m.name, m.name)
+            parts = treepath.parts(m.name, m.name)
             if not parts:
                 continue  # the root itself: its attributes belong to the caller's dest
-            parent = "/".join(_resolve(parts[:-1], self.readlink, m.name))
+            parent = "/".join(treepath.resolve(parts[:-1], self.readlink, m.name))
             base = parts[-1]
-            if base.startswith(_WHITEOUT):
+            if base.startswith(WHITEOUT_PREFIX):
                 self._whiteout(parent, base, written, m.name)
                 continue
             rel = f"{parent}/{base}" if parent else base
@@ -267,19 +141,14 @@ class _Extractor:
             self._write(tf, m, rel, parent)
             if m.isdir():
                 dirs[rel] = m
-            written.update(self._prefixes(rel))
+            written.update(treepath.prefixes(rel))
         # Directories last, deepest first: writing into them moved their mtimes, and a
         # read-only mode would have blocked the writes.
-        for rel in sorted(dirs, key=_sort_key, reverse=True):
+        for rel in sorted(dirs, key=treepath.tree_order, reverse=True):
             p = self.host(rel)
             if os.path.isdir(p) and not os.path.islink(p):
                 os.chmod(p, dirs[rel].mode & 0o7777)
                 os.utime(p, (dirs[rel].mtime, dirs[rel].mtime))
-
-    @staticmethod
-    def _prefixes(rel: str) -> list[str]:
-        parts = rel.split("/")
-        return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
     def _mkparents(self, parent: str, member: str) -> None:
         cur = ""
@@ -308,11 +177,11 @@ class _Extractor:
             os.unlink(p)
 
     def _whiteout(self, parent: str, base: str, written: set[str], member: str) -> None:
-        if base == _OPAQUE:
+        if base == OPAQUE_WHITEOUT:
             self._mkparents(parent, member)
             self._clear(parent, written)
-        elif not base.startswith(_OPAQUE[:8]):  # other .wh..wh.* are aufs bookkeeping
-            rel = f"{parent}/{base[len(_WHITEOUT):]}" if parent else base[len(_WHITEOUT):]
+        elif not base.startswith(OPAQUE_WHITEOUT[:8]):  # other .wh..wh.* are aufs bookkeeping
+            rel = f"{parent}/{base[len(WHITEOUT_PREFIX):]}" if parent else base[len(WHITEOUT_PREFIX):]
             if rel not in written:
                 self._remove(rel)
 
@@ -326,7 +195,7 @@ class _Extractor:
 
     def _write(self, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str, parent: str) -> None:
         p = self.host(rel)
-        if m.issym() and symlink_escapes(parent.split("/") if parent else [], m.linkname):
+        if m.issym() and treepath.symlink_escapes(parent.split("/") if parent else [], m.linkname):
             raise UnsafeLayerError(
                 f"{m.name!r}: symlink target {m.linkname!r} points outside the root")
         if m.islnk():
@@ -348,8 +217,8 @@ class _Extractor:
         self._attributes(m, p)
 
     def _hardlink(self, m: tarfile.TarInfo, p: str) -> None:
-        tparts = _parts(m.linkname, m.name)
-        tparent = _resolve(tparts[:-1], self.readlink, m.name)
+        tparts = treepath.parts(m.linkname, m.name)
+        tparent = treepath.resolve(tparts[:-1], self.readlink, m.name)
         target = self.host("/".join(tparent + tparts[-1:]))
         if not tparts or not os.path.lexists(target) or \
                 os.path.isdir(target) and not os.path.islink(target):
@@ -364,7 +233,7 @@ class _Extractor:
         if self.root:
             os.lchown(p, m.uid, m.gid)
             for key, value in m.pax_headers.items():
-                for prefix in _XATTR_PREFIXES:
+                for prefix in XATTR_PREFIXES:
                     if key.startswith(prefix):
                         try:
                             os.setxattr(p, key[len(prefix):],
@@ -380,6 +249,7 @@ class _Extractor:
             os.utime(p, (m.mtime, m.mtime))
 
 
+@layer_errors
 def safe_extract(src: Source, dest: Path, *, strip_devices: bool = True,
                  include: Callable[[str], bool] | None = None) -> list[str]:
     """Extract one layer into `dest`, applying its whiteouts to what is already there.
@@ -390,11 +260,12 @@ def safe_extract(src: Source, dest: Path, *, strip_devices: bool = True,
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    ex = _Extractor(dest, strip_devices, include)
+    ex = Extractor(dest, strip_devices, include)
     ex.layer(src)
     return ex.skipped
 
 
+@layer_errors
 def apply_layers(layer_paths: Iterable[Source], dest: Path, *, strip_devices: bool = True,
                  include: Callable[[str], bool] | None = None) -> list[str]:
     """Extract layers bottom to top into `dest`; returns every skipped member.
@@ -426,16 +297,16 @@ def resolve_paths(layer_paths: Iterable[Source], paths: list[str]) -> dict[str, 
             written: set[str] = set()
             with tarfile.open(fileobj=open_decompressed(f), mode="r|") as tf:
                 for m in tf:
-                    parts = _parts(m.name, m.name)
+                    parts = treepath.parts(m.name, m.name)
                     if not parts:
                         continue
-                    parent = "/".join(_resolve(parts[:-1], readlink, m.name))
+                    parent = "/".join(treepath.resolve(parts[:-1], readlink, m.name))
                     base = parts[-1]
-                    if base.startswith(_WHITEOUT):
-                        gone = parent if base == _OPAQUE else \
+                    if base.startswith(WHITEOUT_PREFIX):
+                        gone = parent if base == OPAQUE_WHITEOUT else \
                             (f"{parent}/{base[4:]}" if parent else base[4:])
                         under = f"{gone}/" if gone else ""
-                        for k in [k for k in kinds if ((k == gone and base != _OPAQUE)
+                        for k in [k for k in kinds if ((k == gone and base != OPAQUE_WHITEOUT)
                                                        or k.startswith(under)) and k not in written]:
                             del kinds[k]
                         continue
@@ -449,12 +320,8 @@ def resolve_paths(layer_paths: Iterable[Source], paths: list[str]) -> dict[str, 
     for p in paths:
         parts = [x for x in p.split("/") if x not in ("", ".")]
         try:
-            real = "/".join(_resolve(parts, readlink, p)) if parts else ""
-        except UnsafeLayerError:
+            real = "/".join(treepath.resolve(parts, readlink, p)) if parts else ""
+        except UnsafePathError:
             real = None
         out[p] = real if real == "" or (real is not None and real in kinds) else None
     return out
-
-
-# The writing half lives in its own module; these names stay importable from here.
-from forge.formats.layertar import flatten, layer_from_dir, normalise  # noqa: E402,F401

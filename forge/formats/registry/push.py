@@ -1,6 +1,7 @@
 """Pushing an OCI layout to a registry: blobs the registry lacks (HEAD, then a monolithic
 POST+PUT upload), then the manifest, or every manifest and then the index for a
-multi-platform layout. A mixin of `RegistryClient`.
+multi-platform layout. A layout that is incomplete or corrupt is a `LayoutError` of the
+image domain, raised before anything is sent for that blob.
 """
 
 from __future__ import annotations
@@ -11,22 +12,28 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlencode, urljoin, urlsplit
 
-from forge.formats.reference import Reference
-from forge.formats.registry_auth import (LayoutError, RegistryError, UnsupportedError,
-                                         VerificationError)
+from forge.formats.common.files import canonical_json
+from forge.formats.image.errors import LayoutError
+from forge.formats.image.layout import blob_path, read_blob
+from forge.formats.image.reference import Reference
+from forge.formats.image.spec import (INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST,
+                                      REF_NAME, digest_of, split_digest)
+from forge.formats.registry.auth import token_scope
+from forge.formats.registry.errors import RegistryError, UnsupportedError, VerificationError
+from forge.formats.registry.transport import Transport
 
 
-class _Push:
-    """Expects the request helpers RegistryClient defines."""
+class Pusher:
+    """Images from a layout to a registry through one `Transport`."""
+
+    def __init__(self, transport: Transport, max_workers: int = 4):
+        self.t, self.max_workers = transport, max(1, max_workers)
 
     def push(self, layout_dir: Path | str, ref: Reference | str) -> str:
         """Push the image of an OCI layout and return the manifest digest the registry
         reports. The layout's entry named `ref.tag` (`org.opencontainers.image.ref.name`)
         is pushed, else its only entry; several unnamed entries are pushed as one index."""
-        from forge.formats.registry import (  # noqa: F401  (registry imports this module)
-            INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, REF_NAME, _as_ref, _read_blob,
-            _scope, _sha, _split_digest)
-        ref = _as_ref(ref)
+        ref = Reference.of(ref)
         layout = Path(layout_dir)
         try:
             index = json.loads((layout / "index.json").read_bytes())
@@ -35,10 +42,10 @@ class _Push:
             raise LayoutError(f"{layout} is not an OCI image layout (index.json: {e}): build or "
                               "pull an image into it first") from None
         named = [d for d in descs if (d.get("annotations") or {}).get(REF_NAME) == ref.tag]
-        ep = self._endpoint(ref.registry, ref.registry)
+        ep = self.t.endpoint(ref.registry, ref.registry)
         if len(named) == 1 or len(descs) == 1:
             desc = named[0] if len(named) == 1 else descs[0]
-            body = _read_blob(layout, desc)
+            body = read_blob(layout, desc)
             media = desc.get("mediaType") or json.loads(body).get("mediaType") or OCI_MANIFEST
         elif descs:
             children = []
@@ -47,23 +54,20 @@ class _Push:
                 ann = {k: v for k, v in (d.pop("annotations", None) or {}).items() if k != REF_NAME}
                 children.append({**d, **({"annotations": ann} if ann else {})})
             media = OCI_INDEX
-            body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                               "manifests": children}, separators=(",", ":")).encode()
+            body = canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                   "manifests": children})
         else:
             raise LayoutError(f"{layout}/index.json lists no manifests: nothing to push")
-        if ref.digest and _sha(body) != ref.digest:
-            raise VerificationError(f"the image in {layout} has digest {_sha(body)}, not the "
+        if ref.digest and digest_of(body) != ref.digest:
+            raise VerificationError(f"the image in {layout} has digest {digest_of(body)}, not the "
                                     f"{ref.digest} named by {ref}")
-        return self._push_manifest(ep, ref, layout, body, media, ref.tag or _sha(body))
+        return self._push_manifest(ep, ref, layout, body, media, ref.tag or digest_of(body))
 
     def _push_manifest(self, ep, ref, layout: Path, body: bytes, media: str, target: str) -> str:
-        from forge.formats.registry import (  # noqa: F401  (registry imports this module)
-            INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, REF_NAME, _as_ref, _read_blob,
-            _scope, _sha, _split_digest)
         doc = json.loads(body)
         if media in INDEX_TYPES:
             for d in doc.get("manifests") or []:
-                child = _read_blob(layout, d)
+                child = read_blob(layout, d)
                 self._push_manifest(ep, ref, layout, child,
                                     d.get("mediaType") or json.loads(child).get("mediaType")
                                     or OCI_MANIFEST, d["digest"])
@@ -76,11 +80,11 @@ class _Push:
         else:
             raise UnsupportedError(f"cannot push media type {media!r}: not a manifest or index")
         sep = "@" if ":" in target else ":"
-        r = self._request(ep, "PUT", f"/v2/{ref.repository}/manifests/{target}",
-                          scope=_scope(ref, push=True), ok=(200, 201),
+        r = self.t.request(ep, "PUT", f"/v2/{ref.repository}/manifests/{target}",
+                          scope=token_scope(ref, push=True), ok=(200, 201),
                           what=f"manifest {ref.repository}{sep}{target}",
                           headers={"Content-Type": media}, body=body)
-        sent = _sha(body)
+        sent = digest_of(body)
         reported = r.headers.get("Docker-Content-Digest") or sent
         if reported != sent:
             raise VerificationError(f"registry {ep.host} stored manifest {ref.repository}{sep}"
@@ -88,20 +92,17 @@ class _Push:
         return reported
 
     def _push_blob(self, ep, ref, layout: Path, desc: dict) -> None:
-        from forge.formats.registry import (  # noqa: F401  (registry imports this module)
-            INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, REF_NAME, _as_ref, _read_blob,
-            _scope, _sha, _split_digest)
         digest, size = desc["digest"], int(desc["size"])
-        scope, what = _scope(ref, push=True), f"blob {digest}"
-        head = self._request(ep, "HEAD", f"/v2/{ref.repository}/blobs/{digest}", scope=scope,
+        scope, what = token_scope(ref, push=True), f"blob {digest}"
+        head = self.t.request(ep, "HEAD", f"/v2/{ref.repository}/blobs/{digest}", scope=scope,
                              what=what, ok=(200, 404))
         if head.status == 200:
             return
-        path = layout / "blobs" / Path(*_split_digest(digest))
+        path = blob_path(layout, digest)
         if not path.is_file():
             raise LayoutError(f"{layout} lacks {what} that its manifest needs "
                               f"(expected {path}): the layout is incomplete")
-        h, n = hashlib.new(_split_digest(digest)[0]), 0
+        h, n = hashlib.new(split_digest(digest)[0]), 0
         with path.open("rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
@@ -109,7 +110,7 @@ class _Push:
         if n != size or f"{h.name}:{h.hexdigest()}" != digest:
             raise LayoutError(f"{path} is {n} bytes hashing to {h.name}:{h.hexdigest()}, but its "
                               f"descriptor says {size} bytes, {digest}: the layout is corrupt")
-        post = self._request(ep, "POST", f"/v2/{ref.repository}/blobs/uploads/", scope=scope,
+        post = self.t.request(ep, "POST", f"/v2/{ref.repository}/blobs/uploads/", scope=scope,
                              what=f"upload of {what}", ok=(202,), body=b"")
         location = post.headers.get("Location")
         if not location:
@@ -118,7 +119,7 @@ class _Push:
         u = urlsplit(urljoin(f"{ep.base}/v2/{ref.repository}/blobs/uploads/", location))
         query = (u.query + "&" if u.query else "") + urlencode({"digest": digest})
         url = u._replace(query=query).geturl()
-        put = self._request(ep, "PUT", url, scope=scope, what=f"upload of {what}", ok=(201,),
+        put = self.t.request(ep, "PUT", url, scope=scope, what=f"upload of {what}", ok=(201,),
                             headers={"Content-Type": "application/octet-stream"}, body=path)
         stored = put.headers.get("Docker-Content-Digest")
         if stored and stored != digest:

@@ -1,6 +1,13 @@
 """`docker save` and OCI layout tarballs: importing them as OCI layouts, and exporting
 layouts for `docker load` (engines before 25 read only the legacy format) or as OCI
-tarballs. The formats are described in `forge.formats.oci`.
+tarballs.
+
+The legacy `docker save` archive (Docker engines before 25, e.g. Debian's 20.10) is a
+tar holding `manifest.json` = [{"Config": "<hex>.json", "RepoTags": [...], "Layers":
+["<id>/layer.tar", ...]}], the config file, one uncompressed tar per layer (a repeated
+layer may be a symlink to an earlier one), and a `repositories` file that only
+pre-manifest engines read. Engines 25+ write an OCI layout tarball instead (with a
+`manifest.json` beside it for older tools); both are accepted here.
 """
 
 from __future__ import annotations
@@ -14,34 +21,17 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from forge.formats.layers import UnsafeLayerError, compression_of, open_decompressed
-from forge.formats.oci import (  # noqa: I001
-    Descriptor,
-    IMAGE_NAME,
-    INDEX_TYPES,
-    LayoutError,
-    MANIFEST_TYPES,
-    OCI_CONFIG,
-    OCI_LAYER,
-    OCI_LAYER_GZIP,
-    OCI_LAYER_ZSTD,
-    OCI_MANIFEST,
-    REF_NAME,
-    _CHUNK,
-    _MAX_NESTING,
-    _atomic_write,
-    _hash_layer,
-    _layer_dict,
-    _load_index,
-    _load_json,
-    _store_stream,
-    add_blob,
-    blob_path,
-    canonical_json,
-    init_layout,
-    read_image,
-    write_index,
-)
+from forge.formats.common.compression import CompressionError, compression_of, open_decompressed
+from forge.formats.common.files import atomic_write, canonical_json
+from forge.formats.image.errors import LayoutError
+from forge.formats.image.layout import (add_blob, blob_path, descriptor_dict, hash_layer,
+                                        init_layout, load_index, load_json, read_image,
+                                        store_stream, write_index)
+from forge.formats.image.spec import (IMAGE_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_NESTING,
+                                      OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD,
+                                      OCI_MANIFEST, REF_NAME, Descriptor)
+
+_CHUNK = 1 << 20
 
 # ---- archives -----------------------------------------------------------------------
 
@@ -77,14 +67,14 @@ def _import_oci(tf, members, layout: Path, archive) -> Descriptor:
     for name, m in sorted(members.items()):
         parts = name.split("/")
         if len(parts) == 3 and parts[0] == "blobs" and m.isfile():
-            _store_stream(layout, tf.extractfile(m), expect=f"{parts[1]}:{parts[2]}")
+            store_stream(layout, tf.extractfile(m), expect=f"{parts[1]}:{parts[2]}")
     index = json.load(_read_member(tf, members, "index.json", archive))
     if not index.get("manifests"):
         raise LayoutError(f"{archive}: index.json lists no manifests")
     for d in index["manifests"]:
         if not blob_path(layout, d["digest"]).is_file():
             raise LayoutError(f"{archive}: index.json names {d['digest']}, not in the archive")
-    _atomic_write(layout / "index.json", canonical_json(index))
+    atomic_write(layout / "index.json", canonical_json(index))
     return Descriptor.from_dict(index["manifests"][0])
 
 
@@ -103,18 +93,18 @@ def _import_docker(tf, members, layout: Path, archive) -> Descriptor:
         cfg = add_blob(layout, config_bytes, OCI_CONFIG)  # kept byte for byte: the image ID
         layers = []
         for name, want in zip(entry["Layers"], diff_ids):
-            digest, size = _store_stream(layout, _read_member(tf, members, name, archive))
+            digest, size = store_stream(layout, _read_member(tf, members, name, archive))
             path = blob_path(layout, digest)
             with open(path, "rb") as f:
                 kind = compression_of(f.read(4))
             media = {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}.get(kind, OCI_LAYER)
-            diff_id = digest if kind == "none" else _hash_layer(path)[2]
+            diff_id = digest if kind == "none" else hash_layer(path)[2]
             if diff_id not in (want, None):
                 raise LayoutError(f"{archive}: layer {name} has diff_id {diff_id}, "
                                   f"the config says {want}")
             layers.append({"mediaType": media, "digest": digest, "size": size})
         manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                    "config": _layer_dict(cfg), "layers": layers}
+                    "config": descriptor_dict(cfg), "layers": layers}
         m = add_blob(layout, canonical_json(manifest), OCI_MANIFEST)
         platform = {k: config[k] for k in ("os", "architecture", "variant") if config.get(k)}
         for tag in [_with_tag(t) for t in entry.get("RepoTags") or []] or [None]:
@@ -181,7 +171,7 @@ def export_docker_archive(layout: Path, out_fileobj: BinaryIO, tags: list[str], 
             with open(path, "rb") as src, open(plain, "wb") as dst:
                 try:
                     stream = open_decompressed(src)
-                except UnsafeLayerError as e:
+                except CompressionError as e:
                     raise LayoutError(f"{layout}: layer {desc['digest']}: {e}") from None
                 while chunk := stream.read(_CHUNK):
                     sha.update(chunk)
@@ -205,19 +195,19 @@ def _reachable(layout: Path) -> set[str]:
     found: set[str] = set()
 
     def walk(d: dict, depth: int) -> None:
-        if d["digest"] in found or depth > _MAX_NESTING:
+        if d["digest"] in found or depth > MAX_NESTING:
             return
         found.add(d["digest"])
         if d.get("mediaType") in INDEX_TYPES:
-            for x in _load_json(layout, d["digest"]).get("manifests", []):
+            for x in load_json(layout, d["digest"]).get("manifests", []):
                 walk(x, depth + 1)
         elif d.get("mediaType") in MANIFEST_TYPES:
-            m = _load_json(layout, d["digest"])
+            m = load_json(layout, d["digest"])
             for x in [m["config"], *m.get("layers", [])]:
                 if blob_path(layout, x["digest"]).exists() or "urls" not in x:
                     found.add(x["digest"])
 
-    for d in _load_index(layout).get("manifests", []):
+    for d in load_index(layout).get("manifests", []):
         walk(d, 0)
     return found
 

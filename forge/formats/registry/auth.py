@@ -1,6 +1,10 @@
 """Registry authentication: `WWW-Authenticate` challenges, Bearer tokens and Basic
 credentials from the Docker config file (`auths`, `credsStore`, `credHelpers` through
-the real `docker-credential-<helper> get` protocol). A mixin of `RegistryClient`.
+the real `docker-credential-<helper> get` protocol).
+
+`Authenticator` keeps the `Authorization` value per (host, scope) and renews it when a
+registry answers 401; it reaches token servers through the HTTP opener it is given, so
+that requests are counted and configured in one place (`forge.formats.registry.transport`).
 """
 
 from __future__ import annotations
@@ -10,53 +14,19 @@ import http.client
 import json
 import re
 import subprocess
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 from urllib.parse import urlencode, urlsplit
 
-from typing import TYPE_CHECKING
-
-from forge.formats.reference import DOCKER_HUB
-
-if TYPE_CHECKING:
-    from forge.formats.registry import _Endpoint
+from forge.formats.image.reference import DOCKER_HUB, Reference
+from forge.formats.registry.errors import RegistryAuthError, RegistryUnavailableError
 
 DOCKER_HUB_API = "registry-1.docker.io"
 DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
 USER_AGENT = "forge-registry-client/1"
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-
-
-class RegistryError(Exception):
-    """Any failure talking to a registry; the message says what, why and how to fix it."""
-
-
-class RegistryUnavailableError(RegistryError):
-    """The registry could not be reached, or kept failing with 5xx answers."""
-
-
-class RegistryAuthError(RegistryError):
-    """Missing or refused credentials (401/403), or a credential helper that failed."""
-
-
-class NotFoundError(RegistryError):
-    """The registry answered 404 for a manifest, a blob or the repository."""
-
-
-class VerificationError(RegistryError):
-    """Content that does not match its digest, size or diff_id, or a truncated transfer."""
-
-
-class UnsupportedError(RegistryError):
-    """A manifest or layer this client cannot handle (schema 1, zstd without `zstandard`)."""
-
-
-class PlatformNotFoundError(RegistryError):
-    """An index that has no manifest for the requested platform."""
-
-
-class LayoutError(RegistryError):
-    """An OCI layout to push that is missing or malformed, or a pull destination in the way."""
-
 
 _PARAM = re.compile(rf"\s*({_TOKEN})\s*=\s*(?:\"((?:[^\"\\]|\\.)*)\"|([^\s,\"]+))")
 _SCHEME = re.compile(rf"\s*({_TOKEN})(?=\s|$|,)")
@@ -93,50 +63,73 @@ def parse_www_authenticate(value: str) -> list[Challenge]:
     return challenges
 
 
-def _basic(user: str, password: str) -> str:
+def basic(user: str, password: str) -> str:
     return base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def _auth_key(server: str) -> str:
+def auth_key(server: str) -> str:
     """Normalise a config.json key or registry name: no scheme, no path, Hub as docker.io."""
     host = server.split("://", 1)[-1].split("/", 1)[0].lower()
     return DOCKER_HUB if host in ("index.docker.io", DOCKER_HUB_API, DOCKER_HUB) else host
 
 
-class _Auth:
-    """Token and credential handling; expects the attributes RegistryClient sets."""
+def token_scope(ref: Reference, push: bool) -> str:
+    """The token scope a request on `ref`'s repository needs."""
+    return f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
 
-    def _authenticate(self, ep: _Endpoint, scope: str, header: str, sent: str | None,
-                      what: str) -> None:
+
+Opener = Callable[[str, str, dict, bytes | None], tuple]  # (method, url, headers, body) -> (conn, resp)
+
+
+class Authenticator:
+    """Credentials and tokens for one client; thread-safe (one token fetch at a time)."""
+
+    def __init__(self, *, docker_config: Path | None, open: Opener, timeout: float, retries: int,
+                 sleep: Callable[[int], None]):
+        self.docker_config = docker_config
+        self.timeout, self.retries = timeout, retries
+        self._open, self._sleep = open, sleep
+        self._auth: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+        self._creds: dict[str, tuple[str | None, str | None, str | None] | None] = {}
+        self._config: dict | None = None
+
+    def authorization(self, host: str, scope: str) -> str | None:
+        """The `Authorization` value to send to `host` for `scope`, if one is known."""
+        return self._auth.get((host, scope))
+
+    def authenticate(self, host: str, scope: str, header: str, sent: str | None,
+                     what: str) -> None:
+        """Answer a 401 whose `WWW-Authenticate` is `header`; `sent` is what was tried."""
         with self._lock:
-            current = self._auth.get((ep.host, scope))
+            current = self._auth.get((host, scope))
             if current and current != sent:
                 return  # another thread already renewed it
             challenges = {c.scheme: c for c in parse_www_authenticate(header)}
             if "bearer" in challenges:
-                value = "Bearer " + self._fetch_token(ep, challenges["bearer"], scope, what)
+                value = "Bearer " + self._fetch_token(host, challenges["bearer"], scope, what)
             elif "basic" in challenges:
-                user, password, _ = self._credentials(ep) or (None, None, None)
+                user, password, _ = self.credentials(host) or (None, None, None)
                 if user is None:
                     raise RegistryAuthError(
-                        f"registry {ep.host} answered 401 for {what}: unauthorized (it asks for a "
+                        f"registry {host} answered 401 for {what}: unauthorized (it asks for a "
                         f"user name and password): set credentials with docker login or in "
                         f"~/.docker/config.json")
-                value = "Basic " + _basic(user, password or "")
+                value = "Basic " + basic(user, password or "")
             else:
-                raise RegistryAuthError(f"registry {ep.host} answered 401 for {what} with an "
+                raise RegistryAuthError(f"registry {host} answered 401 for {what} with an "
                                         f"authentication scheme this client does not speak: "
                                         f"{header!r}")
-            self._auth[(ep.host, scope)] = value
+            self._auth[(host, scope)] = value
 
-    def _fetch_token(self, ep: _Endpoint, ch: Challenge, scope: str, what: str) -> str:
+    def _fetch_token(self, host: str, ch: Challenge, scope: str, what: str) -> str:
         realm = ch.params.get("realm")
         if not realm:
-            raise RegistryAuthError(f"registry {ep.host} sent a Bearer challenge without a realm: "
+            raise RegistryAuthError(f"registry {host} sent a Bearer challenge without a realm: "
                                     f"{ch.params}")
         scopes = [scope] + ([ch.params["scope"]] if ch.params.get("scope") not in (None, scope)
                             else [])
-        user, password, identity = self._credentials(ep) or (None, None, None)
+        user, password, identity = self.credentials(host) or (None, None, None)
         headers = {"User-Agent": USER_AGENT}
         service = ch.params.get("service")
         if identity:
@@ -151,7 +144,7 @@ class _Auth:
             sep = "&" if urlsplit(realm).query else "?"
             method, url, body = "GET", realm + sep + urlencode(query), None
             if user is not None:
-                headers["Authorization"] = "Basic " + _basic(user, password or "")
+                headers["Authorization"] = "Basic " + basic(user, password or "")
         token_host = urlsplit(url).netloc
         for attempt in range(self.retries + 1):
             try:
@@ -163,7 +156,7 @@ class _Auth:
                     self._sleep(attempt)
                     continue
                 raise RegistryUnavailableError(f"cannot reach the token server {token_host} of "
-                                               f"registry {ep.host}: {e}") from None
+                                               f"registry {host}: {e}") from None
             if resp.status >= 500 and attempt < self.retries:
                 self._sleep(attempt)
                 continue
@@ -172,16 +165,16 @@ class _Auth:
             how = ("the stored credentials were refused: log in again with docker login"
                    if user or identity else
                    "set credentials with docker login or in ~/.docker/config.json")
-            raise RegistryAuthError(f"registry {ep.host}: the token server {token_host} answered "
+            raise RegistryAuthError(f"registry {host}: the token server {token_host} answered "
                                     f"{resp.status} for {what}: unauthorized: {how}")
         if resp.status != 200:
-            raise RegistryAuthError(f"registry {ep.host}: the token server {token_host} answered "
+            raise RegistryAuthError(f"registry {host}: the token server {token_host} answered "
                                     f"{resp.status}: {data[:200]!r}")
         try:
             doc = json.loads(data)
             return doc.get("token") or doc["access_token"]
         except (ValueError, KeyError, AttributeError):
-            raise RegistryAuthError(f"registry {ep.host}: the token server {token_host} answered "
+            raise RegistryAuthError(f"registry {host}: the token server {token_host} answered "
                                     "without a token or access_token") from None
 
     def _load_config(self) -> dict:
@@ -195,19 +188,19 @@ class _Auth:
                                             "or remove it") from None
         return self._config
 
-    def _credentials(self, ep: _Endpoint) -> tuple[str | None, str | None, str | None] | None:
-        """(user, password, identity token) for the endpoint's host, or None."""
-        key = _auth_key(ep.host if ep.host != DOCKER_HUB_API else DOCKER_HUB)
+    def credentials(self, host: str) -> tuple[str | None, str | None, str | None] | None:
+        """(user, password, identity token) for a registry host, or None."""
+        key = auth_key(host if host != DOCKER_HUB_API else DOCKER_HUB)
         if key in self._creds:
             return self._creds[key]
         cfg = self._load_config()
         creds = None
-        helper = {_auth_key(k): v for k, v in (cfg.get("credHelpers") or {}).items()}.get(key)
+        helper = {auth_key(k): v for k, v in (cfg.get("credHelpers") or {}).items()}.get(key)
         if helper:
             creds = self._run_helper(helper, key, "credHelpers")
         else:
             for k, entry in (cfg.get("auths") or {}).items():
-                if _auth_key(k) != key or not isinstance(entry, dict):
+                if auth_key(k) != key or not isinstance(entry, dict):
                     continue
                 if entry.get("auth"):
                     try:
@@ -251,5 +244,3 @@ class _Auth:
             raise RegistryAuthError(f"credential helper {program} printed something that is not "
                                     f"its JSON answer: {p.stdout[:200]!r}") from None
         return (None, None, secret) if user == "<token>" else (user, secret, None)
-
-    # ---- pulling ----------------------------------------------------------------------

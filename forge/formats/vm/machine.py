@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from forge.formats.qemu_probe import (TAIL_LINES, BootTimeout, Probe, QemuError, VMExited,
+from forge.formats.vm.probe import (TAIL_LINES, BootTimeout, Probe, QemuError, VMExited,
                                       console_regex, console_tail, redis_ping, tcp_expect,
                                       wait_for)
 

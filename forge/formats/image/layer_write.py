@@ -1,7 +1,7 @@
 """Writing layer tarballs without touching the disk: `normalise` (rewrite one layer
 reproducibly), `flatten` (merge layers with whiteouts into one tar) and
 `layer_from_dir` (a layer from files on disk). The rules for names, whiteouts and
-reproducibility are those of `forge.formats.layers`, whose helpers this module shares.
+reproducibility are those of `forge.formats.image.layer_read`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
-from forge.formats.layers import (_OPAQUE, _Extractor, _WHITEOUT, _XATTR_PREFIXES,
-                                  MEDIA_TYPE_TAR, MEDIA_TYPE_TAR_GZIP, LayerInfo, Source,
-                                  UnsafeLayerError, _open_random, _parts, _resolve,
-                                  _sort_key, _under, symlink_escapes)
+from forge.formats.common import treepath
+from forge.formats.image.errors import UnsafeLayerError
+from forge.formats.image.layer_read import Source, layer_errors, open_random
+from forge.formats.image.spec import (OCI_LAYER, OCI_LAYER_GZIP, OPAQUE_WHITEOUT, WHITEOUT_PREFIX,
+                                      XATTR_PREFIXES, LayerInfo)
 
 # ---- merging and writing without touching the disk ---------------------------------
 
@@ -41,7 +42,7 @@ def _clean_info(m: tarfile.TarInfo, mtime: int | None) -> tarfile.TarInfo:
     t.mode, t.uid, t.gid = m.mode & 0o7777, m.uid, m.gid
     t.mtime = int(m.mtime if mtime is None else mtime)
     t.linkname, t.devmajor, t.devminor = m.linkname, m.devmajor, m.devminor
-    t.pax_headers = {k: v for k, v in m.pax_headers.items() if k.startswith(_XATTR_PREFIXES)}
+    t.pax_headers = {k: v for k, v in m.pax_headers.items() if k.startswith(XATTR_PREFIXES)}
     return t
 
 
@@ -73,7 +74,7 @@ def _write_tar(entries: dict[str, _Entry], out: BinaryIO, *, compress: bool) -> 
     raw = _HashWriter(gz or stored)
     first_name: dict[int, str] = {}
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name in sorted(entries, key=_sort_key):
+        for name in sorted(entries, key=treepath.tree_order):
             e = entries[name]
             info = e.info
             info.name, info.uname, info.gname = name, "", ""
@@ -92,29 +93,30 @@ def _write_tar(entries: dict[str, _Entry], out: BinaryIO, *, compress: bool) -> 
         gz.close()  # writes the trailer; leaves `out` open
     return LayerInfo(digest=f"sha256:{stored.sha.hexdigest()}", size=stored.size,
                      diff_id=f"sha256:{raw.sha.hexdigest()}",
-                     media_type=MEDIA_TYPE_TAR_GZIP if compress else MEDIA_TYPE_TAR)
+                     media_type=OCI_LAYER_GZIP if compress else OCI_LAYER)
 
 
+@layer_errors
 def normalise(in_fileobj: Source, out_fileobj: BinaryIO, *, mtime: int,
               compress: bool) -> LayerInfo:
     """Rewrite a layer reproducibly (see the module docstring); whiteouts are kept."""
     keep: list = []
     try:
-        tf = _open_random(in_fileobj, keep)
+        tf = open_random(in_fileobj, keep)
         entries: dict[str, _Entry] = {}
         for m in tf:
-            name = "/".join(_parts(m.name, m.name))
+            name = "/".join(treepath.parts(m.name, m.name))
             if not name:
                 continue
             e = _Entry(_clean_info(m, mtime))
             if m.isreg():
                 e.data = _tar_data(tf, m)
             elif m.islnk():
-                target = entries.get("/".join(_parts(m.linkname, m.name)))
+                target = entries.get("/".join(treepath.parts(m.linkname, m.name)))
                 if target is not None and target.data is not None:
                     e = _Entry(_clean_info(target.info, mtime), target.data)
                 else:  # links to a lower layer's file: keep as a link
-                    e.info.linkname = "/".join(_parts(m.linkname, m.name))
+                    e.info.linkname = "/".join(treepath.parts(m.linkname, m.name))
             entries[name] = e
         return _write_tar(entries, out_fileobj, compress=compress)
     finally:
@@ -123,7 +125,7 @@ def normalise(in_fileobj: Source, out_fileobj: BinaryIO, *, mtime: int,
 
 
 class _Merger:
-    """Applies layers to an in-memory index exactly as _Extractor applies them to disk."""
+    """Applies layers to an in-memory index exactly as layer_read.Extractor applies them to disk."""
 
     def __init__(self, implicit_mtime: int):
         self.index: dict[str, _Entry] = {}
@@ -134,26 +136,26 @@ class _Merger:
         return e.info.linkname if e is not None and e.info.issym() else None
 
     def drop(self, rel: str, keep: set[str] | None = None, self_too: bool = True) -> None:
-        for k in [k for k in self.index if _under(k, rel) and (self_too or k != rel)]:
+        for k in [k for k in self.index if treepath.is_under(k, rel) and (self_too or k != rel)]:
             if keep is None or k not in keep:
                 del self.index[k]
 
     def layer(self, tf: tarfile.TarFile, mtime: int | None) -> None:
         written: set[str] = set()
         for m in tf:
-            parts = _parts(m.name, m.name)
+            parts = treepath.parts(m.name, m.name)
             if not parts:
                 continue
-            parent = "/".join(_resolve(parts[:-1], self.readlink, m.name))
+            parent = "/".join(treepath.resolve(parts[:-1], self.readlink, m.name))
             base = parts[-1]
             rel = f"{parent}/{base}" if parent else base
-            if base == _OPAQUE:
+            if base == OPAQUE_WHITEOUT:
                 self._mkparents(parent, m.name, written)
                 self.drop(parent, keep=written, self_too=False)
                 continue
-            if base.startswith(_WHITEOUT):
-                gone = rel[:-len(base)] + base[len(_WHITEOUT):]
-                if not base.startswith(_OPAQUE[:8]) and gone not in written:
+            if base.startswith(WHITEOUT_PREFIX):
+                gone = rel[:-len(base)] + base[len(WHITEOUT_PREFIX):]
+                if not base.startswith(OPAQUE_WHITEOUT[:8]) and gone not in written:
                     self.drop(gone)
                 continue
             self._mkparents(parent, m.name, written)
@@ -166,19 +168,19 @@ class _Merger:
                 self.drop(rel)
             if m.isreg():
                 e.data = _tar_data(tf, m)
-            elif m.issym() and symlink_escapes(parent.split("/") if parent else [], m.linkname):
+            elif m.issym() and treepath.symlink_escapes(parent.split("/") if parent else [], m.linkname):
                 raise UnsafeLayerError(
                     f"{m.name!r}: symlink target {m.linkname!r} points outside the root")
             elif m.islnk():
-                tparts = _parts(m.linkname, m.name)
-                tparent = _resolve(tparts[:-1], self.readlink, m.name)
+                tparts = treepath.parts(m.linkname, m.name)
+                tparent = treepath.resolve(tparts[:-1], self.readlink, m.name)
                 target = self.index.get("/".join(tparent + tparts[-1:]))
                 if target is None or target.info.isdir():
                     raise UnsafeLayerError(f"{m.name!r}: hardlink target {m.linkname!r} is not "
                                            "a file already present inside the root")
                 e = _Entry(_clean_info(target.info, None), target.data)
             self.index[rel] = e
-            written.update(_Extractor._prefixes(rel))
+            written.update(treepath.prefixes(rel))
 
     def _mkparents(self, parent: str, member: str, written: set[str]) -> None:
         cur = ""
@@ -193,6 +195,7 @@ class _Merger:
                 raise UnsafeLayerError(f"{member!r}: parent {cur!r} is not a directory")
 
 
+@layer_errors
 def flatten(layer_paths: Iterable[Source], out_fileobj: BinaryIO, *, mtime: int | None = None,
             compress: bool = False) -> LayerInfo:
     """Merge layers bottom to top into one sorted tar, without extracting anything.
@@ -205,7 +208,7 @@ def flatten(layer_paths: Iterable[Source], out_fileobj: BinaryIO, *, mtime: int 
     try:
         merger = _Merger(mtime or 0)
         for layer in layer_paths:
-            merger.layer(_open_random(layer, keep), mtime)
+            merger.layer(open_random(layer, keep), mtime)
         return _write_tar(merger.index, out_fileobj, compress=compress)
     finally:
         for obj in reversed(keep):
@@ -219,6 +222,7 @@ def _copied(rel: str, is_dir: bool, under: str) -> bool:
     return rel.startswith(under + "/") or (rel == under and not is_dir)
 
 
+@layer_errors
 def layer_from_dir(src_dir: Path, out_fileobj: BinaryIO, *, prefix: str = "", uid: int = 0,
                    gid: int = 0, mtime: int, compress: bool = True,
                    mode_override: int | None = None, override_under: str = "") -> LayerInfo:
@@ -233,7 +237,7 @@ def layer_from_dir(src_dir: Path, out_fileobj: BinaryIO, *, prefix: str = "", ui
     files hardlinked together stay hardlinked; sockets are left out.
     """
     src_dir = Path(src_dir)
-    base = "/".join(_parts(prefix, prefix))
+    base = "/".join(treepath.parts(prefix, prefix))
     entries: dict[str, _Entry] = {}
     inodes: dict[tuple[int, int], _Data] = {}
     for top, dirnames, filenames in os.walk(src_dir):

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from forge.formats.assembly import (CAPABILITIES, IMAGE_KEYS, AssemblyError, ImageEntry, Loc,
-                                    _parse_file, parse_rlimit)
+from forge.formats.linuxkit.assembly import (CAPABILITIES, AssemblyError, ImageEntry, Loc,
+                                    parse_label, parse_rlimit)
 
 LABEL = "org.mobyproject.config"
 OCI_VERSION = "1.1.0"
@@ -34,16 +34,6 @@ _MOUNTPOINT = {"proc": "/proc", "devpts": "/dev/pts", "sysfs": "/sys", "cgroup":
                "mqueue": "/dev/mqueue"}
 _RESOURCE_ORDER = ("devices", "memory", "cpu", "pids", "blockIO", "hugepageLimits", "network",
                    "rdma", "unified")
-
-
-def parse_label(text: str, where: str, what: str = "the label") -> dict[str, Any]:
-    """Validate the `org.mobyproject.config` label text (JSON, read as YAML) like an entry
-    without `name` and `image`; `where` names it in errors ("label ... of redis:7")."""
-    root, r = _parse_file(where, text)
-    if root is None:
-        return {}
-    keys = {k: v for k, v in IMAGE_KEYS.items() if k not in ("name", "image")}
-    return r.value(root, keys, what)
 
 
 class _Merge:

@@ -26,8 +26,8 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
-from forge.formats import dockerfile_lex as lex
-from forge.formats.dockerfile_lex import (DockerfileError, mount_options,  # noqa: F401 (re-export)
+from forge.formats.dockerfile import lexer as lex
+from forge.formats.dockerfile.lexer import (DockerfileError, mount_options,  # noqa: F401 (re-export)
                                           substitute)
 
 INSTRUCTIONS = ("ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK",

@@ -33,8 +33,8 @@ import re
 import time
 from pathlib import Path
 
-from forge.formats import diskimage_fat as fat
-from forge.formats.diskimage_tools import DiskImageError, data_file, find_tool, run, tool_env
+from forge.formats.disk import fat
+from forge.formats.disk.tools import DiskImageError, data_file, find_tool, run, tool_env
 
 __all__ = ["FORMATS", "DiskImageError", "build", "tools", "output_names"]
 

@@ -1,0 +1,5 @@
+"""Debian: `.deb` packages, the archive indexes (Release, Packages) and version
+comparison, and APT source lists.
+
+May import: `forge.formats.common`.
+"""

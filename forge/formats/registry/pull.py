@@ -1,0 +1,326 @@
+"""Resolving and pulling images, everything verified, because a registry or a mirror is not
+trusted to send what was asked for:
+
+* manifests are requested with an Accept header naming the OCI and Docker v2 manifest and
+  index types (without it a registry may answer with a schema-1 manifest, whose digest
+  differs), and `sha256(body)` must equal both the `Docker-Content-Digest` header and the
+  digest the reference or the parent index asked for; the bytes are stored exactly as
+  served so that the digest stays stable;
+* every blob must have the descriptor's size and digest, and each layer's *uncompressed*
+  digest must equal the config's `rootfs.diff_ids` entry;
+* a pull is written into a temporary directory beside the destination and renamed into
+  place only when complete, so a failed pull leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from forge.formats.common.compression import CompressionError, StreamDecompressor
+from forge.formats.common.files import replace_dir
+from forge.formats.image.errors import InvalidDigestError
+from forge.formats.image.errors import LayoutError as ImageLayoutError
+from forge.formats.image.layout import blob_path, put_blob, write_index
+from forge.formats.image.reference import Reference
+from forge.formats.image.spec import (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, INDEX_TYPES,
+                                      MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, REF_NAME,
+                                      Descriptor, digest_of, parse_platform, platform_matches,
+                                      platform_str, split_digest)
+from forge.formats.registry.auth import token_scope
+from forge.formats.registry.errors import (PlatformNotFoundError, UnsupportedError, VerificationError)
+from forge.formats.registry.transport import Endpoint, Transport
+
+ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a reference names: `digest` is the top-level object (pin this one), which is an
+    index when `index_digest` is set; `manifest_digest` is the chosen platform's manifest."""
+
+    digest: str
+    manifest_digest: str
+    media_type: str
+    index_digest: str | None = None
+
+    def __str__(self) -> str:
+        return self.digest
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """A pulled image: its layout directory, digests, and the host that served it."""
+
+    reference: Reference
+    layout: Path
+    digest: str
+    manifest_digest: str
+    index_digest: str | None
+    config_digest: str
+    layers: tuple[str, ...]
+    source: str
+    bytes_fetched: int
+
+
+class Tracker:
+    """Thread-safe accumulation of downloaded bytes for the progress callback."""
+
+    def __init__(self, total: int, callback: Progress | None):
+        self.total, self.done, self.callback = total, 0, callback
+        self.lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            if self.callback:
+                self.callback(self.done, self.total)
+
+
+class Puller:
+    """Manifests and blobs from a registry through one `Transport`."""
+
+    def __init__(self, transport: Transport, max_workers: int = 4):
+        self.t, self.max_workers = transport, max(1, max_workers)
+
+    def _get_manifest(self, ep: Endpoint, ref: Reference, reference: str, *,
+                      expect: str | None = None, size: int | None = None):
+        sep = "@" if ":" in reference else ":"
+        what = f"manifest {ref.repository}{sep}{reference}"
+        r = self.t.request(ep, "GET", f"/v2/{ref.repository}/manifests/{reference}",
+                          scope=token_scope(ref, push=False), what=what, headers={"Accept": ACCEPT})
+        body = r.body
+        announced = r.headers.get("Docker-Content-Digest")
+        algo = _split(expect)[0] if expect else "sha256"
+        digest = digest_of(body, algo)
+        if announced:
+            a_algo = _split(announced)[0]
+            if digest_of(body, a_algo) != announced:
+                raise VerificationError(
+                    f"{what} from {ep.host}: the body hashes to {digest_of(body, a_algo)} but the "
+                    f"registry announced Docker-Content-Digest {announced}: the transfer was "
+                    "corrupted or the registry is broken; retry")
+        if expect and digest != expect:
+            raise VerificationError(
+                f"{what} from {ep.host}: the manifest hashes to {digest}, not the requested "
+                f"{expect}: the registry served different content; check the digest in the "
+                "reference")
+        if size is not None and len(body) != size:
+            raise VerificationError(f"{what} from {ep.host}: {len(body)} bytes, but its "
+                                    f"descriptor says {size}")
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise VerificationError(f"{what} from {ep.host} is not JSON") from None
+        if doc.get("schemaVersion") == 1:
+            raise UnsupportedError(f"{what} from {ep.host} is a Docker schema-1 manifest, which "
+                                   "this client does not support: re-push the image with a "
+                                   "current Docker, buildah or skopeo")
+        ctype = (r.headers.get("Content-Type") or "").split(";")[0].strip()
+        media = doc.get("mediaType") or (ctype if ctype in INDEX_TYPES + MANIFEST_TYPES else "") \
+            or (OCI_INDEX if "manifests" in doc else OCI_MANIFEST)
+        if media not in INDEX_TYPES + MANIFEST_TYPES:
+            raise UnsupportedError(f"{what} from {ep.host} has media type {media!r}, which is "
+                                   "neither an image manifest nor an index")
+        return body, media, digest_of(body), doc, what
+
+    def _platform_manifest(self, ep: Endpoint, ref: Reference, platform: str):
+        """(top-level manifest, platform manifest, platform descriptor or None)."""
+        top = self._get_manifest(ep, ref, ref.reference, expect=ref.digest)
+        if top[1] not in INDEX_TYPES:
+            return top, top, None
+        desc = select_platform(top[3].get("manifests") or [], platform, top[4], ep.host)
+        man = self._get_manifest(ep, ref, desc["digest"], expect=desc["digest"],
+                                 size=desc.get("size"))
+        if man[1] in INDEX_TYPES:
+            raise UnsupportedError(f"{man[4]}: an index nested in an index is not supported")
+        return top, man, desc
+
+    def resolve(self, ref: Reference | str, platform: str = "linux/amd64") -> Resolved:
+        """The digest a reference names now, and the manifest chosen for `platform`."""
+        ref = Reference.of(ref)
+
+        def one(ep):
+            top, man, _ = self._platform_manifest(ep, ref, platform)
+            index = top[2] if top[1] in INDEX_TYPES else None
+            return Resolved(top[2], man[2], top[1], index)
+        return self.t.each_endpoint(ref.registry, True, one)
+
+    def pull(self, ref: Reference | str, layout_dir: Path | str, *,
+             platform: str = "linux/amd64", progress: Progress | None = None) -> PullResult:
+        """Fetch and verify one platform's image into an OCI layout at `layout_dir`
+        (replaced if it is already an OCI layout or empty)."""
+        ref = Reference.of(ref)
+        dest = Path(layout_dir)
+        if dest.exists() and not (dest.is_dir() and (not any(dest.iterdir())
+                                                     or (dest / "oci-layout").exists())):
+            raise ImageLayoutError(f"cannot pull {ref} into {dest}: it exists and is not an OCI "
+                              "layout; choose another directory or remove it")
+        return self.t.each_endpoint(ref.registry, True,
+                                   lambda ep: self._pull_from(ep, ref, dest, platform, progress))
+
+    def _pull_from(self, ep, ref, dest: Path, platform, progress) -> PullResult:
+        top, man, desc = self._platform_manifest(ep, ref, platform)
+        body, media, digest, doc, what = man
+        try:
+            config, layers = doc["config"], list(doc.get("layers") or [])
+            for d in [config, *layers]:
+                _split(d["digest"])
+                int(d["size"])
+        except (KeyError, TypeError, ValueError):
+            raise VerificationError(f"{what} from {ep.host} lacks a valid config or layer "
+                                    "descriptor") from None
+        if any("zstd" in (d.get("mediaType") or "") for d in layers) \
+                and importlib.util.find_spec("zstandard") is None:
+            raise UnsupportedError(f"{what} has zstd-compressed layers and the Python module "
+                                   "'zstandard' is not installed: pip install zstandard")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+        try:
+            put_blob(tmp, digest, body)
+            unique = {d["digest"]: d for d in layers}
+            tracker = Tracker(config["size"] + sum(d["size"] for d in unique.values()), progress)
+            tracker.add(0)
+            self._fetch_blob(ep, ref, config, tmp, tracker)
+            config_path = blob_path(tmp, config["digest"])
+            try:
+                diff_ids = json.loads(config_path.read_bytes())["rootfs"]["diff_ids"]
+            except (ValueError, KeyError, TypeError):
+                raise VerificationError(f"config {config['digest']} of {what} has no "
+                                        "rootfs.diff_ids") from None
+            if len(diff_ids) != len(layers):
+                raise VerificationError(f"{what}: {len(layers)} layers but the config lists "
+                                        f"{len(diff_ids)} diff_ids")
+            expected = {}
+            for d, diff_id in zip(layers, diff_ids):
+                if expected.setdefault(d["digest"], diff_id) != diff_id:
+                    raise VerificationError(f"layer {d['digest']} of {what} appears twice with "
+                                            "different diff_ids in the config")
+            with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pull") as pool:
+                futures = [pool.submit(self._fetch_blob, ep, ref, d, tmp, tracker,
+                                       expected[d["digest"]]) for d in unique.values()]
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                failed = [f for f in done if f.exception()]
+                if failed:
+                    for f in futures:
+                        f.cancel()
+                    raise failed[0].exception()
+            name = ref.tag or str(ref)
+            entry = {"mediaType": media, "digest": digest, "size": len(body),
+                     "annotations": {REF_NAME: name}}
+            if desc and desc.get("platform"):
+                entry["platform"] = desc["platform"]
+            write_index(tmp, [Descriptor.from_dict(entry)])
+            replace_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        index = top[2] if top[1] in INDEX_TYPES else None
+        return PullResult(ref, dest, top[2], digest, index, config["digest"],
+                          tuple(d["digest"] for d in layers), ep.host, tracker.done)
+
+    def _fetch_blob(self, ep, ref, desc, layout: Path, tracker: Tracker,
+                    diff_id: str | None = None) -> None:
+        digest, size = desc["digest"], int(desc["size"])
+        algo, hexpart = _split(digest)
+        what = f"blob {digest}"
+        final = blob_path(layout, digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        part = final.with_name(hexpart + ".partial")
+        for attempt in range(self.t.retries + 1):
+            r = self.t.request(ep, "GET", f"/v2/{ref.repository}/blobs/{digest}",
+                              scope=token_scope(ref, push=False), what=what, stream=True)
+            h, got = hashlib.new(algo), 0
+            unpack = StreamDecompressor(f"layer {digest}") if diff_id else None
+            uh = hashlib.sha256()
+            broken = None
+            try:
+                with part.open("wb") as f:
+                    while True:
+                        try:
+                            chunk = r.stream.read(1 << 20)
+                        except (OSError, http.client.HTTPException) as e:
+                            broken = e
+                            break
+                        if not chunk:
+                            break
+                        f.write(chunk)
+                        h.update(chunk)
+                        got += len(chunk)
+                        tracker.add(len(chunk))
+                        if got > size:
+                            raise VerificationError(f"{what} from {ep.host} is longer than the "
+                                                    f"{size} bytes its descriptor says")
+                        if unpack:
+                            for piece in _decompressed(unpack.feed, chunk):
+                                uh.update(piece)
+            finally:
+                r.close()
+            if broken is not None or got < size:
+                tracker.add(-got)
+                if attempt < self.t.retries:
+                    self.t.sleep(attempt)
+                    continue
+                why = f" ({broken})" if broken is not None else ""
+                raise VerificationError(f"{what} from {ep.host} is truncated: got {got} of "
+                                        f"{size} bytes{why}; retry, or re-push the image if the "
+                                        "registry's copy is damaged")
+            break
+        if f"{algo}:{h.hexdigest()}" != digest:
+            raise VerificationError(f"{what} from {ep.host}: the content hashes to "
+                                    f"{algo}:{h.hexdigest()}, not {digest}: the registry's copy "
+                                    "is corrupt or the transfer was altered")
+        if unpack:
+            for piece in _decompressed(unpack.finish):
+                uh.update(piece)
+            if f"sha256:{uh.hexdigest()}" != diff_id:
+                raise VerificationError(f"layer {digest}: its uncompressed content hashes to "
+                                        f"sha256:{uh.hexdigest()}, but the config's diff_id is "
+                                        f"{diff_id}: the image is inconsistent; rebuild it")
+        os.replace(part, final)
+
+
+def _split(digest: str) -> tuple[str, str]:
+    try:
+        return split_digest(digest)
+    except InvalidDigestError:
+        raise UnsupportedError(f"digest {digest!r} is not supported: expected sha256:<hex> "
+                               "(or sha512:<hex>)") from None
+
+
+def _decompressed(step, *chunk):
+    """A StreamDecompressor step whose failures are the registry's errors."""
+    try:
+        yield from step(*chunk)
+    except CompressionError as e:
+        missing = "not installed" in str(e)
+        raise (UnsupportedError if missing else VerificationError)(str(e)) from None
+
+
+def select_platform(manifests: list[dict], platform: str, what: str, host: str) -> dict:
+    """The descriptor of an index's manifest for `platform`, one without a variant first."""
+    try:
+        want = parse_platform(platform)
+    except ValueError:
+        raise PlatformNotFoundError(f"platform {platform!r} is not os/architecture[/variant], "
+                                    "e.g. linux/amd64 or linux/arm/v7") from None
+    found = [d for d in manifests if platform_matches(d.get("platform") or {}, want)]
+    if not found:
+        have = sorted({platform_str(d.get("platform") or {}) for d in manifests} - {""})
+        raise PlatformNotFoundError(f"{what} from {host} is an index without a {platform} image;"
+                                    f" it has: {', '.join(have) or 'no platforms'}; pass one "
+                                    "of those as the platform")
+    found.sort(key=lambda d: (d.get("platform") or {}).get("variant") is not None)
+    return found[0]

@@ -1,0 +1,5 @@
+"""Running images under QEMU (accelerator choice, firmware, boot specs) and probing them
+(serial-console patterns, TCP, Redis PING).
+
+May import: nothing of forge.
+"""
