@@ -51,7 +51,7 @@ def test_kernel_from_an_image_in_linuxkit_layout(ws, tmp_path):
     """An OCI image with /kernel and /kernel.tar (LinuxKit's kernel images), made here from
     gcc-built objects with a .modinfo section, imported with oci_archive."""
     import io
-    from test_kmod import compile_module
+    from package_builders import compile_module
     from forge.formats.image.layer_write import layer_from_dir
     from forge.formats.image.archive import export_oci_archive
     from forge.formats.image.layout import add_blob, image_config_defaults, write_image

@@ -650,23 +650,3 @@ def test_push_follows_upload_locations_and_basic_auth(fake, tmp_path, location):
     manifest_put = [(h, b) for m, p, h, b in fake.seen if p == "/v2/app/manifests/v1"]
     assert manifest_put[0][0]["Content-Type"] == OCI_MANIFEST and sha(manifest_put[0][1]) == \
         desc["digest"]
-
-
-def test_diff_id_stream_handles_members_padding_and_plain_tar():
-    from forge.formats.common.compression import CompressionError, StreamDecompressor
-    tar = os.urandom(3000) + b"\0" * (8 << 20)  # big and very compressible: bounded output
-
-    def diff_id(blob: bytes, chunk: int) -> str:
-        d, h = StreamDecompressor("layer sha256:x"), hashlib.sha256()
-        for i in range(0, len(blob), chunk):
-            for piece in d.feed(blob[i:i + chunk]):
-                h.update(piece)
-        for piece in d.finish():
-            h.update(piece)
-        return "sha256:" + h.hexdigest()
-    two_members = gzip.compress(tar[:5000]) + gzip.compress(tar[5000:]) + b"\0" * 512
-    for blob in (gzip.compress(tar), two_members, tar, b"ab"):
-        expect = sha(b"ab") if blob == b"ab" else sha(tar)
-        assert diff_id(blob, 3) == expect if len(blob) < 100 else diff_id(blob, 65536) == expect
-    with pytest.raises(CompressionError, match="gzip stream is truncated"):
-        diff_id(gzip.compress(tar)[:-100], 4096)

@@ -10,40 +10,15 @@ import importlib.util
 import io
 import lzma
 import re
-import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
+from package_builders import make_deb
 from forge.formats.debian.package import (DebError, compare_versions, control_fields, depends, download,
                                fetch_index, open_data_tar, parse_packages, read_ar, resolve)
 
-CONTROL = """\
-Package: {name}
-Version: {version}
-Architecture: amd64
-Maintainer: Forge Tests <tests@localhost>
-Depends: libc6 (>= 2.36), foo | bar
-Description: a test package
- made by the forge test suite.
- .
- Second paragraph.
-"""
-
-
-def make_deb(tmp: Path, name: str, version: str, compression: str = "xz",
-             files: dict[str, bytes] | None = None) -> Path:
-    root = tmp / f"{name}-{version}-{compression}"
-    (root / "DEBIAN").mkdir(parents=True)
-    (root / "DEBIAN" / "control").write_text(CONTROL.format(name=name, version=version))
-    for rel, data in (files or {"usr/share/doc/hello/greeting": b"hello\n"}).items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    out = tmp / f"{name}_{version}_{compression}.deb"
-    subprocess.run(["dpkg-deb", "--root-owner-group", f"-Z{compression}", "--build", str(root),
-                    str(out)], check=True, capture_output=True)
-    return out
 
 
 @pytest.mark.parametrize("compression", ["xz", "gzip"])

@@ -1,5 +1,5 @@
 """LinuxKit assemblies: the model `load` builds, merging, ids, the OCI config of an entry,
-and every error message as data (tests/assembly_cases/errors/<case>/{input.yml,expected.txt})."""
+and every error message as data (tests/formats/linuxkit/assembly_cases/errors/<case>/{input.yml,expected.txt})."""
 
 from __future__ import annotations
 

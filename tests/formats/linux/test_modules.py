@@ -8,10 +8,10 @@ import lzma
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
+from package_builders import compile_module
 from forge.formats.linux.modules import ModuleError, index_tar, index_tree, load_order, modinfo
 
 # The virtio network stack of the Debian cloud kernel, with its real depends= fields.
@@ -28,18 +28,6 @@ VIRTIO = {
 # The order that booted by hand (os-pipeline.md, trap 1).
 DOC_ORDER = ["virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio",
              "virtio_pci", "failover", "net_failover", "virtio_net"]
-
-
-def compile_module(tmp: Path, fields: list[str], stem: str) -> bytes:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    body = "".join(f + "\\0" for f in fields)
-    src = tmp / f"{stem}.c"
-    src.write_text(f'static const char __mod[] __attribute__((section(".modinfo"), used)) = "{body}";\n'
-                   "int module_code(void) { return 42; }\n")
-    obj = tmp / f"{stem}.o"
-    subprocess.run(["gcc", "-c", "-O0", "-o", str(obj), str(src)], check=True, capture_output=True)
-    return obj.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +143,7 @@ def test_index_tree(virtio, tmp_path):
 
 def test_index_tar_of_a_deb(virtio, tmp_path):
     from forge.formats.debian.package import open_data_tar
-    from test_deb import make_deb
+    from package_builders import make_deb
 
     files = {f"lib/modules/6.1.0-99-cloud-amd64/kernel/{n}.ko": b for n, b in virtio.items()}
     files["boot/vmlinuz-6.1.0-99-cloud-amd64"] = b"kernel"
