@@ -8,6 +8,7 @@ from __future__ import annotations
 import tarfile
 
 from forge.api import ActionFailed, ExecContext, action_function
+from forge.formats.disk.errors import DiskImageError
 from forge.formats.disk import images as diskimage
 from forge.formats.linux.fragments import FragmentWriter
 
@@ -31,7 +32,7 @@ def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: lis
         return outs
     try:
         tools = diskimage.tools(fmt)
-    except diskimage.DiskImageError as e:
+    except DiskImageError as e:
         raise ctx.fail(f"format {fmt} cannot be built here: {e}", attr="formats",
                        hint="install the package (dev/setup.sh lists them all), or drop the format") from None
     ctx.call("LkDisk", {"format": fmt, "name": name},
@@ -51,7 +52,7 @@ def disk_step(ctx: ExecContext) -> None:
         made = diskimage.build(p["format"], kernel=kernel, initrd=initrd,
                                cmdline=cmdline.read_text(), name=p["name"], outdir=outdir,
                                workdir=work, epoch=ctx.source_date_epoch)
-    except diskimage.DiskImageError as e:
+    except DiskImageError as e:
         raise ActionFailed(str(e)) from None
     missing = {str(ctx.path(o)) for o in ctx.outputs} - {str(m) for m in made}
     if missing:

@@ -16,6 +16,8 @@ import json
 import tarfile
 
 from forge.api import ActionFailed, ExecContext, action_function, attr, pin_resolver, rule
+from forge.formats.debian.errors import DebError
+from forge.formats.linux.errors import ModuleError
 from forge.formats.debian import package as deb
 from forge.formats.linux import modules as kmod
 from forge.formats.linux.fragments import FragmentWriter
@@ -91,7 +93,7 @@ def deb_fetch(ctx: ExecContext) -> None:
     entry = {"Filename": p["filename"], "SHA256": p["sha256"], "Size": p["size"]}
     try:
         deb.download(mirror_for(ctx.config), entry, ctx.path(ctx.outputs[0]))
-    except (deb.DebError, OSError) as e:
+    except (DebError, OSError) as e:
         raise ActionFailed(f"cannot download {p['filename']}: {e}") from None
 
 
@@ -203,7 +205,7 @@ def _write_kernel(ctx: ExecContext, image: bytes, version: str, mods: dict) -> N
     try:
         order = kmod.load_order({k: v[1] for k, v in mods.items()}, wanted) if wanted \
             else sorted(mods)
-    except kmod.ModuleError as e:
+    except ModuleError as e:
         raise ActionFailed(str(e).strip("'\"")) from None
     (out / "kernel").write_bytes(image)
     (out / "version").write_text(version + "\n")

@@ -24,6 +24,7 @@ import tarfile
 
 from forge.api import (ActionFailed, AnalysisError, ExecContext, LoadError, Location,
                        action_function, attr, did_you_mean, parse_label, rule)
+from forge.formats.linuxkit.errors import AssemblyError, Loc
 from forge.formats.linuxkit import assembly as asmlib
 from forge.formats.linux import cpio
 from forge.formats.linuxkit.runtime import runtime_config
@@ -46,8 +47,8 @@ def _is_label(text: str) -> bool:
 def _parse(files: list[tuple[str, str]]) -> asmlib.Assembly:
     try:
         return asmlib.load(files)
-    except asmlib.AssemblyError as e:
-        where = e.where if isinstance(e.where, asmlib.Loc) else None
+    except AssemblyError as e:
+        where = e.where if isinstance(e.where, Loc) else None
         loc = Location(where.file, where.line, where.col) if where else None
         raise LoadError(e.message, location=loc, hint=e.hint) from None
 
@@ -67,7 +68,7 @@ def implicit_images(src) -> list:
     return found
 
 
-def _image_uses(asm: asmlib.Assembly) -> list[tuple[str, asmlib.Loc | None]]:
+def _image_uses(asm: asmlib.Assembly) -> list[tuple[str, Loc | None]]:
     uses = []
     if asm.kernel and asm.kernel.image:
         uses.append((asm.kernel.image, asm.kernel.loc))
@@ -196,10 +197,10 @@ class _Planner:
         what is left for the step is the image label, which it names."""
         try:
             runtime_config(e, {}, {}, self.ids)
-        except asmlib.AssemblyError as err:
+        except AssemblyError as err:
             w = err.where
             raise AnalysisError(err.message, location=Location(w.file, w.line, w.col)
-                                if isinstance(w, asmlib.Loc) else None, hint=err.hint) from None
+                                if isinstance(w, Loc) else None, hint=err.hint) from None
 
     def files(self) -> None:
         if not self.asm.files:
@@ -353,13 +354,13 @@ def bundle_step(ctx: ExecContext) -> None:
     """One entry's OCI bundle. Writable entries (LinuxKit's default) get their image in
     lower/ and an empty rootfs/ where the init mounts an overlay; read-only ones in rootfs/."""
     p = ctx.params
-    entry = asmlib.ImageEntry(p["section"], p["name"], p["image"], asmlib.Loc(p["dir"], 0, 0),
+    entry = asmlib.ImageEntry(p["section"], p["name"], p["image"], Loc(p["dir"], 0, 0),
                               p["raw"], {})
     src = ctx.path(ctx.inputs[0])
     image_config = json.loads((src / "config.json").read_text())
     try:
         config, runtime = runtime_config(entry, image_config, None, p["ids"])
-    except asmlib.AssemblyError as e:
+    except AssemblyError as e:
         raise ActionFailed(str(e), hint=e.hint) from None
     readonly = config["root"].get("readonly", False)
     d = p["dir"]

@@ -12,10 +12,11 @@ import re
 
 from forge.api import ActionFailed, AnalysisError, ExecContext, Location, RunContext, \
     action_function, attr, pin_resolver, pool, rule, runner
+from forge.formats.dockerfile.errors import DockerfileError
 from forge.formats.image.archive import import_archive
 from forge.formats.image.errors import ImageError, LayoutError
 from forge.formats.image.layout import verify_layout
-from forge.formats.dockerfile.parser import DockerfileError, context_sources, needed_stages, parse
+from forge.formats.dockerfile.parser import context_sources, needed_stages, parse
 from forge.formats.dockerfile.ignore import DockerIgnore
 from forge.formats.image.errors import InvalidReferenceError
 from forge.formats.image.reference import Reference

@@ -109,20 +109,20 @@ class _Cancelled(Exception):
 
 def _probe(p: dict, vm, cancel):
     """The test's probe, also watching for Ctrl-C (which kills the VM at once)."""
-    from forge.formats.vm import machine as qemu
+    from forge.formats.vm.probe import Probe, console_regex, redis_ping, tcp_expect
     kind = p["kind"]
     if kind == "redis_ping":
-        probe = qemu.redis_ping("127.0.0.1", vm.host_port(p["port"]))
+        probe = redis_ping("127.0.0.1", vm.host_port(p["port"]))
     elif kind == "tcp_expect":
-        probe = qemu.tcp_expect(vm.host_port(p["port"]), p.get("send", "").encode(), p.get("expect", ""))
+        probe = tcp_expect(vm.host_port(p["port"]), p.get("send", "").encode(), p.get("expect", ""))
     else:
-        probe = qemu.console_regex(p["pattern"])
+        probe = console_regex(p["pattern"])
 
     def check(console):
         if cancel is not None and cancel.is_set():
             raise _Cancelled()
         return probe.check(console)
-    return qemu.Probe(probe.what, check)
+    return Probe(probe.what, check)
 
 
 @runner("QemuTest")
@@ -130,6 +130,7 @@ def qemu_test_runner(ctx: RunContext) -> int:
     import tempfile
     import time
     from forge.formats.vm import machine as qemu
+    from forge.formats.vm.errors import QemuError
     p = ctx.params
     out = ctx.out or sys.stdout
     spec = boot_spec(p["format"], [ctx.root / f for f in p["files"]])
@@ -143,7 +144,7 @@ def qemu_test_runner(ctx: RunContext) -> int:
                 vm.wait(_probe(p["probe"], vm, ctx.cancel), timeout=p["timeout"])
         except _Cancelled:
             raise ActionFailed("interrupted") from None
-        except qemu.QemuError as e:
+        except QemuError as e:
             raise ActionFailed(str(e)) from None
     out.write(f"{p['probe']['kind']} answered {time.monotonic() - t0:.1f} s after QEMU started "
               f"({p['format']}, {vm.accel})\n")
@@ -157,6 +158,7 @@ def qemu_run(ctx: RunContext) -> int:
     import tempfile
     from forge.api import UsageError
     from forge.formats.vm import machine as qemu
+    from forge.formats.vm.errors import QemuError
     formats = ctx.params["formats"]
     ap = argparse.ArgumentParser(prog="forge run IMAGE", add_help=False)
     ap.add_argument("--format", default=next((f for f in BOOTABLE if f in formats), None))
@@ -185,7 +187,7 @@ def qemu_run(ctx: RunContext) -> int:
             vm = qemu.VM(spec, rundir, accel=args.accel or ctx.config.get("qemu", {}).get("accel"),
                          memory=args.memory, cpus=args.cpus, forwards=forwards, interactive=True)
             vm.argv()  # a missing QEMU or firmware is said now, not as a crash
-        except qemu.QemuError as e:
+        except QemuError as e:
             raise ActionFailed(str(e)) from None
         print(f"forge: booting {ctx.params['name']} ({args.format}, {vm.accel}); Ctrl-C stops the VM"
               + "".join(f"; 127.0.0.1:{h} -> guest {g}" for g, h in vm.ports.items()), file=sys.stderr)

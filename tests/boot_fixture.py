@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require
+from forge.formats.debian.errors import DebError
 from forge.formats.debian import sources as aptsources
 from forge.formats.linux import cpio
 from forge.formats.debian import package as deb
@@ -95,7 +96,7 @@ def fetch_cloud_kernel(cache: Path = CACHE) -> Kernel:
                 os.replace(tmp, vmlinuz)
                 break
         else:
-            raise deb.DebError(f"{path} holds no boot/vmlinuz-*")
+            raise DebError(f"{path} holds no boot/vmlinuz-*")
     record.write_text(json.dumps({"deb": str(path), "sha256": entry["SHA256"].lower(),
                                   "vmlinuz": str(vmlinuz), "vmlinuz_sha256": _sha256(vmlinuz),
                                   "version": version}, indent=1))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 
 
 def counted_defs(ws) -> dict[str, str]:

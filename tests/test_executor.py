@@ -118,7 +118,6 @@ def test_directory_outputs_are_cached_and_staged(tmp_path):
     CALLS.clear()
     assert run(tmp_path, tree_actions("one")).count("cached") == 2 and CALLS == []
     # Removed from the workspace: restored from the cache without running.
-    import shutil
     from forge.trees import remove
     remove(ws / "forge-out/p/layout")
     s = run(tmp_path, tree_actions("one"))

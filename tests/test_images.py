@@ -7,7 +7,6 @@ tests below get it from that cache, as a team's machines would from a shared one
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path

@@ -35,7 +35,7 @@ def test_sigkill_at_random_points_leaves_a_valid_cache(ws):
     rng = random.Random(1234)
     for attempt in range(6):
         # Change the input so every round has real work to interrupt.
-        (ws.root / "p/in.txt").write_text(f"input\n")
+        (ws.root / "p/in.txt").write_text("input\n")
         if attempt % 2:
             (ws.root / "p/in.txt").write_text("other\n")
         p = start(ws, "//p:all", "-j", "2")

@@ -40,15 +40,12 @@ from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
 from typing import BinaryIO, Callable
+from forge.formats.debian.errors import DebError
 
 Fetch = Callable[[str], BinaryIO]  # url -> readable stream; a missing file raises FileNotFoundError
 
 _AR_MAGIC = b"!<arch>\n"
 _CHUNK = 1 << 20
-
-
-class DebError(Exception):
-    """A package or index is malformed, missing, or does not match its digest."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ import os
 import uuid
 from pathlib import Path
 
-from forge.formats.disk.tools import DiskImageError, data_file, find_tool, run
+from forge.formats.disk.errors import DiskImageError
+from forge.formats.disk.tools import data_file, find_tool, run
 
 SECTOR = 512
 ALIGN = 2048  # sectors: partitions start on 1 MiB

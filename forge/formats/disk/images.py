@@ -33,10 +33,11 @@ import re
 import time
 from pathlib import Path
 
+from forge.formats.disk.errors import DiskImageError
 from forge.formats.disk import fat
-from forge.formats.disk.tools import DiskImageError, data_file, find_tool, run, tool_env
+from forge.formats.disk.tools import data_file, find_tool, run, tool_env
 
-__all__ = ["FORMATS", "DiskImageError", "build", "tools", "output_names"]
+__all__ = ["FORMATS", "build", "tools", "output_names"]
 
 # format -> output file names, templates of the assembly name {name}
 FORMATS: dict[str, tuple[str, ...]] = {

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from forge.formats.disk.errors import DiskImageError
 
 # Tool -> the Debian package that provides it, for the "install it" hint.
 PACKAGES = {
@@ -34,10 +35,6 @@ DATA_PACKAGES = {
 }
 _SEARCH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 _TAIL = 20
-
-
-class DiskImageError(Exception):
-    """A tool or a data file is missing, a tool failed, or the inputs cannot be imaged."""
 
 
 def find_tool(name: str) -> Path:

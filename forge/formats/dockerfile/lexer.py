@@ -30,29 +30,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Mapping
+from forge.formats.dockerfile.errors import DockerfileError, SubstitutionError
 
 KNOWN_DIRECTIVES = ("syntax", "escape", "check")
 _DIRECTIVE = re.compile(r"^\s*#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$")
 _HEREDOC = re.compile(r"^(\d*)<<(-?)([^<]*)$")
 _HEREDOC_CMDS = ("RUN", "COPY", "ADD")
 _SPECIAL_PARAMS = "@*#?-$!0"
-
-
-class DockerfileError(Exception):
-    """A Dockerfile problem with a 1-based position: `Dockerfile:7:1: message`."""
-
-    def __init__(self, message: str, line: int = 0, col: int = 0, filename: str = "Dockerfile"):
-        super().__init__(message)
-        self.message, self.line, self.col, self.filename = message, line, col, filename
-
-    def __str__(self) -> str:
-        if self.line:
-            return f"{self.filename}:{self.line}:{self.col}: {self.message}"
-        return f"{self.filename}: {self.message}"
-
-
-class SubstitutionError(ValueError):
-    """A bad `$` expression; the caller attaches the position."""
 
 
 # ---------------------------------------------------------------------------------------

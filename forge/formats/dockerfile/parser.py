@@ -26,9 +26,9 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
+from forge.formats.dockerfile.errors import DockerfileError, SubstitutionError
 from forge.formats.dockerfile import lexer as lex
-from forge.formats.dockerfile.lexer import (DockerfileError, mount_options,  # noqa: F401 (re-export)
-                                          substitute)
+from forge.formats.dockerfile.lexer import substitute
 
 INSTRUCTIONS = ("ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK",
                 "LABEL", "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME",
@@ -359,7 +359,7 @@ def resolve(df: Dockerfile, build_args: dict[str, str] | None = None,
     def sub(word, scope, used, ins, quotes=True):
         try:
             return substitute(word, scope, df.escape, quotes=quotes, used=used)
-        except lex.SubstitutionError as e:
+        except SubstitutionError as e:
             raise DockerfileError(str(e), ins.line, ins.col, df.filename) from None
 
     for ins in df.preamble:

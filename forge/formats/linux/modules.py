@@ -29,16 +29,10 @@ import struct
 import tarfile
 from difflib import get_close_matches
 from pathlib import Path, PurePosixPath
+from forge.formats.linux.errors import ModuleError
 
 _XZ, _GZ, _ZST = b"\xfd7zXZ\x00", b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 _SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
-
-
-class ModuleError(KeyError):
-    """An unknown module, a dependency cycle, or a file that is not a module."""
-
-    def __str__(self) -> str:  # KeyError would show the message quoted, as a key
-        return str(self.args[0]) if self.args else ""
 
 
 def _decompress(data: bytes) -> bytes:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from forge.formats.linuxkit.errors import AssemblyError, Loc
 
 SECTIONS = ("onboot", "onshutdown", "services")
 _SECTION_NOUN = {"onboot": "onboot entry", "onshutdown": "onshutdown entry", "services": "service"}
@@ -72,30 +73,6 @@ _FILE = {"path": "str", "directory": "bool", "symlink": "str", "contents": "str"
 _VOLUME = {"name": "str", "image": "str", "readonly": "bool", "format": "str", "platforms": "strs"}
 _TOP = {"kernel": _KERNEL, "init": "strs", "onboot": "entries", "onshutdown": "entries",
         "services": "entries", "files": "entries", "volumes": "entries", "trust": "any"}
-
-
-class AssemblyError(Exception):
-    """A problem in an assembly: `file.yml:7:5: message`, with `hint` saying how to fix it."""
-
-    def __init__(self, message: str, where: "Loc | str | None" = None, hint: str | None = None):
-        super().__init__(message)
-        self.message, self.where, self.hint = message, where, hint
-        self.file = where.file if isinstance(where, Loc) else where
-        self.line = where.line if isinstance(where, Loc) else 0
-        self.col = where.col if isinstance(where, Loc) else 0
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}" if self.where else self.message
-
-
-@dataclass(frozen=True)
-class Loc:
-    file: str
-    line: int
-    col: int
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}"
 
 
 @dataclass(frozen=True)
@@ -470,7 +447,6 @@ def image_refs(asm: Assembly) -> set[str]:
     registry references or forge labels (`//pkg:target`), for the caller to resolve."""
     refs = set(asm.init) | {e.image for e in asm.entries()} | {v.image for v in asm.volumes if v.image}
     return refs | ({asm.kernel.image} if asm.kernel and asm.kernel.image else set())
-
 
 
 def load(files: list[tuple[str, str]]) -> Assembly:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from forge.formats.linuxkit.assembly import (CAPABILITIES, AssemblyError, ImageEntry, Loc,
+from forge.formats.linuxkit.errors import AssemblyError, Loc
+from forge.formats.linuxkit.assembly import (CAPABILITIES, ImageEntry,
                                     parse_label, parse_rlimit)
 
 LABEL = "org.mobyproject.config"

@@ -28,14 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from forge.formats.vm.probe import (TAIL_LINES, BootTimeout, Probe, QemuError, VMExited,
-                                      console_regex, console_tail, redis_ping, tcp_expect,
-                                      wait_for)
+from forge.formats.vm.errors import QemuError
+from forge.formats.vm.probe import TAIL_LINES, Probe, console_tail, wait_for
 
-__all__ = ["ACCEL_ENV", "Boot", "BootTimeout", "Probe", "QemuError", "VM", "VMExited",
-           "choose_accel", "console_regex", "console_tail", "disk_boot", "free_port",
-           "iso_boot", "kernel_boot", "kvm_works", "ovmf_firmware", "qemu_argv",
-           "redis_ping", "tcp_expect", "wait_for"]
+__all__ = ["ACCEL_ENV", "Boot", "VM", "choose_accel", "disk_boot", "free_port", "iso_boot",
+           "kernel_boot", "kvm_works", "ovmf_firmware", "qemu_argv"]
 
 ACCEL_ENV = "FORGE_QEMU_ACCEL"
 QEMU = "qemu-system-x86_64"

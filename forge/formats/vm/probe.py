@@ -18,32 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Pattern
+from forge.formats.vm.errors import BootTimeout, VMExited
 
 POLL = 0.25
 TAIL_LINES = 40
 _ANSI = re.compile(r"\x1b(\[[0-9;?=]*[A-Za-z]|[()][A-Z0-9]|[=>c])")
 # Reset, clear screen, cursor to a position: what follows starts a fresh line on a screen.
 _FRESH = re.compile(r"\x1b(c|\[[0-9;]*[JH])")
-
-
-class QemuError(Exception):
-    """QEMU or its firmware is missing, or a VM could not be started or probed."""
-
-
-class VMExited(QemuError):
-    """QEMU ended before the probe answered."""
-
-    def __init__(self, message: str, returncode: int, console_tail: str):
-        super().__init__(message)
-        self.returncode, self.console_tail = returncode, console_tail
-
-
-class BootTimeout(QemuError):
-    """The probe did not answer before the deadline."""
-
-    def __init__(self, message: str, console_tail: str):
-        super().__init__(message)
-        self.console_tail = console_tail
 
 
 def console_tail(path: Path | None, lines: int = TAIL_LINES) -> str:

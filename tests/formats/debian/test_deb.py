@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from package_builders import make_deb
-from forge.formats.debian.package import (DebError, compare_versions, control_fields, depends, download,
+from forge.formats.debian.errors import DebError
+from forge.formats.debian.package import (compare_versions, control_fields, depends, download,
                                fetch_index, open_data_tar, parse_packages, read_ar, resolve)
 
 

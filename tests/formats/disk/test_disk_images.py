@@ -13,6 +13,9 @@ import pytest
 
 from boot_fixture import CMDLINE, MARKER, boot_initrd, cloud_kernel  # noqa: F401 (fixtures)
 from conftest import require
+from forge.formats.disk.errors import DiskImageError
+from forge.formats.vm.errors import QemuError
+from forge.formats.vm.probe import console_regex
 from forge.formats.disk import images as diskimage
 from forge.formats.disk import fat as diskimage_fat
 from forge.formats.disk import tools as diskimage_tools
@@ -25,7 +28,7 @@ NAME = "demo"
 def _have(fmt: str) -> None:
     try:
         diskimage.tools(fmt)
-    except diskimage.DiskImageError as e:
+    except DiskImageError as e:
         require(False, str(e))
 
 
@@ -56,7 +59,7 @@ def test_file_names_are_linuxkits():
     assert {f: diskimage.output_names(f, "N") for f in diskimage.FORMATS} == {
         "iso-bios": ["N.iso"], "iso-efi": ["N-efi.iso"], "raw-bios": ["N-bios.img"],
         "raw-efi": ["N-efi.img"], "qcow2-bios": ["N.qcow2"], "qcow2-efi": ["N-efi.qcow2"]}
-    with pytest.raises(diskimage.DiskImageError, match="unknown disk image format 'iso'; known"):
+    with pytest.raises(DiskImageError, match="unknown disk image format 'iso'; known"):
         diskimage.output_names("iso", "N")
 
 
@@ -65,7 +68,7 @@ def test_kernel_words_and_grub_quoting():
         "console=ttyS0", "a=b c", "d='x'"]
     cfg = diskimage._grub_cfg('console=ttyS0 a="b $c"')
     assert "linux /boot/kernel 'console=ttyS0' 'a=b $c'\n" in cfg
-    with pytest.raises(diskimage.DiskImageError, match="one line"):
+    with pytest.raises(DiskImageError, match="one line"):
         diskimage.build("iso-bios", kernel=Path("k"), initrd=Path("i"), cmdline="a\nb",
                         name="n", outdir=Path("o"), workdir=Path("w"), epoch=0)
 
@@ -85,11 +88,11 @@ def test_tools_are_absolute_existing_files():
 def test_a_missing_tool_names_its_package(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(diskimage_tools, "_SEARCH", ())
-    with pytest.raises(diskimage.DiskImageError,
+    with pytest.raises(DiskImageError,
                        match="xorriso is not installed: install the Debian package xorriso"):
         diskimage.tools("iso-bios")
     (tmp_path / "k").write_bytes(b"k")
-    with pytest.raises(diskimage.DiskImageError, match="sfdisk is not installed: install "
+    with pytest.raises(DiskImageError, match="sfdisk is not installed: install "
                        "the Debian package fdisk"):
         diskimage.build("raw-efi", kernel=tmp_path / "k", initrd=tmp_path / "k", cmdline="",
                         name="n", outdir=tmp_path / "o", workdir=tmp_path / "w", epoch=0)
@@ -100,7 +103,7 @@ def test_a_missing_tool_names_its_package(tmp_path, monkeypatch):
 def test_a_failing_tool_shows_its_command_and_stderr(tmp_path):
     require(shutil.which("sfdisk", path="/usr/sbin:/sbin") is not None, "sfdisk (fdisk) missing")
     env = diskimage_tools.tool_env(tmp_path, 0)
-    with pytest.raises(diskimage.DiskImageError) as e:
+    with pytest.raises(DiskImageError) as e:
         diskimage_tools.run([diskimage_tools.find_tool("sfdisk"), "--dump",
                              tmp_path / "nothing.img"], env)
     msg = str(e.value)
@@ -157,14 +160,14 @@ def _boot(fmt: str, image: Path, rundir: Path) -> None:
     if efi:
         try:
             qemu.ovmf_firmware()
-        except qemu.QemuError as e:
+        except QemuError as e:
             require(False, str(e))
     boot = qemu.iso_boot(image, efi=efi) if fmt.startswith("iso") else \
         qemu.disk_boot(image, efi=efi)
     t = time.monotonic()
     before = _sha(image)
     with qemu.VM(boot, rundir, accel="tcg", memory=256) as vm:
-        vm.wait(qemu.console_regex(f"^{MARKER}$"), timeout=180)
+        vm.wait(console_regex(f"^{MARKER}$"), timeout=180)
     print(f"boot {fmt}: {time.monotonic() - t:.1f} s to {MARKER}")
     assert _sha(image) == before  # snapshot=on: the cached image is never written
 

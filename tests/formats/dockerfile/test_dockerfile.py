@@ -6,9 +6,10 @@ import textwrap
 
 import pytest
 
-from forge.formats.dockerfile.parser import (DockerfileError, context_sources, external_refs,
-                                      mount_options, needed_stages, parse, remote_sources,
-                                      stage_deps, substitute)
+from forge.formats.dockerfile.errors import DockerfileError
+from forge.formats.dockerfile.lexer import mount_options, substitute
+from forge.formats.dockerfile.parser import (context_sources, external_refs, needed_stages, parse, remote_sources,
+                                      stage_deps)
 from forge.formats.dockerfile.ignore import DockerIgnore
 
 

@@ -12,7 +12,8 @@ import subprocess
 import pytest
 
 from package_builders import compile_module
-from forge.formats.linux.modules import ModuleError, index_tar, index_tree, load_order, modinfo
+from forge.formats.linux.errors import ModuleError
+from forge.formats.linux.modules import index_tar, index_tree, load_order, modinfo
 
 # The virtio network stack of the Debian cloud kernel, with its real depends= fields.
 VIRTIO = {

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from forge.formats.linuxkit.errors import AssemblyError, Loc
 from forge.formats.linuxkit import assembly
 from forge.formats.linuxkit import runtime as assembly_oci
-from forge.formats.linuxkit.assembly import AssemblyError, Loc
 
 CASES = Path(__file__).parent / "assembly_cases"
 ERRORS = CASES / "errors"

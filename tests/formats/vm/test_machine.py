@@ -20,6 +20,8 @@ import pytest
 
 from boot_fixture import CMDLINE, MARKER, boot_initrd, busybox_initrd, cloud_kernel  # noqa: F401
 from conftest import require
+from forge.formats.vm.errors import BootTimeout, QemuError, VMExited
+from forge.formats.vm.probe import console_regex, redis_ping, tcp_expect, wait_for
 from forge.formats.vm import machine as qemu
 
 # ---- command lines (pure) ------------------------------------------------------------------
@@ -61,16 +63,16 @@ def test_iso_and_disk_argv():
 def test_efi_argv_uses_ovmf_and_the_private_vars():
     try:
         code, _ = qemu.ovmf_firmware()
-    except qemu.QemuError as e:
+    except QemuError as e:
         require(False, str(e))
     argv = qemu.qemu_argv(qemu.iso_boot(Path("/x/a-efi.iso"), efi=True), accel="tcg",
                           efi_vars=Path("/run/OVMF_VARS.fd"))
     assert _pairs(argv, "-machine") == ["q35"] and "-boot" not in argv
     assert _pairs(argv, "-drive") == [f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                                       "if=pflash,format=raw,unit=1,file=/run/OVMF_VARS.fd"]
-    with pytest.raises(qemu.QemuError, match="needs efi_vars"):
+    with pytest.raises(QemuError, match="needs efi_vars"):
         qemu.qemu_argv(qemu.disk_boot(Path("/x/a-efi.img"), efi=True), accel="tcg")
-    with pytest.raises(qemu.QemuError, match="tcg or kvm, not 'hvf'"):
+    with pytest.raises(QemuError, match="tcg or kvm, not 'hvf'"):
         qemu.qemu_argv(qemu.iso_boot(Path("/x/a.iso")), accel="hvf")
 
 
@@ -83,7 +85,7 @@ def test_accel_override(monkeypatch):
     monkeypatch.setenv(qemu.ACCEL_ENV, "TCG")
     assert qemu.choose_accel() == "tcg"
     monkeypatch.setenv(qemu.ACCEL_ENV, "whpx")
-    with pytest.raises(qemu.QemuError, match=r"unknown QEMU accelerator 'whpx' \(from "
+    with pytest.raises(QemuError, match=r"unknown QEMU accelerator 'whpx' \(from "
                        r"\$FORGE_QEMU_ACCEL\): use tcg, kvm or auto"):
         qemu.choose_accel()
 
@@ -151,7 +153,7 @@ def test_redis_ping_waits_through_resets_and_empty_replies():
     srv = Server(b"+PONG\r\n", bad=4)
     try:
         t = time.monotonic()
-        assert qemu.wait_for(qemu.redis_ping("127.0.0.1", srv.port), 10)
+        assert wait_for(redis_ping("127.0.0.1", srv.port), 10)
         assert srv.received == b"*1\r\n$4\r\nPING\r\n" and srv.seen == 5
         assert 4 * 0.25 <= time.monotonic() - t < 5  # polled every 0.25 s
     finally:
@@ -161,7 +163,7 @@ def test_redis_ping_waits_through_resets_and_empty_replies():
 def test_tcp_expect_with_a_regex():
     srv = Server(b"SSH-2.0-OpenSSH_9.2\r\n", bad=1, speaks_first=True)
     try:
-        m = qemu.wait_for(qemu.tcp_expect(srv.port, b"", re.compile(rb"SSH-2\.0-(\S+)")), 10)
+        m = wait_for(tcp_expect(srv.port, b"", re.compile(rb"SSH-2\.0-(\S+)")), 10)
         assert m.group(1) == b"OpenSSH_9.2"
     finally:
         srv.close()
@@ -173,8 +175,8 @@ def test_timeout_carries_the_console_tail(tmp_path):
     console.write_bytes(b"".join(b"\x1b[2Jline %d\r\n" % i for i in range(1, 61)))
     try:
         t = time.monotonic()
-        with pytest.raises(qemu.BootTimeout) as e:
-            qemu.wait_for(qemu.redis_ping("127.0.0.1", srv.port), 1.5, console=console)
+        with pytest.raises(BootTimeout) as e:
+            wait_for(redis_ping("127.0.0.1", srv.port), 1.5, console=console)
         assert 1.5 <= time.monotonic() - t < 4
     finally:
         srv.close()
@@ -192,8 +194,8 @@ def test_a_process_that_ends_early_is_reported(tmp_path):
     port = qemu.free_port()
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
     t = time.monotonic()
-    with pytest.raises(qemu.VMExited) as e:
-        qemu.wait_for(qemu.redis_ping("127.0.0.1", port), 60, console=console, proc=proc,
+    with pytest.raises(VMExited) as e:
+        wait_for(redis_ping("127.0.0.1", port), 60, console=console, proc=proc,
                       qemu_output=lambda: "qemu-system-x86_64: something broke")
     assert time.monotonic() - t < 10 and e.value.returncode == 7
     assert str(e.value).splitlines() == [
@@ -228,7 +230,7 @@ def test_kernel_initrd_boot_reaches_the_marker(cloud_kernel, boot_initrd, tmp_pa
     t = time.monotonic()
     with qemu.VM(qemu.kernel_boot(cloud_kernel.vmlinuz, boot_initrd, CMDLINE), tmp_path,
                  accel="tcg", forwards={6379: 0}) as vm:
-        m = vm.wait(qemu.console_regex(f"^{MARKER}$"), timeout=120)
+        m = vm.wait(console_regex(f"^{MARKER}$"), timeout=120)
         assert m.group(0) == MARKER
         pid = vm.pid
         assert vm.host_port(6379) > 0
@@ -237,8 +239,8 @@ def test_kernel_initrd_boot_reaches_the_marker(cloud_kernel, boot_initrd, tmp_pa
     # The init powers off: waiting for something else reports the exit and the console.
     with qemu.VM(qemu.kernel_boot(cloud_kernel.vmlinuz, boot_initrd, CMDLINE), tmp_path / "2",
                  accel="tcg") as vm:
-        with pytest.raises(qemu.VMExited) as e:
-            vm.wait(qemu.console_regex("^never printed$"), timeout=120)
+        with pytest.raises(VMExited) as e:
+            vm.wait(console_regex("^never printed$"), timeout=120)
     assert e.value.returncode == 0 and MARKER in e.value.console_tail.splitlines()
     assert "Power down" in e.value.console_tail
 
@@ -251,7 +253,7 @@ def test_a_running_vm_is_killed_on_ctrl_c(cloud_kernel, tmp_path):  # noqa: F811
     with pytest.raises(KeyboardInterrupt):
         with qemu.VM(qemu.kernel_boot(cloud_kernel.vmlinuz, initrd, CMDLINE), tmp_path / "run",
                      accel="tcg") as vm:
-            vm.wait(qemu.console_regex("^STILL-UP$"), timeout=120)
+            vm.wait(console_regex("^STILL-UP$"), timeout=120)
             pid = vm.pid
             assert vm.proc.poll() is None and os.getpgid(pid) == pid  # its own group
             raise KeyboardInterrupt

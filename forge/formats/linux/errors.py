@@ -1,0 +1,10 @@
+"""The errors of kernel modules, cpio archives and fragments: one module, so a caller knows where to find them."""
+
+from __future__ import annotations
+
+
+class ModuleError(KeyError):
+    """An unknown module, a dependency cycle, or a file that is not a module."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted, as a key
+        return str(self.args[0]) if self.args else ""
