@@ -18,7 +18,8 @@ import tarfile
 from forge.api import ActionFailed, ExecContext, action_function, attr, pin_resolver, rule
 from forge.formats.debian.errors import DebError
 from forge.formats.linux.errors import ModuleError
-from forge.formats.debian import package as deb
+from forge.formats.debian import archive
+from forge.formats.debian.package import open_data_tar
 from forge.formats.linux import modules as kmod
 from forge.formats.linux.fragments import FragmentWriter
 
@@ -35,7 +36,7 @@ def _pin_value(entry: dict) -> str:
 def _index(key: str, config: dict):
     suite, arch, spec = key.split("/", 2)
     name, _, version = spec.partition("=")
-    return deb.fetch_index(mirror_for(config), suite, arch=arch), name, version or None
+    return archive.fetch_index(mirror_for(config), suite, arch=arch), name, version or None
 
 
 _PLACEHOLDER = json.dumps({"Package": "unresolved", "Version": "0", "Filename": "unresolved.deb",
@@ -46,7 +47,7 @@ _PLACEHOLDER = json.dumps({"Package": "unresolved", "Version": "0", "Filename": 
 def resolve_deb(key: str, config: dict) -> str:
     """`suite/arch/name[=version]` -> the index entry of that package, as JSON."""
     index, name, version = _index(key, config)
-    return _pin_value(deb.resolve(index, name, version))
+    return _pin_value(archive.resolve(index, name, version))
 
 
 @pin_resolver("debkernel", placeholder=_PLACEHOLDER)
@@ -54,13 +55,13 @@ def resolve_kernel(key: str, config: dict) -> str:
     """Like `deb`, but a metapackage (linux-image-cloud-amd64) is followed to the
     versioned kernel package it depends on."""
     index, name, version = _index(key, config)
-    entry = deb.resolve(index, name, version)
+    entry = archive.resolve(index, name, version)
     for _ in range(3):
-        nxt = [alt for clause in deb.depends(entry) for alt in clause
+        nxt = [alt for clause in archive.depends(entry) for alt in clause
                if alt.startswith("linux-image-") and alt != entry["Package"]]
         if not nxt:
             break
-        entry = deb.resolve(index, nxt[0])
+        entry = archive.resolve(index, nxt[0])
     return _pin_value(entry)
 
 
@@ -92,7 +93,7 @@ def deb_fetch(ctx: ExecContext) -> None:
     p = ctx.params
     entry = {"Filename": p["filename"], "SHA256": p["sha256"], "Size": p["size"]}
     try:
-        deb.download(mirror_for(ctx.config), entry, ctx.path(ctx.outputs[0]))
+        archive.download(mirror_for(ctx.config), entry, ctx.path(ctx.outputs[0]))
     except (DebError, OSError) as e:
         raise ActionFailed(f"cannot download {p['filename']}: {e}") from None
 
@@ -184,7 +185,7 @@ def kernel_from_deb(ctx: ExecContext) -> None:
     mods: dict[str, tuple[str, dict, bytes]] = {}
     version = None
     # One pass in archive order: the data tar is xz, and going back would decompress again.
-    with deb.open_data_tar(ctx.path(ctx.inputs[0])) as tf:
+    with open_data_tar(ctx.path(ctx.inputs[0])) as tf:
         for m in tf:
             name = m.name.lstrip("./")
             if m.isfile() and name.startswith("boot/vmlinuz-"):

@@ -27,7 +27,8 @@ from conftest import require
 from forge.formats.debian.errors import DebError
 from forge.formats.debian import sources as aptsources
 from forge.formats.linux import cpio
-from forge.formats.debian import package as deb
+from forge.formats.debian import archive
+from forge.formats.debian.package import open_data_tar
 
 MARKER = "FORGE-BOOT-OK"
 BUSYBOX = Path("/bin/busybox")
@@ -76,16 +77,16 @@ def fetch_cloud_kernel(cache: Path = CACHE) -> Kernel:
         return k
     mirror = aptsources.debian_mirror(aptsources.read_sources())
     require(mirror is not None, "no Debian mirror in the apt sources (needed for the kernel)")
-    index = deb.fetch_index(mirror, SUITE)
-    entry = deb.resolve(index, PACKAGE)
+    index = archive.fetch_index(mirror, SUITE)
+    entry = archive.resolve(index, PACKAGE)
     for _ in range(3):  # the metapackage depends on the versioned kernel package
-        nxt = [alt for clause in deb.depends(entry) for alt in clause
+        nxt = [alt for clause in archive.depends(entry) for alt in clause
                if alt.startswith("linux-image-") and alt != entry["Package"]]
         if not nxt:
             break
-        entry = deb.resolve(index, nxt[0])
-    path = deb.download(mirror, entry, cache / Path(entry["Filename"]).name)
-    with deb.open_data_tar(path) as tf:
+        entry = archive.resolve(index, nxt[0])
+    path = archive.download(mirror, entry, cache / Path(entry["Filename"]).name)
+    with open_data_tar(path) as tf:
         for m in tf:
             name = m.name.lstrip("./")
             if m.isfile() and name.startswith("boot/vmlinuz-"):

@@ -17,8 +17,10 @@ import pytest
 
 from package_builders import make_deb
 from forge.formats.debian.errors import DebError
-from forge.formats.debian.package import (compare_versions, control_fields, depends, download,
-                               fetch_index, open_data_tar, parse_packages, read_ar, resolve)
+from forge.formats.debian.archive import depends, download, fetch_index, resolve
+from forge.formats.debian.deb822 import parse_stanzas
+from forge.formats.debian.package import control_fields, open_data_tar, read_ar
+from forge.formats.debian.version import compare_versions
 
 
 
@@ -58,18 +60,18 @@ def test_not_an_ar_archive(tmp_path):
         read_ar(io.BytesIO(b"!<arch>\nshort"))
 
 
-def test_parse_packages():
+def test_parse_stanzas():
     text = ("Package: a\nVersion: 1.0\nDescription: short\n long line one\n\tline two\n\n\n"
             "Package: b\nVersion: 2:1.0~rc1-3\nFilename: pool/main/b/b_1.0_amd64.deb\n"
             "SHA256: ab12\nSize: 42\n")
-    got = parse_packages(text)
+    got = parse_stanzas(text)
     assert got == [{"Package": "a", "Version": "1.0", "Description": "short\nlong line one\nline two"},
                    {"Package": "b", "Version": "2:1.0~rc1-3", "Filename": "pool/main/b/b_1.0_amd64.deb",
                     "SHA256": "ab12", "Size": "42"}]
     assert depends({"Depends": "libc6 (>= 2.36), foo:any | bar [amd64], baz"}) == \
         [["libc6"], ["foo", "bar"], ["baz"]]
     with pytest.raises(DebError):
-        parse_packages(" continuation first\n")
+        parse_stanzas(" continuation first\n")
 
 
 # (older, newer) pairs, from Debian policy 5.6.12 and dpkg's own test suite
@@ -184,7 +186,7 @@ def test_fetch_resolve_download(tmp_path, serve, debs, kind):
 
 
 def test_resolve_errors(debs, tmp_path):
-    index = parse_packages("Package: hello\nVersion: 1.0\n\nPackage: help\nVersion: 2\n")
+    index = parse_stanzas("Package: hello\nVersion: 1.0\n\nPackage: help\nVersion: 2\n")
     with pytest.raises(DebError, match="no package 'helo'.*close names: hel"):
         resolve(index, "helo")
     with pytest.raises(DebError, match="no version 3.0"):

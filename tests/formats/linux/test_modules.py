@@ -162,7 +162,8 @@ def test_index_tar_of_a_deb(virtio, tmp_path):
 def test_real_cloud_kernel_module_order(tmp_path_factory):
     from conftest import require
     from forge.formats.debian.sources import debian_mirror, read_sources
-    from forge.formats.debian.package import depends, download, fetch_index, open_data_tar, resolve
+    from forge.formats.debian.archive import depends, download, fetch_index, resolve
+    from forge.formats.debian.package import open_data_tar
 
     mirror = debian_mirror(read_sources())
     require(mirror is not None, "no Debian mirror in the apt sources")
