@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
 from forge.formats.linuxkit.errors import AssemblyError, Loc
+from forge.formats.linuxkit.yamlspec import Reader, kind_of, loc, parse_file
 
 SECTIONS = ("onboot", "onshutdown", "services")
 _SECTION_NOUN = {"onboot": "onboot entry", "onshutdown": "onshutdown entry", "services": "service"}
@@ -41,11 +43,7 @@ RLIMITS = tuple("RLIMIT_" + r for r in "CPU FSIZE DATA STACK CORE RSS NPROC NOFI
 UNLIMITED = 2 ** 64 - 1
 _VOLUME_NAME = re.compile(r"^[a-z0-9_-]*$")
 
-# Type specs: a scalar/list name below, a dict (a mapping with exactly those keys), or a
-# one-item list (a list of that spec).
-_DESCRIBE = {"str": "a string", "bool": "a boolean", "int": "an integer", "strs": "a list of strings",
-             "id": "a number or an entry name", "ids": "a list of numbers or entry names",
-             "map": "a mapping of strings to strings", "any": "a value"}
+# Type specs (forge.formats.linuxkit.yamlspec): a name, a dict of keys, or a one-item list.
 _MOUNT = {"destination": "str", "type": "str", "source": "str", "options": "strs"}
 _DEVICE = {"path": "str", "type": "str", "major": "int", "minor": "int", "mode": "str"}
 _IDMAP = {"containerID": "int", "hostID": "int", "size": "int"}
@@ -152,135 +150,10 @@ class Assembly:
         return [*self.onboot, *self.onshutdown, *self.services]
 
 
-# ---------------------------------------------------------------------------------------
-# YAML 1.2 core schema, which is what go-yaml v3 (and so LinuxKit) resolves plain scalars by
-
-class _Loader(yaml.SafeLoader):
-    yaml_implicit_resolvers: dict = {}
-
-
-for _tag, _re, _first in (
-        ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
-        ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
-        ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
-        ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-                  r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+.0123456789")):
-    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_re), list(_first))
-
-_KIND = {"str": "string", "int": "integer", "bool": "boolean", "null": "null", "float": "number"}
-
-
-def _loc(node: yaml.Node, file: str) -> Loc:
-    return Loc(file, node.start_mark.line + 1, node.start_mark.column + 1)
-
-
-def _kind(node: yaml.Node) -> str:
-    if isinstance(node, yaml.MappingNode):
-        return "mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "list"
-    return _KIND.get(node.tag.rsplit(":", 1)[-1], node.tag)
-
-
-def _got(node: yaml.Node) -> str:
-    kind = _kind(node)
-    if kind == "string":
-        return f'string "{node.value}"'
-    return f"{kind} {node.value}" if isinstance(node, yaml.ScalarNode) and node.value else kind
-
-
-def _scalar(node: yaml.ScalarNode) -> Any:
-    v, kind = node.value, _kind(node)
-    if kind == "integer":
-        return int(v[2:], 8) if v.startswith("0o") else int(v, 16) if v.startswith("0x") else int(v)
-    return v.lower() == "true" if kind == "boolean" else None if kind == "null" else v
-
-
-class _Reader:
-    """Walks one file's nodes against the type specs, raising located errors."""
-
-    def __init__(self, file: str):
-        self.file = file
-
-    def fail(self, node: yaml.Node, message: str, hint: str | None = None) -> AssemblyError:
-        return AssemblyError(message, _loc(node, self.file), hint)
-
-    def pairs(self, node: yaml.MappingNode, keys: dict, what: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
-        seen: dict[str, yaml.Node] = {}
-        out = []
-        for k, v in node.value:
-            key = k.value if isinstance(k, yaml.ScalarNode) else None
-            if key in seen:
-                raise self.fail(k, f"duplicate key '{key}'{what}",
-                                f"it is already set at line {seen[key].start_mark.line + 1}; keep one")
-            if key not in keys:
-                close = difflib.get_close_matches(str(key), list(keys), n=1)
-                tail = f"; did you mean '{close[0]}'?" if close else ""
-                raise self.fail(k, f"unknown key '{key}'{what}{tail}",
-                                None if close else "valid keys: " + ", ".join(sorted(keys)))
-            seen[key] = k
-            out.append((key, k, v))
-        return out
-
-    def value(self, node: yaml.Node, spec: Any, what: str) -> Any:
-        """`what` names the value in messages: "'readonly' of service 'redis'"."""
-        if isinstance(spec, dict):
-            self.expect(node, isinstance(node, yaml.MappingNode), "a mapping", what)
-            return {k: self.value(v, spec[k], f"'{k}' of {what}")
-                    for k, _, v in self.pairs(node, spec, f" in {what}")}
-        if isinstance(spec, list) or spec in ("strs", "ids"):
-            self.expect(node, isinstance(node, yaml.SequenceNode),
-                        "a list" if isinstance(spec, list) else _DESCRIBE[spec], what)
-            item = spec[0] if isinstance(spec, list) else spec[:-1]
-            return [self.value(n, item, f"item {i} of {what}") for i, n in enumerate(node.value, 1)]
-        if spec == "map":
-            self.expect(node, isinstance(node, yaml.MappingNode), _DESCRIBE[spec], what)
-            self.pairs(node, {k.value: 0 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}, f" in {what}")
-            return {k.value: self.value(v, "str", f"'{k.value}' of {what}") for k, v in node.value}
-        if spec == "any":
-            return yaml.load(yaml.serialize(node), Loader=_Loader)
-        ok = isinstance(node, yaml.ScalarNode) and (
-            _kind(node) in {"str": ("string",), "bool": ("boolean",), "int": ("integer",),
-                            "id": ("string", "integer")}[spec])
-        self.expect(node, ok, _DESCRIBE[spec], what)
-        return _scalar(node)
-
-    def expect(self, node: yaml.Node, ok: bool, want: str, what: str) -> None:
-        if ok:
-            return
-        hint = None
-        if want == "a boolean" and _kind(node) == "string":
-            hint = "write true or false (in YAML 1.2, which LinuxKit reads, yes/no/on/off are strings)"
-        elif want == "a string" and isinstance(node, yaml.ScalarNode):
-            hint = f'quote it: "{node.value}"'
-        elif want.startswith("a list") and isinstance(node, yaml.ScalarNode):
-            hint = f'write a YAML list, e.g. [{node.value}], or one "- item" per line'
-        raise self.fail(node, f"{what} must be {want}; got {_got(node)}", hint)
-
-
-def _parse_file(file: str, text: str) -> tuple[yaml.Node | None, _Reader]:
-    try:
-        return yaml.compose(text, Loader=_Loader), _Reader(file)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = Loc(file, mark.line + 1, mark.column + 1) if mark else file
-        ctx = f" ({e.context})" if e.context else ""
-        hint = "check the indentation and quoting on this line and the one before"
-        cm = e.context_mark
-        if cm is not None and mark is not None and cm.line != mark.line and \
-                any(w in (e.context or "") for w in ("quoted scalar", "flow")):
-            # an unclosed quote or bracket: where it opened says more than where the file ended
-            what = e.context.split(" ", 2)[-1].removeprefix("a ")
-            hint = f"the {what} that starts at {file}:{cm.line + 1}:{cm.column + 1} is not closed"
-        raise AssemblyError(f"YAML syntax error: {e.problem}{ctx}", where, hint) from None
-    except yaml.YAMLError as e:
-        raise AssemblyError(f"YAML error: {e}", file) from None
-
-
 def parse_label(text: str, where: str, what: str = "the label") -> dict[str, Any]:
     """Validate the `org.mobyproject.config` label text (JSON, read as YAML) like an entry
     without `name` and `image`; `where` names it in errors ("label ... of redis:7")."""
-    root, r = _parse_file(where, text)
+    root, r = parse_file(where, text)
     if root is None:
         return {}
     keys = {k: v for k, v in IMAGE_KEYS.items() if k not in ("name", "image")}
@@ -308,7 +181,7 @@ def _bind_problem(text: str) -> str | None:
     return None if 2 <= n <= 3 else "is missing ':'" if n < 2 else "has too many ':'"
 
 
-def _check_items(r: _Reader, node: yaml.Node, what: str, problem, hint: str) -> None:
+def _check_items(r: Reader, node: yaml.Node, what: str, problem, hint: str) -> None:
     for i, item in enumerate(node.value, 1):
         why = problem(item.value)
         if why:
@@ -322,17 +195,17 @@ def _capability(text: str) -> str | None:
     return "is not a known capability" + (f"; did you mean {close[0]}?" if close else "")
 
 
-def _entry(r: _Reader, node: yaml.Node, noun: str, i: int, keys: dict, name_key: str):
+def _entry(r: Reader, node: yaml.Node, noun: str, i: int, keys: dict, name_key: str):
     """Common walk of one list item: (what, raw, locs, key nodes, value nodes)."""
     r.expect(node, isinstance(node, yaml.MappingNode), "a mapping", f"{noun} {i}")
-    named = [v for k, v in node.value if k.value == name_key and _kind(v) == "string"]
+    named = [v for k, v in node.value if k.value == name_key and kind_of(v) == "string"]
     what = f"{noun} '{named[0].value}'" if named else f"{noun} {i}"
     pairs = r.pairs(node, keys, f" in {what}")
     raw = {k: r.value(v, keys[k], f"'{k}' of {what}") for k, _, v in pairs}
-    return what, raw, {k: _loc(kn, r.file) for k, kn, _ in pairs}, {k: v for k, _, v in pairs}
+    return what, raw, {k: loc(kn, r.file) for k, kn, _ in pairs}, {k: v for k, _, v in pairs}
 
 
-def _require(r: _Reader, node: yaml.Node, what: str, raw: dict, key: str, hint: str) -> None:
+def _require(r: Reader, node: yaml.Node, what: str, raw: dict, key: str, hint: str) -> None:
     if key not in raw:
         raise r.fail(node, f"{what} has no '{key}'", hint)
 
@@ -357,7 +230,7 @@ _ITEM_CHECKS = {
 _ITEM_CHECKS["ambient"] = _ITEM_CHECKS["capabilities"]
 
 
-def image_entry(r: _Reader, node: yaml.Node, section: str, i: int) -> ImageEntry:
+def image_entry(r: Reader, node: yaml.Node, section: str, i: int) -> ImageEntry:
     what, raw, locs, nodes = _entry(r, node, _SECTION_NOUN[section], i, IMAGE_KEYS, "name")
     _require(r, node, what, raw, "name", "every image entry needs a 'name': it names the "
              "container, its directory and its uid/gid")
@@ -373,13 +246,13 @@ def image_entry(r: _Reader, node: yaml.Node, section: str, i: int) -> ImageEntry
             if dev.get("path") != "all" and not re.fullmatch(r"[0-7]+", dev.get("mode", "")):
                 raise r.fail(dnode, f"device '{dev.get('path')}' of {what} needs an octal 'mode'",
                              'add e.g. mode: "0666" (only path: all, which allows a whole type, needs none)')
-    return ImageEntry(section, raw["name"], raw["image"], _loc(node, r.file), raw, locs)
+    return ImageEntry(section, raw["name"], raw["image"], loc(node, r.file), raw, locs)
 
 
 _CONTENT_KEYS = ("contents", "source", "directory", "symlink", "metadata")
 
 
-def file_entry(r: _Reader, node: yaml.Node, _section: str, i: int) -> FileEntry:
+def file_entry(r: Reader, node: yaml.Node, _section: str, i: int) -> FileEntry:
     what, raw, locs, nodes = _entry(r, node, "file", i, _FILE, "path")
     _require(r, node, what, raw, "path", "add 'path:' with where the file goes in the image")
     given = [k for k in _CONTENT_KEYS if k in raw and raw[k] is not False]
@@ -394,14 +267,14 @@ def file_entry(r: _Reader, node: yaml.Node, _section: str, i: int) -> FileEntry:
     if mode is not None and not re.fullmatch(r"0?[0-7]{1,4}", mode):
         raise r.fail(nodes["mode"], f"'mode' of {what} must be an octal string; got \"{mode}\"",
                      'write the permission bits in octal, quoted: mode: "0644"')
-    return FileEntry(raw["path"], _loc(node, r.file), raw, locs, raw.get("contents"), raw.get("source"),
+    return FileEntry(raw["path"], loc(node, r.file), raw, locs, raw.get("contents"), raw.get("source"),
                      raw.get("directory", False), raw.get("symlink"), raw.get("metadata"),
                      raw.get("optional", False),
                      int(mode, 8) if mode else 0o700 if raw.get("directory") else 0o600,
                      raw.get("uid"), raw.get("gid"))
 
 
-def volume(r: _Reader, node: yaml.Node, _section: str, i: int) -> Volume:
+def volume(r: Reader, node: yaml.Node, _section: str, i: int) -> Volume:
     what, raw, locs, nodes = _entry(r, node, "volume", i, _VOLUME, "name")
     _require(r, node, what, raw, "name", "add 'name:'; the volume appears at /containers/volumes/<name>")
     if not _VOLUME_NAME.fullmatch(raw["name"]):
@@ -409,7 +282,7 @@ def volume(r: _Reader, node: yaml.Node, _section: str, i: int) -> Volume:
                      "use only lower-case letters, digits, '-' and '_'")
     if raw.get("format", "oci") not in ("oci", "filesystem"):
         raise r.fail(nodes["format"], f"'format' of {what} must be oci or filesystem; got \"{raw['format']}\"")
-    return Volume(raw["name"], _loc(node, r.file), raw, raw.get("image"), raw.get("readonly", False),
+    return Volume(raw["name"], loc(node, r.file), raw, raw.get("image"), raw.get("readonly", False),
                   raw.get("format", "oci"), raw.get("platforms", []))
 
 
@@ -457,7 +330,7 @@ def load(files: list[tuple[str, str]]) -> Assembly:
     init_locs: list[Loc] = []
     parts: dict[str, list] = {k: [] for k in ("init", *SECTIONS, "files", "volumes")}
     for file, text in files:
-        root, r = _parse_file(file, text)
+        root, r = parse_file(file, text)
         if root is None:
             continue
         r.expect(root, isinstance(root, yaml.MappingNode), "a mapping of sections", "an assembly file")
@@ -466,14 +339,14 @@ def load(files: list[tuple[str, str]]) -> Assembly:
                 got = r.value(v, _KERNEL, "'kernel'")
                 # LinuxKit's AppendConfig: an empty string never overrides an earlier value.
                 kernel_raw.update({k: x for k, x in got.items() if x or k in ("tar", "ucode")})
-                kernel_loc = _loc(knode, file)
+                kernel_loc = loc(knode, file)
             elif key == "init":
                 parts["init"] += r.value(v, "strs", "'init'")
-                init_locs += [_loc(n, file) for n in v.value] if isinstance(v, yaml.SequenceNode) else []
+                init_locs += [loc(n, file) for n in v.value] if isinstance(v, yaml.SequenceNode) else []
             elif key == "trust":
                 continue
             else:
-                r.expect(v, isinstance(v, yaml.SequenceNode) or _kind(v) == "null", "a list", f"'{key}'")
+                r.expect(v, isinstance(v, yaml.SequenceNode) or kind_of(v) == "null", "a list", f"'{key}'")
                 make = {"files": file_entry, "volumes": volume}.get(key, image_entry)
                 for i, n in enumerate(v.value if isinstance(v, yaml.SequenceNode) else [], 1):
                     parts[key].append(make(r, n, key, i))
