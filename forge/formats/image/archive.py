@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from forge.formats.common.compression import CompressionError, compression_of, open_decompressed
-from forge.formats.common.files import atomic_write, canonical_json
+from forge.formats.common.files import canonical_json
 from forge.formats.image.errors import LayoutError
 from forge.formats.image.layout import (add_blob, blob_path, descriptor_dict, hash_layer,
                                         init_layout, load_index, load_json, read_image,
-                                        store_stream, write_index)
+                                        store_stream, write_index, write_index_document)
 from forge.formats.image.spec import (IMAGE_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_NESTING,
                                       OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD,
                                       OCI_MANIFEST, REF_NAME, Descriptor)
@@ -74,7 +74,7 @@ def _import_oci(tf, members, layout: Path, archive) -> Descriptor:
     for d in index["manifests"]:
         if not blob_path(layout, d["digest"]).is_file():
             raise LayoutError(f"{archive}: index.json names {d['digest']}, not in the archive")
-    atomic_write(layout / "index.json", canonical_json(index))
+    write_index_document(layout, index)
     return Descriptor.from_dict(index["manifests"][0])
 
 

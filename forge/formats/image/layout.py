@@ -163,10 +163,15 @@ def descriptor_dict(layer) -> dict:
 
 
 def write_index(layout: Path, manifests: list[Descriptor]) -> None:
+    """index.json listing `manifests`, nothing else."""
+    write_index_document(layout, {"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                  "manifests": [m.to_dict() for m in manifests]})
+
+
+def write_index_document(layout: Path, index: dict) -> None:
+    """index.json as given (an imported one keeps its annotations), in canonical JSON."""
     init_layout(layout)
-    atomic_write(Path(layout) / "index.json", canonical_json(
-        {"schemaVersion": 2, "mediaType": OCI_INDEX,
-         "manifests": [m.to_dict() for m in manifests]}))
+    atomic_write(Path(layout) / "index.json", canonical_json(index))
 
 
 def write_image(layout: Path, config: dict, layers: list, *, annotations: dict | None = None,
