@@ -300,14 +300,13 @@ def cmd_test(ws, args) -> int:
 
 
 def _call_runner(ws, plan, label, what: str, argv: list[str]) -> int:
-    from forge.api import RUNNERS, RunContext
-    from forge.session import load_rules
-    load_rules()
+    from forge.contexts import RunContext
+    from forge.ruleset import installed
     spec = plan.infos[label].extra.get(what)
     if spec is None:
         raise UsageError(f"{label} cannot be {'loaded' if what == 'load' else 'run'}",
                          hint="image targets (container_image, oci_pull, ...) can be loaded")
-    fn = RUNNERS.get(spec["runner"])
+    fn = installed().load().runners.get(spec["runner"])
     if fn is None:
         raise UsageError(f"no runner '{spec['runner']}' is registered (is its rule family installed?)")
     return fn(RunContext(spec.get("params"), ws.root, argv, ws.config))

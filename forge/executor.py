@@ -17,14 +17,15 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from forge import sandbox, trees
-from forge.api import FUNCTIONS, POOLS, Action, ExecContext
 from forge.cache import Cache, OutputFile
+from forge.contexts import ExecContext
 from forge.errors import ForgeError
 from forge.keys import ToolError, ToolIds, explain_diff, key_from, preimage, static_digest
+from forge.model import Action
 from forge.records import Records
+from forge.ruleset import RuleSet
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Executor:
     def __init__(self, root: Path, cache: Cache, records: Records, *, jobs: int | None = None,
                  keep_going: bool = False, salt: str = "", reporter: Reporter | None = None,
                  config: dict | None = None, offline: bool = False,
-                 before_work: Callable[[], None] | None = None, remote=None):
+                 rules: RuleSet | None = None, remote=None):
         self.root = root
         self._root_str = str(root)
         self.cache = cache
@@ -80,9 +81,9 @@ class Executor:
         self.keep_going = keep_going
         self.salt = salt
         self.config = config or {}
-        # Called once before the first action runs: registers the rules' in-process steps
-        # and pools, which a build whose every action is cached never needs.
-        self._before_work = before_work
+        # Loaded before the first action runs (its in-process steps and pools): a build
+        # whose every action is cached never imports a rule family.
+        self.rules = rules if rules is not None else RuleSet()
         self.offline = offline
         self.reporter = reporter or Reporter()
         self.tools = ToolIds(records.stat_cache)
@@ -105,7 +106,7 @@ class Executor:
         # Everything is indexed by position: hashing frozen dataclasses or rebuilding
         # ids per lookup dominates a no-op build of 10,000 actions otherwise.
         n = len(actions)
-        statics = statics or [static_digest(a) for a in actions]
+        statics = statics or [static_digest(a, self.rules.functions) for a in actions]
         producer = {o.path: i for i, a in enumerate(actions) for o in a.outputs}
         waiting = [0] * n
         dependents: list[list[int]] = [[] for _ in range(n)]
@@ -227,11 +228,10 @@ class Executor:
             except queue.Empty:
                 continue
 
-    @staticmethod
-    def _pick(actions, ready: deque, pools: Counter) -> int | None:
+    def _pick(self, actions, ready: deque, pools: Counter) -> int | None:
         for k, i in enumerate(ready):
             p = actions[i].pool
-            if p is None or pools[p] < POOLS.get(p, 1):
+            if p is None or pools[p] < self.rules.pools.get(p, 1):
                 del ready[k]
                 return i
         return None
@@ -265,7 +265,7 @@ class Executor:
             r = self._hit(a, key, outs, t0, pre=None)
             r.linked = state[1]  # already recorded as it is
             return r
-        pre = preimage(a, inputs, tools, self.salt)
+        pre = preimage(a, self.rules.functions, inputs, tools, self.salt)
         outs = self.cache.get_record(key)
         if outs is not None:
             if all(self._present(o) for o in outs) and self._link_all(outs):
@@ -276,9 +276,7 @@ class Executor:
             self.reporter.warning(f"cache record of {a.description} points at missing or corrupt "
                                   "blobs; rebuilding it")
             self.cache.drop_record(key)
-        if self._before_work is not None:
-            self._before_work()
-            self._before_work = None
+        self.rules.load()
         self._pending[aid] = (key, pre)
         return None
 
@@ -492,7 +490,7 @@ class Executor:
             out = res.output.decode(errors="replace").rstrip()
             return (f"command failed ({why}):\n  {_show_argv(a.argv)}"
                     + (f"\noutput (last lines):\n{_indent(out)}" if out else "\n(no output)"))
-        fn = FUNCTIONS.get(a.function)
+        fn = self.rules.functions.get(a.function)
         if fn is None:
             return f"no in-process step named '{a.function}' is registered"
         logs: list[str] = []
@@ -501,7 +499,7 @@ class Executor:
                           offline=self.offline, cancel=self.cancel,
                           progress=lambda done, total: self.reporter.transfer(a, done, total))
         try:
-            fn[0](ctx)
+            fn.fn(ctx)
         except ForgeError as e:
             log = "\n".join(logs[-40:])
             return (e.message + (f"\nhint: {e.hint}" if e.hint else "")

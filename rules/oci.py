@@ -17,10 +17,11 @@ from forge.formats.dockerfile import DockerfileError, context_sources, needed_st
 from forge.formats.dockerignore import DockerIgnore
 from forge.formats.reference import Reference, ReferenceError
 
-from . import dockerengine, stages  # noqa: F401  (register runners and stage steps)
+from . import stages
 
-pool("docker", 2)  # independent RUN stages build side by side; more would only fight for cores
-pool("registry", 2)
+# Independent RUN stages build side by side; more would only fight for cores.
+DOCKER_POOL = pool("docker", 2)
+REGISTRY_POOL = pool("registry", 2)
 
 PLATFORM_DOC = "Platform to select from a multi-platform index, e.g. linux/arm64."
 
@@ -324,3 +325,9 @@ def _match_context(context: dict, patterns: list[str]) -> list[str]:
             if not p or any(rx.match("/".join(parts[:k])) for k in range(1, len(parts) + 1)):
                 out.add(f)
     return sorted(out)
+
+
+def register(rule_set) -> None:
+    """The `forge.rules` entry point: hands this module's declarations to the rule set."""
+    rule_set.add(DOCKER_POOL, REGISTRY_POOL, resolve_tag, oci_pull, oci_pull_step, oci_archive,
+                 oci_import_step, oci_push, push_runner, container_image)

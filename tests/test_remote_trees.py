@@ -14,7 +14,7 @@ from forge.executor import Executor
 from forge.records import Records
 from forge.remote.settings import from_config
 from nginx_fixture import start_nginx
-from test_executor import CALLS, tree_actions
+from test_executor import CALLS, RULES, tree_actions
 
 pytestmark = pytest.mark.real
 
@@ -36,7 +36,7 @@ def build(base, name, settings, actions):
     cache = Cache(base / name / "cache")
     rep = Warnings()
     ex = Executor(root, cache, Records(base / name / "records"), jobs=2, remote=settings,
-                  reporter=rep)
+                  reporter=rep, rules=RULES)
     summary = ex.run(actions)
     cache.close()
     return summary, root, rep.seen

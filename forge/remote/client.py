@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from forge import trees
-from forge.api import Action
 from forge.cache import Cache, OutputFile
+from forge.model import Action
 from forge.remote.proto import remote_execution_pb2 as re_pb
 from forge.remote.results import (Digest, ShapeError, action_digest, action_message, check_shape,
                                   digest_of, from_proto, tree_files, tree_from_entries)
