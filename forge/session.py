@@ -130,12 +130,18 @@ class Session:
             pickle.dump((fingerprint, inputs, dirs, plan), f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
 
-    def executor(self, **kw):
-        from forge.executor import Executor
-        if kw.get("jobs") is None and self.ws.config.get("jobs"):
-            kw["jobs"] = int(self.ws.config["jobs"])
-        return Executor(self.ws.root, self.cache, self.records, salt=self.ws.salt,
-                        config=self.ws.config, rules=installed(), **kw)
+    def scheduler(self, *, jobs: int, keep_going: bool = False, reporter=None,
+                  offline: bool = False, remote=None):
+        """A scheduler running this workspace's actions here (`jobs`: Workspace.jobs)."""
+        from forge.executor import LocalExecutor
+        from forge.scheduler import Reporter, Scheduler
+        reporter = reporter or Reporter()
+        rules = installed()
+        local = LocalExecutor(self.ws.root, self.cache, self.records, rules=rules,
+                              salt=self.ws.salt, config=self.ws.config, offline=offline,
+                              reporter=reporter, remote=remote)
+        return Scheduler(local, jobs=jobs, keep_going=keep_going, reporter=reporter,
+                         pools=rules.pools)
 
     def close(self) -> None:
         self.cache.close()

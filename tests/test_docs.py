@@ -74,10 +74,11 @@ def test_writing_rules_example_family_registers_plans_and_runs(tmp_path):
 
     from forge.analysis import Analyzer
     from forge.cache import Cache
-    from forge.executor import Executor
+    from forge.executor import LocalExecutor
     from forge.labels import parse_pattern
     from forge.records import Records
     from forge.ruleset import RuleSet
+    from forge.scheduler import Scheduler
     from forge.workspace import Workspace
     text = (REPO / "docs" / "writing-rules.md").read_text()
     source = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def register" in b)
@@ -96,7 +97,8 @@ def test_writing_rules_example_family_registers_plans_and_runs(tmp_path):
     an = Analyzer(Workspace(root), rules)
     plan = an.analyze(an.expand([parse_pattern("//...")]))
     cache = Cache(tmp_path / "cache")
-    summary = Executor(root, cache, Records(tmp_path / "records"), jobs=2, rules=rules).run(plan.actions)
+    local = LocalExecutor(root, cache, Records(tmp_path / "records"), rules=rules)
+    summary = Scheduler(local, jobs=2, pools=rules.pools).run(plan.actions)
     cache.close()
     assert summary.ok, [r.error for r in summary.results]
     assert (root / "forge-out/s.txt").read_text() == "a\nb\n"

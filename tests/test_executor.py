@@ -8,10 +8,11 @@ import time
 
 from forge.api import Action, Artifact, action_function, pool
 from forge.cache import Cache
-from forge.executor import Executor
+from forge.executor import LocalExecutor
 from forge.labels import Label
 from forge.records import Records
 from forge.ruleset import RuleSet
+from forge.scheduler import Scheduler
 
 CALLS: list[str] = []
 ACTIVE = {"now": 0, "max": 0, "pool_now": 0, "pool_max": 0}
@@ -48,8 +49,8 @@ def run(tmp_path, actions, jobs=4):
     root = tmp_path / "ws"
     root.mkdir(exist_ok=True)
     cache = Cache(tmp_path / "cache")
-    ex = Executor(root, cache, Records(tmp_path / "records"), jobs=jobs, rules=RULES)
-    summary = ex.run(actions)
+    local = LocalExecutor(root, cache, Records(tmp_path / "records"), rules=RULES)
+    summary = Scheduler(local, jobs=jobs, pools=RULES.pools).run(actions)
     cache.close()
     return summary
 
