@@ -175,7 +175,7 @@ class LocalExecutor:
             return 0
         if self._remote is None:
             try:
-                from forge.remote.client import RemoteCache
+                from forge.remote.cache_client import RemoteCache
                 self._remote = RemoteCache(self._remote_settings, self.cache,
                                            self.reporter.warning, self.cancel)
             except Exception as e:  # e.g. grpc missing or a bad CA file: build locally

@@ -1,5 +1,5 @@
 """A resident forge process per workspace, so a command does not pay for starting
-Python and importing forge every time (opt-in: FORGE_SERVER=1; see forge/client.py).
+Python and importing forge every time (opt-in: FORGE_SERVER=1; see forge/launcher.py).
 
 Protocol on a Unix socket: the client sends one JSON line {"argv", "cwd", "env"} together
 with its stdin, stdout and stderr file descriptors (SCM_RIGHTS), so the command reads and

@@ -1,4 +1,5 @@
-"""The remote cache as the executor sees it: `lookup` an action's outputs, `upload` them.
+"""The shared cache as forge/executor.py sees it: `lookup` an action's outputs,
+`upload` them.
 
 Nothing here can fail a build. A remote that is down, slow or broken costs a warning
 and the action runs locally; after a connection failure or three failed operations in
