@@ -27,11 +27,8 @@ def code_fingerprint(state: Path) -> list[tuple[str, int]]:
     than what is installed must not answer."""
     import forge
     from forge.ruleset import installed
-    out = []
-    for d in (Path(forge.__file__).parent, Path(forge.__file__).parent / "formats",
-              Path(forge.__file__).parent / "remote"):
-        for f in sorted(d.glob("*.py")):
-            out.append((str(f), f.stat().st_mtime_ns))
+    out = [(str(f), f.stat().st_mtime_ns)  # every subpackage: formats/ has several
+           for f in sorted(Path(forge.__file__).parent.rglob("*.py"))]
     return out + installed().code_fingerprint(state)
 
 
