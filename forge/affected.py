@@ -117,10 +117,10 @@ def _evaluate(ws: Workspace, patterns: list[Pattern], *, include_manual: bool,
               rev: str | None) -> _View:
     from forge.analysis import Analyzer
     from forge.lockfile import Lockfile
-    from forge.session import load_rules
-    load_rules()
+    from forge.ruleset import installed
+    rules = installed().load()
     # Never saved: affected writes nothing, even when it must resolve an unpinned tag.
-    an = Analyzer(ws, lock=Lockfile(ws.root, ws.config))
+    an = Analyzer(ws, rules, lock=Lockfile(ws.root, ws.config, rules))
     try:
         roots = an.expand(patterns, include_manual=include_manual)
         plan = an.analyze(roots)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
-from forge.api import (OUT_PREFIX, RULES, Action, Artifact, RuleType, SourceReader, TargetInfo)
 from forge.errors import AnalysisError, ForgeError, LoadError, did_you_mean
 from forge.labels import Label, LabelError, Pattern, parse_label
 from forge.loader import Loader, Target
+from forge.model import OUT_PREFIX, Action, Artifact, RuleType, SourceReader, TargetInfo
 from forge.plan import GENERATED_KIND, SOURCE_KIND, Node, Plan
+from forge.ruleset import RuleSet, installed
 from forge.workspace import Workspace, discover_packages
 
 
@@ -89,7 +90,7 @@ class AnalysisContext:
     # user files read at analysis time (Dockerfiles, assemblies) and $(location)
     def read_source(self, artifact: Artifact) -> str:
         path = self._an.ws.root / artifact.path
-        self._an.loader._remember(path)
+        self._an.loader.remember(path)
         self._an.reads.setdefault(self.label, set()).add(artifact.path)
         return path.read_text()
 
@@ -100,7 +101,7 @@ class AnalysisContext:
         self._an.loader.dirs[self.package] = d.stat().st_mtime_ns
         self._an.reads.setdefault(self.label, set()).add(_join(self.package, name))
         if (d / name).is_file():
-            self._an.loader._remember(d / name)
+            self._an.loader.remember(d / name)
             return Artifact(_join(self.package, name))
         return None
 
@@ -145,13 +146,14 @@ class AnalysisContext:
 
 
 class Analyzer:
-    def __init__(self, ws: Workspace, rules: dict[str, RuleType] | None = None,
+    def __init__(self, ws: Workspace, rules: RuleSet | None = None,
                  lock: "Lockfile | None" = None):
         from forge.lockfile import Lockfile
         self.ws = ws
-        self.lock = lock or Lockfile(ws.root, ws.config)
-        self.rules = rules if rules is not None else RULES
-        self.loader = Loader(ws, self.rules)
+        rule_set = rules if rules is not None else installed().load()
+        self.lock = lock or Lockfile(ws.root, ws.config, rule_set)
+        self.rules = rule_set.rules
+        self.loader = Loader(ws, rule_set)
         self.nodes: dict[Label, Node] = {}
         self.infos: dict[Label, TargetInfo] = {}
         self.actions: list[Action] = []
@@ -262,7 +264,7 @@ class Analyzer:
 
         def read(text: str) -> str:
             p = self.ws.root / path(text)
-            self.loader._remember(p)
+            self.loader.remember(p)
             self.reads.setdefault(t.label, set()).add(path(text))
             return p.read_text()
 

@@ -217,7 +217,7 @@ class Cache:
         for p in self.tmp.iterdir():
             try:
                 if now - p.lstat().st_mtime > older_than:
-                    _force_rmtree(p) if p.is_dir() else p.unlink()
+                    force_rmtree(p) if p.is_dir() else p.unlink()
             except OSError:
                 pass
 
@@ -240,7 +240,9 @@ def _has_size(path: Path, size: int) -> bool:
         return False
 
 
-def _force_rmtree(path: Path) -> None:
+def force_rmtree(path: Path) -> None:
+    """Remove a tree whose files and directories may be read-only (outputs linked from
+    the cache are)."""
     def onerror(func, p, exc):
         try:
             os.chmod(os.path.dirname(p), stat.S_IRWXU)

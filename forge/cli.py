@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show Python tracebacks")
     building = argparse.ArgumentParser(add_help=False)
     building.add_argument("-j", "--jobs", type=int, default=None,
-                          help="parallel actions (default: number of cores)")
+                          help="parallel actions and tests (default: jobs in forge.toml, "
+                          "else the number of cores)")
     building.add_argument("-k", "--keep-going", action="store_true",
                           help="keep building what does not depend on a failure")
     building.add_argument("--progress", choices=("auto", "plain", "none"), default="auto")
@@ -203,10 +204,10 @@ def _build(ws, args, patterns, *, tests: bool = False):
         from forge.remote.settings import from_config
         remote = from_config(ws.config, url=args.remote_cache, upload=args.remote_upload,
                              instance=args.remote_instance, timeout=args.remote_timeout)
-        ex = s.executor(jobs=args.jobs, keep_going=args.keep_going, reporter=reporter,
-                        offline=args.offline, remote=remote)
-        offset = ex._epoch - t0
-        summary = ex.run(plan.actions, plan.static_keys or None)
+        scheduler = s.scheduler(jobs=ws.jobs(args.jobs), keep_going=args.keep_going,
+                                reporter=reporter, offline=args.offline, remote=remote)
+        offset = scheduler.epoch - t0
+        summary = scheduler.run(plan.actions, plan.static_keys or None)
         reporter.close()
         code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
         _write_last(s, summary)
@@ -281,8 +282,7 @@ def cmd_test(ws, args) -> int:
         return EXIT_OK
     cancel = threading.Event()
     try:
-        results = run_tests(plan, ws.root, s.cache, args.jobs or os.cpu_count() or 1, cancel,
-                            ws.config)
+        results = run_tests(plan, ws.root, s.cache, ws.jobs(args.jobs), cancel, ws.config)
     except KeyboardInterrupt:
         cancel.set()
         return EXIT_INTERRUPTED
@@ -300,14 +300,13 @@ def cmd_test(ws, args) -> int:
 
 
 def _call_runner(ws, plan, label, what: str, argv: list[str]) -> int:
-    from forge.api import RUNNERS, RunContext
-    from forge.session import load_rules
-    load_rules()
+    from forge.contexts import RunContext
+    from forge.ruleset import installed
     spec = plan.infos[label].extra.get(what)
     if spec is None:
         raise UsageError(f"{label} cannot be {'loaded' if what == 'load' else 'run'}",
                          hint="image targets (container_image, oci_pull, ...) can be loaded")
-    fn = RUNNERS.get(spec["runner"])
+    fn = installed().load().runners.get(spec["runner"])
     if fn is None:
         raise UsageError(f"no runner '{spec['runner']}' is registered (is its rule family installed?)")
     return fn(RunContext(spec.get("params"), ws.root, argv, ws.config))
@@ -447,12 +446,12 @@ def cmd_explain(ws, args) -> int:
 # --- clean, cache -----------------------------------------------------------------------
 
 def cmd_clean(ws, args) -> int:
-    from forge.cache import _force_rmtree
+    from forge.cache import force_rmtree
     if ws.out_dir.exists():
-        _force_rmtree(ws.out_dir)
+        force_rmtree(ws.out_dir)
     if args.expunge:
         s = _session(ws, args)
-        _force_rmtree(s.records.dir)
+        force_rmtree(s.records.dir)
         print(f"forge: removed {ws.out_dir} and this workspace's records", file=sys.stderr)
     else:
         print(f"forge: removed {ws.out_dir}", file=sys.stderr)

@@ -4,32 +4,22 @@
 
     python -m forge.docgen > docs/rules.md
 
-Only rules registered by the rule families of the `forge.rules` entry points
-are documented, so rule types that tests register on the fly never leak in.
+The installed rule families (the `forge.rules` entry points) are documented;
+tests register theirs in rule sets of their own, which never leak in.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from importlib.metadata import entry_points
-
-from forge.api import COMMON_ATTRS, RULES, Attr, RuleType, _AttrFactory
-from forge.session import load_rules
+from forge.model import ATTR_TYPES, COMMON_ATTRS, Attr, RuleType
+from forge.ruleset import installed
 
 REGENERATE = "python -m forge.docgen > docs/rules.md"
 
 
-def _families() -> dict[str, str]:
-    """Module name -> entry-point name, for every registered rule family."""
-    return {ep.value.split(":")[0]: ep.name for ep in entry_points(group="forge.rules")}
-
-
 def documented_rules() -> list[RuleType]:
-    load_rules()
-    families = _families()
-    return sorted((r for r in RULES.values() if r.impl.__module__ in families),
-                  key=lambda r: r.name)
+    return sorted(installed().load().rules.values(), key=lambda r: r.name)
 
 
 def _starlark(v) -> str:
@@ -65,7 +55,7 @@ def _table(attrs: dict[str, Attr]) -> list[str]:
             "|---|---|---|---|---|"]
     for name, spec in attrs.items():
         values = ", ".join(f"`{_starlark(v)}`" for v in spec.values) if spec.values else "any"
-        rows.append(f"| `{name}` | {_AttrFactory.TYPES[spec.type]} | {_default(spec)} | "
+        rows.append(f"| `{name}` | {ATTR_TYPES[spec.type]} | {_default(spec)} | "
                     f"{values} | {_cell(spec.doc)} |")
     return rows
 
@@ -73,7 +63,7 @@ def _table(attrs: dict[str, Attr]) -> list[str]:
 def rules_markdown() -> str:
     """The whole reference as Markdown, rules sorted by name."""
     rules = documented_rules()
-    families = _families()
+    families = installed().families
     out = [
         "# BUILD rule reference",
         "",
@@ -101,14 +91,14 @@ def rules_markdown() -> str:
         "",
         "| Type | A BUILD file passes |",
         "|---|---|",
-        *(f"| `{t}` | {words} |" for t, words in _AttrFactory.TYPES.items()),
+        *(f"| `{t}` | {words} |" for t, words in ATTR_TYPES.items()),
         "",
     ]
     for r in rules:
         own = {k: v for k, v in r.attrs.items() if k not in COMMON_ATTRS}
-        module = r.impl.__module__
+        family, module = families[r.name]
         out += [f"## {r.name}", "", r.doc.strip() or "(no description)", ""]
-        facts = [f"Rule family `{families.get(module, module)}` (`{module}`), version {r.version}."]
+        facts = [f"Rule family `{family}` (`{module}`), version {r.version}."]
         if r.test:
             facts.append("A test rule: `forge test` runs it.")
         out += [" ".join(facts), ""]

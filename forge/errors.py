@@ -65,6 +65,12 @@ class AnalysisError(ForgeError):
     """A target's attributes cannot be turned into actions."""
 
 
+class ActionFailed(ForgeError):
+    """Raised by an in-process step whose work failed (e.g. a checksum mismatch)."""
+
+    exit_code = EXIT_BUILD_FAILED
+
+
 class BuildFailedError(ForgeError):
     exit_code = EXIT_BUILD_FAILED
 

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from forge.executor import ActionResult, BuildSummary, Reporter
+from forge.scheduler import ActionResult, BuildSummary, Reporter
 
 
 class ProgressReporter(Reporter):

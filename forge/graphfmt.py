@@ -1,4 +1,4 @@
-"""Output formats for query results, plus dependency-cycle discovery.
+"""Output formats for query results.
 
 Every formatter takes the result set of ``forge.query.evaluate`` and the
 graph it ran against, and returns text; none of them prints. Output is
@@ -10,7 +10,6 @@ order depends on the string hash seed).
     format_dot       Graphviz digraph of the induced subgraph
     format_mermaid   Mermaid "graph LR" flowchart of the induced subgraph
     render_svg       DOT text -> SVG bytes via the Graphviz `dot` binary
-    find_cycle_path  one dependency cycle [a, b, ..., a], or None
 """
 
 from __future__ import annotations
@@ -18,14 +17,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections import deque
-
-import networkx as nx
 
 from .query import QueryError
 
-__all__ = ["format_labels", "format_json", "format_dot", "format_mermaid",
-           "render_svg", "find_cycle_path"]
+__all__ = ["format_labels", "format_json", "format_dot", "format_mermaid", "render_svg"]
 
 
 def _kind(graph, label: str) -> str | None:
@@ -106,42 +101,3 @@ def render_svg(dot_text: str) -> bytes:
         raise QueryError(f"Graphviz 'dot' failed (exit {proc.returncode}): "
                          f"{detail}")
     return proc.stdout
-
-
-def _cycle_in_scc(graph, scc: set[str]) -> list[str]:
-    """Shortest cycle through the smallest label of a strongly connected set."""
-    start = min(scc)
-    parent: dict[str, str | None] = {start: None}
-    queue = deque([start])
-    while queue:
-        node = queue.popleft()
-        # Sorted so the reported cycle is the same on every run.
-        for dep in sorted(graph.succ[node]):
-            if dep == start:
-                path: list[str] = []
-                cur: str | None = node
-                while cur is not None:
-                    path.append(cur)
-                    cur = parent[cur]
-                return path[::-1] + [start]
-            if dep in scc and dep not in parent:
-                parent[dep] = node
-                queue.append(dep)
-    raise AssertionError("a strongly connected component must hold a cycle")
-
-
-def find_cycle_path(graph) -> list[str] | None:
-    """A dependency cycle as [a, b, ..., a], or None if the graph is acyclic.
-
-    Only strongly connected components are searched: nx.find_cycle over the
-    whole graph is far too slow on large graphs. Self-loops are checked
-    first since they are the shortest cycles and form size-1 components.
-    """
-    loops = sorted(nx.nodes_with_selfloops(graph))
-    if loops:
-        return [loops[0], loops[0]]
-    best: set[str] | None = None
-    for scc in nx.strongly_connected_components(graph):
-        if len(scc) > 1 and (best is None or min(scc) < min(best)):
-            best = scc
-    return None if best is None else _cycle_in_scc(graph, best)

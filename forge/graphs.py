@@ -1,6 +1,9 @@
-"""The target graph as networkx, for `forge query` and `forge graph`."""
+"""The target graph as networkx, for `forge query` and `forge graph`, and the search
+for a dependency cycle in it."""
 
 from __future__ import annotations
+
+from collections import deque
 
 import networkx as nx
 
@@ -53,3 +56,42 @@ def pattern_resolver(session, graph: nx.DiGraph):
                 out.add(n)
         return out
     return resolve
+
+
+def _cycle_in_scc(graph, scc: set[str]) -> list[str]:
+    """Shortest cycle through the smallest label of a strongly connected set."""
+    start = min(scc)
+    parent: dict[str, str | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        # Sorted so the reported cycle is the same on every run.
+        for dep in sorted(graph.succ[node]):
+            if dep == start:
+                path: list[str] = []
+                cur: str | None = node
+                while cur is not None:
+                    path.append(cur)
+                    cur = parent[cur]
+                return path[::-1] + [start]
+            if dep in scc and dep not in parent:
+                parent[dep] = node
+                queue.append(dep)
+    raise AssertionError("a strongly connected component must hold a cycle")
+
+
+def find_cycle_path(graph) -> list[str] | None:
+    """A dependency cycle as [a, b, ..., a], or None if the graph is acyclic.
+
+    Only strongly connected components are searched: nx.find_cycle over the
+    whole graph is far too slow on large graphs. Self-loops are checked
+    first since they are the shortest cycles and form size-1 components.
+    """
+    loops = sorted(nx.nodes_with_selfloops(graph))
+    if loops:
+        return [loops[0], loops[0]]
+    best: set[str] | None = None
+    for scc in nx.strongly_connected_components(graph):
+        if len(scc) > 1 and (best is None or min(scc) < min(best)):
+            best = scc
+    return None if best is None else _cycle_in_scc(graph, best)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import Mapping
 
 import xxhash
 
-from forge.api import FUNCTIONS, Action
 from forge.digest import StatCache
+from forge.model import Action
+from forge.ruleset import ActionFunction
 from forge.sandbox import KEY_ENV, SANDBOX_PATH
 
 KEY_FORMAT = 2  # bump when the preimage's shape changes
@@ -47,8 +49,9 @@ class ToolIds:
         return d
 
 
-def static_part(action: Action) -> dict:
-    """What the key takes from the action itself; fixed for a given plan."""
+def static_part(action: Action, functions: Mapping[str, ActionFunction]) -> dict:
+    """What the key takes from the action itself; fixed for a given plan. `functions`
+    are the registered in-process steps (forge.ruleset.RuleSet.functions)."""
     p = {
         "format": KEY_FORMAT,
         "rule": action.rule,
@@ -60,17 +63,17 @@ def static_part(action: Action) -> dict:
         p["argv"] = list(action.argv)
         p["env"] = {**KEY_ENV, **dict(action.env)}
     else:
-        p["function"] = f"{action.function}@{FUNCTIONS[action.function][1]}" \
-            if action.function in FUNCTIONS else action.function
+        p["function"] = f"{action.function}@{functions[action.function].version}" \
+            if action.function in functions else action.function
         p["params"] = action.params
     return p
 
 
-def static_digest(action: Action) -> str:
+def static_digest(action: Action, functions: Mapping[str, ActionFunction]) -> str:
     """Computed once per plan and kept in the plan cache: JSON-encoding every action's
     command on every no-op build would dominate it."""
     return xxhash.xxh3_128_hexdigest(
-        json.dumps(static_part(action), sort_keys=True, separators=(",", ":")).encode())
+        json.dumps(static_part(action, functions), sort_keys=True, separators=(",", ":")).encode())
 
 
 def key_from(static: str, tools: dict[str, str], inputs: dict[str, str], salt: str) -> str:
@@ -84,9 +87,10 @@ def key_from(static: str, tools: dict[str, str], inputs: dict[str, str], salt: s
     return h.hexdigest()
 
 
-def preimage(action: Action, inputs: dict[str, str], tools: dict[str, str], salt: str) -> dict:
+def preimage(action: Action, functions: Mapping[str, ActionFunction], inputs: dict[str, str],
+             tools: dict[str, str], salt: str) -> dict:
     """The readable form of everything in the key, kept for `forge explain`."""
-    return {**static_part(action), "inputs": inputs, "tools": tools, "salt": salt}
+    return {**static_part(action, functions), "inputs": inputs, "tools": tools, "salt": salt}
 
 
 def explain_diff(old: dict | None, new: dict) -> list[str]:

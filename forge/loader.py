@@ -18,9 +18,10 @@ from pathlib import Path
 
 import starlark as sl
 
-from forge.api import BUILD_HELPERS, RULES, Attr, RuleType, _AttrFactory
 from forge.errors import ForgeError, LoadError, Location, did_you_mean
 from forge.labels import Label, LabelError, parse_label
+from forge.model import ATTR_TYPES, Attr, RuleType
+from forge.ruleset import RuleSet, installed
 from forge.workspace import CONFIG_NAME, SKIP_DIRS, Workspace, build_file
 
 _GLOBALS = sl.Globals.extended_by([sl.LibraryExtension.StructType,
@@ -53,10 +54,11 @@ class Package:
     outputs: dict[str, Label] = field(default_factory=dict)  # output file name -> its rule
 
 
-def _prelude(rules: dict[str, RuleType]) -> str:
-    defs = [f'def {n}(**kwargs):\n    _rule("{n}", call_stack(), kwargs)\n' for n in sorted(rules)]
-    members = ", ".join(f"{n} = {n}" for n in sorted(rules))
-    defs += [BUILD_HELPERS[n] for n in sorted(BUILD_HELPERS)]
+def _prelude(rules: RuleSet) -> str:
+    names = sorted(rules.rules)
+    defs = [f'def {n}(**kwargs):\n    _rule("{n}", call_stack(), kwargs)\n' for n in names]
+    members = ", ".join(f"{n} = {n}" for n in names)
+    defs += [rules.build_helpers[n] for n in sorted(rules.build_helpers)]
     defs.append(f"native = struct({members}, glob = glob, package_name = package_name, "
                 f"exports_files = exports_files, package = package)\n")
     return "\n".join(defs)
@@ -65,11 +67,12 @@ def _prelude(rules: dict[str, RuleType]) -> str:
 class Loader:
     """Loads packages on demand and remembers every file it read (for caching)."""
 
-    def __init__(self, ws: Workspace, rules: dict[str, RuleType] | None = None):
+    def __init__(self, ws: Workspace, rules: RuleSet | None = None):
         self.ws = ws
         _ROOT[0] = ws.root
         _PY_CALLS.clear()
-        self.rules = rules if rules is not None else RULES
+        self.rule_set = rules if rules is not None else installed().load()
+        self.rules = self.rule_set.rules
         self.packages: dict[str, Package] = {}
         self.bzl: dict[str, sl.FrozenModule] = {}
         # Files and directories whose change invalidates what was loaded.
@@ -77,7 +80,7 @@ class Loader:
         self.dirs: dict[str, int] = {}
         # BUILD or .bzl file -> the .bzl files it loads (workspace-relative), for affected.py.
         self.loads: dict[str, set[str]] = {}
-        self._prelude_src = _prelude(self.rules)
+        self._prelude_src = _prelude(self.rule_set)
         self._current: Package | None = None
         self._pending: BaseException | None = None
         self._lock = threading.Lock()
@@ -125,7 +128,8 @@ class Loader:
     def _rel(self, path: Path) -> str:
         return path.relative_to(self.ws.root).as_posix()
 
-    def _remember(self, path: Path) -> None:
+    def remember(self, path: Path) -> None:
+        """Record a file whose change invalidates what was loaded (its size and mtime)."""
         st = path.stat()
         self.inputs[self._rel(path)] = (st.st_size, st.st_mtime_ns)
 
@@ -144,7 +148,7 @@ class Loader:
             text = path.read_text()
         except OSError as e:
             raise LoadError(f"cannot read {display}: {e.strerror}") from None
-        self._remember(path)
+        self.remember(path)
         m = module or self._module()
         self._pending = None
         try:
@@ -192,7 +196,7 @@ class Loader:
         if u:
             name = u.group(1)
             msg = f"'{name}' is not defined"
-            kinds = list(self.rules) + list(_BUILTINS) + list(BUILD_HELPERS)
+            kinds = list(self.rules) + list(_BUILTINS) + list(self.rule_set.build_helpers)
             hint = did_you_mean(name, kinds) or f"known rules: {', '.join(sorted(self.rules))}"
         return LoadError(msg, location=loc, hint=hint)
 
@@ -408,7 +412,7 @@ def check_attrs(rule: RuleType, name: str, kwargs: dict, loc: Location) -> dict:
             continue
         v = kwargs[key]
         if not _type_ok(spec, v):
-            raise LoadError(f"attribute '{key}' of {what} must be {_AttrFactory.TYPES[spec.type]}; "
+            raise LoadError(f"attribute '{key}' of {what} must be {ATTR_TYPES[spec.type]}; "
                             f"got {_type_name(v)} {v!r}", location=_attr_location(loc, key))
         if spec.values is not None:
             bad = [x for x in (v if isinstance(v, list) else [v]) if x not in spec.values]

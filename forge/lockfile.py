@@ -15,17 +15,19 @@ import json
 import os
 from pathlib import Path
 
-from forge.api import PIN_PLACEHOLDERS, PIN_RESOLVERS
 from forge.errors import AnalysisError, LoadError, Location
+from forge.ruleset import RuleSet
 
 LOCK_NAME = "forge.lock"
 
 
 class Lockfile:
-    def __init__(self, root: Path, config: dict, *, offline: bool = False, refresh: bool = False,
+    def __init__(self, root: Path, config: dict, rules: RuleSet, *, offline: bool = False, refresh: bool = False,
                  dry: bool = False):
         self.path = root / LOCK_NAME
         self.config = config
+        self.resolvers = rules.pin_resolvers
+        self.placeholders = rules.pin_placeholders
         self.offline = offline
         # `--nobuild`: what is not pinned gets its kind's placeholder, resolved by no one
         self.dry = dry
@@ -46,13 +48,13 @@ class Lockfile:
         pinned = self.pins.get(kind, {}).get(key)
         if pinned is not None and not (self.refresh and (kind, key) not in self._refreshed):
             return pinned
-        if self.dry and pinned is None and kind in PIN_PLACEHOLDERS:
+        if self.dry and pinned is None and kind in self.placeholders:
             self.used_placeholder = True
-            return PIN_PLACEHOLDERS[kind]
+            return self.placeholders[kind]
         if self.offline:
             raise AnalysisError(f"'{key}' is not pinned in {LOCK_NAME} and --offline forbids "
                                 "resolving it", hint="run forge lock (online) once")
-        resolver = PIN_RESOLVERS.get(kind)
+        resolver = self.resolvers.get(kind)
         if resolver is None:
             raise AnalysisError(f"no resolver for pins of kind '{kind}'")
         value = resolver(key, self.config)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from forge.api import Action, TargetInfo
+from forge.model import Action, TargetInfo
 from forge.labels import Label
 
 SOURCE_KIND = "source file"

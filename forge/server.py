@@ -1,5 +1,5 @@
 """A resident forge process per workspace, so a command does not pay for starting
-Python and importing forge every time (opt-in: FORGE_SERVER=1; see forge/client.py).
+Python and importing forge every time (opt-in: FORGE_SERVER=1; see forge/launcher.py).
 
 Protocol on a Unix socket: the client sends one JSON line {"argv", "cwd", "env"} together
 with its stdin, stdout and stderr file descriptors (SCM_RIGHTS), so the command reads and
@@ -26,19 +26,16 @@ def code_fingerprint(state: Path) -> list[tuple[str, int]]:
     """The mtimes of forge's and the rule families' sources: a server running older code
     than what is installed must not answer."""
     import forge
-    from forge.session import _rule_fingerprint
-    out = []
-    for d in (Path(forge.__file__).parent, Path(forge.__file__).parent / "formats",
-              Path(forge.__file__).parent / "remote"):
-        for f in sorted(d.glob("*.py")):
-            out.append((str(f), f.stat().st_mtime_ns))
-    return out + _rule_fingerprint(state)
+    from forge.ruleset import installed
+    out = [(str(f), f.stat().st_mtime_ns)  # every subpackage: formats/ has several
+           for f in sorted(Path(forge.__file__).parent.rglob("*.py"))]
+    return out + installed().code_fingerprint(state)
 
 
 def serve(sock_path: str) -> None:
     from forge import cli
-    from forge.session import load_rules
-    load_rules()  # the point of a server: everything imported once
+    from forge.ruleset import installed
+    installed().load()  # the point of a server: everything imported once
     import gc
     gc.freeze()  # what is imported lives for good: keep collections from walking it
     state = Path(sock_path).parent

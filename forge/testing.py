@@ -67,12 +67,11 @@ def _run_in_process(label: Label, spec: dict, root: Path, config: dict,
     """A test whose rule runs it in forge's process (a `@runner`, e.g. booting a VM and
     probing it), rather than as an executable; the runner keeps its own deadline."""
     import io
-    from forge.api import RUNNERS, RunContext
-    from forge.session import load_rules
-    load_rules()
+    from forge.contexts import RunContext
+    from forge.ruleset import installed
     out = io.StringIO()
     t0 = time.perf_counter()
-    fn = RUNNERS.get(spec["runner"])
+    fn = installed().load().runners.get(spec["runner"])
     if fn is None:
         return TestResult(label, False, 0.0, "", f"no runner '{spec['runner']}' is registered")
     reason = ""

@@ -56,6 +56,16 @@ class Workspace:
         base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         return Path(base) / "forge"
 
+    def jobs(self, override: int | None = None) -> int:
+        """How many actions (and tests) run at once: `--jobs`, then `jobs` in forge.toml,
+        then the number of cores."""
+        try:
+            configured = int(self.config.get("jobs") or 0)
+        except (TypeError, ValueError):
+            raise UsageError(f"jobs in {CONFIG_NAME} must be a number; got "
+                             f"{self.config['jobs']!r}") from None
+        return max(1, override or configured or os.cpu_count() or 1)
+
     def records_dir(self, cache_dir: Path) -> Path:
         """This workspace's own records (last build, explain data) inside the cache."""
         wid = xxhash.xxh3_64_hexdigest(str(self.root).encode())

@@ -8,7 +8,7 @@ import shutil
 
 from forge.api import ActionFailed, ExecContext, action_function, attr, pool, rule
 
-pool("network", 4)  # parallel downloads, bounded so a mirror is not flooded
+NETWORK_POOL = pool("network", 4)  # parallel downloads, bounded so a mirror is not flooded
 
 # --- filegroup -------------------------------------------------------------------------
 
@@ -171,3 +171,8 @@ def sh_test(ctx):
 @action_function("CopyFile", version=1)
 def copy_file(ctx: ExecContext) -> None:
     shutil.copyfile(ctx.path(ctx.inputs[0]), ctx.path(ctx.outputs[0]))
+
+
+def register(rule_set) -> None:
+    """The `forge.rules` entry point: hands this module's declarations to the rule set."""
+    rule_set.add(NETWORK_POOL, filegroup, genrule, http_file, http_fetch, sh_test, copy_file)

@@ -9,9 +9,8 @@ from forge.formats.debian import sources as aptsources
 from forge.formats.image.layer_write import normalise
 from forge.formats.image.layout import add_blob, image_config_defaults, write_image
 
-from . import dockerengine  # noqa: F401  (registers the image runners)
-
-pool("mmdebstrap", 2)  # downloads overlap the other run's unpacking; more would only fight for 2 cores
+# Downloads overlap the other run's unpacking; more would only fight for 2 cores.
+MMDEBSTRAP_POOL = pool("mmdebstrap", 2)
 
 VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd",
             "important", "standard")
@@ -92,3 +91,8 @@ def run_mmdebstrap(ctx: ExecContext) -> None:
         diff_ids=[info.diff_id], platform=f"linux/{arch}", cmd=p["cmd"],
         env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
     write_image(out, config, [info], platform=("linux", arch))
+
+
+def register(rule_set) -> None:
+    """The `forge.rules` entry point: hands this module's declarations to the rule set."""
+    rule_set.add(MMDEBSTRAP_POOL, debian_rootfs, run_mmdebstrap)

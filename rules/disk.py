@@ -73,3 +73,8 @@ def tar_step(ctx: ExecContext) -> None:
             p = ctx.path(rel)
             with tarfile.open(p / "rootfs.tar" if p.is_dir() else p) as tf:
                 w.copy_tree(tf)
+
+
+def register(rule_set) -> None:
+    """The `forge.rules` entry point: hands this module's declarations to the rule set."""
+    rule_set.add(disk_step, tar_step)

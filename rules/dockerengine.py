@@ -110,3 +110,8 @@ def run_runner(ctx: RunContext) -> int:
     ref = ensure_loaded(c, ctx.root / ctx.params["layout"])
     argv = ["docker", "run", "--rm", "-i"] + (["-t"] if sys.stdin.isatty() else []) + [ref]
     return subprocess.call(argv + list(ctx.args))
+
+
+def register(rule_set) -> None:
+    """The `forge.rules` entry point: hands this module's declarations to the rule set."""
+    rule_set.add(load_runner, run_runner)

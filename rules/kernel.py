@@ -242,3 +242,9 @@ def kernel_from_image(ctx: ExecContext) -> None:
     _write_kernel(ctx, (root / binary).read_bytes(), version, mods)
     if ucode and (root / ucode).is_file():
         (ctx.path(ctx.outputs[0]) / "ucode.cpio").write_bytes((root / ucode).read_bytes())
+
+
+def register(rule_set) -> None:
+    """The `forge.rules` entry point: hands this module's declarations to the rule set."""
+    rule_set.add(resolve_deb, resolve_kernel, deb_package, deb_fetch, kernel, kernel_from_file,
+                 kernel_from_deb, kernel_from_image)

@@ -432,3 +432,9 @@ def boot_files_step(ctx: ExecContext) -> None:
     import shutil
     shutil.copyfile(ctx.path(ctx.inputs[0]) / "kernel", ctx.path(ctx.outputs[0]))
     ctx.path(ctx.outputs[1]).write_text(ctx.params["cmdline"])
+
+
+def register(rule_set) -> None:
+    """The `forge.rules` entry point: hands this module's declarations to the rule set."""
+    rule_set.add(linuxkit_image, unpack_step, kernel_fragment_step, bundle_step, files_step,
+                 volume_step, segment_step, initrd_step, boot_files_step)

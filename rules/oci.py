@@ -21,10 +21,11 @@ from forge.formats.dockerfile.ignore import DockerIgnore
 from forge.formats.image.errors import InvalidReferenceError
 from forge.formats.image.reference import Reference
 
-from . import dockerengine, stages  # noqa: F401  (register runners and stage steps)
+from . import stages
 
-pool("docker", 2)  # independent RUN stages build side by side; more would only fight for cores
-pool("registry", 2)
+# Independent RUN stages build side by side; more would only fight for cores.
+DOCKER_POOL = pool("docker", 2)
+REGISTRY_POOL = pool("registry", 2)
 
 PLATFORM_DOC = "Platform to select from a multi-platform index, e.g. linux/arm64."
 
@@ -328,3 +329,9 @@ def _match_context(context: dict, patterns: list[str]) -> list[str]:
             if not p or any(rx.match("/".join(parts[:k])) for k in range(1, len(parts) + 1)):
                 out.add(f)
     return sorted(out)
+
+
+def register(rule_set) -> None:
+    """The `forge.rules` entry point: hands this module's declarations to the rule set."""
+    rule_set.add(DOCKER_POOL, REGISTRY_POOL, resolve_tag, oci_pull, oci_pull_step, oci_archive,
+                 oci_import_step, oci_push, push_runner, container_image)

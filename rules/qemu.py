@@ -14,21 +14,21 @@ import sys
 
 from forge.api import ActionFailed, RunContext, attr, build_helper, pool, rule, runner
 
-pool("qemu", 2)
+QEMU_POOL = pool("qemu", 2)
 
 # format -> how it boots (see forge.formats.qemu.boot_spec)
 BOOTABLE = ("kernel+initrd", "iso-bios", "iso-efi", "raw-bios", "raw-efi", "qcow2-bios", "qcow2-efi")
 
-build_helper("redis_ping", '''def redis_ping(port = 6379):
+REDIS_PING = build_helper("redis_ping", '''def redis_ping(port = 6379):
     """A qemu_test probe: Redis answers PING with PONG on guest port `port`."""
     return {"kind": "redis_ping", "port": port}
 ''')
-build_helper("tcp_expect", '''def tcp_expect(port, send = "", expect = ""):
+TCP_EXPECT = build_helper("tcp_expect", '''def tcp_expect(port, send = "", expect = ""):
     """A qemu_test probe: after sending `send` to guest port `port`, the reply matches the
     regular expression `expect`."""
     return {"kind": "tcp_expect", "port": port, "send": send, "expect": expect}
 ''')
-build_helper("console_regex", '''def console_regex(pattern):
+CONSOLE_REGEX = build_helper("console_regex", '''def console_regex(pattern):
     """A qemu_test probe: a line of the serial console matches `pattern`."""
     return {"kind": "console_regex", "pattern": pattern}
 ''')
@@ -197,3 +197,9 @@ def qemu_run(ctx: RunContext) -> int:
         except KeyboardInterrupt:
             print("\nforge: VM stopped", file=sys.stderr)
             return 0
+
+
+def register(rule_set) -> None:
+    """The `forge.rules` entry point: hands this module's declarations to the rule set."""
+    rule_set.add(QEMU_POOL, REDIS_PING, TCP_EXPECT, CONSOLE_REGEX, qemu_test, qemu_test_runner,
+                 qemu_run)

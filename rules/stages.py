@@ -446,3 +446,8 @@ def _engine_instruction(c, ctx: ExecContext, st: dict, context: Path) -> str:
         opts = "".join(f" --{k}={v}" for k, v in flags.items())
         return f"{cmd}{opts} " + json.dumps(srcs + [st["args"][-1]])
     return st["original"]
+
+
+def register(rule_set) -> None:
+    """The `forge.rules` entry point: hands this module's declarations to the rule set."""
+    rule_set.add(assemble_stage, copy_layer, docker_stage)

@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 
 from forge.labels import Label
-from forge.session import load_rules
 from forge.workspace import Workspace
 
 
 def analyse(root: Path, label: str):
     from forge.analysis import Analyzer
     from forge.labels import parse_pattern
-    load_rules()
-    an = Analyzer(Workspace(root))
+    an = Analyzer(Workspace(root))  # the installed rule families
     roots = an.expand([parse_pattern(label)])
     return an.analyze(roots)
 

@@ -66,3 +66,40 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (REPO / ".ci" / "run").read_text()
     assert "bash dev/test.sh" in readme
     assert "bash dev/test.sh" in ci
+
+
+def test_writing_rules_example_family_registers_plans_and_runs(tmp_path):
+    """docs/writing-rules.md says its family is complete and works as shown."""
+    import types
+
+    from forge.analysis import Analyzer
+    from forge.cache import Cache
+    from forge.executor import LocalExecutor
+    from forge.labels import parse_pattern
+    from forge.records import Records
+    from forge.ruleset import RuleSet
+    from forge.scheduler import Scheduler
+    from forge.workspace import Workspace
+    text = (REPO / "docs" / "writing-rules.md").read_text()
+    source = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def register" in b)
+    module = types.ModuleType("text_rules_example")
+    exec(compile(source, "writing-rules.md", "exec"), module.__dict__)
+    rules = RuleSet()
+    module.register(rules)
+    assert sorted(rules.rules) == ["sorted_lines", "template"] and rules.pools == {"sort": 2}
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "forge.toml").write_text("")
+    (root / "x.txt").write_text("b\na\nb\n")
+    (root / "t.in").write_text("hello {who}\n")
+    (root / "BUILD").write_text(next(b for b in re.findall(r"```python\n(.*?)```", text, re.S)
+                                     if b.startswith("sorted_lines(")))
+    an = Analyzer(Workspace(root), rules)
+    plan = an.analyze(an.expand([parse_pattern("//...")]))
+    cache = Cache(tmp_path / "cache")
+    local = LocalExecutor(root, cache, Records(tmp_path / "records"), rules=rules)
+    summary = Scheduler(local, jobs=2, pools=rules.pools).run(plan.actions)
+    cache.close()
+    assert summary.ok, [r.error for r in summary.results]
+    assert (root / "forge-out/s.txt").read_text() == "a\nb\n"
+    assert (root / "forge-out/t.out").read_text() == "hello you\n"

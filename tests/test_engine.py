@@ -295,6 +295,28 @@ def test_sh_test_pass_and_fail(ws, tmp_path):
     assert 'failures="1"' in junit.read_text()
 
 
+def test_forge_test_runs_as_many_tests_at_once_as_jobs_in_forge_toml_says(ws, tmp_path):
+    log = tmp_path / "tests.log"
+
+    def most_at_once() -> int:
+        now = most = 0
+        for line in log.read_text().split():
+            now += 1 if line == "start" else -1
+            most = max(most, now)
+        log.unlink()
+        return most
+    ws.write({"forge.toml": "jobs = 1\n",
+              "t/slow.sh": '#!/bin/sh\necho start >> "$LOG"; sleep 0.5; echo end >> "$LOG"\n',
+              "t/BUILD": "\n".join(f'sh_test(name = "s{i}", srcs = ["slow.sh"], env = {{"LOG": "{log}"}})'
+                                   for i in range(3))})
+    r = ws.forge("test", "//t:all")
+    assert r.code == 0, r.err + r.out
+    assert most_at_once() == 1
+    r = ws.forge("test", "//t:all", "-j", "3")  # the command line wins
+    assert r.code == 0, r.err + r.out
+    assert most_at_once() >= 2
+
+
 def test_dependency_cycle_is_reported_as_a_path(ws):
     ws.write({"a/BUILD": 'genrule(name = "x", srcs = ["//b:y"], outs = ["x.o"], cmd = "true")',
               "b/BUILD": 'genrule(name = "y", srcs = ["//a:x"], outs = ["y.o"], cmd = "true")'})

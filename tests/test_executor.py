@@ -6,12 +6,13 @@ import os
 import threading
 import time
 
-from forge import api
-from forge.api import Action, Artifact, action_function
+from forge.api import Action, Artifact, action_function, pool
 from forge.cache import Cache
-from forge.executor import Executor
+from forge.executor import LocalExecutor
 from forge.labels import Label
 from forge.records import Records
+from forge.ruleset import RuleSet
+from forge.scheduler import Scheduler
 
 CALLS: list[str] = []
 ACTIVE = {"now": 0, "max": 0, "pool_now": 0, "pool_max": 0}
@@ -48,8 +49,8 @@ def run(tmp_path, actions, jobs=4):
     root = tmp_path / "ws"
     root.mkdir(exist_ok=True)
     cache = Cache(tmp_path / "cache")
-    ex = Executor(root, cache, Records(tmp_path / "records"), jobs=jobs)
-    summary = ex.run(actions)
+    local = LocalExecutor(root, cache, Records(tmp_path / "records"), rules=RULES)
+    summary = Scheduler(local, jobs=jobs, pools=RULES.pools).run(actions)
     cache.close()
     return summary
 
@@ -72,7 +73,6 @@ def test_parallel_then_nothing_then_exactly_the_changed(tmp_path):
 
 
 def test_pool_limits_concurrency(tmp_path):
-    api.pool("single", 1)
     ACTIVE.update(pool_now=0, pool_max=0)
     actions = [act(f"q{i}", pooled=True, sleep=0.1) for i in range(4)] + [act(f"f{i}") for i in range(4)]
     s = run(tmp_path, actions, jobs=4)
@@ -125,3 +125,8 @@ def test_directory_outputs_are_cached_and_staged(tmp_path):
     s = run(tmp_path, tree_actions("two"))
     assert CALLS == ["tree:two", "read"]
     assert (ws / "forge-out/p/read.txt").read_text().startswith("two|")
+
+
+# The fakes' own rule set: nothing registers by being imported.
+RULES = RuleSet()
+RULES.add(fake, make_tree, read_tree, pool("single", 1))

@@ -6,8 +6,7 @@ import shutil
 import networkx as nx
 import pytest
 
-from forge.graphfmt import (find_cycle_path, format_dot, format_json,
-                            format_labels, format_mermaid, render_svg)
+from forge.graphfmt import format_dot, format_json, format_labels, format_mermaid, render_svg
 from forge.query import QueryError, evaluate
 
 
@@ -328,41 +327,6 @@ def test_other_syntax_errors(q):
         "query:1:11: the depth argument of deps() must be a non-negative integer, got '²'"
     assert err(q, "//a + 'oops") == "query:1:7: unclosed quotation ': missing the closing '"
     assert err(q, "deps(//a,\n  dep(//b))") == "query:2:3: unknown function 'dep'; did you mean 'deps'?"
-
-
-# --- cycles ------------------------------------------------------------------
-
-def test_cycle_found_in_scc():
-    g = nx.DiGraph([("//app:bin", "//a:x"), ("//a:x", "//b:y"), ("//b:y", "//a:x"),
-                    ("//b:y", "//c:z")])
-    assert find_cycle_path(g) == ["//a:x", "//b:y", "//a:x"]
-
-
-def test_cycle_is_a_real_shortest_cycle_in_larger_scc():
-    g = nx.DiGraph([("//p:1", "//p:2"), ("//p:2", "//p:3"), ("//p:3", "//p:4"),
-                    ("//p:4", "//p:1"), ("//p:3", "//p:1")])
-    cycle = find_cycle_path(g)
-    assert cycle == ["//p:1", "//p:2", "//p:3", "//p:1"]
-    assert all(g.has_edge(u, v) for u, v in zip(cycle, cycle[1:]))
-
-
-def test_self_loop_cycle():
-    g = nx.DiGraph([("//a:x", "//b:y"), ("//b:y", "//b:y")])
-    assert find_cycle_path(g) == ["//b:y", "//b:y"]
-
-
-def test_acyclic_returns_none():
-    assert find_cycle_path(make_graph()) is None
-    assert find_cycle_path(nx.DiGraph()) is None
-
-
-def test_cycle_search_on_large_graph():
-    g = nx.DiGraph()
-    nx.add_path(g, [f"//c:{i}" for i in range(100_000)])
-    assert find_cycle_path(g) is None
-    g.add_edge("//c:99999", "//c:99990")
-    cycle = find_cycle_path(g)
-    assert cycle[0] == cycle[-1] and len(cycle) == 11
 
 
 # --- output formats ----------------------------------------------------------

@@ -5,7 +5,7 @@
     transfer.py   errors, retries, the verifying download sink
     http.py       GET/HEAD/PUT <base>/ac/<sha256> and <base>/cas/<sha256>
     reapi.py      Capabilities, CAS, ByteStream and ActionCache over gRPC
-    client.py     what the executor calls: lookup() and upload(), never failing a build
+    cache_client.py  what the executor calls: lookup() and upload(), never failing a build
     proto/        generated REAPI and ByteStream messages (dev/reapi-protos.py)
 
 Importing this package costs nothing: protobuf and grpc load only when a remote cache

@@ -1,5 +1,5 @@
 """The REAPI gRPC backend against a real BuildGrid on 127.0.0.1: the same proofs as the
-HTTP backend's (tests/test_remote_http.py), plus instances, large blobs through
+HTTP backend's (tests/remote/test_http.py), plus instances, large blobs through
 ByteStream, TLS and bearer tokens."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from buildgrid_fixture import buildgrid, start_buildgrid  # noqa: F401 (fixture)
 from conftest import require
-from test_remote_http import N_ACTIONS, count, make, outputs, statuses
+from test_http import N_ACTIONS, count, make, outputs, statuses
 
 pytestmark = pytest.mark.real
 

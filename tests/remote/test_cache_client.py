@@ -10,11 +10,12 @@ import pytest
 
 from buildgrid_fixture import start_buildgrid
 from forge.cache import Cache
-from forge.executor import Executor
+from forge.executor import LocalExecutor
 from forge.records import Records
 from forge.remote.settings import from_config
+from forge.scheduler import Scheduler
 from nginx_fixture import start_nginx
-from test_executor import CALLS, tree_actions
+from test_executor import CALLS, RULES, tree_actions
 
 pytestmark = pytest.mark.real
 
@@ -35,9 +36,9 @@ def build(base, name, settings, actions):
     root.mkdir(parents=True, exist_ok=True)
     cache = Cache(base / name / "cache")
     rep = Warnings()
-    ex = Executor(root, cache, Records(base / name / "records"), jobs=2, remote=settings,
-                  reporter=rep)
-    summary = ex.run(actions)
+    local = LocalExecutor(root, cache, Records(base / name / "records"), remote=settings,
+                          reporter=rep, rules=RULES)
+    summary = Scheduler(local, jobs=2).run(actions)
     cache.close()
     return summary, root, rep.seen
 

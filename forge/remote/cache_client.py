@@ -1,4 +1,5 @@
-"""The remote cache as the executor sees it: `lookup` an action's outputs, `upload` them.
+"""The shared cache as forge/executor.py sees it: `lookup` an action's outputs,
+`upload` them.
 
 Nothing here can fail a build. A remote that is down, slow or broken costs a warning
 and the action runs locally; after a connection failure or three failed operations in
@@ -16,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from forge import trees
-from forge.api import Action
 from forge.cache import Cache, OutputFile
+from forge.model import Action
 from forge.remote.proto import remote_execution_pb2 as re_pb
 from forge.remote.results import (Digest, ShapeError, action_digest, action_message, check_shape,
                                   digest_of, from_proto, tree_files, tree_from_entries)
