@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 from forge.api import ActionFailed, ExecContext, action_function, attr, pool, rule
-from forge.formats.debian import sources as aptsources
 from forge.formats.image.layer_write import normalise
 from forge.formats.image.layout import add_blob, image_config_defaults, write_image
 
+from . import debtrust
+from .debtrust import mirror_for
 from . import dockerengine  # noqa: F401  (registers the image runners)
 
 pool("mmdebstrap", 2)  # downloads overlap the other run's unpacking; more would only fight for 2 cores
@@ -22,13 +23,20 @@ _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+~:\-]+)
 single-layer OCI image whose bytes are reproducible (sorted entries, every time set to
 SOURCE_DATE_EPOCH). The mirror is `[debian] mirror` in forge.toml, else the Debian archive
 this machine's apt sources name; it is not part of the key (pin versions, or change the
-workspace salt, to force a rebuild when the archive moves).""", attrs={
+workspace salt, to force a rebuild when the archive moves). apt, run by mmdebstrap,
+verifies the suite's signature as it always does: with `keyring` (or `[debian] keyring`)
+if one is named, else with this machine's apt keyrings; the trusted keys are part of the
+key.""", attrs={
     "suite": attr.string(mandatory=True, doc="Debian suite, e.g. bookworm."),
     "variant": attr.string(default="minbase", values=VARIANTS, doc="mmdebstrap's --variant."),
     "packages": attr.string_list(doc="Extra packages; `name=version` pins a version."),
     "components": attr.string_list(default=["main"], doc="Archive components."),
     "architecture": attr.string(default="amd64", doc="Debian architecture."),
     "cmd": attr.string_list(default=["bash"], doc="The image's default command."),
+    "keyring": attr.string(default="", doc="The keyring apt must verify the suite with (mmdebstrap "
+                           "--keyring): an absolute path, or a label of a file of the workspace; "
+                           "default: [debian] keyring in forge.toml, else this machine's apt "
+                           "keyrings (docs/trust.md)."),
 })
 def debian_rootfs(ctx):
     for p in ctx.attr.packages:
@@ -36,10 +44,17 @@ def debian_rootfs(ctx):
             raise ctx.fail(f"'{p}' is not a Debian package name (optionally name=version)",
                            attr="packages")
     out = ctx.declare_dir(ctx.label.name)
+    trust = debtrust.trust_for(ctx, ctx.attr.suite, for_apt=True)
     params = {"suite": ctx.attr.suite, "variant": ctx.attr.variant,
               "packages": sorted(set(ctx.attr.packages)), "components": list(ctx.attr.components),
-              "architecture": ctx.attr.architecture, "cmd": list(ctx.attr.cmd)}
-    ctx.call("Mmdebstrap", params, inputs=[], outputs=[out], mnemonic="DebianRootfs",
+              "architecture": ctx.attr.architecture, "cmd": list(ctx.attr.cmd), **trust.params()}
+    inputs = []
+    if trust.host_keyring:
+        params["keyring"] = trust.host_keyring
+    elif trust.workspace_keyring:
+        inputs = [ctx.source_file(trust.workspace_keyring)]
+        params["keyring"] = inputs[0].path
+    ctx.call("Mmdebstrap", params, inputs=inputs, outputs=[out], mnemonic="DebianRootfs",
              pool="mmdebstrap", tools=["mmdebstrap"],
              description=f"DebianRootfs {ctx.label} ({ctx.attr.suite})")
     return ctx.info(files=[out], image=out.path,
@@ -47,22 +62,11 @@ def debian_rootfs(ctx):
                     run={"runner": "DockerRun", "params": {"layout": out.path}})
 
 
-def mirror_for(config: dict) -> str:
-    configured = config.get("debian", {}).get("mirror")
-    if configured:
-        return configured
-    found = aptsources.debian_mirror(aptsources.read_sources())
-    if not found:
-        raise ActionFailed("no Debian mirror: this machine's apt sources name no Debian archive",
-                           hint='set it in forge.toml: [debian] mirror = "http://<host>/debian"')
-    return found
-
-
 ARCH_TO_OCI = {"amd64": "amd64", "arm64": "arm64", "armhf": "arm", "i386": "386",
                "ppc64el": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
 
-@action_function("Mmdebstrap", version=2)
+@action_function("Mmdebstrap", version=3)
 def run_mmdebstrap(ctx: ExecContext) -> None:
     p = ctx.params
     if ctx.offline:
@@ -73,6 +77,11 @@ def run_mmdebstrap(ctx: ExecContext) -> None:
             f"--components={','.join(p['components'])}", "--format=tar", "--quiet"]
     if p["packages"]:
         argv.append(f"--include={','.join(p['packages'])}")
+    # apt verifies the suite itself; forge never turns that off (no trusted=yes, no
+    # AllowInsecureRepositories), it only says which keyring when one is named.
+    if p.get("keyring"):
+        path = p["keyring"] if p["keyring"].startswith("/") else str(ctx.path(p["keyring"]))
+        argv.append(f"--keyring={path}")
     # apt creates its `partial` directories owned by _apt or by root depending on which
     # of its runs got there first; settle it as Debian's own images have it.
     argv.append("--customize-hook=chroot \"$1\" sh -c 'for d in /var/cache/apt/archives/partial "
