@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 from forge.api import ActionFailed, ExecContext, action_function, attr, pool, rule
+from forge.formats.debian import errors as debian_errors
+from forge.formats.debian import keyring as debian_keyring
 from forge.formats.image.layer_write import normalise
 from forge.formats.image.layout import add_blob, image_config_defaults, write_image
 
@@ -66,6 +72,21 @@ ARCH_TO_OCI = {"amd64": "amd64", "arm64": "arm64", "armhf": "arm", "i386": "386"
                "ppc64el": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
 
+def _readable_keyring(path) -> str:
+    """A binary copy of the keyring that apt can read: its gpgv runs as the unprivileged
+    _apt user, who cannot enter forge's sandbox or a private home, and an armoured file
+    outside trusted.gpg.d is not recognised. Public keys: readable by all is fine."""
+    try:
+        keys = debian_keyring.load([Path(path)])
+    except debian_errors.KeyringError as e:
+        raise ActionFailed(str(e)) from None
+    d = tempfile.mkdtemp(prefix="forge-keyring-")
+    os.chmod(d, 0o755)
+    Path(d, "keyring.gpg").write_bytes(keys)
+    os.chmod(Path(d, "keyring.gpg"), 0o644)
+    return d
+
+
 @action_function("Mmdebstrap", version=3)
 def run_mmdebstrap(ctx: ExecContext) -> None:
     p = ctx.params
@@ -74,21 +95,27 @@ def run_mmdebstrap(ctx: ExecContext) -> None:
                            hint="build once online: the result is cached")
     raw = ctx.path("rootfs.tar")
     argv = ["mmdebstrap", f"--variant={p['variant']}", f"--architectures={p['architecture']}",
-            f"--components={','.join(p['components'])}", "--format=tar", "--quiet"]
+            f"--components={','.join(p['components'])}", "--format=tar"]
     if p["packages"]:
         argv.append(f"--include={','.join(p['packages'])}")
     # apt verifies the suite itself; forge never turns that off (no trusted=yes, no
     # AllowInsecureRepositories), it only says which keyring when one is named.
+    keyring_dir = None
     if p.get("keyring"):
-        path = p["keyring"] if p["keyring"].startswith("/") else str(ctx.path(p["keyring"]))
-        argv.append(f"--keyring={path}")
+        keyring_dir = _readable_keyring(p["keyring"] if p["keyring"].startswith("/")
+                                        else ctx.path(p["keyring"]))
+        argv.append(f"--keyring={keyring_dir}/keyring.gpg")
     # apt creates its `partial` directories owned by _apt or by root depending on which
     # of its runs got there first; settle it as Debian's own images have it.
     argv.append("--customize-hook=chroot \"$1\" sh -c 'for d in /var/cache/apt/archives/partial "
                 "/var/lib/apt/lists/partial; do if [ -d $d ]; then chown _apt:root $d; "
                 "chmod 700 $d; fi; done'")
     argv += [p["suite"], str(raw), mirror_for(ctx.config)]
-    ctx.run(argv)
+    try:
+        ctx.run(argv)
+    finally:
+        if keyring_dir is not None:
+            shutil.rmtree(keyring_dir, ignore_errors=True)
     out = ctx.path(ctx.outputs[0])
     epoch = ctx.source_date_epoch
     layer_tmp = ctx.path("layer.tar.gz")
