@@ -16,10 +16,13 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # grub-*, mtools, dosfstools, fdisk, qemu-utils: the disk formats (ISO, raw, qcow2);
 # qemu-system-x86 and ovmf: booting images (BIOS and UEFI); busybox-static and runc: the
 # reference init; nginx-full: the WebDAV server the remote-cache tests use as a Bazel HTTP cache;
-# openssl: the certificates of the TLS remote-cache test.
+# openssl: the certificates of the TLS remote-cache test; gpg, gpgv, dpkg-dev, apt-utils and
+# debian-archive-keyring: the signed test archives (gpg signs, dpkg-scanpackages and
+# apt-ftparchive index, gpgv verifies) and the keys of Debian's own archive.
 forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd
     xorriso isolinux syslinux syslinux-common grub-common grub-pc-bin grub-efi-amd64-bin mtools
-    dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full openssl)
+    dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full openssl
+    gpg gpgv dpkg-dev apt-utils debian-archive-keyring)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do

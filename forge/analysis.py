@@ -6,7 +6,9 @@ overflow Python's recursion), which also finds dependency cycles as paths.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 from forge.errors import AnalysisError, ForgeError, LoadError, did_you_mean
@@ -117,6 +119,25 @@ class AnalysisContext:
         if not p.is_file():
             raise FileNotFoundError(path)
         return Artifact(p.relative_to(self._an.ws.root).as_posix())
+
+    def read_file(self, path: str) -> bytes:
+        """The bytes of a file the rule must read to plan: workspace-relative (a source
+        file), or absolute (a host file, e.g. a system keyring). The plan cache rechecks
+        its stat, so changing it plans again; OSError if it cannot be read."""
+        p = self._an.ws.root / path
+        data = p.read_bytes()
+        self._an.loader._remember(p)
+        if not Path(path).is_absolute():
+            self._an.reads.setdefault(self.label, set()).add(path)
+        return data
+
+    def list_dir(self, path: str) -> list[str]:
+        """The names in a directory read while planning (workspace-relative or absolute);
+        the plan cache notices entries appearing or going (its mtime is recorded)."""
+        p = self._an.ws.root / path
+        names = os.listdir(p)
+        self._an.loader.dirs[self._an.loader._rel(p)] = p.stat().st_mtime_ns
+        return names
 
     def pin(self, kind: str, key: str) -> str:
         """The pinned value for a floating reference (see forge.lockfile), e.g.

@@ -192,6 +192,9 @@ def _build(ws, args, patterns, *, tests: bool = False):
     t0 = time.perf_counter()
     s = _session(ws, args)
     reporter = ProgressReporter(args.progress)
+    from forge.workspace import weakened_checks
+    for text in weakened_checks(ws.config):
+        reporter.warning(text)
     s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
                                  file=sys.stderr))
     try:

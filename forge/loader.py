@@ -126,7 +126,12 @@ class Loader:
         return pkg
 
     def _rel(self, path: Path) -> str:
-        return path.relative_to(self.ws.root).as_posix()
+        # A host file read while planning (a system keyring) stays absolute; joining it
+        # to the root gives it back when the plan cache checks it.
+        try:
+            return path.relative_to(self.ws.root).as_posix()
+        except ValueError:
+            return path.as_posix()
 
     def remember(self, path: Path) -> None:
         """Record a file whose change invalidates what was loaded (its size and mtime)."""

@@ -24,9 +24,23 @@ _KNOWN = {
     "cache": {"dir"},
     "remote": {"cache", "instance", "upload", "timeout", "jobs", "ca_cert"},  # forge.remote
     "registries": {"insecure", "mirrors"},  # read by the image rules (rules/oci.py)
-    "debian": {"mirror"},  # read by debian_rootfs (rules/debian.py)
+    "debian": {"mirror", "keyring", "insecure"},  # read by the Debian rules (rules/debian.py)
     "qemu": {"accel"},  # read by forge run and qemu_test (rules/qemu.py)
 }
+
+# Settings that turn a check off. Every build says so (forge.cli), so that a setting made
+# once to get past a problem is never forgotten.
+_WEAKENING = {
+    ("debian", "insecure"): "[debian] insecure = true in {config}: Debian Release signatures are "
+                            "NOT verified, so whoever answers for the mirror chooses the packages "
+                            "forge pins into forge.lock; remove it to verify them again",
+}
+
+
+def weakened_checks(config: dict) -> list[str]:
+    """Warnings for the settings of `config` that turn a check off."""
+    return [text.format(config=CONFIG_NAME) for (section, key), text in _WEAKENING.items()
+            if config.get(section, {}).get(key) is True]
 
 
 @dataclass
@@ -125,6 +139,11 @@ def load_config(path: Path, display: str | None = None) -> dict:
                 raise LoadError(f"unknown key {where}'{key}' in {CONFIG_NAME}",
                                 location=Location(display, _line_of(path, key)),
                                 hint=did_you_mean(key, known))
+    for section, key in _WEAKENING:
+        value = data.get(section, {}).get(key)
+        if value is not None and not isinstance(value, bool):
+            raise LoadError(f"[{section}] {key} in {CONFIG_NAME} must be true or false; got {value!r}",
+                            location=Location(display, _line_of(path, key)))
     return data
 
 

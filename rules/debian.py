@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 from forge.api import ActionFailed, ExecContext, action_function, attr, pool, rule
-from forge.formats.debian import sources as aptsources
+from forge.formats.debian import errors as debian_errors
+from forge.formats.debian import keyring as debian_keyring
 from forge.formats.image.layer_write import normalise
 from forge.formats.image.layout import add_blob, image_config_defaults, write_image
+
+from . import debtrust
+from .debtrust import mirror_for
 
 # Downloads overlap the other run's unpacking; more would only fight for 2 cores.
 MMDEBSTRAP_POOL = pool("mmdebstrap", 2)
@@ -21,13 +29,20 @@ _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+~:\-]+)
 single-layer OCI image whose bytes are reproducible (sorted entries, every time set to
 SOURCE_DATE_EPOCH). The mirror is `[debian] mirror` in forge.toml, else the Debian archive
 this machine's apt sources name; it is not part of the key (pin versions, or change the
-workspace salt, to force a rebuild when the archive moves).""", attrs={
+workspace salt, to force a rebuild when the archive moves). apt, run by mmdebstrap,
+verifies the suite's signature as it always does: with `keyring` (or `[debian] keyring`)
+if one is named, else with this machine's apt keyrings; the trusted keys are part of the
+key.""", attrs={
     "suite": attr.string(mandatory=True, doc="Debian suite, e.g. bookworm."),
     "variant": attr.string(default="minbase", values=VARIANTS, doc="mmdebstrap's --variant."),
     "packages": attr.string_list(doc="Extra packages; `name=version` pins a version."),
     "components": attr.string_list(default=["main"], doc="Archive components."),
     "architecture": attr.string(default="amd64", doc="Debian architecture."),
     "cmd": attr.string_list(default=["bash"], doc="The image's default command."),
+    "keyring": attr.string(default="", doc="The keyring apt must verify the suite with (mmdebstrap "
+                           "--keyring): an absolute path, or a label of a file of the workspace; "
+                           "default: [debian] keyring in forge.toml, else this machine's apt "
+                           "keyrings (docs/trust.md)."),
 })
 def debian_rootfs(ctx):
     for p in ctx.attr.packages:
@@ -35,10 +50,17 @@ def debian_rootfs(ctx):
             raise ctx.fail(f"'{p}' is not a Debian package name (optionally name=version)",
                            attr="packages")
     out = ctx.declare_dir(ctx.label.name)
+    trust = debtrust.trust_for(ctx, ctx.attr.suite, for_apt=True)
     params = {"suite": ctx.attr.suite, "variant": ctx.attr.variant,
               "packages": sorted(set(ctx.attr.packages)), "components": list(ctx.attr.components),
-              "architecture": ctx.attr.architecture, "cmd": list(ctx.attr.cmd)}
-    ctx.call("Mmdebstrap", params, inputs=[], outputs=[out], mnemonic="DebianRootfs",
+              "architecture": ctx.attr.architecture, "cmd": list(ctx.attr.cmd), **trust.params()}
+    inputs = []
+    if trust.host_keyring:
+        params["keyring"] = trust.host_keyring
+    elif trust.workspace_keyring:
+        inputs = [ctx.source_file(trust.workspace_keyring)]
+        params["keyring"] = inputs[0].path
+    ctx.call("Mmdebstrap", params, inputs=inputs, outputs=[out], mnemonic="DebianRootfs",
              pool="mmdebstrap", tools=["mmdebstrap"],
              description=f"DebianRootfs {ctx.label} ({ctx.attr.suite})")
     return ctx.info(files=[out], image=out.path,
@@ -46,22 +68,26 @@ def debian_rootfs(ctx):
                     run={"runner": "DockerRun", "params": {"layout": out.path}})
 
 
-def mirror_for(config: dict) -> str:
-    configured = config.get("debian", {}).get("mirror")
-    if configured:
-        return configured
-    found = aptsources.debian_mirror(aptsources.read_sources())
-    if not found:
-        raise ActionFailed("no Debian mirror: this machine's apt sources name no Debian archive",
-                           hint='set it in forge.toml: [debian] mirror = "http://<host>/debian"')
-    return found
-
-
 ARCH_TO_OCI = {"amd64": "amd64", "arm64": "arm64", "armhf": "arm", "i386": "386",
                "ppc64el": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
 
-@action_function("Mmdebstrap", version=2)
+def _readable_keyring(path) -> str:
+    """A binary copy of the keyring that apt can read: its gpgv runs as the unprivileged
+    _apt user, who cannot enter forge's sandbox or a private home, and an armoured file
+    outside trusted.gpg.d is not recognised. Public keys: readable by all is fine."""
+    try:
+        keys = debian_keyring.load([Path(path)])
+    except debian_errors.KeyringError as e:
+        raise ActionFailed(str(e)) from None
+    d = tempfile.mkdtemp(prefix="forge-keyring-")
+    os.chmod(d, 0o755)
+    Path(d, "keyring.gpg").write_bytes(keys)
+    os.chmod(Path(d, "keyring.gpg"), 0o644)
+    return d
+
+
+@action_function("Mmdebstrap", version=3)
 def run_mmdebstrap(ctx: ExecContext) -> None:
     p = ctx.params
     if ctx.offline:
@@ -69,16 +95,27 @@ def run_mmdebstrap(ctx: ExecContext) -> None:
                            hint="build once online: the result is cached")
     raw = ctx.path("rootfs.tar")
     argv = ["mmdebstrap", f"--variant={p['variant']}", f"--architectures={p['architecture']}",
-            f"--components={','.join(p['components'])}", "--format=tar", "--quiet"]
+            f"--components={','.join(p['components'])}", "--format=tar"]
     if p["packages"]:
         argv.append(f"--include={','.join(p['packages'])}")
+    # apt verifies the suite itself; forge never turns that off (no trusted=yes, no
+    # AllowInsecureRepositories), it only says which keyring when one is named.
+    keyring_dir = None
+    if p.get("keyring"):
+        keyring_dir = _readable_keyring(p["keyring"] if p["keyring"].startswith("/")
+                                        else ctx.path(p["keyring"]))
+        argv.append(f"--keyring={keyring_dir}/keyring.gpg")
     # apt creates its `partial` directories owned by _apt or by root depending on which
     # of its runs got there first; settle it as Debian's own images have it.
     argv.append("--customize-hook=chroot \"$1\" sh -c 'for d in /var/cache/apt/archives/partial "
                 "/var/lib/apt/lists/partial; do if [ -d $d ]; then chown _apt:root $d; "
                 "chmod 700 $d; fi; done'")
     argv += [p["suite"], str(raw), mirror_for(ctx.config)]
-    ctx.run(argv)
+    try:
+        ctx.run(argv)
+    finally:
+        if keyring_dir is not None:
+            shutil.rmtree(keyring_dir, ignore_errors=True)
     out = ctx.path(ctx.outputs[0])
     epoch = ctx.source_date_epoch
     layer_tmp = ctx.path("layer.tar.gz")

@@ -23,7 +23,8 @@ from forge.formats.debian.package import open_data_tar
 from forge.formats.linux import modules as kmod
 from forge.formats.linux.fragments import FragmentWriter
 
-from .debian import mirror_for
+from . import debtrust
+from .debtrust import mirror_for
 
 DOC_SUITE = "Debian suite whose package index is used."
 
@@ -34,9 +35,23 @@ def _pin_value(entry: dict) -> str:
 
 
 def _index(key: str, config: dict):
+    """The verified index a pin is resolved from; nothing unverified is ever pinned."""
     suite, arch, spec = key.split("/", 2)
     name, _, version = spec.partition("=")
-    return archive.fetch_index(mirror_for(config), suite, arch=arch), name, version or None
+    trust = debtrust.current(config, suite)
+    try:
+        index = archive.fetch_index(mirror_for(config), suite, arch=arch, keyrings=trust.keyrings,
+                                    insecure=trust.insecure)
+    except (DebError, OSError) as e:
+        raise debtrust.failure(e, trust, f"cannot resolve {name} in suite {suite}") from None
+    return index, name, version or None
+
+
+def _resolve(index, name, version):
+    try:
+        return archive.resolve(index, name, version)
+    except DebError as e:
+        raise ActionFailed(str(e)) from None
 
 
 _PLACEHOLDER = json.dumps({"Package": "unresolved", "Version": "0", "Filename": "unresolved.deb",
@@ -47,7 +62,7 @@ _PLACEHOLDER = json.dumps({"Package": "unresolved", "Version": "0", "Filename": 
 def resolve_deb(key: str, config: dict) -> str:
     """`suite/arch/name[=version]` -> the index entry of that package, as JSON."""
     index, name, version = _index(key, config)
-    return _pin_value(archive.resolve(index, name, version))
+    return _pin_value(_resolve(index, name, version))
 
 
 @pin_resolver("debkernel", placeholder=_PLACEHOLDER)
@@ -55,20 +70,34 @@ def resolve_kernel(key: str, config: dict) -> str:
     """Like `deb`, but a metapackage (linux-image-cloud-amd64) is followed to the
     versioned kernel package it depends on."""
     index, name, version = _index(key, config)
-    entry = archive.resolve(index, name, version)
+    entry = _resolve(index, name, version)
     for _ in range(3):
         nxt = [alt for clause in archive.depends(entry) for alt in clause
                if alt.startswith("linux-image-") and alt != entry["Package"]]
         if not nxt:
             break
-        entry = archive.resolve(index, nxt[0])
+        entry = _resolve(index, nxt[0], None)
     return _pin_value(entry)
+
+
+DOC_KEYRING = ("The keyring the suite must be signed with: an absolute path, or a label of a "
+               "file of the workspace; default: [debian] keyring in forge.toml, else what apt "
+               "trusts for the mirror (docs/trust.md).")
+
+
+def pinned_deb(ctx, kind: str) -> dict:
+    """The pin of the target's package, resolved (the first time) from a verified suite."""
+    trust = debtrust.trust_for(ctx, ctx.attr.suite)
+    key = f"{ctx.attr.suite}/{ctx.attr.architecture}/{ctx.attr.package}"
+    return dict(json.loads(debtrust.pin(ctx, kind, key, trust)), _trust=trust)
 
 
 def fetch_action(ctx, pin: dict, name: str):
     out = ctx.declare(name)
+    # The trusted keys are in the key: a package pinned through other keys is another fetch.
     ctx.call("DebFetch", {"filename": pin["Filename"], "sha256": pin["SHA256"],
-                          "size": pin["Size"]}, inputs=[], outputs=[out], mnemonic="DebFetch",
+                          "size": pin["Size"], **pin["_trust"].params()},
+             inputs=[], outputs=[out], mnemonic="DebFetch",
              pool="network", description=f"DebFetch {pin['Package']} {pin['Version']}")
     return out
 
@@ -78,9 +107,10 @@ def fetch_action(ctx, pin: dict, name: str):
           "package": attr.string(mandatory=True, doc="Package name, optionally name=version."),
           "suite": attr.string(default="bookworm", doc=DOC_SUITE),
           "architecture": attr.string(default="amd64", doc="Debian architecture."),
+          "keyring": attr.string(default="", doc=DOC_KEYRING),
       })
 def deb_package(ctx):
-    pin = json.loads(ctx.pin("deb", f"{ctx.attr.suite}/{ctx.attr.architecture}/{ctx.attr.package}"))
+    pin = pinned_deb(ctx, "deb")
     out = fetch_action(ctx, pin, f"{ctx.label.name}.deb")
     return ctx.info(files=[out], deb=out.path, package=pin["Package"], version=pin["Version"])
 
@@ -95,7 +125,7 @@ def deb_fetch(ctx: ExecContext) -> None:
     try:
         archive.download(mirror_for(ctx.config), entry, ctx.path(ctx.outputs[0]))
     except (DebError, OSError) as e:
-        raise ActionFailed(f"cannot download {p['filename']}: {e}") from None
+        raise debtrust.failure(e, None, f"cannot download {p['filename']}") from None
 
 
 @rule("kernel", version=1, doc="""A kernel and its modules: from a Debian kernel package
@@ -115,9 +145,13 @@ a URL with its sha256 (a .deb, or a bare kernel image).""",
           "sha256": attr.string(default="", doc="The sha256 of what `url` serves (required with url)."),
           "modules": attr.string_list(doc="Modules to keep, with their dependencies; empty: "
                                       "keep every module."),
+          "keyring": attr.string(default="", doc=DOC_KEYRING + " Only with `package`."),
       })
 def kernel(ctx):
     out = ctx.declare_dir(ctx.label.name)
+    if ctx.attr.keyring and (ctx.attr.image or ctx.attr.deb or ctx.attr.url):
+        raise ctx.fail("keyring applies only to a kernel package from the mirror (`package`)",
+                       attr="keyring", hint="drop it: image, deb and url are pinned by digest")
     if ctx.attr.image:
         if ctx.attr.deb:
             raise ctx.fail("give either image or deb, not both", attr="deb")
@@ -149,8 +183,7 @@ def kernel(ctx):
             raise ctx.fail(f"deb must name one .deb file; it names {len(debs)}", attr="deb")
         src = debs[0]
     else:
-        key = f"{ctx.attr.suite}/{ctx.attr.architecture}/{ctx.attr.package}"
-        src = fetch_action(ctx, json.loads(ctx.pin("debkernel", key)), f"{ctx.label.name}.deb")
+        src = fetch_action(ctx, pinned_deb(ctx, "debkernel"), f"{ctx.label.name}.deb")
     ctx.call("KernelFromDeb", {"modules": list(ctx.attr.modules)}, inputs=[src], outputs=[out],
              mnemonic="KernelFromDeb")
     return ctx.info(files=[out], kernel=out.path)

@@ -28,6 +28,7 @@ from forge.formats.debian.errors import DebError
 from forge.formats.debian import sources as aptsources
 from forge.formats.linux import cpio
 from forge.formats.debian import archive
+from forge.formats.debian.keyring import apt_keyrings
 from forge.formats.debian.package import open_data_tar
 
 MARKER = "FORGE-BOOT-OK"
@@ -77,7 +78,9 @@ def fetch_cloud_kernel(cache: Path = CACHE) -> Kernel:
         return k
     mirror = aptsources.debian_mirror(aptsources.read_sources())
     require(mirror is not None, "no Debian mirror in the apt sources (needed for the kernel)")
-    index = archive.fetch_index(mirror, SUITE)
+    # Verified with what apt trusts for the mirror, as forge's own kernel rule does.
+    keyrings = apt_keyrings(mirror, SUITE, aptsources.read_sources())
+    index = archive.fetch_index(mirror, SUITE, keyrings=keyrings)
     entry = archive.resolve(index, PACKAGE)
     for _ in range(3):  # the metapackage depends on the versioned kernel package
         nxt = [alt for clause in archive.depends(entry) for alt in clause

@@ -7,9 +7,10 @@ version, with `Package`, `Version`, `Depends`, `Filename` (from the mirror root)
 `SHA256`. With `Acquire-By-Hash: yes` the index is fetched as `by-hash/SHA256/<digest>`,
 so a mirror updated between two downloads cannot mix generations.
 
-Trust: the OpenPGP signature of InRelease is NOT checked. The index must match the
-Release file's digest, and pins every package by SHA256 and size, so a package is exactly
-what that Release file named; authenticating the Release file is left to the transport.
+Trust: the Release file is authenticated first (`forge.formats.debian.release`: its
+OpenPGP signature by gpgv against the caller's keyrings, its dates), then the index must
+match the digest and size that verified Release names, and the index pins every package by
+SHA256 and size: so a package is exactly what a Release signed by a trusted key named.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import urllib.error
 import urllib.request
 from difflib import get_close_matches
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
+from forge.formats.debian import release as rel
 from forge.formats.debian.deb822 import parse_stanzas
-from forge.formats.debian.errors import DebError
+from forge.formats.debian.errors import DebError, DigestMismatchError
+from forge.formats.debian.keyring import Keyring
 from forge.formats.debian.version import compare_versions
 
 Fetch = Callable[[str], BinaryIO]  # url -> readable stream; a missing file raises FileNotFoundError
@@ -37,23 +40,6 @@ _CHUNK = 1 << 20
 
 
 # ---- indexes -----------------------------------------------------------------------------
-
-def _strip_clearsign(text: str) -> str:
-    if not text.startswith("-----BEGIN PGP SIGNED MESSAGE-----"):
-        return text
-    body = text.split("\n\n", 1)[1]  # after the armor headers (Hash: ...)
-    body = body.split("\n-----BEGIN PGP SIGNATURE-----", 1)[0]
-    return "\n".join(l[2:] if l.startswith("- ") else l for l in body.splitlines())
-
-
-def release_digests(text: str) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
-    """A Release or InRelease file's fields, and path -> (sha256, size) from its `SHA256:`."""
-    fields = (parse_stanzas(_strip_clearsign(text)) or [{}])[0]
-    if "SHA256" not in fields:
-        raise DebError("Release file has no SHA256 section")
-    rows = [line.split() for line in fields["SHA256"].splitlines()]
-    return fields, {w[2]: (w[0].lower(), int(w[1])) for w in rows if len(w) == 3}
-
 
 def urlopen_fetch(url: str) -> BinaryIO:
     try:
@@ -69,29 +55,55 @@ def _read_all(fetch: Fetch, url: str) -> bytes:
         return r.read()
 
 
-def fetch_index(mirror: str, suite: str, component: str = "main", arch: str = "amd64", *,
-                fetch: Fetch = urlopen_fetch) -> list[dict[str, str]]:
-    """The parsed `Packages` index of one suite, component and architecture, verified
-    against the suite's Release file (see the module docstring for what is trusted)."""
-    base = f"{mirror.rstrip('/')}/dists/{suite}"
+def _read_optional(fetch: Fetch, url: str) -> bytes | None:
     try:
-        release = _read_all(fetch, f"{base}/InRelease")
+        return _read_all(fetch, url)
     except FileNotFoundError:
-        release = _read_all(fetch, f"{base}/Release")
-    fields, digests = release_digests(release.decode("utf-8", "replace"))
-    by_hash = fields.get("Acquire-By-Hash", "").lower() == "yes"
+        return None
+
+
+def fetch_release(mirror: str, suite: str, *, keyrings: Sequence[Keyring],
+                  fetch: Fetch = urlopen_fetch, now: float | None = None,
+                  insecure: bool = False) -> rel.Release:
+    """The suite's Release, authenticated as apt does (InRelease, else Release and
+    Release.gpg); a `ReleaseError` when it cannot be. `insecure` skips the signature."""
+    base = f"{mirror.rstrip('/')}/dists/{suite}"
+    inrelease = _read_optional(fetch, f"{base}/InRelease")
+    release = signature = None
+    if inrelease is None:
+        release = _read_optional(fetch, f"{base}/Release")
+        if release is None:
+            raise FileNotFoundError(f"{base}: the mirror has no suite {suite} (no InRelease, "
+                                    "no Release)")
+        signature = None if insecure else _read_optional(fetch, f"{base}/Release.gpg")
+    return rel.verify(suite, mirror, inrelease=inrelease, release=release, signature=signature,
+                      keyrings=keyrings, now=now, insecure=insecure)
+
+
+def fetch_index(mirror: str, suite: str, component: str = "main", arch: str = "amd64", *,
+                keyrings: Sequence[Keyring], fetch: Fetch = urlopen_fetch,
+                now: float | None = None, insecure: bool = False) -> list[dict[str, str]]:
+    """The parsed `Packages` index of one suite, component and architecture, checked
+    against the suite's authenticated Release (see the module docstring)."""
+    release = fetch_release(mirror, suite, keyrings=keyrings, fetch=fetch, now=now,
+                            insecure=insecure)
+    base = f"{mirror.rstrip('/')}/dists/{suite}"
+    by_hash = release.fields.get("Acquire-By-Hash", "").lower() == "yes"
     stem = f"{component}/binary-{arch}/Packages"
     for suffix in (".xz", ".gz", ""):
-        if stem + suffix in digests:
+        if stem + suffix in release.digests:
             break
     else:
         raise DebError(f"{base}: Release lists no {stem}[.xz|.gz]")
-    sha, size = digests[stem + suffix]
+    sha, size = release.digests[stem + suffix]
     url = f"{base}/{component}/binary-{arch}/by-hash/SHA256/{sha}" if by_hash else f"{base}/{stem}{suffix}"
     data = _read_all(fetch, url)
-    if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
-        raise DebError(f"{url}: got {len(data)} bytes with sha256 "
-                       f"{hashlib.sha256(data).hexdigest()}, Release says {size} bytes, {sha}")
+    got = hashlib.sha256(data).hexdigest()
+    if len(data) != size or got != sha:
+        raise DigestMismatchError(
+            f"{url}: got {len(data)} bytes with sha256 {got}, but the verified Release of "
+            f"suite {suite} on mirror {mirror} names {stem}{suffix} with {size} bytes, sha256 "
+            f"{sha}: the mirror serves a different file (out of sync, or altered)")
     data = {".xz": lzma.decompress, ".gz": gzip.decompress, "": bytes}[suffix](data)
     return parse_stanzas(data.decode("utf-8", "replace"))
 
@@ -139,11 +151,14 @@ def download(mirror: str, entry: dict[str, str], dest: str | os.PathLike, *,
                 h.update(chunk)
                 n += len(chunk)
                 if n > size:
-                    raise DebError(f"{url}: more than the {size} bytes the index says")
+                    raise DigestMismatchError(f"{url}: more than the {size} bytes the index "
+                                              f"says; mirror {mirror} serves a different file")
                 out.write(chunk)
         if n != size or h.hexdigest() != want:
-            raise DebError(f"{url}: got {n} bytes with sha256 {h.hexdigest()}, "
-                           f"the index says {size} bytes, {want}")
+            raise DigestMismatchError(
+                f"{url}: got {n} bytes with sha256 {h.hexdigest()}, but the index names "
+                f"{entry['Filename']} with {size} bytes, sha256 {want}: mirror {mirror} serves "
+                "a different file (out of sync, or altered)")
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -2,13 +2,18 @@
 
 forge never hard-codes a mirror: `debian_rootfs` uses `[debian] mirror` from
 forge.toml, or else the archive this machine's own apt sources point at. Both the
-one-line format (`/etc/apt/sources.list`, `*.list`) and deb822 (`*.sources`) are read.
+one-line format (`/etc/apt/sources.list`, `*.list`) and deb822 (`*.sources`) are read,
+with the options that say which keys a source is signed by: one-line
+`deb [arch=amd64 signed-by=/k.gpg] URI suite components` and deb822 `Signed-By:` (file
+paths, comma-separated, or an embedded armoured key block).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -16,14 +21,25 @@ class Source:
     uri: str
     suites: tuple[str, ...]
     components: tuple[str, ...]
+    # keyring paths, or one embedded armoured key block; empty: apt's default keyrings
+    signed_by: tuple[str, ...] = ()
 
 
-def read_sources(root: Path = Path("/etc/apt")) -> list[Source]:
+def read_sources(root: Path = Path("/etc/apt"), *,
+                 read: Callable[[Path], bytes] = Path.read_bytes,
+                 listdir: Callable[[Path], list[str]] = os.listdir) -> list[Source]:
+    """The `deb` sources of an apt configuration directory. `read` and `listdir` are how
+    files are looked at (a caller may record what was read)."""
     out: list[Source] = []
-    files = [root / "sources.list"] + sorted((root / "sources.list.d").glob("*"))
-    for f in files:
+    try:
+        names = sorted(listdir(root / "sources.list.d"))
+    except OSError:
+        names = []
+    for f in [root / "sources.list"] + [root / "sources.list.d" / n for n in names]:
+        if not (f.suffix in (".sources", ".list") or f.name == "sources.list"):
+            continue
         try:
-            text = f.read_text()
+            text = read(f).decode("utf-8", "replace")
         except OSError:
             continue
         if f.suffix == ".sources":
@@ -36,28 +52,45 @@ def read_sources(root: Path = Path("/etc/apt")) -> list[Source]:
 def _one_line(text: str) -> list[Source]:
     out = []
     for line in text.splitlines():
-        words = line.split("#", 1)[0].split()
-        if not words or words[0] != "deb":
+        line = line.split("#", 1)[0].strip()
+        if not line.startswith("deb") or line[3:4] not in (" ", "\t"):
             continue
-        words = [w for w in words[1:] if not w.startswith("[")]  # drop [arch=...] options
+        rest, options = line[3:].strip(), {}
+        if rest.startswith("["):  # [ key=value key2=v1,v2 ], spaces allowed inside
+            inside, sep, rest = rest[1:].partition("]")
+            if not sep:
+                continue  # apt rejects an unclosed option list
+            for opt in inside.split():
+                key, _, value = opt.partition("=")
+                options[key.rstrip("+-").lower()] = value
+        words = rest.split()
         if len(words) >= 2:
-            out.append(Source(words[0], (words[1],), tuple(words[2:])))
+            signed = tuple(x for x in options.get("signed-by", "").split(",") if x)
+            out.append(Source(words[0], (words[1],), tuple(words[2:]), signed))
     return out
 
 
 def _deb822(text: str) -> list[Source]:
     out = []
-    for block in text.split("\n\n"):
+    lines = [l for l in text.splitlines() if not l.startswith("#")]
+    for block in "\n".join(lines).split("\n\n"):
         fields: dict[str, str] = {}
+        key = None
         for line in block.splitlines():
-            if ":" in line and not line.startswith((" ", "\t", "#")):
-                k, v = line.split(":", 1)
-                fields[k.strip().lower()] = v.strip()
+            if line[:1] in (" ", "\t") and key:  # a continued field (an embedded key)
+                fields[key] += "\n" + ("" if line.strip() == "." else line.strip())
+            elif ":" in line:
+                key, v = line.split(":", 1)
+                key = key.strip().lower()
+                fields[key] = v.strip()
         if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes") == "no":
             continue
+        signed = fields.get("signed-by", "").strip()
+        signed_by = (signed,) if "BEGIN PGP" in signed else \
+            tuple(x for x in signed.replace(",", " ").split() if x)
         for uri in fields.get("uris", "").split():
             out.append(Source(uri, tuple(fields.get("suites", "").split()),
-                              tuple(fields.get("components", "").split())))
+                              tuple(fields.get("components", "").split()), signed_by))
     return out
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from debian_archive import Keys
 from package_builders import make_deb
 from forge.formats.debian.errors import DebError
 from forge.formats.debian.archive import depends, download, fetch_index, resolve
@@ -136,7 +137,19 @@ def _stanza(deb: Path, root: Path) -> str:
         f"Description: {f['Description'].splitlines()[0]}\n"
 
 
-def make_archive(tmp: Path, debs: list[Path], *, signed=True, by_hash=False, gz=False,
+@pytest.fixture(scope="module")
+def signer():
+    keys = Keys()
+    yield keys.key("archive")
+    keys.close()
+
+
+@pytest.fixture
+def keyring(signer, tmp_path):
+    return [signer.export(tmp_path / "archive.gpg")]
+
+
+def make_archive(tmp: Path, debs: list[Path], key, *, signed=True, by_hash=False, gz=False,
                  tamper=None) -> Path:
     root = tmp / "www" / "debian"
     packages = "\n".join(_stanza(d, root) for d in debs)
@@ -153,12 +166,12 @@ def make_archive(tmp: Path, debs: list[Path], *, signed=True, by_hash=False, gz=
                f"{'Acquire-By-Hash: yes' if by_hash else 'Acquire-By-Hash: no'}\n"
                f"MD5Sum:\n {hashlib.md5(data).hexdigest()} {len(data)} {index}\n"
                f"SHA256:\n {'0' * 64} 10 contrib/binary-amd64/Packages\n {sha} {len(data)} {index}\n")
-    if signed:
-        (dists / "InRelease").write_text(
-            "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\n" + release +
-            "-----BEGIN PGP SIGNATURE-----\n\nnot a real signature\n-----END PGP SIGNATURE-----\n")
+    (dists / "Release").write_text(release)
+    if signed:  # InRelease; else the older Release + Release.gpg
+        key.gpg("--clearsign", "-o", str(dists / "InRelease"), str(dists / "Release"))
+        (dists / "Release").unlink()
     else:
-        (dists / "Release").write_text(release)
+        key.gpg("--detach-sign", "--armor", "-o", str(dists / "Release.gpg"), str(dists / "Release"))
     return root
 
 
@@ -168,12 +181,13 @@ def debs(tmp_path):
         [make_deb(tmp_path, "other", "1.0")]
 
 
+@pytest.mark.real  # gpg signs the archive, gpgv checks it
 @pytest.mark.parametrize("kind", ["inrelease", "release-gz", "by-hash"])
-def test_fetch_resolve_download(tmp_path, serve, debs, kind):
-    root = make_archive(tmp_path, debs, signed=kind != "release-gz", gz=kind == "release-gz",
+def test_fetch_resolve_download(tmp_path, serve, debs, kind, signer, keyring):
+    root = make_archive(tmp_path, debs, signer, signed=kind != "release-gz", gz=kind == "release-gz",
                         by_hash=kind == "by-hash")
     mirror = serve(root.parent)
-    index = fetch_index(mirror, "bookworm")
+    index = fetch_index(mirror, "bookworm", keyrings=keyring)
     assert sorted(p["Package"] for p in index) == ["hello"] * 4 + ["other"]
     entry = resolve(index, "hello")
     assert entry["Version"] == "1:0.1-1"
@@ -193,13 +207,14 @@ def test_resolve_errors(debs, tmp_path):
         resolve(index, "hello", "3.0")
 
 
-def test_wrong_package_digest_is_rejected(tmp_path, serve, debs):
+@pytest.mark.real  # gpg signs the archive, gpgv checks it
+def test_wrong_package_digest_is_rejected(tmp_path, serve, debs, signer, keyring):
     def corrupt(text):  # the first package's digest no longer matches its file
         return re.sub(r"SHA256: [0-9a-f]{64}", "SHA256: " + "e" * 64, text, count=1)
 
-    root = make_archive(tmp_path, debs, tamper=corrupt)
+    root = make_archive(tmp_path, debs, signer, tamper=corrupt)
     mirror = serve(root.parent)
-    entry = fetch_index(mirror, "bookworm")[0]
+    entry = fetch_index(mirror, "bookworm", keyrings=keyring)[0]
     dest = tmp_path / "out" / "bad.deb"
     with pytest.raises(DebError, match="sha256"):
         download(mirror, entry, dest)
@@ -209,20 +224,22 @@ def test_wrong_package_digest_is_rejected(tmp_path, serve, debs):
     assert list(dest.parent.iterdir()) == []
 
 
-def test_wrong_index_digest_is_rejected(tmp_path, serve, debs):
-    root = make_archive(tmp_path, debs)
+@pytest.mark.real  # gpg signs the archive, gpgv checks it
+def test_wrong_index_digest_is_rejected(tmp_path, serve, debs, signer, keyring):
+    root = make_archive(tmp_path, debs, signer)
     (root / "dists/bookworm/main/binary-amd64/Packages.xz").write_bytes(lzma.compress(b"Package: evil\n"))
-    with pytest.raises(DebError, match="Release says"):
-        fetch_index(serve(root.parent), "bookworm")
+    with pytest.raises(DebError, match="the verified Release of suite bookworm on mirror http"):
+        fetch_index(serve(root.parent), "bookworm", keyrings=keyring)
 
 
-def test_missing_suite_and_missing_index(tmp_path, serve, debs):
-    root = make_archive(tmp_path, debs)
+@pytest.mark.real  # gpg signs the archive, gpgv checks it
+def test_missing_suite_and_missing_index(tmp_path, serve, debs, signer, keyring):
+    root = make_archive(tmp_path, debs, signer)
     mirror = serve(root.parent)
     with pytest.raises(FileNotFoundError):
-        fetch_index(mirror, "trixie")
+        fetch_index(mirror, "trixie", keyrings=keyring)
     with pytest.raises(DebError, match="lists no main/binary-arm64/Packages"):
-        fetch_index(mirror, "bookworm", arch="arm64")
+        fetch_index(mirror, "bookworm", arch="arm64", keyrings=keyring)
 
 
 @pytest.mark.real
@@ -230,9 +247,11 @@ def test_real_cloud_kernel_index():
     from conftest import require
     from forge.formats.debian.sources import debian_mirror, read_sources
 
+    from forge.formats.debian.keyring import apt_keyrings
+
     mirror = debian_mirror(read_sources())
     require(mirror is not None, "no Debian mirror in the apt sources")
-    index = fetch_index(mirror, "bookworm")
+    index = fetch_index(mirror, "bookworm", keyrings=apt_keyrings(mirror, "bookworm", read_sources()))
     meta = resolve(index, "linux-image-cloud-amd64")
     names = [n for alts in depends(meta) for n in alts
              if re.fullmatch(r"linux-image-.+-cloud-amd64(-unsigned)?", n)]

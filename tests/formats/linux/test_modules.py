@@ -163,11 +163,12 @@ def test_real_cloud_kernel_module_order(tmp_path_factory):
     from conftest import require
     from forge.formats.debian.sources import debian_mirror, read_sources
     from forge.formats.debian.archive import depends, download, fetch_index, resolve
+    from forge.formats.debian.keyring import apt_keyrings
     from forge.formats.debian.package import open_data_tar
 
     mirror = debian_mirror(read_sources())
     require(mirror is not None, "no Debian mirror in the apt sources")
-    index = fetch_index(mirror, "bookworm")
+    index = fetch_index(mirror, "bookworm", keyrings=apt_keyrings(mirror, "bookworm", read_sources()))
     meta = resolve(index, "linux-image-cloud-amd64")
     name = next(n for alts in depends(meta) for n in alts
                 if re.fullmatch(r"linux-image-.+-cloud-amd64(-unsigned)?", n))
