@@ -126,7 +126,7 @@ class AnalysisContext:
         its stat, so changing it plans again; OSError if it cannot be read."""
         p = self._an.ws.root / path
         data = p.read_bytes()
-        self._an.loader._remember(p)
+        self._an.loader.remember(p)
         if not Path(path).is_absolute():
             self._an.reads.setdefault(self.label, set()).add(path)
         return data

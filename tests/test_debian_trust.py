@@ -14,7 +14,6 @@ from conftest import require
 from debian_archive import Keys, Server, build_archive
 from package_builders import make_deb
 from forge.formats.debian.archive import fetch_index, resolve
-from forge.session import load_rules
 from forge.workspace import Workspace as ForgeWorkspace, load_config
 
 pytestmark = pytest.mark.real  # gpg, gpgv, dpkg-scanpackages, apt-ftparchive
@@ -48,7 +47,6 @@ def _debs(tmp_path):
 def _analyse(root, label):
     from forge.analysis import Analyzer
     from forge.labels import parse_pattern
-    load_rules()
     an = Analyzer(ForgeWorkspace(root, load_config(root / "forge.toml")))
     return an.analyze(an.expand([parse_pattern(label)]))
 
