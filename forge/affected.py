@@ -17,7 +17,9 @@ A target of the head is affected when
 The base is loaded and analysed, from a temporary checkout of its tree, only when the
 change deletes a file or adds a BUILD file or a `forge.toml`: otherwise the head alone
 answers. A base that cannot be loaded makes every target affected, with a warning.
-Targets that exist only at base are not reported: there is nothing to build.
+Targets that exist only at base are not reported: there is nothing to build. A target
+that still names a source file the change deleted is reported (its input changed), so CI
+builds it and the build says which file is missing.
 
 The head is the working tree by default: committed, staged and unstaged changes, and
 untracked files that git does not ignore, since `forge build` sees them all. Ignored
@@ -121,6 +123,7 @@ def _evaluate(ws: Workspace, patterns: list[Pattern], *, include_manual: bool,
     rules = installed().load()
     # Never saved: affected writes nothing, even when it must resolve an unpinned tag.
     an = Analyzer(ws, rules, lock=Lockfile(ws.root, ws.config, rules))
+    an.allow_missing_sources = True  # a target whose source was deleted is affected by that
     try:
         roots = an.expand(patterns, include_manual=include_manual)
         plan = an.analyze(roots)

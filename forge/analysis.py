@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from forge.errors import AnalysisError, ForgeError, LoadError, did_you_mean
+from forge.formats.errors import FormatError
 from forge.labels import Label, LabelError, Pattern, parse_label
 from forge.loader import Loader, Target
 from forge.model import OUT_PREFIX, Action, Artifact, RuleType, SourceReader, TargetInfo
@@ -181,6 +182,9 @@ class Analyzer:
         self._producers: dict[str, Action] = {}
         # Files each target's rule read or looked for while planning (forge affected).
         self.reads: dict[Label, set[str]] = {}
+        # forge affected: a source file a target names but that is gone is still an input
+        # (the change that deleted it affects the target), not an error.
+        self.allow_missing_sources = False
 
     # --- patterns -------------------------------------------------------------------
 
@@ -228,6 +232,8 @@ class Analyzer:
                 parent = path.parent
                 self.loader.dirs[parent.relative_to(self.ws.root).as_posix().lstrip(".")] = \
                     parent.stat().st_mtime_ns
+                self.nodes[label] = Node(label, SOURCE_KIND)
+            elif self.allow_missing_sources and owner is not None:
                 self.nodes[label] = Node(label, SOURCE_KIND)
             else:
                 names = list(pkg.targets) + list(pkg.outputs)
@@ -363,6 +369,9 @@ class Analyzer:
             info = rule.impl(ctx)
         except ForgeError as e:
             raise e.with_location(t.location) from None
+        except FormatError as e:  # e.g. a pinned index that does not verify: bad input
+            raise AnalysisError(f"{label}: {e}", location=t.location,
+                                hint=getattr(e, "hint", None)) from None
         for a in ctx.actions:
             for out in a.outputs:
                 prev = self._producers.get(out.path)

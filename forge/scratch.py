@@ -14,6 +14,7 @@ from forge import sandbox, trees
 from forge.cache import Cache, OutputFile
 from forge.contexts import ExecContext
 from forge.errors import ForgeError
+from forge.formats.errors import FormatError
 from forge.model import Action
 from forge.ruleset import RuleSet
 
@@ -114,10 +115,16 @@ class Scratch:
         try:
             fn.fn(ctx)
         except ForgeError as e:
-            log = "\n".join(logs[-40:])
-            return (e.message + (f"\nhint: {e.hint}" if e.hint else "")
-                    + (f"\nlog (last lines):\n{_indent(log)}" if log else ""))
+            return _failure(e.message, e.hint, logs)
+        except FormatError as e:  # input the step was given is refused: bad input, not a bug
+            return _failure(str(e), getattr(e, "hint", None), logs)
         return None
+
+
+def _failure(message: str, hint: str | None, logs: list[str]) -> str:
+    log = "\n".join(logs[-40:])
+    return (message + (f"\nhint: {hint}" if hint else "")
+            + (f"\nlog (last lines):\n{_indent(log)}" if log else ""))
 
 
 def _show_argv(argv) -> str:

@@ -304,3 +304,17 @@ def test_a_broken_head_is_an_error_and_a_broken_base_a_warning(repo):
     p = r.forge("affected", "--base", broken, "--head", fixed)
     assert p.returncode == 0 and f"WARNING: the workspace at {broken} cannot be loaded" in p.stderr
     assert p.stdout.split() == EVERY
+
+
+def test_a_deleted_source_still_named_lists_its_target(repo):
+    """CI must build (and so report) a target whose named input vanished, not fail to
+    say what to build."""
+    r, base = repo
+    r.remove("app/alone.txt")
+    r.commit()
+    assert r.affected(base) == {"//app:alone": "app/alone.txt deleted"}
+    p = r.forge("affected", "--base", "HEAD~1")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["//app:alone"]
+    b = r.forge("build", "//app:alone")
+    assert b.returncode != 0 and "alone.txt" in b.stderr and "Traceback" not in b.stderr

@@ -90,6 +90,21 @@ def test_expired_release_fails_naming_the_date(ws, mirror, keys, tmp_path):
     assert not (ws.root / "forge.lock").exists()
 
 
+def test_tampered_packages_index_is_bad_input_not_a_bug(ws, mirror, keys, tmp_path):
+    import hashlib
+    import lzma
+    url, www = mirror
+    archive = build_archive(www, _debs(tmp_path), keys.key("archive"))
+    index = archive / "dists/bookworm/main/binary-amd64/Packages.xz"
+    signed = hashlib.sha256(index.read_bytes()).hexdigest()
+    index.write_bytes(lzma.compress(b"Package: hello\nVersion: 9\nFilename: pool/evil.deb\n"))
+    r = ws.build("//p:hello")
+    _assert_user_error(r)
+    assert "dists/bookworm/main/binary-amd64/Packages.xz" in r.err and url in r.err
+    assert signed in r.err and hashlib.sha256(index.read_bytes()).hexdigest() in r.err
+    assert not (ws.root / "forge.lock").exists()
+
+
 def test_tampered_deb_fails_naming_the_mirror_and_caches_nothing(ws, mirror, keys, tmp_path):
     url, www = mirror
     archive = build_archive(www, _debs(tmp_path), keys.key("archive"))

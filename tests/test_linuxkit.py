@@ -339,3 +339,53 @@ def test_fragments_keep_dotfiles_at_the_root(tmp_path):
     with tarfile.open(fileobj=out) as t:
         names = t.getnames()
     assert "containers/x/rootfs/.profile" in names and "containers/x/rootfs/etc/.hidden" in names
+
+
+def _evil_image_archive(path: Path, member: str) -> str:
+    """An OCI layout tarball whose one layer holds `member` (e.g. a `../` path); returns
+    the layer's digest."""
+    import hashlib
+    import io
+    from forge.formats.image.layout import add_blob, image_config_defaults, init_layout, write_image
+    from forge.formats.image.spec import OCI_LAYER, LayerInfo
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        ti = tarfile.TarInfo(member)
+        ti.size = 5
+        t.addfile(ti, io.BytesIO(b"evil\n"))
+    data = buf.getvalue()
+    layout = path.with_suffix(".d")
+    init_layout(layout)
+    desc = add_blob(layout, data, OCI_LAYER)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    write_image(layout, image_config_defaults(diff_ids=[digest]),
+                [LayerInfo(desc.digest, desc.size, digest, OCI_LAYER)])
+    with tarfile.open(path, "w") as t:
+        for f in sorted(layout.rglob("*")):
+            t.add(f, f.relative_to(layout).as_posix(), recursive=False)
+    return digest
+
+
+def test_an_init_image_with_an_escaping_layer_is_bad_input(lk):
+    digest = _evil_image_archive(lk.root / "init/evil.tar", "../../escaped")
+    (lk.root / "init/BUILD").write_text(
+        'container_image(name = "image", srcs = ["busybox", "init"])\n'
+        'oci_archive(name = "evil", src = "evil.tar")\n')
+    (lk.root / "os.yml").write_text(ASSEMBLY.replace("  - //init:image\n", "  - //init:evil\n", 1))
+    r = lk.build("//:os")
+    assert r.code == 1, r.err
+    assert "Traceback" not in r.err and "internal error" not in r.err, r.err
+    assert "//init:evil" in r.err and digest in r.err and "../../escaped" in r.err, r.err
+    assert not list(lk.root.parent.rglob("escaped"))
+
+
+def test_copy_from_an_image_with_an_escaping_layer_is_bad_input(lk):
+    digest = _evil_image_archive(lk.root / "init/evil.tar", "a/../../../escaped")
+    lk.write({"init/BUILD": 'oci_archive(name = "evil", src = "evil.tar")\n',
+              "c/Dockerfile": "FROM scratch\nCOPY --from=evil /escaped /x\n",
+              "c/BUILD": 'container_image(name = "c", bases = {"evil": "//init:evil"})\n'})
+    r = lk.build("//c")
+    assert r.code == 1, r.err
+    assert "Traceback" not in r.err and "internal error" not in r.err, r.err
+    assert "//c:c" in r.err and digest in r.err and "a/../../../escaped" in r.err, r.err
+    assert not list(lk.root.parent.rglob("escaped"))

@@ -12,11 +12,13 @@ import io
 import zlib
 from typing import BinaryIO, Iterator
 
+from forge.formats.errors import FormatError
+
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-class CompressionError(Exception):
+class CompressionError(FormatError):
     """A stream cannot be decompressed: a decoder is missing or the stream is cut short."""
 
 

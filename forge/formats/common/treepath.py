@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from forge.formats.errors import FormatError
+
 MAX_SYMLINK_HOPS = 40  # Linux's own limit (MAXSYMLINKS)
 
 
-class UnsafePathError(Exception):
+class UnsafePathError(FormatError):
     """A path would escape its root, or cannot be resolved safely."""
 
 

@@ -6,9 +6,10 @@ carrying the suite, the mirror and the signer (a key ID or fingerprint, or "unsi
 a caller can add its own advice on how to name another keyring."""
 
 from __future__ import annotations
+from forge.formats.errors import FormatError
 
 
-class DebError(Exception):
+class DebError(FormatError):
     """A package or index is malformed, missing, or does not match its digest."""
 
 

@@ -1,9 +1,10 @@
 """The errors of Dockerfiles and `.dockerignore`: one module, so a caller knows where to find them."""
 
 from __future__ import annotations
+from forge.formats.errors import FormatError
 
 
-class DockerfileError(Exception):
+class DockerfileError(FormatError):
     """A Dockerfile problem with a 1-based position: `Dockerfile:7:1: message`."""
 
     def __init__(self, message: str, line: int = 0, col: int = 0, filename: str = "Dockerfile"):

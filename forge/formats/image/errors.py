@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from forge.formats.errors import FormatError
 from forge.formats.common.treepath import UnsafePathError
 
 
-class ImageError(Exception):
+class ImageError(FormatError):
     """Something about an OCI image, its layout, a layer or a reference is wrong."""
 
 
@@ -19,6 +20,10 @@ class InvalidDigestError(LayoutError, ValueError):
 
 class InvalidReferenceError(ImageError, ValueError):
     """A text that is not a valid image reference."""
+
+
+class LayerError(ImageError):
+    """A layer's bytes are not a tar archive forge can read (cut short, corrupt)."""
 
 
 class UnsafeLayerError(ImageError, UnsafePathError):

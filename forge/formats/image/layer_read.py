@@ -24,6 +24,7 @@ that order, the other names linking to it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -33,10 +34,10 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
-from forge.formats.common.compression import open_decompressed
+from forge.formats.common.compression import CompressionError, open_decompressed
 from forge.formats.common import treepath
 from forge.formats.common.treepath import UnsafePathError
-from forge.formats.image.errors import UnsafeLayerError
+from forge.formats.image.errors import LayerError, UnsafeLayerError
 from forge.formats.image.spec import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, XATTR_PREFIXES
 
 _CHUNK = 1 << 20
@@ -56,6 +57,26 @@ def layer_errors(fn):
         except UnsafePathError as e:
             raise UnsafeLayerError(str(e)) from None
     return wrapper
+
+
+def layer_name(src: Source) -> str:
+    """How a message names a layer: its digest when it is a layout's blob, else its path."""
+    if isinstance(src, (str, os.PathLike)):
+        p = Path(src)
+        return f"{p.parent.name}:{p.name}" if p.parent.parent.name == "blobs" else str(p)
+    return str(getattr(src, "name", "(a stream)"))
+
+
+@contextlib.contextmanager
+def naming_layer(src: Source):
+    """Errors while reading the layer `src` say which layer it is (one image has many)."""
+    try:
+        yield
+    except UnsafePathError as e:
+        raise UnsafeLayerError(f"layer {layer_name(src)}: {e}") from None
+    except (tarfile.TarError, CompressionError, EOFError) as e:
+        raise LayerError(f"layer {layer_name(src)} is not a tar archive forge can read: "
+                         f"{e or type(e).__name__}") from None
 
 
 def _open_source(src: Source) -> tuple[BinaryIO, bool]:
@@ -273,7 +294,8 @@ def apply_layers(layer_paths: Iterable[Source], dest: Path, *, strip_devices: bo
     admit the ancestors of what it wants (see `resolve_paths`)."""
     skipped: list[str] = []
     for layer in layer_paths:
-        skipped += safe_extract(layer, dest, strip_devices=strip_devices, include=include)
+        with naming_layer(layer):
+            skipped += safe_extract(layer, dest, strip_devices=strip_devices, include=include)
     return skipped
 
 
@@ -295,7 +317,7 @@ def resolve_paths(layer_paths: Iterable[Source], paths: list[str]) -> dict[str, 
         f, owned = _open_source(src)
         try:
             written: set[str] = set()
-            with tarfile.open(fileobj=open_decompressed(f), mode="r|") as tf:
+            with naming_layer(src), tarfile.open(fileobj=open_decompressed(f), mode="r|") as tf:
                 for m in tf:
                     parts = treepath.parts(m.name, m.name)
                     if not parts:

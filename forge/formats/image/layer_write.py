@@ -17,7 +17,7 @@ from typing import BinaryIO, Callable, Iterable
 
 from forge.formats.common import treepath
 from forge.formats.image.errors import UnsafeLayerError
-from forge.formats.image.layer_read import Source, layer_errors, open_random
+from forge.formats.image.layer_read import Source, layer_errors, naming_layer, open_random
 from forge.formats.image.spec import (OCI_LAYER, OCI_LAYER_GZIP, OPAQUE_WHITEOUT, WHITEOUT_PREFIX,
                                       XATTR_PREFIXES, LayerInfo)
 
@@ -208,7 +208,8 @@ def flatten(layer_paths: Iterable[Source], out_fileobj: BinaryIO, *, mtime: int 
     try:
         merger = _Merger(mtime or 0)
         for layer in layer_paths:
-            merger.layer(open_random(layer, keep), mtime)
+            with naming_layer(layer):
+                merger.layer(open_random(layer, keep), mtime)
         return _write_tar(merger.index, out_fileobj, compress=compress)
     finally:
         for obj in reversed(keep):

@@ -1,9 +1,10 @@
 """The errors of kernel modules, cpio archives and fragments: one module, so a caller knows where to find them."""
 
 from __future__ import annotations
+from forge.formats.errors import FormatError
 
 
-class ModuleError(KeyError):
+class ModuleError(FormatError, KeyError):
     """An unknown module, a dependency cycle, or a file that is not a module."""
 
     def __str__(self) -> str:  # KeyError would show the message quoted, as a key

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from forge.formats.errors import FormatError
 
 
-class AssemblyError(Exception):
+class AssemblyError(FormatError):
     """A problem in an assembly: `file.yml:7:5: message`, with `hint` saying how to fix it."""
 
     def __init__(self, message: str, where: "Loc | str | None" = None, hint: str | None = None):

@@ -4,9 +4,10 @@ domain's `LayoutError`, not these.
 """
 
 from __future__ import annotations
+from forge.formats.errors import FormatError
 
 
-class RegistryError(Exception):
+class RegistryError(FormatError):
     """Any failure talking to a registry; the message says what, why and how to fix it."""
 
 

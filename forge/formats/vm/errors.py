@@ -1,9 +1,10 @@
 """The errors of running and probing VMs: one module, so a caller knows where to find them."""
 
 from __future__ import annotations
+from forge.formats.errors import FormatError
 
 
-class QemuError(Exception):
+class QemuError(FormatError):
     """QEMU or its firmware is missing, or a VM could not be started or probed."""
 
 
