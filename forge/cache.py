@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge.digest import digest_file
+from forge.leftovers import force_rmtree, owner
 
 RECORD_VERSION = 2
 
@@ -75,7 +76,7 @@ class Cache:
         dst = self.blob_path(digest, executable)
         if not _has_size(dst, size):
             dst.parent.mkdir(exist_ok=True)
-            tmp = self.tmp / f"blob-{uuid.uuid4().hex}"
+            tmp = self.tmp / f"blob-{owner()}-{uuid.uuid4().hex}"
             try:
                 os.link(src, tmp)
             except OSError:
@@ -92,7 +93,7 @@ class Cache:
         dst = self.blob_path(digest, executable)
         if not dst.exists():
             dst.parent.mkdir(exist_ok=True)
-            tmp = self.tmp / f"blob-{uuid.uuid4().hex}"
+            tmp = self.tmp / f"blob-{owner()}-{uuid.uuid4().hex}"
             tmp.write_bytes(data)
             os.chmod(tmp, 0o555 if executable else 0o444)
             os.replace(tmp, dst)
@@ -238,19 +239,6 @@ def _has_size(path: Path, size: int) -> bool:
         return path.stat().st_size == size
     except OSError:
         return False
-
-
-def force_rmtree(path: Path) -> None:
-    """Remove a tree whose files and directories may be read-only (outputs linked from
-    the cache are)."""
-    def onerror(func, p, exc):
-        try:
-            os.chmod(os.path.dirname(p), stat.S_IRWXU)
-            os.chmod(p, stat.S_IRWXU)
-            func(p)
-        except OSError:
-            pass
-    shutil.rmtree(path, onerror=onerror)
 
 
 def parse_size(text: str) -> int:

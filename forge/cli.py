@@ -449,7 +449,7 @@ def cmd_explain(ws, args) -> int:
 # --- clean, cache -----------------------------------------------------------------------
 
 def cmd_clean(ws, args) -> int:
-    from forge.cache import force_rmtree
+    from forge.leftovers import force_rmtree
     if ws.out_dir.exists():
         force_rmtree(ws.out_dir)
     if args.expunge:

@@ -25,6 +25,7 @@ class ExecContext:
     offline: bool = False
     cancel: Any = None  # threading.Event set on Ctrl-C: long steps should check it
     progress: Callable[[int, int], None] = lambda done, total: None  # bytes, for bars
+    groups: Any = None  # forge.leftovers.ProcessGroups: where `run` records its commands
 
     def path(self, rel: str):
         return self.scratch / rel
@@ -47,7 +48,7 @@ class ExecContext:
         full = sandbox.base_env(self.scratch)
         full.update(env or {})
         res = sandbox.run(list(argv), cwd or self.scratch, full, timeout=timeout,
-                          cancel=self.cancel or threading.Event(),
+                          cancel=self.cancel or threading.Event(), groups=self.groups,
                           log=self.scratch.with_name(f"{self.scratch.name}.step-{uuid.uuid4().hex[:8]}.log"))
         out = res.output.decode(errors="replace")
         try:

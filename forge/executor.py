@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import NamedTuple
 
-from forge import trees
+from forge import leftovers, trees
 from forge.cache import Cache, OutputFile
 from forge.errors import ForgeError
 from forge.keys import ToolError, ToolIds, explain_diff, key_from, preimage, static_digest
@@ -51,6 +51,9 @@ class LocalExecutor:
         self.tools = ToolIds(records.stat_cache)
         self.cancel = threading.Event()
         self.epoch = time.perf_counter()
+        # What killed forge processes left (their commands, scratch directories) goes
+        # first: a dead build's orphans must not keep running alongside this one.
+        leftovers.reap(cache.tmp)
         self.scratch = Scratch(root, cache, self.rules, config=config or {}, offline=offline,
                                cancel=self.cancel, reporter=self.reporter)
         self._digests: dict[str, OutputFile] = {}  # generated path -> its blob

@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from forge import leftovers
+
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # 1980-01-01: the earliest time every archive format (FAT and zip included) can store.
 SOURCE_DATE_EPOCH = "315532800"
@@ -47,7 +49,7 @@ class RunResult:
 
 def new_scratch(tmp_root: Path, hint: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in hint)[-60:]
-    d = tmp_root / f"sb-{safe}-{uuid.uuid4().hex[:8]}"
+    d = tmp_root / f"sb-{leftovers.owner()}-{safe}-{uuid.uuid4().hex[:8]}"
     d.mkdir(parents=True)
     return d
 
@@ -80,14 +82,18 @@ def modified(scratch: Path, staged: dict[str, tuple[int, int]]) -> list[str]:
 
 
 def run(argv: list[str], scratch: Path, env: dict[str, str], *, timeout: float | None,
-        cancel: threading.Event, log: Path | None = None) -> RunResult:
+        cancel: threading.Event, log: Path | None = None,
+        groups: leftovers.ProcessGroups | None = None) -> RunResult:
     """Run `argv` in `scratch` in its own process group, so Ctrl-C and timeouts can
     stop the whole tree of processes it starts. Output goes to `log` (a worker
-    reuses one file: creating and deleting one per action costs measurable time)."""
+    reuses one file: creating and deleting one per action costs measurable time).
+    `groups` records the group while it runs, for the next build to stop should this
+    forge be killed."""
     log = log or scratch.with_name(scratch.name + ".log")
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=scratch, env=env, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        mark = groups.started(proc.pid) if groups is not None else None
         cancelled = timed_out = False
         waited = 0.0
         while True:
@@ -104,6 +110,7 @@ def run(argv: list[str], scratch: Path, env: dict[str, str], *, timeout: float |
                     continue
                 kill_group(proc)
                 break
+    leftovers.ProcessGroups.ended(mark)
     return RunResult(proc.returncode, tail(log), log, cancelled, timed_out)
 
 

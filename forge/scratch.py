@@ -10,7 +10,7 @@ import os
 import threading
 from pathlib import Path
 
-from forge import sandbox, trees
+from forge import leftovers, sandbox, trees
 from forge.cache import Cache, OutputFile
 from forge.contexts import ExecContext
 from forge.errors import ForgeError
@@ -29,10 +29,11 @@ class Scratch:
         self.offline = offline
         self.cancel = cancel
         self.reporter = reporter
+        self.groups = leftovers.ProcessGroups(cache.tmp)
 
     def log_path(self, worker: int) -> Path:
         """Where the commands of job slot `worker` write their output (reused per slot)."""
-        return self.cache.tmp / f"log-{os.getpid()}-{worker}"
+        return self.cache.tmp / f"log-{leftovers.owner()}-{worker}"
 
     def run(self, a: Action, worker: int, generated: dict[str, OutputFile]
             ) -> tuple[list[OutputFile] | None, str, bool]:
@@ -76,6 +77,8 @@ class Scratch:
                                + ", ".join(missing) + " not created by the action")
             if failure is not None:
                 keep = not self.cancel.is_set()
+                if keep:  # kept for the user to look at: no longer this process's to reap
+                    scratch = _disown(scratch)
                 where = f"\nscratch directory kept at {scratch}" if keep else ""
                 return None, failure + where, self.cancel.is_set()
             outs = []
@@ -95,6 +98,7 @@ class Scratch:
             env = sandbox.base_env(scratch)
             env.update(dict(a.env))
             res = sandbox.run(list(a.argv), scratch, env, timeout=a.timeout, cancel=self.cancel,
+                              groups=self.groups,
                               log=self.log_path(worker))
             if res.cancelled:
                 return "interrupted"
@@ -110,7 +114,7 @@ class Scratch:
         logs: list[str] = []
         ctx = ExecContext(a.params, scratch, [i.path for i in a.inputs],
                           [o.path for o in a.outputs], log=logs.append, config=self.config,
-                          offline=self.offline, cancel=self.cancel,
+                          offline=self.offline, cancel=self.cancel, groups=self.groups,
                           progress=lambda done, total: self.reporter.transfer(a, done, total))
         try:
             fn.fn(ctx)
@@ -125,6 +129,15 @@ def _failure(message: str, hint: str | None, logs: list[str]) -> str:
     log = "\n".join(logs[-40:])
     return (message + (f"\nhint: {hint}" if hint else "")
             + (f"\nlog (last lines):\n{_indent(log)}" if log else ""))
+
+
+def _disown(scratch: Path) -> Path:
+    kept = scratch.with_name("kept-" + scratch.name.split("-", 2)[2])
+    try:
+        scratch.rename(kept)
+        return kept
+    except OSError:
+        return scratch
 
 
 def _show_argv(argv) -> str:

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge import sandbox
+from forge import leftovers, sandbox
 from forge.errors import ForgeError
 from forge.plan import Plan
 from forge.cache import Cache
@@ -43,7 +43,8 @@ def run_tests(plan: Plan, root: Path, cache: Cache, jobs: int,
                         "TEST_SRCDIR": str(scratch)})
             timeout = info.extra.get("timeout", 300)
             res = sandbox.run([f"./{exe.path}", *info.extra.get("args", [])], scratch, env,
-                              timeout=timeout, cancel=cancel)
+                              timeout=timeout, cancel=cancel,
+                              groups=leftovers.ProcessGroups(cache.tmp))
             out = res.output.decode(errors="replace")
             if res.timed_out:
                 return TestResult(label, False, time.perf_counter() - t0, out, f"timed out after {timeout} s")

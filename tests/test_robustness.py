@@ -116,3 +116,50 @@ def test_same_workspace_twice_waits_for_the_lock(ws):
     assert a.returncode == 0 and b.returncode == 0, err_a + err_b
     assert "waiting" in err_b
     assert err_b.strip().endswith("0 executed, 7 cached")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead too
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_killed_build_leaves_nothing_running_or_behind(ws, tmp_path):
+    """SIGKILL cannot be caught: the next build stops the dead one's commands (each runs
+    in a session of its own, so it outlives forge) and removes its scratch directories.
+    (ctx.run, which in-process steps use for mmdebstrap, shares the recording: bench/faults
+    kills builds inside mmdebstrap.)"""
+    pidfile = tmp_path / "pid"
+    ws.write({"p/BUILD": f'genrule(name = "long", outs = ["long.txt"], '
+                         f'cmd = "echo $$$$ > {pidfile}; sleep 60; echo > $@")\n'})
+    p = start(ws, "//p:long")
+    deadline = time.time() + 20
+    while not pidfile.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    child = int(pidfile.read_text())
+    assert list(ws.cache.glob("tmp/sb-*")) and list(ws.cache.glob("tmp/procs/*/*"))
+    p.kill()
+    p.wait()
+    assert _alive(child)  # an orphan, still running
+    (ws.root / "p/BUILD").write_text('genrule(name = "other", outs = ["o.txt"], cmd = "echo o > $@")\n')
+    r = ws.build("//p:other")
+    assert r.code == 0, r.err
+    time.sleep(0.2)
+    assert not _alive(child)
+    left = [p.name for p in ws.cache.glob("tmp/*") if p.name != "procs"]
+    assert left == [] and not list(ws.cache.glob("tmp/procs/*"))
+
+
+def test_a_failed_actions_kept_scratch_survives_the_next_build(ws):
+    ws.write({"p/BUILD": 'genrule(name = "bad", outs = ["b.txt"], cmd = "echo no; exit 3")\n'
+                         'genrule(name = "ok", outs = ["o.txt"], cmd = "echo o > $@")\n'})
+    r = ws.build("//p:bad")
+    assert r.code == 1
+    kept = r.err.split("scratch directory kept at ")[1].split()[0]
+    assert "/kept-" in kept
+    assert ws.build("//p:ok").code == 0
+    assert os.path.isdir(kept)

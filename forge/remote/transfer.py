@@ -62,7 +62,7 @@ class Sink:
             self.data = bytearray()
             self._f = None
         else:
-            self.path = tmp_dir / f"remote-{uuid.uuid4().hex}"
+            self.path = tmp_dir / f"remote-{owner()}-{uuid.uuid4().hex}"
             self._f = open(self.path, "wb")
         self._sha = hashlib.sha256()
         self._xx = xxhash.xxh3_128()
