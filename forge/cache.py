@@ -80,7 +80,11 @@ class Cache:
             try:
                 os.link(src, tmp)
             except OSError:
-                shutil.copyfile(src, tmp)
+                try:
+                    shutil.copyfile(src, tmp)
+                except BaseException:  # a full disk: no half blob left in tmp/
+                    tmp.unlink(missing_ok=True)
+                    raise
             os.chmod(tmp, 0o555 if executable else 0o444)
             os.replace(tmp, dst)
         else:
@@ -135,7 +139,11 @@ class Cache:
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
-            shutil.copyfile(src, tmp)
+            try:
+                shutil.copyfile(src, tmp)
+            except BaseException:  # a full disk, Ctrl-C: no half copy beside the outputs
+                tmp.unlink(missing_ok=True)
+                raise
             os.chmod(tmp, 0o555 if f.executable else 0o444)
         if dst.is_dir() and not dst.is_symlink():
             shutil.rmtree(dst)

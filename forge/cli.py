@@ -11,10 +11,12 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from forge import __version__
 from forge.errors import (EXIT_BUILD_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,
-                          EXIT_TESTS_FAILED, EXIT_USAGE, ForgeError, UsageError, format_error)
+                          EXIT_TESTS_FAILED, EXIT_USAGE, ForgeError, UsageError, disk_full,
+                          format_error, full_path, human_size, is_disk_full)
 
 MAX_PRINTED = 100  # output paths printed by `forge build`; more are summarised
 
@@ -155,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OK
     except Exception as e:  # a bug in forge or a rule, never the user's mistake
+        if is_disk_full(e):  # but a full disk is the machine's state, not a bug
+            where = full_path(e, ws.cache_dir(getattr(args, "cache_dir", None)) if root else Path.cwd())
+            print(format_error(disk_full(where), root), file=sys.stderr)
+            return EXIT_BUILD_FAILED
         if getattr(args, "debug", False):
             raise
         print(f"forge: internal error: {type(e).__name__}: {e}\n"
@@ -466,7 +472,7 @@ def cmd_cache(ws, args) -> int:
     s = _session(ws, args)
     if args.cache_command == "stats":
         st = s.cache.stats()
-        print(f"cache: {st['dir']}\nblobs: {st['blobs']} ({_human(st['bytes'])})\n"
+        print(f"cache: {st['dir']}\nblobs: {st['blobs']} ({human_size(st['bytes'])})\n"
               f"action records: {st['records']}")
         last = s.records.read_last()
         if last:
@@ -477,8 +483,8 @@ def cmd_cache(ws, args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     r = s.cache.gc(limit)
-    print(f"forge: removed {r['blobs_removed']} blobs ({_human(r['bytes_freed'])}), dropped "
-          f"{r['records_dropped']} records; {_human(r['bytes_kept'])} kept")
+    print(f"forge: removed {r['blobs_removed']} blobs ({human_size(r['bytes_freed'])}), dropped "
+          f"{r['records_dropped']} records; {human_size(r['bytes_kept'])} kept")
     return EXIT_OK
 
 
@@ -500,19 +506,11 @@ def _print_last_rates(last: dict) -> None:
     print(f"remote cache: {r['url']} ({'read-write' if r.get('upload') else 'read-only'})\n"
           f"  {remote} of the {asked} local misses fetched (remote hit rate {pct(remote, asked)}), "
           f"{ran} executed\n"
-          f"  downloaded {r.get('blobs_down', 0)} blobs ({_human(r.get('bytes_down', 0))}), "
-          f"uploaded {r.get('blobs_up', 0)} blobs ({_human(r.get('bytes_up', 0))}) for "
+          f"  downloaded {r.get('blobs_down', 0)} blobs ({human_size(r.get('bytes_down', 0))}), "
+          f"uploaded {r.get('blobs_up', 0)} blobs ({human_size(r.get('bytes_up', 0))}) for "
           f"{r.get('uploads', 0)} results"
           + (f"\n  {r['errors']} remote errors" if r.get("errors") else "")
           + ("; the remote was given up during the build" if r.get("down") else ""))
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 _COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,

@@ -9,6 +9,8 @@ the only place that formats and prints them.
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +83,63 @@ class TestsFailedError(ForgeError):
 
 class BuildInterrupted(ForgeError):
     exit_code = EXIT_INTERRUPTED
+
+
+class DiskFullError(ForgeError):
+    """A filesystem forge writes to (the cache, forge-out/) has no room left."""
+
+    exit_code = EXIT_BUILD_FAILED
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An OSError for a full filesystem or quota, or SQLite's word for it."""
+    if isinstance(e, OSError):
+        return e.errno in _FULL
+    return type(e).__name__ in ("OperationalError", "DatabaseError") and "full" in str(e)
+
+
+def full_path(e: BaseException, default: Path) -> Path:
+    """The directory whose filesystem `e` (a disk-full error) found full: the file it was
+    writing (a copy's destination), else `default`."""
+    name = getattr(e, "filename2", None) or getattr(e, "filename", None)
+    return Path(name).parent if name else default
+
+
+def free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def disk_full(path: Path, *, needed: int | None = None, what: str = "") -> DiskFullError:
+    """The error for a full filesystem at `path`: where, how much is free, how much more
+    was wanted (when known), and how to make room."""
+    free = free_bytes(path)
+    said = f"no space left on the filesystem of {path}"
+    if what:
+        said = f"{what}: {said}"
+    if free is not None:
+        said += f" ({human_size(free)} free"
+        said += f", {human_size(needed)} needed)" if needed else ")"
+    elif needed:
+        said += f" ({human_size(needed)} needed)"
+    return DiskFullError(said, hint="make room there (`forge cache gc --max-size 5G` trims the "
+                         "cache), or build with a cache on a larger filesystem (--cache-dir, "
+                         "FORGE_CACHE_DIR, [cache] dir in forge.toml); then build again: "
+                         "nothing half-written was kept")
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def did_you_mean(word: str, candidates) -> str | None:

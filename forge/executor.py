@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from forge import leftovers, trees
 from forge.cache import Cache, OutputFile
-from forge.errors import ForgeError
+from forge.errors import ForgeError, disk_full, full_path, is_disk_full
 from forge.keys import ToolError, ToolIds, explain_diff, key_from, preimage, static_digest
 from forge.model import Action
 from forge.records import Records
@@ -235,9 +235,13 @@ class LocalExecutor:
                 r = ActionResult(a, "executed", key, outputs=outs)
         except ForgeError as e:
             r = ActionResult(a, "failed", key, error=e.message)
-        except Exception as e:  # a bug in a rule's step, not the user's input
-            r = ActionResult(a, "failed", key, error=f"internal error in {a.mnemonic}: {e}\n"
-                             + traceback.format_exc(limit=-3))
+        except Exception as e:
+            if not is_disk_full(e):  # a bug in a rule's step, not the user's input
+                r = ActionResult(a, "failed", key, error=f"internal error in {a.mnemonic}: {e}\n"
+                                 + traceback.format_exc(limit=-3))
+            else:
+                d = disk_full(full_path(e, self.cache.root))
+                r = ActionResult(a, "failed", key, error=f"{d.message}\nhint: {d.hint}")
         r.worker = worker
         r.start, r.duration = t0 - self.epoch, time.perf_counter() - t0
         if r.status == "executed":

@@ -13,7 +13,7 @@ from pathlib import Path
 from forge import leftovers, sandbox, trees
 from forge.cache import Cache, OutputFile
 from forge.contexts import ExecContext
-from forge.errors import ForgeError
+from forge.errors import ForgeError, disk_full, free_bytes, human_size, is_disk_full
 from forge.formats.errors import FormatError
 from forge.model import Action
 from forge.ruleset import RuleSet
@@ -39,7 +39,12 @@ class Scratch:
             ) -> tuple[list[OutputFile] | None, str, bool]:
         """(outputs stored in the CAS, "", False), or (None, why it failed, cancelled).
         `generated`: the blob of every generated input, by path."""
-        scratch = sandbox.new_scratch(self.cache.tmp, a.mnemonic)
+        try:
+            scratch = sandbox.new_scratch(self.cache.tmp, a.mnemonic)
+        except OSError as e:
+            if is_disk_full(e):
+                return None, _full(self.cache.root), False
+            raise
         keep = False
         try:
             staged = {}
@@ -75,6 +80,11 @@ class Scratch:
                 if missing:
                     failure = ("declared output" + ("s " if len(missing) > 1 else " ")
                                + ", ".join(missing) + " not created by the action")
+            if failure is not None and _out_of_space(self.cache.tmp):
+                # Most likely why it failed; its partial outputs would only keep the disk full.
+                written = _tree_size(scratch)
+                return None, _full(self.cache.root, f"; the action had written {human_size(written)} "
+                                   "when it failed"), False
             if failure is not None:
                 keep = not self.cancel.is_set()
                 if keep:  # kept for the user to look at: no longer this process's to reap
@@ -89,6 +99,10 @@ class Scratch:
                 f = self.cache.put_file(scratch / o.path, o.path in a.executable)
                 outs.append(OutputFile(o.path, f.digest, f.size, f.executable))
             return outs, "", False
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            return None, _full(self.cache.root), False
         finally:
             if not keep:
                 sandbox.remove(scratch, [i.path for i in a.inputs] + [o.path for o in a.outputs])
@@ -129,6 +143,27 @@ def _failure(message: str, hint: str | None, logs: list[str]) -> str:
     log = "\n".join(logs[-40:])
     return (message + (f"\nhint: {hint}" if hint else "")
             + (f"\nlog (last lines):\n{_indent(log)}" if log else ""))
+
+
+def _out_of_space(path: Path) -> bool:
+    free = free_bytes(path)
+    return free is not None and free < (1 << 20)
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for d, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(d, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _full(cache_root: Path, more: str = "") -> str:
+    e = disk_full(cache_root)
+    return e.message + more + f"\nhint: {e.hint}"
 
 
 def _disown(scratch: Path) -> Path:
