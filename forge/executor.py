@@ -268,6 +268,7 @@ class LocalExecutor:
                     os.unlink(self.scratch.log_path(w))
                 except OSError:
                     pass
+        self.scratch.groups.close()
         return self._remote_stats()
 
     def _remote_stats(self) -> dict | None:

@@ -66,22 +66,23 @@ class ProcessGroups:
         ident = identity(pid)
         if ident is None:
             return None  # already gone
+        self.dir.mkdir(parents=True, exist_ok=True)
         mark = self.dir / ident
-        while True:  # another thread's `ended` may remove the directory in between
-            self.dir.mkdir(parents=True, exist_ok=True)
-            try:
-                mark.touch()
-                return mark
-            except FileNotFoundError:
-                continue
+        mark.touch()
+        return mark
 
     @staticmethod
     def ended(mark: Path | None) -> None:
-        if mark is None:
-            return
+        if mark is not None:
+            try:
+                mark.unlink()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """At the end of a build, once no command runs."""
         try:
-            mark.unlink()
-            mark.parent.rmdir()  # only when no other command of this process runs
+            self.dir.rmdir()
         except OSError:
             pass
 
