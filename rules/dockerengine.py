@@ -6,6 +6,7 @@ the engine receives one only when it lacks it, and results come back normalised
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import subprocess
@@ -31,20 +32,68 @@ def client():
                            "set DOCKER_HOST") from None
 
 
+ENGINE_BACK = ("start dockerd again (or check DOCKER_HOST), then build again: the stages "
+               "that finished are cached and are not redone")
+
+
+def _lost(e: BaseException) -> bool:
+    """Whether `e` says the engine went away (killed, restarted), not that it refused."""
+    import docker.errors
+    import requests.exceptions
+    import urllib3.exceptions
+    if isinstance(e, docker.errors.APIError):
+        return False  # it answered
+    return isinstance(e, (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
+                          docker.errors.DockerException, ConnectionError))
+
+
+def _killed(msg: str) -> bool:
+    return bool(re.search(r"non-zero code: (137|143)\b", msg))  # SIGKILL, SIGTERM
+
+
+def _answers(c, seconds: float = 5.0) -> bool:
+    """Whether the engine keeps answering: one shutting down still does for a while,
+    after it has killed the containers."""
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            c.ping()
+        except Exception:
+            return False
+        time.sleep(0.25)
+    return True
+
+
+@contextlib.contextmanager
+def engine_lost(doing: str):
+    """An engine that stops answering while forge uses it is a build failure naming what
+    forge was doing, not a bug."""
+    try:
+        yield
+    except Exception as e:
+        if not _lost(e):
+            raise
+        raise ActionFailed(f"{doing}: the Docker engine stopped answering ({type(e).__name__})",
+                           hint=ENGINE_BACK) from None
+
+
 def ensure_loaded(c, layout: Path) -> str:
     """The engine-side reference of the image in `layout`, loading it if missing."""
     img = read_image(layout)
     config_digest = img.manifest["config"]["digest"]
     tag = f"{LOCAL_REPO}:{config_digest.split(':', 1)[1][:32]}"
-    try:
-        c.images.get(config_digest)
-        c.api.tag(config_digest, tag)
-        return tag
-    except Exception:
-        pass
-    buf = io.BytesIO()
-    export_docker_archive(layout, buf, [tag])
-    c.images.load(buf.getvalue())
+    with engine_lost(f"loading the image {config_digest} into the engine"):
+        try:
+            c.images.get(config_digest)
+            c.api.tag(config_digest, tag)
+            return tag
+        except Exception as e:
+            if _lost(e):
+                raise
+        buf = io.BytesIO()
+        export_docker_archive(layout, buf, [tag])
+        c.images.load(buf.getvalue())
     return tag
 
 
@@ -57,23 +106,39 @@ def build(c, context: Path, dockerfile: str, buildargs: dict[str, str],
     step = 0
     log: list[str] = []
     image_id = None
-    for ev in c.api.build(path=str(context), dockerfile=".forge.Dockerfile", buildargs=buildargs,
-                          rm=True, forcerm=True, decode=True, pull=False, nocache=False):
-        if "stream" in ev:
-            text = ev["stream"]
-            log.append(text)
-            m = re.match(r"Step (\d+)/\d+ : (.*)", text)
-            if m:
-                step = int(m.group(1)) - 1
-        if "aux" in ev and "ID" in ev["aux"]:
-            image_id = ev["aux"]["ID"]
-        if "error" in ev or "errorDetail" in ev:
-            msg = ev.get("error") or ev["errorDetail"].get("message", "")
-            line = step_lines[step] if step < len(step_lines) else 0
-            instr = dockerfile.splitlines()[step] if step < len(dockerfile.splitlines()) else ""
-            tail = "".join(log[-25:]).rstrip()
-            raise ActionFailed(f"{filename}:{line}: {instr.split(' ', 1)[0]} failed: {msg.strip()}\n"
-                               f"  {instr}\nengine output (last lines):\n{tail}")
+    lines = dockerfile.splitlines()
+
+    def at() -> tuple[str, str]:  # "Dockerfile:7: RUN", the instruction
+        instr = lines[step] if step < len(lines) else ""
+        line = step_lines[step] if step < len(step_lines) else 0
+        return f"{filename}:{line}: {instr.split(' ', 1)[0]}", instr
+
+    try:
+        for ev in c.api.build(path=str(context), dockerfile=".forge.Dockerfile", buildargs=buildargs,
+                              rm=True, forcerm=True, decode=True, pull=False, nocache=False):
+            if "stream" in ev:
+                text = ev["stream"]
+                log.append(text)
+                m = re.match(r"Step (\d+)/\d+ : (.*)", text)
+                if m:
+                    step = int(m.group(1)) - 1
+            if "aux" in ev and "ID" in ev["aux"]:
+                image_id = ev["aux"]["ID"]
+            if "error" in ev or "errorDetail" in ev:
+                msg = ev.get("error") or ev["errorDetail"].get("message", "")
+                where, instr = at()
+                if _killed(msg) and not _answers(c):  # the engine stopping killed it: not its fault
+                    raise ActionFailed(f"{where} stopped: the Docker engine stopped during this "
+                                       f"step ({msg.strip()})\n  {instr}", hint=ENGINE_BACK)
+                tail = "".join(log[-25:]).rstrip()
+                raise ActionFailed(f"{where} failed: {msg.strip()}\n"
+                                   f"  {instr}\nengine output (last lines):\n{tail}")
+    except Exception as e:
+        if not _lost(e):
+            raise
+        where, instr = at()
+        raise ActionFailed(f"{where} stopped: the Docker engine stopped answering "
+                           f"({type(e).__name__})\n  {instr}", hint=ENGINE_BACK) from None
     if image_id is None:
         raise ActionFailed("the Docker engine finished the build without an image ID")
     return image_id
@@ -81,7 +146,7 @@ def build(c, context: Path, dockerfile: str, buildargs: dict[str, str],
 
 def save(c, image_id: str, dest: Path) -> None:
     """Write the engine's `docker save` archive of `image_id` to `dest`."""
-    with open(dest, "wb") as f:
+    with engine_lost(f"saving the image {image_id} from the engine"), open(dest, "wb") as f:
         for chunk in c.images.get(image_id).save(named=False):
             f.write(chunk)
 

@@ -75,3 +75,105 @@ def test_forge_out_on_a_full_filesystem(small_fs, tmp_path):
     assert "Traceback" not in r.err and "internal error" not in r.err, r.err
     assert "no space left on the filesystem of" in r.err and str(small_fs / "ws") in r.err, r.err
     assert not list((small_fs / "ws").rglob("*.forge-tmp-*"))
+
+
+class PrivateDockerd:
+    """A dockerd of the test's own (socket, data and exec roots under a temp dir), so the
+    test can kill it without touching the engine other tests use."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.sock = base / "docker.sock"
+        self.host = f"unix://{self.sock}"
+        self.proc = None
+
+    def start(self) -> None:
+        import shutil
+        import time
+        require(shutil.which("dockerd") is not None, "dockerd is not installed (apt-get install docker.io)")
+        require(os.geteuid() == 0, "a private dockerd needs root")
+        log = open(self.base / "dockerd.log", "ab")
+        self.proc = subprocess.Popen(
+            ["dockerd", "--host", self.host, "--data-root", str(self.base / "root"),
+             "--exec-root", str(self.base / "exec"), "--pidfile", str(self.base / "docker.pid"),
+             "--bridge", "none", "--iptables=false", "--ip6tables=false"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            p = subprocess.run(["docker", "-H", self.host, "info"], capture_output=True)
+            if p.returncode == 0:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.3)
+        pytest.fail(f"the private dockerd did not start:\n{(self.base / 'dockerd.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """As `systemctl stop docker` does: SIGTERM, and the engine stops its containers."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def containers(self) -> list[str]:
+        return subprocess.run(["docker", "-H", self.host, "ps", "-aq"], capture_output=True,
+                              text=True).stdout.split()
+
+
+@pytest.fixture
+def dockerd(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dockerd")
+    d = PrivateDockerd(Path(str(base)))
+    d.start()
+    yield d
+    d.stop()
+    subprocess.run(["umount", "-R", str(base / "exec")], capture_output=True)
+    subprocess.run(["umount", "-R", str(base / "root")], capture_output=True)
+
+
+def test_dockerd_stopped_during_run_is_a_clear_error_and_finished_stages_stay(dockerd, tmp_path):
+    import shutil
+    import time
+    require(Path("/bin/busybox").is_file(), "busybox-static is not installed")
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "forge.toml").write_text("")
+    ws = Workspace(root, tmp_path / "cache")
+    ws.write({"s/Dockerfile": """\
+        FROM scratch AS base
+        COPY busybox /bin/busybox
+        COPY busybox /bin/sh
+        FROM base AS one
+        RUN echo one > /one
+        FROM one
+        RUN echo two > /two
+        """, "s/BUILD": 'container_image(name = "s", srcs = ["busybox"])\n'})
+    shutil.copy("/bin/busybox", root / "s/busybox")
+    env = {"DOCKER_HOST": dockerd.host}
+    r = ws.build("//s", env=env)
+    assert r.code == 0, r.err
+    dockerfile = root / "s/Dockerfile"  # now only the last stage has work to do
+    dockerfile.write_text(dockerfile.read_text().replace("RUN echo two", "RUN busybox sleep 15; echo two"))
+    p = subprocess.Popen([os.sys.executable, "-m", "forge", "build", "//s", "--cache-dir",
+                          str(ws.cache), "--progress", "plain"], cwd=root,
+                         env={**os.environ, **env, "FORGE_SERVER": "0"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not dockerd.containers() and time.time() < deadline:
+        time.sleep(0.2)  # until the second RUN's container exists
+    assert dockerd.containers(), "the RUN never started"
+    time.sleep(1)
+    dockerd.stop()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert "s/Dockerfile:7" in err and "Docker engine" in err and "dockerd" in err, err
+    dockerd.start()  # the engine is back
+    r = ws.build("//s", env=env)
+    assert r.code == 0, r.err
+    ran = sorted(e["mnemonic"] for e in r.event_list if e.get("status") == "executed")
+    assert ran == ["DockerStage"], ran  # only the stage that was cut: the first RUN stage is cached
+    assert not dockerd.containers()  # the engine kept no container of the cut RUN
