@@ -177,3 +177,93 @@ def test_dockerd_stopped_during_run_is_a_clear_error_and_finished_stages_stay(do
     ran = sorted(e["mnemonic"] for e in r.event_list if e.get("status") == "executed")
     assert ran == ["DockerStage"], ran  # only the stage that was cut: the first RUN stage is cached
     assert not dockerd.containers()  # the engine kept no container of the cut RUN
+
+
+# --- registry faults, through a proxy that breaks answers on purpose ---------------------
+
+from fault_proxy import Fault, FaultProxy  # noqa: E402
+from registry_fixture import registry  # noqa: E402,F401  (fixture)
+
+
+@pytest.fixture
+def published(tmp_path, registry):
+    """An image with a 256 KiB layer in the test registry: (registry, its digest, the layer's
+    file)."""
+    producer = Workspace(tmp_path / "producer", tmp_path / "producer-cache")
+    producer.root.mkdir()
+    (producer.root / "forge.toml").write_text("")
+    payload = os.urandom(256 << 10)
+    (producer.root / "img").mkdir()
+    (producer.root / "img/blob.bin").write_bytes(payload)
+    producer.write({"img/Dockerfile": "FROM scratch\nCOPY blob.bin /blob.bin\n", "img/BUILD": f'''
+        container_image(name = "img", srcs = ["blob.bin"])
+        oci_push(name = "push", image = ":img", repository = "{registry.host}/team/app", tags = ["v1"])
+        '''})
+    r = producer.forge("run", "//img:push")
+    assert r.code == 0, r.err
+    return registry, r.out.strip().split("@")[1], payload
+
+
+def _consumer(tmp_path, host: str, name: str) -> Workspace:
+    w = Workspace(tmp_path / name, tmp_path / f"{name}-cache")
+    w.root.mkdir()
+    (w.root / "forge.toml").write_text(f'[registries]\ninsecure = ["{host}"]\n')
+    w.write({"p/BUILD": f'oci_pull(name = "app", image = "{host}/team/app:v1")\n'})
+    return w
+
+
+def _pulled_payload(w: Workspace) -> bytes:
+    import tarfile
+    from forge.formats.image.layout import read_image
+    img = read_image(w.root / "forge-out/p/app")
+    with tarfile.open(img.layers[-1][1]) as tf:
+        return tf.extractfile("blob.bin").read()
+
+
+# What each fault must end in: the pull retried or resumed its way to the right bytes, or
+# a clear error (and then nothing was kept: the next, clean pull gets the right bytes).
+REGISTRY_FAULTS = {
+    "503 twice": ([Fault("status", "/manifests/", times=2, status=503)], "succeeds"),
+    "429 Retry-After": ([Fault("status", "/blobs/", status=429, retry_after="1")], "succeeds"),
+    "reset mid-blob": ([Fault("reset", "/blobs/")], "succeeds"),
+    "truncated blob": ([Fault("truncate", "/blobs/")], "succeeds"),
+    "wrong bytes": ([Fault("corrupt", "/blobs/")], "either"),
+    "wrong bytes, always": ([Fault("corrupt", "/blobs/", times=99)], "fails"),
+    "500 always": ([Fault("status", "/manifests/", times=99, status=500)], "fails"),
+}
+
+
+@pytest.mark.parametrize("case", list(REGISTRY_FAULTS))
+def test_registry_faults_never_poison_the_cache_or_the_lock(published, tmp_path, case):
+    import json
+    import time
+    registry, digest, payload = published
+    faults, outcome = REGISTRY_FAULTS[case]
+    proxy = FaultProxy(registry.host)
+    try:
+        proxy.inject(*faults)
+        w = _consumer(tmp_path, proxy.host, "consumer")
+        t0 = time.monotonic()
+        r = w.build("//p:app")
+        took = time.monotonic() - t0
+        assert proxy.injected, "no fault was injected"
+        assert "Traceback" not in r.err and "internal error" not in r.err, r.err
+        if outcome == "succeeds" or (outcome == "either" and r.code == 0):
+            assert r.code == 0, r.err
+            assert _pulled_payload(w) == payload  # retried or resumed, never wrong
+            if "Retry-After" in case:
+                assert took >= 1.0, f"Retry-After: 1 was not honoured ({took:.2f} s)"
+        else:
+            # 1: the pull failed; 2: the tag could not be resolved while planning
+            assert r.code in (1, 2), r.err
+            assert proxy.host in r.err, r.err  # names the registry it talked to
+            assert not (w.root / "forge-out/p/app").exists()
+        if (w.root / "forge.lock").exists():  # a pin is only ever the verified digest
+            pins = json.loads((w.root / "forge.lock").read_text())["pins"]["oci"]
+            assert pins == {f"{proxy.host}/team/app:v1": digest}
+        proxy.faults.clear()  # the network heals: a clean pull, same cache, gets the right bytes
+        r = w.build("//p:app")
+        assert r.code == 0, r.err
+        assert _pulled_payload(w) == payload
+    finally:
+        proxy.close()
