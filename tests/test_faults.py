@@ -267,3 +267,61 @@ def test_registry_faults_never_poison_the_cache_or_the_lock(published, tmp_path,
         assert _pulled_payload(w) == payload
     finally:
         proxy.close()
+
+
+# --- Debian mirror faults ------------------------------------------------------------------
+
+MIRROR_FAULTS = {
+    "503 on InRelease": ([Fault("status", "/InRelease", status=503)], "succeeds"),
+    "reset mid-Packages": ([Fault("reset", "/Packages")], "succeeds"),
+    "cut .deb": ([Fault("truncate", ".deb")], "succeeds"),
+    "wrong .deb bytes, always": ([Fault("corrupt", ".deb", times=99)], "fails"),
+    "wrong Packages bytes, always": ([Fault("corrupt", "/Packages", times=99)], "fails"),
+}
+
+
+@pytest.fixture(scope="module")
+def signing_keys():
+    from debian_archive import Keys
+    k = Keys()
+    yield k
+    k.close()
+
+
+@pytest.mark.parametrize("case", list(MIRROR_FAULTS))
+def test_mirror_faults_never_poison_the_cache_or_the_lock(tmp_path, signing_keys, case):
+    import json
+    from debian_archive import Server, build_archive
+    from package_builders import make_deb
+    deb = make_deb(tmp_path, "hello", "1.0-1")
+    build_archive(tmp_path / "www", [deb], signing_keys.key("archive"))
+    srv = Server(tmp_path / "www")
+    proxy = FaultProxy(srv.url.split("//", 1)[1])
+    faults, outcome = MIRROR_FAULTS[case]
+    try:
+        w = Workspace(tmp_path / "ws", tmp_path / "cache")
+        w.root.mkdir()
+        (w.root / "forge.toml").write_text(f'[debian]\nmirror = "http://{proxy.host}/debian"\n')
+        w.write({"p/BUILD": 'deb_package(name = "hello", package = "hello", keyring = "archive.gpg")\n'})
+        signing_keys.key("archive").export(w.root / "p/archive.gpg")
+        proxy.inject(*faults)
+        r = w.build("//p:hello")
+        assert proxy.injected, "no fault was injected"
+        assert "Traceback" not in r.err and "internal error" not in r.err, r.err
+        if outcome == "succeeds":
+            assert r.code == 0, r.err
+        else:
+            assert r.code == 1, r.err
+            assert proxy.host in r.err, r.err
+            assert not (w.root / "forge-out/p/hello.deb").exists()
+        if (w.root / "forge.lock").exists():  # only what the signed Release names is pinned
+            pin = json.loads(json.loads((w.root / "forge.lock").read_text())["pins"]["deb"]
+                             ["bookworm/amd64/hello"])
+            assert pin["SHA256"] == __import__("hashlib").sha256(deb.read_bytes()).hexdigest()
+        proxy.faults.clear()
+        r = w.build("//p:hello")
+        assert r.code == 0, r.err
+        assert (w.root / "forge-out/p/hello.deb").read_bytes() == deb.read_bytes()
+    finally:
+        proxy.close()
+        srv.close()
