@@ -7,7 +7,9 @@ Scratch directories are `sb-<owner>-...`, partial blobs `blob-<owner>-...`, comm
 `log-<owner>-...`, and `procs/<owner>/<pid>.<start>` names each command's process group
 while it runs: commands run in sessions of their own (so that Ctrl-C and timeouts stop
 their whole tree), and so outlive a forge that is killed. A build starting kills the
-groups of owners that are gone, then removes their entries. Entries without an owner
+groups of owners that are gone, detaches what their commands mounted inside their
+scratch directories, then removes their entries (never through a mount that will not
+detach). Entries without an owner
 (a failed action's scratch directory, kept for debugging) are left to `forge cache gc`.
 """
 
@@ -18,6 +20,7 @@ import re
 import shutil
 import signal
 import stat
+import subprocess
 from pathlib import Path
 
 _OWNED = re.compile(r"^(?:sb|blob|log|remote)-(\d+\.\d+)-")
@@ -112,6 +115,8 @@ def reap(tmp: Path) -> list[str]:
         m = _OWNED.match(p.name)
         if m and not _alive(m.group(1)):
             if p.is_dir() and not p.is_symlink():
+                if not _unmount_below(p):
+                    continue  # never remove files through a mount: a host /dev, /proc
                 force_rmtree(p)
             else:
                 try:
@@ -120,6 +125,25 @@ def reap(tmp: Path) -> list[str]:
                     pass
             removed.append(str(p))
     return removed
+
+
+def _mounts_below(d: Path) -> list[str]:
+    """Mount points at or below `d`, deepest first (/proc/self/mountinfo escapes spaces)."""
+    prefix = os.path.realpath(d) + "/"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [ln.split()[4].encode().decode("unicode_escape") for ln in f]
+    except OSError:
+        return []
+    return sorted((m for m in points if (m + "/").startswith(prefix)), key=len, reverse=True)
+
+
+def _unmount_below(d: Path) -> bool:
+    """Detach what a killed command mounted inside its scratch directory (mmdebstrap, as
+    root, mounts /proc, /sys and /dev into its chroot); True when nothing is left."""
+    for m in _mounts_below(d):
+        subprocess.run(["umount", "--lazy", m], capture_output=True)
+    return not _mounts_below(d)
 
 
 def _entries(d: Path) -> list[Path]:

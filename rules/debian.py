@@ -87,6 +87,16 @@ def _readable_keyring(path) -> str:
     return d
 
 
+def _own_namespaces(argv: list[str]) -> list[str]:
+    """As root, mmdebstrap mounts /proc, /sys and /dev into the tree it builds, in the
+    host's mount table: a forge killed mid-run would leave them there. In a mount and pid
+    namespace of its own they go when it goes, and so does every process it started."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return argv  # unprivileged, mmdebstrap runs in user namespaces of its own already
+    return ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+            "--mount-proc", *argv]
+
+
 @action_function("Mmdebstrap", version=3)
 def run_mmdebstrap(ctx: ExecContext) -> None:
     p = ctx.params
@@ -112,7 +122,7 @@ def run_mmdebstrap(ctx: ExecContext) -> None:
                 "chmod 700 $d; fi; done'")
     argv += [p["suite"], str(raw), mirror_for(ctx.config)]
     try:
-        ctx.run(argv)
+        ctx.run(_own_namespaces(argv))
     finally:
         if keyring_dir is not None:
             shutil.rmtree(keyring_dir, ignore_errors=True)
