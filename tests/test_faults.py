@@ -78,25 +78,31 @@ def test_forge_out_on_a_full_filesystem(small_fs, tmp_path):
 
 
 class PrivateDockerd:
-    """A dockerd of the test's own (socket, data and exec roots under a temp dir), so the
-    test can kill it without touching the engine other tests use."""
+    """A dockerd of the test's own (socket, data and exec roots under a temp dir, and a
+    bridge of its own: with `--bridge none` dockerd deletes the host's docker0, which the
+    shared engine needs), so the test can stop it without touching the engine other tests
+    use."""
 
     def __init__(self, base: Path):
         self.base = base
         self.sock = base / "docker.sock"
         self.host = f"unix://{self.sock}"
         self.proc = None
+        self.bridge = f"fbr{os.getpid() % 100000}"
 
     def start(self) -> None:
         import shutil
         import time
         require(shutil.which("dockerd") is not None, "dockerd is not installed (apt-get install docker.io)")
         require(os.geteuid() == 0, "a private dockerd needs root")
+        if subprocess.run(["ip", "link", "show", self.bridge], capture_output=True).returncode:
+            subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
+            subprocess.run(["ip", "addr", "add", "10.213.0.1/24", "dev", self.bridge], check=True)
         log = open(self.base / "dockerd.log", "ab")
         self.proc = subprocess.Popen(
             ["dockerd", "--host", self.host, "--data-root", str(self.base / "root"),
              "--exec-root", str(self.base / "exec"), "--pidfile", str(self.base / "docker.pid"),
-             "--bridge", "none", "--iptables=false", "--ip6tables=false"],
+             "--bridge", self.bridge, "--iptables=false", "--ip6tables=false", "--ip-masq=false"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -118,6 +124,9 @@ class PrivateDockerd:
                 self.proc.kill()
                 self.proc.wait()
 
+    def remove_bridge(self) -> None:
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
+
     def containers(self) -> list[str]:
         return subprocess.run(["docker", "-H", self.host, "ps", "-aq"], capture_output=True,
                               text=True).stdout.split()
@@ -130,6 +139,7 @@ def dockerd(tmp_path_factory):
     d.start()
     yield d
     d.stop()
+    d.remove_bridge()
     subprocess.run(["umount", "-R", str(base / "exec")], capture_output=True)
     subprocess.run(["umount", "-R", str(base / "root")], capture_output=True)
 
