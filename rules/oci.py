@@ -12,6 +12,7 @@ import re
 
 from forge.api import ActionFailed, AnalysisError, ExecContext, Location, RunContext, \
     action_function, attr, pin_resolver, pool, rule, runner
+from forge.formats.common.compression import compressor_id
 from forge.formats.dockerfile.errors import DockerfileError
 from forge.formats.image.archive import import_archive
 from forge.formats.image.errors import ImageError, LayoutError
@@ -259,7 +260,9 @@ def container_image(ctx):
                   "context_prefix": prefix, "copies": copies, "platform": ctx.attr.platform,
                   "args": {k: v for k, v in st.used_args.items() if v is not None},
                   "steps": [stages.step_params(s) for s in st.steps]}
-        if not has_run:
+        if has_run:  # the engine's layers are normalised and compressed here
+            params["compressor"] = compressor_id("gzip")
+        else:
             params["layers"] = {}
             for n, step in enumerate(st.steps):
                 if step.instruction.cmd not in ("COPY", "ADD"):
@@ -297,6 +300,7 @@ def _copy_action(ctx, st, n: int, stage_params: dict, stage_inputs: list, where:
     inputs = [i for i in stage_inputs if i.path in wanted]
     params = {k: stage_params[k] for k in ("dockerfile", "context_prefix", "platform")}
     params.update({"step": stages.step_params(step), "base": base,
+                   "compressor": compressor_id("gzip"),
                    "copies": {str(ins.line): files},
                    "from": {frm: stage_params["from"][frm]} if frm is not None else {},
                    "workdirs": [s.instruction.args[0] for s in st.steps[:n]

@@ -58,6 +58,15 @@ def compressor_id(method: str) -> str:
     raise ValueError(f"unknown compression {method!r} (gzip, zstd or none)")
 
 
+def compressor_mismatch(planned: str, method: str) -> str | None:
+    """Why an action whose key names `planned` (a `compressor_id`) must not run here, or
+    None: its output would be another compressor's bytes under that key."""
+    here = compressor_id(method)
+    if planned == here:
+        return None
+    return f"this step was planned to compress with {planned}, but {here} is installed"
+
+
 def zstd_compressor(level: int) -> zstandard.ZstdCompressor:
     """The one zstd setting forge writes with: one thread (several would frame the output
     by the host's cores) and a checksum, so the bytes depend only on the input, the level
