@@ -5,8 +5,8 @@ mtime[12] uid[6] gid[6] mode[8] size[10] "`\\n", the data padded to an even leng
 `debian-binary`, `control.tar[.gz|.xz|.zst]` (`./control`, maintainer scripts) and
 `data.tar[.gz|.xz|.zst|.bz2]` (the files). The member's suffix names its compression;
 gzip and zstd members are decoded by forge.formats.common.compression, so one made of
-several gzip members or zstd frames (pigz, pzstd, multi-threaded compressors) is read to
-its end.
+several gzip members or zstd frames (`cat`, pzstd) is read to its end, as the formats
+define, even where dpkg-deb 1.21 stops after the first zstd frame.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ class _OwningTarFile(tarfile.TarFile):
             f.close()
 
 
-# tarfile's gzip reader (gzip.GzipFile) reads every member of a multi-member stream.
-_TAR_MODES = {".tar": "r:", ".gz": "r:gz", ".xz": "r:xz", ".bz2": "r:bz2"}
+_DECODED = {".gz": "gzip", ".zst": "zstd"}  # by forge.formats.common.compression
+_TAR_MODES = {".tar": "r:", ".xz": "r:xz", ".bz2": "r:bz2"}
 
 
 def _open_member_tar(deb_path: str | os.PathLike, prefix: str) -> tarfile.TarFile:
@@ -102,10 +102,12 @@ def _open_member_tar(deb_path: str | os.PathLike, prefix: str) -> tarfile.TarFil
         if m is None:
             raise DebError(f"{deb_path}: no {prefix}* member (has {[x.name for x in members]})")
         stream, ext = _Section(owned[0], m.offset, m.size), m.name[len(prefix):] or ".tar"
-        if ext == ".zst":
-            # tarfile has no zstd (before 3.14); spooled, as random tar access seeks back.
-            if compression_of(stream.read(4)) != "zstd":
-                raise DebError(f"{deb_path}: member {m.name} is not zstd-compressed")
+        if ext in _DECODED:
+            # Decoded to the end of the last member or frame, with one error for a cut or
+            # corrupt one (tarfile has no zstd before 3.14); spooled, as random tar access
+            # seeks back.
+            if compression_of(stream.read(4)) != _DECODED[ext]:
+                raise DebError(f"{deb_path}: member {m.name} is not {_DECODED[ext]}-compressed")
             stream.seek(0)
             owned.append(tempfile.TemporaryFile())
             try:
@@ -127,7 +129,8 @@ def _open_member_tar(deb_path: str | os.PathLike, prefix: str) -> tarfile.TarFil
 
 
 def open_data_tar(deb_path: str | os.PathLike) -> tarfile.TarFile:
-    """The package's file tree. Reading members in archive order streams; going back
+    """The package's file tree. gzip and zstd are decoded up front into a temporary
+    file; for xz and bz2, reading members in archive order streams and going back
     re-decompresses from the start."""
     return _open_member_tar(deb_path, "data.tar")
 
