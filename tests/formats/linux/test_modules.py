@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from conftest import require
 from package_builders import compile_module
 from forge.formats.linux.errors import ModuleError
 from forge.formats.linux.modules import index_tar, index_tree, load_order, modinfo
@@ -58,8 +59,7 @@ def test_compressed_modules(virtio, compress):
 
 
 def test_zstd_module(virtio, tmp_path):
-    if shutil.which("zstd") is None:
-        pytest.skip("zstd is not installed")
+    require(shutil.which("zstd") is not None, "zstd is not installed (apt-get install zstd)")
     (tmp_path / "m.ko").write_bytes(virtio["failover"])
     subprocess.run(["zstd", "-q", str(tmp_path / "m.ko")], check=True)
     data = (tmp_path / "m.ko.zst").read_bytes()
