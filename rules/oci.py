@@ -12,7 +12,6 @@ import re
 
 from forge.api import ActionFailed, AnalysisError, ExecContext, Location, RunContext, \
     action_function, attr, pin_resolver, pool, rule, runner
-from forge.formats.common.compression import compressor_id
 from forge.formats.dockerfile.errors import DockerfileError
 from forge.formats.image.archive import import_archive
 from forge.formats.image.errors import ImageError, LayoutError
@@ -22,7 +21,7 @@ from forge.formats.dockerfile.ignore import DockerIgnore
 from forge.formats.image.errors import InvalidReferenceError
 from forge.formats.image.reference import Reference
 
-from . import stages
+from . import compressors, stages
 
 # Independent RUN stages build side by side; more would only fight for cores.
 DOCKER_POOL = pool("docker", 2)
@@ -261,7 +260,7 @@ def container_image(ctx):
                   "args": {k: v for k, v in st.used_args.items() if v is not None},
                   "steps": [stages.step_params(s) for s in st.steps]}
         if has_run:  # the engine's layers are normalised and compressed here
-            params["compressor"] = compressor_id("gzip")
+            params["compressor"] = compressors.param("gzip")
         else:
             params["layers"] = {}
             for n, step in enumerate(st.steps):
@@ -300,7 +299,7 @@ def _copy_action(ctx, st, n: int, stage_params: dict, stage_inputs: list, where:
     inputs = [i for i in stage_inputs if i.path in wanted]
     params = {k: stage_params[k] for k in ("dockerfile", "context_prefix", "platform")}
     params.update({"step": stages.step_params(step), "base": base,
-                   "compressor": compressor_id("gzip"),
+                   "compressor": compressors.param("gzip"),
                    "copies": {str(ins.line): files},
                    "from": {frm: stage_params["from"][frm]} if frm is not None else {},
                    "workdirs": [s.instruction.args[0] for s in st.steps[:n]

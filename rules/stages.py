@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 from forge.api import ActionFailed, ExecContext, action_function
-from forge.formats.common.compression import compressor_mismatch
 from forge.formats.common.treepath import UnsafePathError, resolve_on_disk
 from forge.formats.image.errors import UnsafeLayerError
 from forge.formats.image.layer_read import apply_layers, safe_extract
@@ -26,7 +25,7 @@ from forge.formats.image.layer_write import layer_from_dir, normalise
 from forge.formats.image.archive import import_archive
 from forge.formats.image.layout import add_blob, image_config_defaults, read_image, write_image
 
-from . import dockerengine
+from . import compressors, dockerengine
 
 # What an image config's `config` may hold; an engine adds more (Hostname, Image...)
 # that would make identical stages differ.
@@ -150,20 +149,12 @@ def assemble_stage(ctx: ExecContext) -> None:
     _finish(out, config, descs, history)
 
 
-def check_compressor(ctx: ExecContext, method: str) -> None:
-    """The compressor named in the key (params["compressor"]) is the one that runs."""
-    why = compressor_mismatch(ctx.params["compressor"], method)
-    if why:
-        raise ActionFailed(why, hint="the compressor changed after this build was planned: "
-                                     "touch forge.toml so that forge plans it again")
-
-
 @action_function("CopyLayer", version=4)  # 4: the compressor in the key
 def copy_layer(ctx: ExecContext) -> None:
     """One COPY/ADD of a stage without RUN, as its own cached action: a change to what a
     later instruction copies does not redo this layer (BuildKit caches the same way)."""
     p = ctx.params
-    check_compressor(ctx, "gzip")
+    compressors.check(ctx, "gzip")
     workdir = "/"
     if p["base"]["path"]:  # only when the destination is relative
         cfg = read_image(ctx.path(p["base"]["path"]), p["platform"]).config.get("config") or {}
@@ -381,7 +372,7 @@ def _write(staging: Path, target: str, data: bytes) -> None:
 @action_function("DockerStage", version=2)  # 2: the compressor in the key
 def docker_stage(ctx: ExecContext) -> None:
     p = ctx.params
-    check_compressor(ctx, "gzip")
+    compressors.check(ctx, "gzip")
     out = ctx.path(ctx.outputs[0])
     c = dockerengine.client()
     parent, descs = _start(ctx, out)  # the parent's blobs, linked into the result as they are
