@@ -126,7 +126,7 @@ class _Decoded(io.RawIOBase):
     def readinto(self, b) -> int:
         while self._pos >= len(self._buf):
             if self._pieces is not None:
-                self._buf, self._pos = next(self._pieces, b""), 0
+                self._buf, self._pos = memoryview(next(self._pieces, b"")), 0
                 if not self._buf:
                     self._pieces = None
                 continue
