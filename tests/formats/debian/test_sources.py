@@ -13,8 +13,6 @@ from conftest import require
 from forge.formats.debian.sources import (Source, parse_deb822, parse_one_line, read_entries,
                                           read_sources, string_to_bool)
 
-pytestmark = pytest.mark.real
-
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 KEY = """-----BEGIN PGP PUBLIC KEY BLOCK-----
@@ -183,6 +181,7 @@ def _signed_by(raw: str | None) -> tuple[str, ...]:
     return (text,) if "BEGIN PGP" in text else tuple(text.replace(",", " ").split())
 
 
+@pytest.mark.real
 def test_one_line_entries_agree_with_python3_apt():
     theirs = _python3_apt(LINES, [])["lines"]
     disagreements, compared = [], 0
@@ -209,6 +208,7 @@ def test_one_line_entries_agree_with_python3_apt():
     assert compared >= 20
 
 
+@pytest.mark.real
 def test_deb822_files_agree_with_python3_apt(tmp_path):
     paths = []
     for name, text in FILES.items():
