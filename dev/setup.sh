@@ -18,11 +18,14 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # reference init; nginx-full: the WebDAV server the remote-cache tests use as a Bazel HTTP cache;
 # openssl: the certificates of the TLS remote-cache test; gpg, gpgv, dpkg-dev, apt-utils and
 # debian-archive-keyring: the signed test archives (gpg signs, dpkg-scanpackages and
-# apt-ftparchive index, gpgv verifies) and the keys of Debian's own archive.
+# apt-ftparchive index, gpgv verifies) and the keys of Debian's own archive; python3-apt:
+# apt's own sources parser, which tests/formats/debian/test_sources.py checks forge's
+# against (through /usr/bin/python3); pigz: a second gzip writer (with zstd's pzstd) for
+# the multi-member and multi-frame decoding tests.
 forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd
     xorriso isolinux syslinux syslinux-common grub-common grub-pc-bin grub-efi-amd64-bin mtools
     dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full openssl
-    gpg gpgv dpkg-dev apt-utils debian-archive-keyring)
+    gpg gpgv dpkg-dev apt-utils debian-archive-keyring python3-apt pigz)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import xxhash
@@ -50,8 +51,12 @@ class Session:
         from forge.plan import Plan
         cwd_pkg = self.cwd_package(cwd)
         patterns = [parse_pattern(p, cwd_pkg) for p in pattern_texts]
+        # Steps that compress carry their compressor's version in their params, which the
+        # plan holds (rules/compressors.py). zstandard changes with an install, and so
+        # with sys.path's mtimes (code_fingerprint); zlib is the system's, named here.
         fingerprint = repr((PLAN_VERSION, forge.__version__, [str(p) for p in patterns],
-                            include_manual, installed().code_fingerprint(self.records.dir)))
+                            include_manual, installed().code_fingerprint(self.records.dir),
+                            zlib.ZLIB_RUNTIME_VERSION))
         path = self.records.dir / "plans" / (xxhash.xxh3_64_hexdigest(fingerprint.encode()) + ".pickle")
         if use_cache and not refresh_lock:
             plan = self._cached_plan(path, fingerprint)

@@ -14,7 +14,7 @@ from forge.formats.debian import keyring as debian_keyring
 from forge.formats.image.layer_write import normalise
 from forge.formats.image.layout import add_blob, image_config_defaults, write_image
 
-from . import debtrust
+from . import compressors, debtrust
 from .debtrust import mirror_for
 
 # Downloads overlap the other run's unpacking; more would only fight for 2 cores.
@@ -53,7 +53,8 @@ def debian_rootfs(ctx):
     trust = debtrust.trust_for(ctx, ctx.attr.suite, for_apt=True)
     params = {"suite": ctx.attr.suite, "variant": ctx.attr.variant,
               "packages": sorted(set(ctx.attr.packages)), "components": list(ctx.attr.components),
-              "architecture": ctx.attr.architecture, "cmd": list(ctx.attr.cmd), **trust.params()}
+              "architecture": ctx.attr.architecture, "cmd": list(ctx.attr.cmd),
+              "compressor": compressors.param("gzip"), **trust.params()}
     inputs = []
     if trust.host_keyring:
         params["keyring"] = trust.host_keyring
@@ -97,9 +98,10 @@ def _own_namespaces(argv: list[str]) -> list[str]:
             "--mount-proc", *argv]
 
 
-@action_function("Mmdebstrap", version=3)
+@action_function("Mmdebstrap", version=4)  # 4: the compressor in the key
 def run_mmdebstrap(ctx: ExecContext) -> None:
     p = ctx.params
+    compressors.check(ctx, "gzip")
     if ctx.offline:
         raise ActionFailed("debian_rootfs needs the Debian mirror and --offline forbids it",
                            hint="build once online: the result is cached")

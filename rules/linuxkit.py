@@ -30,7 +30,7 @@ from forge.formats.linux import cpio
 from forge.formats.linuxkit.runtime import runtime_config
 from forge.formats.linux.fragments import FragmentWriter
 
-from . import disk
+from . import compressors, disk
 from .oci import pinned, pull_action
 
 COMPRESSIONS = ("gzip", "zstd", "none")
@@ -287,7 +287,8 @@ class _Planner:
         segments = []
         for n, (what, frag) in enumerate(self.fragments):
             seg = ctx.declare(f"{self.name}.initrd/{n:03d}-{what.replace('/', '-')}{_SEGMENT_EXT[comp]}")
-            ctx.call("LkSegment", {"compression": comp, "base": n == 0}, inputs=[frag],
+            ctx.call("LkSegment", {"compression": comp, "compressor": compressors.param(comp),
+                                   "base": n == 0}, inputs=[frag],
                      outputs=[seg], mnemonic="LkSegment", description=f"LkSegment {ctx.label} [{what}]")
             segments.append(seg)
         initrd = ctx.declare(f"{self.name}-initrd.img")
@@ -409,9 +410,10 @@ def volume_step(ctx: ExecContext) -> None:
                     w.file(rel, p.read_bytes())
 
 
-@action_function("LkSegment", version=2)
+@action_function("LkSegment", version=3)  # 3: the compressor in the key
 def segment_step(ctx: ExecContext) -> None:
     base = ctx.params["base"]
+    compressors.check(ctx, ctx.params["compression"])
     with open(_in_dir(ctx, 0, "rootfs.tar"), "rb") as src, open(ctx.path(ctx.outputs[0]), "wb") as out, \
             cpio.open_compressed(out, ctx.params["compression"]) as z:
         cpio.write_tree_from_tar(src, z, mtime=ctx.source_date_epoch, drop=(), replace=None,

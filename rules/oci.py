@@ -21,7 +21,7 @@ from forge.formats.dockerfile.ignore import DockerIgnore
 from forge.formats.image.errors import InvalidReferenceError
 from forge.formats.image.reference import Reference
 
-from . import stages
+from . import compressors, stages
 
 # Independent RUN stages build side by side; more would only fight for cores.
 DOCKER_POOL = pool("docker", 2)
@@ -259,7 +259,9 @@ def container_image(ctx):
                   "context_prefix": prefix, "copies": copies, "platform": ctx.attr.platform,
                   "args": {k: v for k, v in st.used_args.items() if v is not None},
                   "steps": [stages.step_params(s) for s in st.steps]}
-        if not has_run:
+        if has_run:  # the engine's layers are normalised and compressed here
+            params["compressor"] = compressors.param("gzip")
+        else:
             params["layers"] = {}
             for n, step in enumerate(st.steps):
                 if step.instruction.cmd not in ("COPY", "ADD"):
@@ -297,6 +299,7 @@ def _copy_action(ctx, st, n: int, stage_params: dict, stage_inputs: list, where:
     inputs = [i for i in stage_inputs if i.path in wanted]
     params = {k: stage_params[k] for k in ("dockerfile", "context_prefix", "platform")}
     params.update({"step": stages.step_params(step), "base": base,
+                   "compressor": compressors.param("gzip"),
                    "copies": {str(ins.line): files},
                    "from": {frm: stage_params["from"][frm]} if frm is not None else {},
                    "workdirs": [s.instruction.args[0] for s in st.steps[:n]

@@ -25,7 +25,7 @@ from forge.formats.image.layer_write import layer_from_dir, normalise
 from forge.formats.image.archive import import_archive
 from forge.formats.image.layout import add_blob, image_config_defaults, read_image, write_image
 
-from . import dockerengine
+from . import compressors, dockerengine
 
 # What an image config's `config` may hold; an engine adds more (Hostname, Image...)
 # that would make identical stages differ.
@@ -149,11 +149,12 @@ def assemble_stage(ctx: ExecContext) -> None:
     _finish(out, config, descs, history)
 
 
-@action_function("CopyLayer", version=3)
+@action_function("CopyLayer", version=4)  # 4: the compressor in the key
 def copy_layer(ctx: ExecContext) -> None:
     """One COPY/ADD of a stage without RUN, as its own cached action: a change to what a
     later instruction copies does not redo this layer (BuildKit caches the same way)."""
     p = ctx.params
+    compressors.check(ctx, "gzip")
     workdir = "/"
     if p["base"]["path"]:  # only when the destination is relative
         cfg = read_image(ctx.path(p["base"]["path"]), p["platform"]).config.get("config") or {}
@@ -368,9 +369,10 @@ def _write(staging: Path, target: str, data: bytes) -> None:
 
 # --- DockerStage -----------------------------------------------------------------------
 
-@action_function("DockerStage", version=1)
+@action_function("DockerStage", version=2)  # 2: the compressor in the key
 def docker_stage(ctx: ExecContext) -> None:
     p = ctx.params
+    compressors.check(ctx, "gzip")
     out = ctx.path(ctx.outputs[0])
     c = dockerengine.client()
     parent, descs = _start(ctx, out)  # the parent's blobs, linked into the result as they are

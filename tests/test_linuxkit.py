@@ -206,6 +206,31 @@ def test_zstd_segments(lk):
     seg = lk.root / "forge-out/os.initrd/003-services-web.cpio.zst"
     p = subprocess.run(["zstd", "-dc", str(seg)], capture_output=True, check=True)
     assert p.stdout.startswith(b"070701")
+    # Another zstandard (here: the same one claiming another version) means other keys:
+    # every segment is compressed again, never served from the cache made by the first.
+    site = lk.root.parent / "other-zstandard"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import zstandard\nzstandard.__version__ = '0.0.0+other'\n")
+    r = lk.build("//:os", env={"PYTHONPATH": str(site)})
+    assert r.code == 0, r.err
+    ran = _executed(r)
+    assert [n for m, n in ran if m == "LkSegment"] == sorted(
+        x.name for x in (lk.root / "forge-out/os.initrd").iterdir()), ran
+    assert {m for m, _ in ran} <= {"LkSegment", "LkInitrd"}, ran
+    # Another zlib: the gzip layers are written again (same bytes here, so it stops there)
+    (site / "sitecustomize.py").write_text("import zlib\nzlib.ZLIB_RUNTIME_VERSION = '0.0+other'\n")
+    r = lk.build("//:os", env={"PYTHONPATH": str(site)})
+    assert r.code == 0, r.err
+    ran = _executed(r)
+    assert {m for m, _ in ran} == {"CopyLayer"}, ran
+
+
+def test_a_step_refuses_a_compressor_other_than_its_key_names():
+    from forge.formats.common.compression import compressor_id, compressor_mismatch
+    assert compressor_mismatch(compressor_id("zstd"), "zstd") is None
+    assert compressor_id("gzip").startswith("zlib ") and "libzstd" in compressor_id("zstd")
+    assert "planned to compress with zstandard 0.1" in compressor_mismatch(
+        "zstandard 0.1 (libzstd 1.0.0)", "zstd")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -4,7 +4,9 @@ A `.deb` is an `ar` archive (`!<arch>\\n`, then per member a 60-byte header: nam
 mtime[12] uid[6] gid[6] mode[8] size[10] "`\\n", the data padded to an even length) of
 `debian-binary`, `control.tar[.gz|.xz|.zst]` (`./control`, maintainer scripts) and
 `data.tar[.gz|.xz|.zst|.bz2]` (the files). The member's suffix names its compression;
-zstd needs the optional `zstandard` module.
+gzip and zstd members are decoded by forge.formats.common.compression, so one made of
+several gzip members or zstd frames (`cat`, pzstd) is read to its end, as the formats
+define, even where dpkg-deb 1.21 stops after the first zstd frame.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from forge.formats.common.compression import CompressionError, compression_of, open_decompressed
 from forge.formats.debian.deb822 import parse_stanzas
 from forge.formats.debian.errors import DebError
 
@@ -87,7 +90,8 @@ class _OwningTarFile(tarfile.TarFile):
             f.close()
 
 
-_TAR_MODES = {".tar": "r:", ".gz": "r:gz", ".xz": "r:xz", ".bz2": "r:bz2"}
+_DECODED = {".gz": "gzip", ".zst": "zstd"}  # by forge.formats.common.compression
+_TAR_MODES = {".tar": "r:", ".xz": "r:xz", ".bz2": "r:bz2"}
 
 
 def _open_member_tar(deb_path: str | os.PathLike, prefix: str) -> tarfile.TarFile:
@@ -98,16 +102,19 @@ def _open_member_tar(deb_path: str | os.PathLike, prefix: str) -> tarfile.TarFil
         if m is None:
             raise DebError(f"{deb_path}: no {prefix}* member (has {[x.name for x in members]})")
         stream, ext = _Section(owned[0], m.offset, m.size), m.name[len(prefix):] or ".tar"
-        if ext == ".zst":
-            try:
-                import zstandard  # optional: not in the standard library before 3.14
-            except ImportError:
-                raise DebError(f"{m.name} is zstd-compressed, but the zstandard module is not "
-                               "installed (pip install zstandard)") from None
-            # zstandard's reader cannot seek backwards, which random tar access needs: spool.
+        if ext in _DECODED:
+            # Decoded to the end of the last member or frame, with one error for a cut or
+            # corrupt one (tarfile has no zstd before 3.14); spooled, as random tar access
+            # seeks back.
+            if compression_of(stream.read(4)) != _DECODED[ext]:
+                raise DebError(f"{deb_path}: member {m.name} is not {_DECODED[ext]}-compressed")
+            stream.seek(0)
             owned.append(tempfile.TemporaryFile())
-            with zstandard.ZstdDecompressor().stream_reader(stream) as r:
-                shutil.copyfileobj(r, owned[-1], _CHUNK)
+            try:
+                shutil.copyfileobj(open_decompressed(stream, f"{deb_path}: {m.name}"),
+                                   owned[-1], _CHUNK)
+            except CompressionError as e:
+                raise DebError(str(e)) from None
             stream, ext = owned[-1], ".tar"
             stream.seek(0)
         if ext not in _TAR_MODES:
@@ -122,7 +129,8 @@ def _open_member_tar(deb_path: str | os.PathLike, prefix: str) -> tarfile.TarFil
 
 
 def open_data_tar(deb_path: str | os.PathLike) -> tarfile.TarFile:
-    """The package's file tree. Reading members in archive order streams; going back
+    """The package's file tree. gzip and zstd are decoded up front into a temporary
+    file; for xz and bz2, reading members in archive order streams and going back
     re-decompresses from the start."""
     return _open_member_tar(deb_path, "data.tar")
 

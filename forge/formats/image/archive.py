@@ -99,7 +99,7 @@ def _import_docker(tf, members, layout: Path, archive) -> Descriptor:
                 kind = compression_of(f.read(4))
             media = {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}.get(kind, OCI_LAYER)
             diff_id = digest if kind == "none" else hash_layer(path)[2]
-            if diff_id not in (want, None):
+            if diff_id != want:
                 raise LayoutError(f"{archive}: layer {name} has diff_id {diff_id}, "
                                   f"the config says {want}")
             layers.append({"mediaType": media, "digest": digest, "size": size})
@@ -170,12 +170,12 @@ def export_docker_archive(layout: Path, out_fileobj: BinaryIO, tags: list[str], 
             sha = hashlib.sha256()
             with open(path, "rb") as src, open(plain, "wb") as dst:
                 try:
-                    stream = open_decompressed(src)
+                    stream = open_decompressed(src, f"{layout}: layer {desc['digest']}")
+                    while chunk := stream.read(_CHUNK):
+                        sha.update(chunk)
+                        dst.write(chunk)
                 except CompressionError as e:
-                    raise LayoutError(f"{layout}: layer {desc['digest']}: {e}") from None
-                while chunk := stream.read(_CHUNK):
-                    sha.update(chunk)
-                    dst.write(chunk)
+                    raise LayoutError(str(e)) from None
             if f"sha256:{sha.hexdigest()}" != diff_id:
                 raise LayoutError(f"{layout}: layer {desc['digest']} uncompresses to "
                                   f"sha256:{sha.hexdigest()}, not the diff_id {diff_id}")

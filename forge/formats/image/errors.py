@@ -22,7 +22,7 @@ class InvalidReferenceError(ImageError, ValueError):
     """A text that is not a valid image reference."""
 
 
-class LayerError(ImageError):
+class LayerError(LayoutError):
     """A layer's bytes are not a tar archive forge can read (cut short, corrupt)."""
 
 

@@ -1,8 +1,8 @@
 """Image layer tarballs: safe extraction, merging and reproducible rewriting.
 
-An image layer (OCI image-spec `layer.md`) is a tar archive, plain or gzip-compressed
-(zstd when the `zstandard` module happens to be importable), holding the changes a layer
-makes to the filesystem below it. Deletions are written as *whiteouts*: an empty entry
+An image layer (OCI image-spec `layer.md`) is a tar archive, plain or compressed with gzip
+or zstd (several members or frames included: forge.formats.common.compression), holding
+the changes a layer makes to the filesystem below it. Deletions are written as *whiteouts*: an empty entry
 `dir/.wh.<name>` removes `dir/<name>` (and everything under it) as earlier layers left
 it, and `dir/.wh..wh..opq` makes `dir` opaque: everything earlier layers put in it is
 hidden, while entries of the same layer stay. Whiteouts never affect their own layer.
@@ -47,7 +47,8 @@ Source = BinaryIO | str | os.PathLike
 
 def layer_errors(fn):
     """Path escapes found by the shared path helpers surface as this domain's
-    `UnsafeLayerError`, so a caller of the layer functions catches one error."""
+    `UnsafeLayerError`, and undecodable layer data as its `LayerError`, so a caller of
+    the layer functions catches this domain's errors only."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -56,6 +57,8 @@ def layer_errors(fn):
             raise
         except UnsafePathError as e:
             raise UnsafeLayerError(str(e)) from None
+        except CompressionError as e:
+            raise LayerError(str(e)) from None
     return wrapper
 
 

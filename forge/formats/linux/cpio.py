@@ -27,9 +27,9 @@ skipped without a word, so the tar conversion here adds parents that a tar left 
 Extended attributes (file capabilities, SELinux labels) have no place in newc: lost.
 
 Output is reproducible: inode numbers count up from 1 in write order, one mtime, the
-ownership the caller states (never the host's), gzip without name or time. zstd bytes are
-stable for one compressor, but the zstandard module and the zstd command frame the same
-input differently, so which one a host has is part of a zstd initrd's identity.
+ownership the caller states (never the host's), gzip without name or time, zstd from the
+`zstandard` module on one thread with a checksum. Compressed bytes are stable for one
+compressor version only, so the actions that compress carry `compressor_id` in their key.
 """
 
 from __future__ import annotations
@@ -40,18 +40,12 @@ import io
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from forge.formats.common.compression import open_decompressed
-
-try:
-    import zstandard  # optional: not in the standard library before Python 3.14
-except ImportError:
-    zstandard = None
+from forge.formats.common.compression import open_decompressed, zstd_compressor
 
 MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
@@ -353,27 +347,11 @@ def open_compressed(out_fileobj: BinaryIO, method: str = "gzip",
         with gzip.GzipFile(fileobj=out_fileobj, mode="wb", compresslevel=level, mtime=0,
                            filename="") as z:
             yield z
-    elif method != "zstd":
-        raise ValueError(f"unknown compression {method!r} (gzip, zstd or none)")
-    elif zstandard is not None:
-        with zstandard.ZstdCompressor(level=level, write_checksum=True).stream_writer(
-                out_fileobj, closefd=False) as z:
+    elif method == "zstd":
+        with zstd_compressor(level).stream_writer(out_fileobj, closefd=False) as z:
             yield z
-    elif shutil.which("zstd") is None:
-        raise RuntimeError("zstd compression needs the zstandard Python module or the "
-                           "zstd command (Debian package zstd)")
     else:
-        with tempfile.TemporaryFile() as spool:
-            yield spool
-            spool.seek(0)  # also flushes: the command reads the descriptor from offset 0
-            # single-threaded and deaf to ZSTD_* variables: otherwise bytes depend on the host
-            env = {k: v for k, v in os.environ.items() if not k.startswith("ZSTD_")}
-            args = ["zstd", "-q", "-c", "--single-thread", "--check", f"-{level}"]
-            with subprocess.Popen(args + ["--ultra"] * (level > 19), env=env, stdin=spool,
-                                  stdout=subprocess.PIPE) as p:
-                shutil.copyfileobj(p.stdout, out_fileobj, _CHUNK)
-            if p.returncode:
-                raise RuntimeError(f"zstd exited with status {p.returncode}")
+        raise ValueError(f"unknown compression {method!r} (gzip, zstd or none)")
 
 
 def compress(in_fileobj: BinaryIO, out_fileobj: BinaryIO, method: str = "gzip",

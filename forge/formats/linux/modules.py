@@ -12,8 +12,7 @@ NUL-terminated `key=value` strings (with NUL padding between some of them); keys
 
 `softdep` ("pre: x post: y") names modules the module works better with but does not
 need; it is ignored, as `insmod` would. Files may be compressed whole: `.ko.xz`, `.ko.gz`,
-`.ko.zst` (the last only when the `zstandard` module is importable), recognised by their
-magic bytes. Signed modules carry the signature after the ELF data, which section
+`.ko.zst`, recognised by their magic bytes. Signed modules carry the signature after the ELF data, which section
 headers never point into, so it needs no handling.
 
 Both ELF classes and byte orders are read, though Linux modules for amd64 are ELF64
@@ -24,11 +23,13 @@ from __future__ import annotations
 
 import gzip
 import heapq
+import io
 import lzma
 import struct
 import tarfile
 from difflib import get_close_matches
 from pathlib import Path, PurePosixPath
+from forge.formats.common.compression import CompressionError, open_decompressed
 from forge.formats.linux.errors import ModuleError
 
 _XZ, _GZ, _ZST = b"\xfd7zXZ\x00", b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
@@ -42,11 +43,9 @@ def _decompress(data: bytes) -> bytes:
         return gzip.decompress(data)
     if data.startswith(_ZST):
         try:
-            import zstandard  # optional: not in the standard library before 3.14
-        except ImportError:
-            raise ModuleError("zstd-compressed module, but the zstandard module is not "
-                              "installed (pip install zstandard)") from None
-        return zstandard.ZstdDecompressor().stream_reader(data).read()
+            return open_decompressed(io.BytesIO(data), "a zstd-compressed module").read()
+        except CompressionError as e:
+            raise ModuleError(str(e)) from None
     return data
 
 

@@ -28,7 +28,7 @@ class VerificationError(RegistryError):
 
 
 class UnsupportedError(RegistryError):
-    """A manifest or layer this client cannot handle (schema 1, zstd without `zstandard`)."""
+    """A manifest or layer this client cannot handle (schema 1, a nested index)."""
 
 
 class PlatformNotFoundError(RegistryError):

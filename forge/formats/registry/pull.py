@@ -7,7 +7,8 @@ trusted to send what was asked for:
   digest the reference or the parent index asked for; the bytes are stored exactly as
   served so that the digest stays stable;
 * every blob must have the descriptor's size and digest, and each layer's *uncompressed*
-  digest must equal the config's `rootfs.diff_ids` entry;
+  digest (gzip or zstd, decoded on the way in to the end of its last member or frame)
+  must equal the config's `rootfs.diff_ids` entry;
 * a pull is written into a temporary directory beside the destination and renamed into
   place only when complete, so a failed pull leaves nothing behind.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import importlib.util
 import json
 import os
 import shutil
@@ -182,10 +182,6 @@ class Puller:
         except (KeyError, TypeError, ValueError):
             raise VerificationError(f"{what} from {ep.host} lacks a valid config or layer "
                                     "descriptor") from None
-        if any("zstd" in (d.get("mediaType") or "") for d in layers) \
-                and importlib.util.find_spec("zstandard") is None:
-            raise UnsupportedError(f"{what} has zstd-compressed layers and the Python module "
-                                   "'zstandard' is not installed: pip install zstandard")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
         try:
@@ -305,8 +301,8 @@ def _decompressed(step, *chunk):
     try:
         yield from step(*chunk)
     except CompressionError as e:
-        missing = "not installed" in str(e)
-        raise (UnsupportedError if missing else VerificationError)(str(e)) from None
+        raise VerificationError(f"{e}: the registry's copy is corrupt or the image was "
+                                "pushed damaged") from None
 
 
 def select_platform(manifests: list[dict], platform: str, what: str, host: str) -> dict:

@@ -75,7 +75,7 @@ def test_write_then_read(tmp_path):
     assert [d["digest"] for d, _ in img.layers] == [i.digest for i in infos]
     assert all(p.is_file() for _, p in img.layers)
     assert img.layers[1][0]["mediaType"] == OCI_LAYER
-    assert verify_layout(layout) == []
+    verify_layout(layout)
 
 
 def test_layouts_are_byte_identical(tmp_path):
@@ -137,7 +137,7 @@ def test_platform_selection_and_nested_index(tmp_path):
     nested = add_blob(layout, canonical_json(inner), OCI_INDEX)
     write_index(layout, [nested])
     assert read_image(layout, "linux/arm64").manifest_digest == arm.digest
-    assert verify_layout(layout) == []
+    verify_layout(layout)
 
 
 def test_platform_from_config_when_index_has_none(tmp_path):
@@ -192,7 +192,7 @@ def test_import_docker_save(tmp_path):
     with tarfile.open(archive) as tf:  # the config kept byte for byte: same image ID
         config_name = json.load(tf.extractfile("manifest.json"))[0]["Config"]
     assert img.config_digest == "sha256:" + config_name.removesuffix(".json")
-    assert verify_layout(layout) == []
+    verify_layout(layout)
 
 
 def test_import_rejects_wrong_diff_id(tmp_path):
@@ -218,7 +218,7 @@ def test_import_oci_tarball(tmp_path):
     archive.write_bytes(buf.getvalue())
     layout = tmp_path / "img"
     assert import_archive(archive, layout) == desc
-    assert verify_layout(layout) == []
+    verify_layout(layout)
     assert read_image(layout).config["rootfs"]["diff_ids"] == [i.diff_id for i in infos]
     exported = io.BytesIO()
     export_oci_archive(layout, exported)
@@ -272,7 +272,7 @@ def test_docker_archive_round_trip(tmp_path):
     img, orig = read_image(back), read_image(layout)
     assert img.config["rootfs"]["diff_ids"] == orig.config["rootfs"]["diff_ids"]
     assert img.config_digest == orig.config_digest
-    assert verify_layout(back) == []
+    verify_layout(back)
 
 
 def test_add_blob_from_file_and_bytes(tmp_path):
@@ -319,4 +319,4 @@ def test_docker_load_and_save_round_trip(tmp_path):
     assert img.config["rootfs"]["diff_ids"] == [i.diff_id for i in infos]
     assert img.config_digest == read_image(layout).config_digest  # docker kept the config
     assert tag in json.dumps(desc.annotations)
-    assert verify_layout(back) == []
+    verify_layout(back)

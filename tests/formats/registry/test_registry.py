@@ -10,12 +10,14 @@ import os
 import shutil
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path
 
 import pytest
 
 from conftest import require
 from forge.formats.image.errors import InvalidReferenceError, LayoutError
+from forge.formats.image.layout import verify_layout
 from forge.formats.image.reference import Reference
 from forge.formats.image.spec import OCI_INDEX, OCI_MANIFEST, REF_NAME
 from forge.formats.registry.auth import Challenge, parse_www_authenticate
@@ -650,3 +652,44 @@ def test_push_follows_upload_locations_and_basic_auth(fake, tmp_path, location):
     manifest_put = [(h, b) for m, p, h, b in fake.seen if p == "/v2/app/manifests/v1"]
     assert manifest_put[0][0]["Content-Type"] == OCI_MANIFEST and sha(manifest_put[0][1]) == \
         desc["digest"]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["zstd-two-frames", "zstd-T2-long", "pzstd", "gzip-cat",
+                                  "pigz"])
+def test_layers_of_several_members_or_frames_pull_with_their_diff_ids(registry, tmp_path, name):
+    """The pull hashes each layer's uncompressed bytes on the way in: every gzip member
+    and zstd frame the real tools write counts, and a diff_id of only the first fails."""
+    from compressed_streams import big_tar, compressed_by_tools
+    data = big_tar(files=24)
+    blob = compressed_by_tools(data, tmp_path / "tools")[name]
+    media = ("application/vnd.oci.image.layer.v1.tar+zstd" if "zstd" in name else
+             "application/vnd.oci.image.layer.v1.tar+gzip")
+    first_member = io.BytesIO()
+    if "zstd" in name:
+        import zstandard
+        d = zstandard.ZstdDecompressor().decompressobj()
+        first_member.write(d.decompress(blob))
+    else:
+        first_member.write(zlib.decompressobj(31).decompress(blob))
+    several = name not in ("zstd-T2-long", "pigz")  # those two write one frame or member
+    assert (first_member.getvalue() != data) == several
+    cases = [(sha(data), True)] + [(sha(first_member.getvalue()), False)] * several
+    for diff_id, ok in cases:
+        layout = tmp_path / f"src-{ok}"
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       **put_blob(layout, config)},
+            "layers": [{"mediaType": media, **put_blob(layout, blob)}]}).encode()
+        write_layout(layout, [{"mediaType": OCI_MANIFEST, **put_blob(layout, manifest)}])
+        ref = f"{registry.host}/forge/frames-{name.lower()}:{'good' if ok else 'bad'}"
+        client().push(layout, ref)
+        if ok:
+            pulled = client().pull(ref, tmp_path / "pulled")
+            verify_layout(pulled.layout)
+        else:
+            with pytest.raises(VerificationError, match="uncompressed content hashes to"):
+                client().pull(ref, tmp_path / "bad")
