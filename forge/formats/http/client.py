@@ -35,7 +35,7 @@ from urllib3.exceptions import (ConnectTimeoutError, LocationParseError, MaxRetr
                                 NewConnectionError, ProtocolError, ProxyError,
                                 ProxySchemeUnknown, ReadTimeoutError, SSLError)
 
-from forge.formats.http.errors import (ConnectError, HttpError, HttpTimeoutError,
+from forge.formats.http.errors import (ConnectError, DroppedError, HttpError, HttpTimeoutError,
                                        NotFoundError, StatusError, TlsError, TruncatedError)
 from forge.formats.http.progress import LARGE, Bar
 from forge.formats.http.proxy import ProxySettings
@@ -67,6 +67,24 @@ class Response:
     def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
         """The body as it arrives; urllib3's errors pass through (`download` handles them)."""
         yield from self.raw.stream(size, decode_content=False)
+
+    def copy_to(self, write) -> int:
+        """Pass the body to `write` chunk by chunk; the bytes passed. A body cut short or
+        stalled raises `TruncatedError` or `HttpTimeoutError`, without resuming it."""
+        n = 0
+        try:
+            for chunk in self.chunks():
+                write(chunk)
+                n += len(chunk)
+        except ReadTimeoutError:
+            raise HttpTimeoutError(f"GET {self.url}: the body stalled after {n} bytes",
+                                   url=self.url) from None
+        except _CUT as e:
+            raise TruncatedError(f"GET {self.url}: the body was cut after {n} bytes "
+                                 f"({_why(e)})", url=self.url) from None
+        finally:
+            self.close()
+        return n
 
     def close(self) -> None:
         """Give the connection back to the pool when the body was read, else drop it."""
@@ -354,10 +372,14 @@ class _Failure(Exception):
                 f"{where}: TLS failed ({_why(e)}){via}: if the server's certificate is signed "
                 "by a private CA, add that CA (ca_cert); check the URL's host name", url=url))
         # NewConnectionError derives from ConnectTimeoutError in urllib3: test it first
-        if isinstance(e, (NewConnectionError, ConnectionError, ProtocolError)):
+        if isinstance(e, (NewConnectionError, ConnectionRefusedError)):
             return cls(True, lambda n: ConnectError(
                 f"{where}: cannot connect ({_why(e)}; {n} attempt(s)){via}: check that it is "
                 "running and the address is right", url=url))
+        if isinstance(e, (ConnectionError, ProtocolError)):
+            return cls(True, lambda n: DroppedError(
+                f"{where}: the connection was dropped before an answer ({_why(e)}; {n} "
+                f"attempt(s)){via}: retry later, or check the server", url=url))
         if isinstance(e, (ConnectTimeoutError, ReadTimeoutError, TimeoutError)):
             return cls(True, lambda n: HttpTimeoutError(
                 f"{where}: no answer within {timeout:g} s ({n} attempt(s)){via}: the server is "

@@ -17,6 +17,10 @@ class ConnectError(HttpError):
     """No connection: refused, unknown host, or a proxy that would not relay."""
 
 
+class DroppedError(HttpError):
+    """A connection that was reset or closed before the answer (or all of it) came."""
+
+
 class HttpTimeoutError(HttpError):
     """The server (or the proxy) accepted the connection but did not answer in time."""
 
@@ -37,5 +41,5 @@ class NotFoundError(StatusError):
     """404 or 410: the server has no such file."""
 
 
-class TruncatedError(HttpError):
+class TruncatedError(DroppedError):
     """The body kept being cut short, even after resuming or restarting it."""
