@@ -18,11 +18,13 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # reference init; nginx-full: the WebDAV server the remote-cache tests use as a Bazel HTTP cache;
 # openssl: the certificates of the TLS remote-cache test; gpg, gpgv, dpkg-dev, apt-utils and
 # debian-archive-keyring: the signed test archives (gpg signs, dpkg-scanpackages and
-# apt-ftparchive index, gpgv verifies) and the keys of Debian's own archive.
+# apt-ftparchive index, gpgv verifies) and the keys of Debian's own archive; tinyproxy: the real
+# HTTP proxy the HTTP client's tests go through (each test starts its own, never the service);
+# curl: the reference the tests check forge's reading of the proxy variables against.
 forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd
     xorriso isolinux syslinux syslinux-common grub-common grub-pc-bin grub-efi-amd64-bin mtools
     dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full openssl
-    gpg gpgv dpkg-dev apt-utils debian-archive-keyring)
+    gpg gpgv dpkg-dev apt-utils debian-archive-keyring tinyproxy curl)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do
@@ -41,6 +43,14 @@ if command -v dpkg >/dev/null 2>&1; then
         "${forge_sudo[@]}" apt-get update
         "${forge_sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
             apt-get install -y --no-install-recommends "${forge_missing[@]}"
+        # the package enables a system proxy on port 8888: the tests start their own
+        if [[ " ${forge_missing[*]} " == *" tinyproxy "* ]]; then
+            "${forge_sudo[@]}" systemctl disable --now tinyproxy >/dev/null 2>&1 || true
+            if [ -x /etc/init.d/tinyproxy ]; then  # without systemd (containers)
+                "${forge_sudo[@]}" /etc/init.d/tinyproxy stop >/dev/null 2>&1 || true
+                "${forge_sudo[@]}" update-rc.d tinyproxy disable >/dev/null 2>&1 || true
+            fi
+        fi
     fi
 else
     echo "dev/setup.sh: not a Debian system; make sure ${forge_apt_packages[*]} are installed" >&2

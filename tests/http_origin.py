@@ -9,7 +9,8 @@ asked), "stall" (never answer), "stall-body" (send half the body, then nothing),
 "STATUS" or "STATUS:RETRY-AFTER" (e.g. "503:1", "429:<HTTP date>").
 
 `only_from`: a peer address; connections from any other are answered 403, so a test can
-prove that requests came through a proxy bound to that address.
+prove that requests came through a proxy bound to that address. `tls`: (certificate, key)
+files to speak HTTPS with.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Seen:
 
 class Origin:
     def __init__(self, files: dict[str, bytes], host: str = "127.0.0.1",
-                 only_from: str | None = None):
+                 only_from: str | None = None, tls: tuple | None = None):
         self.files, self.only_from = dict(files), only_from
         self.faults: dict[str, list[str]] = {}
         self.seen: list[Seen] = []
@@ -60,11 +61,18 @@ class Origin:
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
+        self.scheme = "http"
+        if tls:
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*map(str, tls))
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.host = f"{host}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def url(self, path: str) -> str:
-        return f"http://{self.host}{path}"
+        return f"{self.scheme}://{self.host}{path}"
 
     def requests(self, path: str | None = None) -> list[Seen]:
         return [s for s in self.seen if path is None or s.path == path]
