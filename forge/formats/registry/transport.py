@@ -72,8 +72,11 @@ class Transport:
         self.insecure = [i.split("://", 1)[-1].rstrip("/") for i in insecure]
         self.mirrors = {auth_key(k): list(v) for k, v in (mirrors or {}).items()}
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self.http = HttpClient(timeout=timeout, retries=retries, backoff=backoff,
-                               ca_bundle=ca_bundle, user_agent=USER_AGENT, env=env)
+        try:
+            self.http = HttpClient(timeout=timeout, retries=retries, backoff=backoff,
+                                   ca_bundle=ca_bundle, user_agent=USER_AGENT, env=env)
+        except HttpError as e:  # an unreadable CA bundle
+            raise RegistryError(str(e)) from None
         self.auth = Authenticator(docker_config=docker_config, http=self.http, timeout=timeout)
 
     @property
