@@ -34,7 +34,8 @@ class HttpStore:
         host = f"[{s.host}]" if ":" in s.host else s.host
         self._base = f"{s.scheme}://{host}:{s.port}{s.path}"
         self._http = HttpClient(timeout=s.timeout, retries=0, ca_bundle=s.ca_cert,
-                                user_agent=f"forge/{__version__}", pool_size=max(2, s.jobs))
+                                user_agent=f"forge/{__version__}",
+                                pool_size=s.jobs + 2)  # the transfer threads and 2 uploaders
         self._headers = {}
         if s.authorization:
             self._headers["Authorization"] = s.authorization

@@ -44,6 +44,10 @@ CHUNK = 1 << 20
 RETRY_STATUSES = frozenset({408, 429, *range(500, 600)}) - {501, 505}
 _CUT = (ProtocolError, ReadTimeoutError, SSLError, OSError)  # a body that stopped coming
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+# urllib3 follows redirects only; every other retry is this module's (with Retry-After)
+_FOLLOW, _STAY = (urllib3.Retry(total=None, connect=0, read=0, other=0, status=0, redirect=n,
+                                raise_on_redirect=False, raise_on_status=False,
+                                respect_retry_after_header=False) for n in (5, 0))
 
 
 class Sink(Protocol):
@@ -254,11 +258,9 @@ class HttpClient:
                 data = body
                 if body is not None:
                     h.setdefault("Content-Length", str(len(body)))
-            retry = urllib3.Retry(total=None, connect=0, read=0, other=0, status=0,
-                                  redirect=5 if redirect else 0, raise_on_redirect=False,
-                                  raise_on_status=False, respect_retry_after_header=False)
             raw = manager.urlopen(method, url, body=data, headers=h, redirect=redirect,
-                                  retries=retry, preload_content=False, decode_content=False,
+                                  retries=_FOLLOW if redirect else _STAY,
+                                  preload_content=False, decode_content=False,
                                   timeout=self._timeout, assert_same_host=False)
             return raw, proxy
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
