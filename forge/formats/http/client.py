@@ -18,109 +18,31 @@
 
 from __future__ import annotations
 
-import email.utils
 import os
 import re
 import ssl
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Iterator, Mapping, Protocol
+from typing import BinaryIO, Mapping
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import urllib3
-from urllib3.exceptions import (ConnectTimeoutError, LocationParseError, MaxRetryError,
-                                NewConnectionError, ProtocolError, ProxyError,
-                                ProxySchemeUnknown, ReadTimeoutError, SSLError)
+from urllib3.exceptions import LocationParseError, ProtocolError, ProxySchemeUnknown, ReadTimeoutError
 
-from forge.formats.http.errors import (ConnectError, DroppedError, HttpError, HttpTimeoutError,
-                                       NotFoundError, StatusError, TlsError, TruncatedError)
+from forge.formats.http.errors import ConnectError, HttpTimeoutError, TlsError, TruncatedError
+from forge.formats.http.failures import Failure, shown, status_error, via, why
 from forge.formats.http.progress import LARGE, Bar
 from forge.formats.http.proxy import ProxySettings
+from forge.formats.http.response import CUT, Response, Sink, parse_retry_after
 
-CHUNK = 1 << 20
 RETRY_STATUSES = frozenset({408, 429, *range(500, 600)}) - {501, 505}
-_CUT = (ProtocolError, ReadTimeoutError, SSLError, OSError)  # a body that stopped coming
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 # urllib3 follows redirects only; every other retry is this module's (with Retry-After)
 _FOLLOW, _STAY = (urllib3.Retry(total=None, connect=0, read=0, other=0, status=0, redirect=n,
                                 raise_on_redirect=False, raise_on_status=False,
                                 respect_retry_after_header=False) for n in (5, 0))
-
-
-class Sink(Protocol):
-    """Where `download` puts a body: `write` chunks in order; `restart` forgets them all
-    (the server sent the file again from its first byte)."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def restart(self) -> None: ...
-
-
-class Response:
-    """An answer: `status`, `headers` (case-insensitive), `url` (after redirects),
-    `attempts`; `body` once read (`request(stream=False)` reads it), or `chunks()`."""
-
-    def __init__(self, raw: urllib3.BaseHTTPResponse, url: str, attempts: int):
-        self.raw, self.status, self.headers = raw, raw.status, raw.headers
-        self.url, self.attempts = url, attempts
-        self.body = b""
-
-    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
-        """The body as it arrives; urllib3's errors pass through (`download` handles them)."""
-        yield from self.raw.stream(size, decode_content=False)
-
-    def copy_to(self, write) -> int:
-        """Pass the body to `write` chunk by chunk; the bytes passed. A body cut short or
-        stalled raises `TruncatedError` or `HttpTimeoutError`, without resuming it."""
-        n = 0
-        try:
-            for chunk in self.chunks():
-                write(chunk)
-                n += len(chunk)
-        except ReadTimeoutError:
-            raise HttpTimeoutError(f"GET {self.url}: the body stalled after {n} bytes",
-                                   url=self.url) from None
-        except _CUT as e:
-            raise TruncatedError(f"GET {self.url}: the body was cut after {n} bytes "
-                                 f"({_why(e)})", url=self.url) from None
-        finally:
-            self.close()
-        return n
-
-    def close(self) -> None:
-        """Give the connection back to the pool when the body was read, else drop it."""
-        if self.raw.isclosed() or self.raw.closed:
-            self.raw.release_conn()
-            return
-        left = self.raw.length_remaining
-        if left is not None and left <= 64 << 10:
-            try:
-                self.raw.drain_conn()  # cheap, and the connection stays usable
-            except Exception:
-                self.raw.close()
-        else:
-            self.raw.close()
-        self.raw.release_conn()
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` value (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    now_dt = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
-    return max(0.0, (when - now_dt).total_seconds())
 
 
 class HttpClient:
@@ -172,7 +94,7 @@ class HttpClient:
                                                    proxy_headers=headers, ssl_context=self._ssl,
                                                    proxy_ssl_context=self._ssl)
                 except (ProxySchemeUnknown, ValueError, LocationParseError) as e:
-                    raise ConnectError(f"proxy {_shown(proxy)} (from the environment) cannot be "
+                    raise ConnectError(f"proxy {shown(proxy)} (from the environment) cannot be "
                                        f"used ({e}): set HTTPS_PROXY/HTTP_PROXY to an http:// or "
                                        "https:// proxy, or unset it", url=url) from None
                 self._via[proxy] = manager
@@ -212,7 +134,7 @@ class HttpClient:
         while True:
             try:
                 raw, proxy = self._send(method, url, h, body, start, redirect)
-            except _Failure as f:
+            except Failure as f:
                 if f.retry and attempt < retries:
                     self._sleep(self.delay(attempt))
                     attempt += 1
@@ -231,14 +153,14 @@ class HttpClient:
                 r.body = raw.read(decode_content=False)
                 r.close()
                 return r
-            except _CUT as e:
+            except CUT as e:
                 r.close()
                 if attempt < retries:
                     self._sleep(self.delay(attempt))
                     attempt += 1
                     continue
-                raise TruncatedError(f"{method} {url}: the answer was cut short ({_why(e)}) "
-                                     f"{attempt + 1} times{_via(proxy)}; retry later, or check "
+                raise TruncatedError(f"{method} {url}: the answer was cut short ({why(e)}) "
+                                     f"{attempt + 1} times{via(proxy)}; retry later, or check "
                                      "the server and the network", url=url) from None
 
     def _send(self, method, url, headers, body, start, redirect):
@@ -264,7 +186,7 @@ class HttpClient:
                                   timeout=self._timeout, assert_same_host=False)
             return raw, proxy
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
-            raise _Failure.of(e, method, url, proxy, self.timeout) from None
+            raise Failure.of(e, method, url, proxy, self.timeout) from None
         finally:
             if opened is not None:
                 opened.close()
@@ -305,17 +227,17 @@ class HttpClient:
                     if total is not None and got < total:
                         raise ProtocolError(f"the connection closed after {got} of {total} bytes")
                     return got
-                except _CUT as e:
+                except CUT as e:
                     r.close()
                     if cuts >= self.retries:
                         if isinstance(e, ReadTimeoutError):
                             raise HttpTimeoutError(
                                 f"GET {url}: no data for {self.timeout:g} s after {got} bytes"
-                                f"{_via(self.proxies.proxy_for(url))}; the server stalled: retry "
+                                f"{via(self.proxies.proxy_for(url))}; the server stalled: retry "
                                 "later or raise the timeout", url=url) from None
                         raise TruncatedError(
                             f"GET {url}: the download was cut {cuts + 1} times (last after {got}"
-                            f" bytes: {_why(e)}); retry later, or check the server and the "
+                            f" bytes: {why(e)}); retry later, or check the server and the "
                             "network", url=url) from None
                     self._sleep(self.delay(cuts))
                     cuts += 1
@@ -348,93 +270,6 @@ class HttpClient:
         else:
             r.close()
         return self.check(self.request("GET", url, headers=headers, stream=True), "GET")
-
-
-# ---- errors --------------------------------------------------------------------------------
-
-class _Failure(Exception):
-    """A request that got no answer: whether to retry it, and the error to raise if not."""
-
-    def __init__(self, retry: bool, make):
-        self.retry, self.error = retry, make
-
-    @classmethod
-    def of(cls, e: BaseException, method: str, url: str, proxy: str | None, timeout: float):
-        if isinstance(e, MaxRetryError) and e.reason is not None:
-            e = e.reason
-        where = f"{method} {url}"
-        via = _via(proxy)
-        if isinstance(e, ProxyError):
-            return cls(True, lambda n: ConnectError(
-                f"{where}: the proxy {_shown(proxy)} failed ({_why(e)}) after {n} attempt(s): "
-                "check that the proxy runs and allows this host, or list the host in NO_PROXY",
-                url=url))
-        if isinstance(e, SSLError):
-            return cls(False, lambda n: TlsError(
-                f"{where}: TLS failed ({_why(e)}){via}: if the server's certificate is signed "
-                "by a private CA, add that CA (ca_cert); check the URL's host name", url=url))
-        # NewConnectionError derives from ConnectTimeoutError in urllib3: test it first
-        if isinstance(e, (NewConnectionError, ConnectionRefusedError)):
-            return cls(True, lambda n: ConnectError(
-                f"{where}: cannot connect ({_why(e)}; {n} attempt(s)){via}: check that it is "
-                "running and the address is right", url=url))
-        if isinstance(e, (ConnectionError, ProtocolError)):
-            return cls(True, lambda n: DroppedError(
-                f"{where}: the connection was dropped before an answer ({_why(e)}; {n} "
-                f"attempt(s)){via}: retry later, or check the server", url=url))
-        if isinstance(e, (ConnectTimeoutError, ReadTimeoutError, TimeoutError)):
-            return cls(True, lambda n: HttpTimeoutError(
-                f"{where}: no answer within {timeout:g} s ({n} attempt(s)){via}: the server is "
-                "stalled or overloaded; retry later, or raise the timeout", url=url))
-        if isinstance(e, (LocationParseError, ValueError)) and not isinstance(e, OSError):
-            return cls(False, lambda n: HttpError(f"{url!r} is not a URL forge can fetch "
-                                                  f"({e}): use http:// or https://", url=url))
-        return cls(True, lambda n: ConnectError(f"{where}: {_why(e)} ({n} attempt(s)){via}",
-                                                url=url))
-
-
-def status_error(r: Response, method: str, what: str | None = None) -> StatusError:
-    """The error for an unwanted status: what was asked, what came back, what to do."""
-    s, head = r.status, f"{method} {r.url}" + (f" ({what})" if what else "")
-    after = f" after {r.attempts} attempts" if r.attempts > 1 else ""
-    if s in (404, 410):
-        return NotFoundError(f"{head}: the server has no such file (HTTP {s}): check the URL",
-                             url=r.url, status=s)
-    if s == 407:
-        how = ("the proxy wants credentials: put them in the proxy URL "
-               "(http://user:password@proxy:port)")
-    elif s in (401, 403):
-        how = "access refused: check the credentials, or whether this URL is public"
-    elif s == 429:
-        how = f"the server is rate-limiting requests{after}: retry later"
-    elif s >= 500:
-        how = f"the server is failing{after}: retry later, or check the server"
-    else:
-        how = "the request was refused"
-    return StatusError(f"{head}: HTTP {s} {r.raw.reason or ''}".rstrip() + f": {how}",
-                       url=r.url, status=s)
-
-
-def _why(e: BaseException) -> str:
-    """The innermost, human part of urllib3's nested messages."""
-    while isinstance(e, MaxRetryError) and e.reason is not None:
-        e = e.reason
-    text = str(e.args[-1] if getattr(e, "args", None) else e)
-    if isinstance(e, NewConnectionError):
-        text = str(e).split("new connection: ", 1)[-1]
-    return text.strip() or type(e).__name__
-
-
-def _via(proxy: str | None) -> str:
-    return f" (through the proxy {_shown(proxy)})" if proxy else ""
-
-
-def _shown(proxy: str | None) -> str:
-    """A proxy URL without its password."""
-    u = urlsplit(proxy or "")
-    if u.password is None:
-        return proxy or ""
-    return proxy.replace(f":{u.password}@", ":***@", 1)
 
 
 def _final_url(raw, url: str) -> str:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from forge.formats.http.client import HttpClient, parse_retry_after
+from forge.formats.http.client import HttpClient
+from forge.formats.http.response import parse_retry_after
 from forge.formats.http.errors import (ConnectError, HttpTimeoutError, NotFoundError,
                                        StatusError, TlsError)
 from http_origin import Origin

@@ -16,7 +16,7 @@ from forge.formats.http.client import HttpClient
 from forge.formats.http.errors import StatusError, TlsError
 from http_origin import Origin
 from proxy_fixture import OUTGOING, tinyproxy  # noqa: F401 (fixture)
-from registry_fixture import registry  # noqa: F401 (fixture)
+from registry_fixture import registry  # noqa: F401,F811 (fixture)
 
 pytestmark = pytest.mark.real
 

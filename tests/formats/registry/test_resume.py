@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from forge.formats.registry.client import RegistryClient
-from registry_fixture import registry  # noqa: F401 (fixture)
+from registry_fixture import registry  # noqa: F401,F811 (fixture)
 
 pytestmark = pytest.mark.real
 
