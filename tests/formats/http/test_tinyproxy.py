@@ -136,3 +136,26 @@ def test_registry_push_and_pull_through_the_proxy(tinyproxy, registry, tmp_path)
     bypassing = RegistryClient(docker_config=None, env={**env, "no_proxy": "127.0.0.1"})
     assert bypassing.resolve(f"{registry.host}/app:v1").digest == desc["digest"]
     assert len(tinyproxy.requests()) == before
+
+
+def test_a_debian_package_build_goes_through_the_proxy(ws, tinyproxy, tmp_path):
+    from debian_archive import Keys, Server, build_archive
+    from package_builders import make_deb
+    keys = Keys()
+    srv = Server(tmp_path / "www")
+    try:
+        build_archive(tmp_path / "www", [make_deb(tmp_path, "hello", "1.0-1")], keys.key("archive"))
+        (ws.root / "forge.toml").write_text(f'[debian]\nmirror = "{srv.url}/debian"\n')
+        ws.write({"p/BUILD": 'deb_package(name = "hello", package = "hello", '
+                             'keyring = "archive.gpg")\n'})
+        keys.key("archive").export(ws.root / "p/archive.gpg")
+        r = ws.build("//p:hello", env={"http_proxy": tinyproxy.url, "no_proxy": "",
+                                       "NO_PROXY": ""})
+        assert r.code == 0, r.err
+    finally:
+        srv.close()
+        keys.close()
+    lines = tinyproxy.requests()
+    assert f"GET {srv.url}/debian/dists/bookworm/InRelease HTTP/1.1" in lines
+    assert any("/binary-amd64/" in line for line in lines)  # the Packages index
+    assert any(line.endswith(".deb HTTP/1.1") for line in lines)  # the package itself
