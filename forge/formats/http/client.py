@@ -294,10 +294,14 @@ _default_lock = threading.Lock()
 
 
 def default_client() -> HttpClient:
-    """The process's shared client (proxies from os.environ), for callers without their
-    own settings: its pools are shared by every such download."""
+    """The process's shared client, for callers without settings of their own: its pools
+    are shared by every such download. It follows the proxy variables of os.environ, which
+    the forge server replaces for each command it runs."""
     global _default
+    proxies = ProxySettings.from_env()
     with _default_lock:
-        if _default is None:
+        if _default is None or _default.proxies != proxies:
+            if _default is not None:
+                _default.close()
             _default = HttpClient(timeout=60)
         return _default

@@ -105,3 +105,13 @@ def test_https_urls_use_https_proxy_and_credentials_stay_out_of_messages():
     c = HttpClient(env={"https_proxy": "socks5://proxy.lan:1080"})
     with pytest.raises(ConnectError, match="proxy socks5://proxy.lan:1080 .* cannot be used"):
         c.request("GET", "https://example.com/")
+
+
+def test_the_shared_client_follows_the_environment(monkeypatch):
+    """The forge server runs each command with that command's environment."""
+    from forge.formats.http.client import default_client
+    monkeypatch.setenv("http_proxy", "http://one.lan:3128")
+    first = default_client()
+    assert default_client() is first  # same settings: same pools
+    monkeypatch.setenv("http_proxy", "http://two.lan:3128")
+    assert default_client().proxies.http == "http://two.lan:3128"
