@@ -31,7 +31,8 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import urllib3
 from urllib3.exceptions import LocationParseError, ProtocolError, ProxySchemeUnknown, ReadTimeoutError
 
-from forge.formats.http.errors import ConnectError, HttpTimeoutError, TlsError, TruncatedError
+from forge.formats.http.errors import (ConnectError, HttpError, HttpTimeoutError, TlsError,
+                                       TruncatedError)
 from forge.formats.http.failures import Failure, shown, status_error, via, why
 from forge.formats.http.progress import LARGE, Bar
 from forge.formats.http.proxy import ProxySettings
@@ -115,10 +116,6 @@ class HttpClient:
         if wait is None:
             wait = self.backoff * (2 ** attempt)
         return min(wait, self.max_wait)
-
-    def wait(self, attempt: int) -> None:
-        """Sleep the backoff before attempt `attempt + 1`."""
-        self._sleep(self.delay(attempt))
 
     def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
                 body: bytes | Path | BinaryIO | None = None, stream: bool = False,
@@ -216,39 +213,44 @@ class HttpClient:
         validator = _validator(r.headers)
         bar = Bar(total, label or url, threshold=self.progress_threshold)
         got = cuts = 0
+        chunks = r.chunks()
         try:
             while True:
-                try:
-                    for chunk in r.chunks():
-                        sink.write(chunk)
-                        got += len(chunk)
-                        bar.update(len(chunk))
-                    r.close()
-                    if total is not None and got < total:
+                try:  # only the wire's failures are cuts: the sink's own errors pass through
+                    chunk = next(chunks, None)
+                    if chunk is None and total is not None and got < total:
                         raise ProtocolError(f"the connection closed after {got} of {total} bytes")
-                    return got
                 except CUT as e:
                     r.close()
                     if cuts >= self.retries:
-                        if isinstance(e, ReadTimeoutError):
-                            raise HttpTimeoutError(
-                                f"GET {url}: no data for {self.timeout:g} s after {got} bytes"
-                                f"{via(self.proxies.proxy_for(url))}; the server stalled: retry "
-                                "later or raise the timeout", url=url) from None
-                        raise TruncatedError(
-                            f"GET {url}: the download was cut {cuts + 1} times (last after {got}"
-                            f" bytes: {why(e)}); retry later, or check the server and the "
-                            "network", url=url) from None
+                        raise self._gave_up(url, e, cuts, got) from None
                     self._sleep(self.delay(cuts))
                     cuts += 1
                     r = self._resume(r.url, headers, got, total, validator)
+                    chunks = r.chunks()
                     if r.status == 200:
                         sink.restart()
                         bar.reset()
                         got = 0
                         total = size if size is not None else _int(r.headers.get("Content-Length"))
+                    continue
+                if chunk is None:
+                    return got
+                sink.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
         finally:
+            r.close()
             bar.close()
+
+    def _gave_up(self, url: str, e: BaseException, cuts: int, got: int) -> HttpError:
+        if isinstance(e, ReadTimeoutError):
+            return HttpTimeoutError(f"GET {url}: no data for {self.timeout:g} s after {got} bytes"
+                                    f"{via(self.proxies.proxy_for(url))}; the server stalled: "
+                                    "retry later or raise the timeout", url=url)
+        return TruncatedError(f"GET {url}: the download was cut {cuts + 1} times (last after "
+                              f"{got} bytes: {why(e)}); retry later, or check the server and "
+                              "the network", url=url)
 
     def _resume(self, url: str, headers: dict, got: int, total: int | None,
                 validator: str | None) -> Response:

@@ -123,9 +123,6 @@ class Transport:
 
     # ---- HTTP -------------------------------------------------------------------------
 
-    def sleep(self, attempt: int) -> None:
-        self.http.wait(attempt)
-
     def request(self, ep: Endpoint, method: str, path: str, *, scope: str, what: str,
                  ok: tuple[int, ...] = (200,), headers: dict | None = None,
                  body: bytes | Path | None = None, stream: bool = False) -> Reply:

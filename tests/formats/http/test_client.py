@@ -186,3 +186,13 @@ def test_wire_errors_fail_the_build_with_a_message_not_a_traceback(ws, origin):
     assert r.code == 1, r.err
     assert f"{origin.url('/small.txt')}: HTTP 503" in r.err and "failing after 4 attempts" in r.err
     assert "Traceback" not in r.err
+
+
+def test_a_sink_that_fails_is_not_a_cut(origin):
+    class Full(Sink):
+        def write(self, chunk):
+            raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        client().download(origin.url("/big.bin"), Full())
+    assert len(origin.requests("/big.bin")) == 1  # not retried, not resumed
+    assert client().get(origin.url("/small.txt")) == b"hello\n"
