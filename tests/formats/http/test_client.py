@@ -196,3 +196,15 @@ def test_a_sink_that_fails_is_not_a_cut(origin):
         client().download(origin.url("/big.bin"), Full())
     assert len(origin.requests("/big.bin")) == 1  # not retried, not resumed
     assert client().get(origin.url("/small.txt")) == b"hello\n"
+
+
+def test_a_dead_proxy_fails_the_build_saying_which_proxy(ws, origin):
+    from registry_fixture import free_port
+    proxy = f"http://127.0.0.1:{free_port()}"
+    ws.write({"d/BUILD": f'http_file(name = "s", url = "{origin.url("/small.txt")}", '
+                         f'sha256 = "{"0" * 64}")\n'})
+    r = ws.build("//d:s", env={"http_proxy": proxy, "no_proxy": "", "NO_PROXY": ""})
+    assert r.code == 1, r.err
+    assert f"GET {origin.url('/small.txt')}: the proxy {proxy} failed" in r.err
+    assert "NO_PROXY" in r.err and "Traceback" not in r.err
+    assert origin.requests() == []
