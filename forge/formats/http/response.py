@@ -44,16 +44,21 @@ class Response:
         """Pass the body to `write` chunk by chunk; the bytes passed. A body cut short or
         stalled raises `TruncatedError` or `HttpTimeoutError`, without resuming it."""
         n = 0
+        chunks = self.chunks()
         try:
-            for chunk in self.chunks():
+            while True:
+                try:  # the wire's failures only; `write`'s own pass through
+                    chunk = next(chunks, None)
+                except ReadTimeoutError:
+                    raise HttpTimeoutError(f"GET {self.url}: the body stalled after {n} bytes",
+                                           url=self.url) from None
+                except CUT as e:
+                    raise TruncatedError(f"GET {self.url}: the body was cut after {n} bytes "
+                                         f"({why(e)})", url=self.url) from None
+                if chunk is None:
+                    break
                 write(chunk)
                 n += len(chunk)
-        except ReadTimeoutError:
-            raise HttpTimeoutError(f"GET {self.url}: the body stalled after {n} bytes",
-                                   url=self.url) from None
-        except CUT as e:
-            raise TruncatedError(f"GET {self.url}: the body was cut after {n} bytes "
-                                 f"({why(e)})", url=self.url) from None
         finally:
             self.close()
         return n
