@@ -21,11 +21,13 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # apt-ftparchive index, gpgv verifies) and the keys of Debian's own archive; python3-apt:
 # apt's own sources parser, which tests/formats/debian/test_sources.py checks forge's
 # against (through /usr/bin/python3); pigz: a second gzip writer (with zstd's pzstd) for
-# the multi-member and multi-frame decoding tests.
+# the multi-member and multi-frame decoding tests; tinyproxy: the real HTTP proxy the HTTP
+# client's tests go through (each test starts its own, never the service); curl: the
+# reference the tests check forge's reading of the proxy variables against.
 forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd
     xorriso isolinux syslinux syslinux-common grub-common grub-pc-bin grub-efi-amd64-bin mtools
     dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full openssl
-    gpg gpgv dpkg-dev apt-utils debian-archive-keyring python3-apt pigz)
+    gpg gpgv dpkg-dev apt-utils debian-archive-keyring python3-apt pigz tinyproxy curl)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do
@@ -44,6 +46,14 @@ if command -v dpkg >/dev/null 2>&1; then
         "${forge_sudo[@]}" apt-get update
         "${forge_sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
             apt-get install -y --no-install-recommends "${forge_missing[@]}"
+        # the package enables a system proxy on port 8888: the tests start their own
+        if [[ " ${forge_missing[*]} " == *" tinyproxy "* ]]; then
+            "${forge_sudo[@]}" systemctl disable --now tinyproxy >/dev/null 2>&1 || true
+            if [ -x /etc/init.d/tinyproxy ]; then  # without systemd (containers)
+                "${forge_sudo[@]}" /etc/init.d/tinyproxy stop >/dev/null 2>&1 || true
+                "${forge_sudo[@]}" update-rc.d tinyproxy disable >/dev/null 2>&1 || true
+            fi
+        fi
     fi
 else
     echo "dev/setup.sh: not a Debian system; make sure ${forge_apt_packages[*]} are installed" >&2

@@ -23,7 +23,7 @@ _KNOWN = {
     "": {"salt", "jobs", "cache", "registries", "debian", "qemu", "remote"},
     "cache": {"dir"},
     "remote": {"cache", "instance", "upload", "timeout", "jobs", "ca_cert"},  # forge.remote
-    "registries": {"insecure", "mirrors"},  # read by the image rules (rules/oci.py)
+    "registries": {"insecure", "mirrors", "ca_cert"},  # read by the image rules (rules/oci.py)
     "debian": {"mirror", "keyring", "insecure"},  # read by the Debian rules (rules/debian.py)
     "qemu": {"accel"},  # read by forge run and qemu_test (rules/qemu.py)
 }

@@ -39,12 +39,11 @@ ENGINE_BACK = ("start dockerd again (or check DOCKER_HOST), then build again: th
 def _lost(e: BaseException) -> bool:
     """Whether `e` says the engine went away (killed, restarted), not that it refused."""
     import docker.errors
-    import requests.exceptions
-    import urllib3.exceptions
     if isinstance(e, docker.errors.APIError):
         return False  # it answered
-    return isinstance(e, (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
-                          docker.errors.DockerException, ConnectionError))
+    # the Docker SDK's own transport (requests over urllib3) lets its errors through as they are
+    wire = type(e).__module__.split(".")[0] in ("requests", "urllib3")
+    return wire or isinstance(e, (docker.errors.DockerException, ConnectionError))
 
 
 def _killed(msg: str) -> bool:

@@ -39,7 +39,8 @@ def image_info(ctx, layout, **extra):
 def registry_client(config: dict):
     from forge.formats.registry.client import RegistryClient
     regs = config.get("registries", {})
-    return RegistryClient(insecure=regs.get("insecure", []), mirrors=regs.get("mirrors", {}))
+    return RegistryClient(insecure=regs.get("insecure", []), mirrors=regs.get("mirrors", {}),
+                          ca_bundle=regs.get("ca_cert"))
 
 
 @pin_resolver("oci", placeholder="sha256:" + "0" * 64)

@@ -3,26 +3,26 @@
     GET|HEAD|PUT <base>/cas/<sha256 hex>   blob bytes
     GET|HEAD|PUT <base>/ac/<sha256 hex>    a serialized REAPI v2 ActionResult
 
-404 is a miss. Each worker thread keeps one keep-alive connection. The server checks
-nothing (nginx stores whatever it is sent), so every blob is verified by the caller
-(transfer.Sink) and every ActionResult is checked against the action (results.py).
+404 is a miss. Requests go through the shared HTTP client (`forge.formats.http`): a pool
+of keep-alive connections as large as `[remote] jobs`, the proxy variables, the system CAs
+plus `[remote] ca_cert`. It retries nothing itself: `transfer.with_retries` decides, so
+that a remote that is down costs one short warning. The server checks nothing (nginx
+stores whatever it is sent), so every blob is verified by the caller (transfer.Sink) and
+every ActionResult is checked against the action (results.py).
 """
 
 from __future__ import annotations
 
-import http.client
-import socket
-import ssl
-import threading
 from pathlib import Path
 
 from forge import __version__
+from forge.formats.http.client import HttpClient
+from forge.formats.http.errors import ConnectError, HttpError, HttpTimeoutError, TlsError
 from forge.remote.proto import remote_execution_pb2 as re_pb
 from forge.remote.results import Digest
 from forge.remote.settings import RemoteSettings
 from forge.remote.transfer import RemoteError, with_retries
 
-CHUNK = 1 << 20
 HEAD_ABOVE = 64 << 10  # smaller blobs are PUT without asking whether the server has them
 
 
@@ -31,76 +31,44 @@ class HttpStore:
 
     def __init__(self, s: RemoteSettings):
         self.s = s
-        self._local = threading.local()
-        self._all: list = []  # every thread's connection, for close()
-        self._lock = threading.Lock()
-        self._ssl = None
-        if s.tls:
-            self._ssl = ssl.create_default_context(cafile=s.ca_cert)
-        self._headers = {"User-Agent": f"forge/{__version__}"}
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        self._base = f"{s.scheme}://{host}:{s.port}{s.path}"
+        self._http = HttpClient(timeout=s.timeout, retries=0, ca_bundle=s.ca_cert,
+                                user_agent=f"forge/{__version__}",
+                                pool_size=s.jobs + 2)  # the transfer threads and 2 uploaders
+        self._headers = {}
         if s.authorization:
             self._headers["Authorization"] = s.authorization
 
     def describe(self) -> str:
         return self.s.url
 
-    # --- connections -------------------------------------------------------------------
-
-    def _conn(self) -> http.client.HTTPConnection:
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            if self._ssl is not None:
-                c = http.client.HTTPSConnection(self.s.host, self.s.port, timeout=self.s.timeout,
-                                                context=self._ssl, blocksize=CHUNK)
-            else:
-                c = http.client.HTTPConnection(self.s.host, self.s.port, timeout=self.s.timeout,
-                                               blocksize=CHUNK)
-            self._local.conn = c
-            with self._lock:
-                self._all.append(c)
-        return c
-
-    def _drop(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
-            self._local.conn = None
-            with self._lock:
-                if c in self._all:
-                    self._all.remove(c)
-
     def _call(self, method: str, kind: str, h: str, body=None, size: int | None = None,
               consume=None):
         """One request; `consume(response)` reads a 200 body. Returns (status, value)."""
-        url = f"{self.s.path}/{kind}/{h}"
         headers = dict(self._headers)
         if size is not None:
             headers["Content-Length"] = str(size)
             headers["Content-Type"] = "application/octet-stream"
+        what = f"{method} {kind}/{h[:16]}..."
         try:
-            c = self._conn()
-            c.request(method, url, body=body, headers=headers)
-            r = c.getresponse()
+            r = self._http.request(method, f"{self._base}/{kind}/{h}", headers=headers, body=body,
+                                   stream=consume is not None)
+            value = None
             if r.status == 200 and consume is not None:
                 value = consume(r)
-            else:
-                r.read()
-                value = None
-            if r.will_close:
-                self._drop()
-        except (ConnectionRefusedError, socket.gaierror) as e:
-            self._drop()
+            r.close()
+        except ConnectError as e:
             raise RemoteError(f"cannot connect to {self.s.url}: {e}", retry=True, down=True) from None
-        except (TimeoutError, socket.timeout):
-            self._drop()
-            raise RemoteError(f"{method} {kind}/{h[:16]}... timed out after {self.s.timeout:g} s",
+        except HttpTimeoutError:
+            raise RemoteError(f"{what} timed out after {self.s.timeout:g} s",
                               retry=True, down=True) from None
-        except (OSError, http.client.HTTPException) as e:
-            self._drop()  # reset, cut or stale keep-alive connection: a new one may work
-            raise RemoteError(f"{method} {kind}/{h[:16]}... failed: {type(e).__name__}: {e}",
-                              retry=True) from None
+        except TlsError as e:
+            raise RemoteError(f"{self.s.url}: {e}", down=True) from None
+        except HttpError as e:  # reset, cut or stale keep-alive connection: a new one may work
+            raise RemoteError(f"{what} failed: {e}", retry=True) from None
         if r.status >= 500 or r.status in (408, 429):
-            raise RemoteError(f"{method} {kind}/{h[:16]}... answered HTTP {r.status}", retry=True)
+            raise RemoteError(f"{what} answered HTTP {r.status}", retry=True)
         if r.status in (401, 403):
             raise RemoteError(f"{self.s.url} refused {method} with HTTP {r.status}: check the "
                               "credentials (FORGE_REMOTE_TOKEN, the URL or ~/.netrc)")
@@ -162,21 +130,14 @@ class HttpStore:
         with_retries(attempt, kind, cancel)
 
     def close(self) -> None:
-        with self._lock:
-            conns, self._all = self._all, []
-        for c in conns:
-            c.close()
+        self._http.close()
 
 
 def _read_all(r) -> bytes:
-    return r.read()
+    chunks: list[bytes] = []
+    r.copy_to(chunks.append)
+    return b"".join(chunks)
 
 
 def _stream(r, sink) -> None:
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    while True:
-        n = r.readinto(view)
-        if not n:
-            break
-        sink.write(view[:n])
+    r.copy_to(sink.write)

@@ -11,6 +11,10 @@ Trust: the Release file is authenticated first (`forge.formats.debian.release`: 
 OpenPGP signature by gpgv against the caller's keyrings, its dates), then the index must
 match the digest and size that verified Release names, and the index pins every package by
 SHA256 and size: so a package is exactly what a Release signed by a trusted key named.
+
+Downloads go through the shared HTTP client (`forge.formats.http`: pooled connections,
+the proxy variables, retries, and a cut package download resumed with `Range`); a
+`file://` mirror is read from disk.
 """
 
 from __future__ import annotations
@@ -18,21 +22,23 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import re
 import tempfile
-import urllib.error
-import urllib.request
 from difflib import get_close_matches
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
+from urllib.parse import unquote, urlsplit
 
 from forge.formats.debian import release as rel
 from forge.formats.debian.deb822 import parse_stanzas
-from forge.formats.debian.errors import DebError, DigestMismatchError
+from forge.formats.debian.errors import DebError, DigestMismatchError, MirrorError
 from forge.formats.debian.keyring import Keyring
 from forge.formats.debian.version import compare_versions
+from forge.formats.http.client import default_client
+from forge.formats.http.errors import HttpError, NotFoundError
 
 Fetch = Callable[[str], BinaryIO]  # url -> readable stream; a missing file raises FileNotFoundError
 
@@ -41,13 +47,17 @@ _CHUNK = 1 << 20
 
 # ---- indexes -----------------------------------------------------------------------------
 
-def urlopen_fetch(url: str) -> BinaryIO:
+def http_fetch(url: str) -> BinaryIO:
+    """The file at `url` (http, https or file) as a stream; FileNotFoundError for a 404."""
+    if urlsplit(url).scheme == "file":
+        return open(unquote(urlsplit(url).path), "rb")
     try:
-        return urllib.request.urlopen(url, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code in (404, 410):
-            raise FileNotFoundError(f"{url}: HTTP {e.code}") from None
-        raise
+        return io.BytesIO(default_client().get(url))
+    except NotFoundError:
+        raise FileNotFoundError(f"{url}: HTTP 404") from None
+    except HttpError as e:
+        raise MirrorError(f"{e} (check [debian] mirror in forge.toml, and the proxy "
+                          "variables)") from None
 
 
 def _read_all(fetch: Fetch, url: str) -> bytes:
@@ -63,7 +73,7 @@ def _read_optional(fetch: Fetch, url: str) -> bytes | None:
 
 
 def fetch_release(mirror: str, suite: str, *, keyrings: Sequence[Keyring],
-                  fetch: Fetch = urlopen_fetch, now: float | None = None,
+                  fetch: Fetch = http_fetch, now: float | None = None,
                   insecure: bool = False) -> rel.Release:
     """The suite's Release, authenticated as apt does (InRelease, else Release and
     Release.gpg); a `ReleaseError` when it cannot be. `insecure` skips the signature."""
@@ -81,7 +91,7 @@ def fetch_release(mirror: str, suite: str, *, keyrings: Sequence[Keyring],
 
 
 def fetch_index(mirror: str, suite: str, component: str = "main", arch: str = "amd64", *,
-                keyrings: Sequence[Keyring], fetch: Fetch = urlopen_fetch,
+                keyrings: Sequence[Keyring], fetch: Fetch = http_fetch,
                 now: float | None = None, insecure: bool = False) -> list[dict[str, str]]:
     """The parsed `Packages` index of one suite, component and architecture, checked
     against the suite's authenticated Release (see the module docstring)."""
@@ -136,32 +146,58 @@ def resolve(packages: list[dict[str, str]], name: str, version: str | None = Non
 
 
 def download(mirror: str, entry: dict[str, str], dest: str | os.PathLike, *,
-             fetch: Fetch = urlopen_fetch) -> Path:
+             fetch: Fetch | None = None) -> Path:
     """Fetch `entry`'s file to `dest`, checked against its SHA256 and Size; `dest`
-    appears only complete and verified."""
+    appears only complete and verified. Without `fetch`, a cut download is resumed."""
     dest = Path(dest)
     want, size = entry["SHA256"].lower(), int(entry["Size"])
     url = f"{mirror.rstrip('/')}/{entry['Filename'].lstrip('/')}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        h, n = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as out, fetch(url) as r:
-            while chunk := r.read(_CHUNK):
-                h.update(chunk)
-                n += len(chunk)
-                if n > size:
-                    raise DigestMismatchError(f"{url}: more than the {size} bytes the index "
-                                              f"says; mirror {mirror} serves a different file")
-                out.write(chunk)
-        if n != size or h.hexdigest() != want:
+        with os.fdopen(fd, "wb") as out:
+            sink = _Checked(out, url, size, mirror)
+            if fetch is None and urlsplit(url).scheme in ("http", "https"):
+                try:
+                    default_client().download(url, sink, size=size, label=entry["Filename"])
+                except NotFoundError:
+                    raise FileNotFoundError(f"{url}: HTTP 404: mirror {mirror} lacks "
+                                            f"{entry['Filename']} (an index out of date?)") from None
+                except HttpError as e:
+                    raise MirrorError(f"{e} (check [debian] mirror in forge.toml, and the "
+                                      "proxy variables)") from None
+            else:
+                with (fetch or http_fetch)(url) as r:
+                    while chunk := r.read(_CHUNK):
+                        sink.write(chunk)
+        if sink.n != size or sink.h.hexdigest() != want:
             raise DigestMismatchError(
-                f"{url}: got {n} bytes with sha256 {h.hexdigest()}, but the index names "
-                f"{entry['Filename']} with {size} bytes, sha256 {want}: mirror {mirror} serves "
-                "a different file (out of sync, or altered)")
+                f"{url}: got {sink.n} bytes with sha256 {sink.h.hexdigest()}, but the index "
+                f"names {entry['Filename']} with {size} bytes, sha256 {want}: mirror {mirror} "
+                "serves a different file (out of sync, or altered)")
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return dest
 
+
+class _Checked:
+    """A package file being written: its sha256 as it comes, never more than `size`."""
+
+    def __init__(self, out: BinaryIO, url: str, size: int, mirror: str):
+        self.out, self.url, self.size, self.mirror = out, url, size, mirror
+        self.restart()
+
+    def write(self, chunk: bytes) -> None:
+        self.h.update(chunk)
+        self.n += len(chunk)
+        if self.n > self.size:
+            raise DigestMismatchError(f"{self.url}: more than the {self.size} bytes the index "
+                                      f"says; mirror {self.mirror} serves a different file")
+        self.out.write(chunk)
+
+    def restart(self) -> None:
+        self.out.seek(0)
+        self.out.truncate()
+        self.h, self.n = hashlib.sha256(), 0

@@ -17,6 +17,10 @@ class DigestMismatchError(DebError):
     """A file from a mirror is not the one the verified Release (or the index) names."""
 
 
+class MirrorError(DebError):
+    """A mirror that cannot be reached, stalls, or answers with an error status."""
+
+
 class KeyringError(DebError):
     """A keyring file cannot be read as OpenPGP public keys."""
 

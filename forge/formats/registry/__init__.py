@@ -2,5 +2,5 @@
 between a registry and an image layout; its errors, authentication, HTTP transport and
 blob transfers.
 
-May import: `forge.formats.common`, `forge.formats.image`.
+May import: `forge.formats.common`, `forge.formats.http`, `forge.formats.image`.
 """

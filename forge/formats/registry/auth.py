@@ -3,23 +3,23 @@ credentials from the Docker config file (`auths`, `credsStore`, `credHelpers` th
 the real `docker-credential-<helper> get` protocol).
 
 `Authenticator` keeps the `Authorization` value per (host, scope) and renews it when a
-registry answers 401; it reaches token servers through the HTTP opener it is given, so
-that requests are counted and configured in one place (`forge.formats.registry.transport`).
+registry answers 401; it reaches token servers through the HTTP client it is given (the
+transport's), so that requests are pooled, proxied, retried and counted in one place.
 """
 
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import re
 import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlencode, urlsplit
 
+from forge.formats.http.client import HttpClient
+from forge.formats.http.errors import HttpError
 from forge.formats.image.reference import DOCKER_HUB, Reference
 from forge.formats.registry.errors import RegistryAuthError, RegistryUnavailableError
 
@@ -78,17 +78,13 @@ def token_scope(ref: Reference, push: bool) -> str:
     return f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
 
 
-Opener = Callable[[str, str, dict, bytes | None], tuple]  # (method, url, headers, body) -> (conn, resp)
-
-
 class Authenticator:
     """Credentials and tokens for one client; thread-safe (one token fetch at a time)."""
 
-    def __init__(self, *, docker_config: Path | None, open: Opener, timeout: float, retries: int,
-                 sleep: Callable[[int], None]):
+    def __init__(self, *, docker_config: Path | None, http: HttpClient, timeout: float):
         self.docker_config = docker_config
-        self.timeout, self.retries = timeout, retries
-        self._open, self._sleep = open, sleep
+        self.timeout = timeout  # for credential helpers
+        self._http = http
         self._auth: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         self._creds: dict[str, tuple[str | None, str | None, str | None] | None] = {}
@@ -146,21 +142,12 @@ class Authenticator:
             if user is not None:
                 headers["Authorization"] = "Basic " + basic(user, password or "")
         token_host = urlsplit(url).netloc
-        for attempt in range(self.retries + 1):
-            try:
-                conn, resp = self._open(method, url, dict(headers), body)
-                data = resp.read()
-                conn.close()
-            except (OSError, http.client.HTTPException) as e:
-                if attempt < self.retries:
-                    self._sleep(attempt)
-                    continue
-                raise RegistryUnavailableError(f"cannot reach the token server {token_host} of "
-                                               f"registry {host}: {e}") from None
-            if resp.status >= 500 and attempt < self.retries:
-                self._sleep(attempt)
-                continue
-            break
+        try:  # connection errors and 5xx are retried by the client
+            resp = self._http.request(method, url, headers=headers, body=body)
+        except HttpError as e:
+            raise RegistryUnavailableError(f"cannot reach the token server {token_host} of "
+                                           f"registry {host}: {e}") from None
+        data = resp.body
         if resp.status in (401, 403):
             how = ("the stored credentials were refused: log in again with docker login"
                    if user or identity else

@@ -1,8 +1,9 @@
-"""A client for the OCI distribution API (Docker Registry HTTP API v2), standard library only.
+"""A client for the OCI distribution API (Docker Registry HTTP API v2).
 
 Pulling writes an OCI image layout (through `forge.formats.image.layout`, as every other
 writer of layouts) holding one platform's image; pushing reads such a layout. What is
-verified on the way is in `pull`; transport, retries and TLS in `transport`;
+verified on the way is in `pull`; endpoints and redirects in `transport` (connections,
+proxies, TLS and retries in `forge.formats.http`);
 credentials in `auth`; errors in `errors`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Mapping
 
 from forge.formats.image.reference import Reference
 from forge.formats.registry.pull import Progress, PullResult, Puller, Resolved
@@ -24,10 +26,14 @@ class RegistryClient:
                  mirrors: dict[str, list[str]] | None = None,
                  docker_config: Path | None = Path("~/.docker/config.json"),
                  timeout: float = 30, retries: int = 3, max_workers: int = 4,
-                 backoff: float = 0.25):
+                 backoff: float = 0.25, ca_bundle: str | Path | None = None,
+                 env: Mapping[str, str] | None = None):
+        """`ca_bundle`: CA certificates trusted besides the system's; `env`: where the proxy
+        variables are read (default os.environ)."""
         self.transport = Transport(
             insecure=insecure, mirrors=mirrors, timeout=timeout, retries=retries, backoff=backoff,
-            docker_config=Path(docker_config).expanduser() if docker_config else None)
+            docker_config=Path(docker_config).expanduser() if docker_config else None,
+            ca_bundle=ca_bundle, env=env)
         self._puller = Puller(self.transport, max_workers)
         self._pusher = Pusher(self.transport, max_workers)
 

@@ -16,7 +16,6 @@ trusted to send what was asked for:
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from typing import Callable
 
 from forge.formats.common.compression import CompressionError, StreamDecompressor
 from forge.formats.common.files import replace_dir
+from forge.formats.http.errors import HttpError
 from forge.formats.image.errors import InvalidDigestError
 from forge.formats.image.errors import LayoutError as ImageLayoutError
 from forge.formats.image.layout import blob_path, put_blob, write_index
@@ -235,57 +235,81 @@ class Puller:
         final = blob_path(layout, digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         part = final.with_name(hexpart + ".partial")
-        for attempt in range(self.t.retries + 1):
-            r = self.t.request(ep, "GET", f"/v2/{ref.repository}/blobs/{digest}",
-                              scope=token_scope(ref, push=False), what=what, stream=True)
-            h, got = hashlib.new(algo), 0
-            unpack = StreamDecompressor(f"layer {digest}") if diff_id else None
-            uh = hashlib.sha256()
-            broken = None
-            try:
-                with part.open("wb") as f:
-                    while True:
-                        try:
-                            chunk = r.stream.read(1 << 20)
-                        except (OSError, http.client.HTTPException) as e:
-                            broken = e
-                            break
-                        if not chunk:
-                            break
-                        f.write(chunk)
-                        h.update(chunk)
-                        got += len(chunk)
-                        tracker.add(len(chunk))
-                        if got > size:
-                            raise VerificationError(f"{what} from {ep.host} is longer than the "
-                                                    f"{size} bytes its descriptor says")
-                        if unpack:
-                            for piece in _decompressed(unpack.feed, chunk):
-                                uh.update(piece)
-            finally:
-                r.close()
-            if broken is not None or got < size:
-                tracker.add(-got)
-                if attempt < self.t.retries:
-                    self.t.sleep(attempt)
-                    continue
-                why = f" ({broken})" if broken is not None else ""
-                raise VerificationError(f"{what} from {ep.host} is truncated: got {got} of "
-                                        f"{size} bytes{why}; retry, or re-push the image if the "
-                                        "registry's copy is damaged")
-            break
-        if f"{algo}:{h.hexdigest()}" != digest:
-            raise VerificationError(f"{what} from {ep.host}: the content hashes to "
-                                    f"{algo}:{h.hexdigest()}, not {digest}: the registry's copy "
-                                    "is corrupt or the transfer was altered")
-        if unpack:
-            for piece in _decompressed(unpack.finish):
-                uh.update(piece)
-            if f"sha256:{uh.hexdigest()}" != diff_id:
+        r = self.t.request(ep, "GET", f"/v2/{ref.repository}/blobs/{digest}",
+                          scope=token_scope(ref, push=False), what=what, stream=True)
+        sink = _BlobSink(part, digest, diff_id, tracker, size, f"{what} from {ep.host}")
+        try:
+            # a cut transfer resumes (Range) or restarts; the digests below judge the result
+            self.t.http.download(r.stream.url, sink, headers=r.sent, size=size, label=what,
+                                 response=r.stream)
+        except HttpError as e:
+            sink.close()
+            tracker.add(-sink.got)
+            raise VerificationError(f"{what} from {ep.host} is truncated: got {sink.got} of "
+                                    f"{size} bytes ({e}); retry, or re-push the image if the "
+                                    "registry's copy is damaged") from None
+        finally:
+            r.close()
+            sink.close()
+        if sink.got < size:
+            raise VerificationError(f"{what} from {ep.host} is truncated: got {sink.got} of "
+                                    f"{size} bytes; retry, or re-push the image if the "
+                                    "registry's copy is damaged")
+        got = f"{algo}:{sink.hash.hexdigest()}"
+        if got != digest:
+            raise VerificationError(f"{what} from {ep.host}: the content hashes to {got}, not "
+                                    f"{digest}: the registry's copy is corrupt or the transfer "
+                                    "was altered")
+        if diff_id:
+            for piece in _decompressed(sink.unpack.finish):
+                sink.uhash.update(piece)
+            if f"sha256:{sink.uhash.hexdigest()}" != diff_id:
                 raise VerificationError(f"layer {digest}: its uncompressed content hashes to "
-                                        f"sha256:{uh.hexdigest()}, but the config's diff_id is "
-                                        f"{diff_id}: the image is inconsistent; rebuild it")
+                                        f"sha256:{sink.uhash.hexdigest()}, but the config's "
+                                        f"diff_id is {diff_id}: the image is inconsistent; "
+                                        "rebuild it")
         os.replace(part, final)
+
+
+class _BlobSink:
+    """A blob arriving into `path`: its digest, and (for a layer) the digest of its
+    uncompressed bytes, computed as it comes; `restart` when the server starts over."""
+
+    def __init__(self, path: Path, digest: str, diff_id: str | None, tracker: Tracker, size: int,
+                 what: str):
+        self.path, self.digest, self.diff_id, self.tracker = path, digest, diff_id, tracker
+        self.algo = _split(digest)[0]
+        self.size, self.what = size, what
+        self.f = path.open("wb")
+        self._reset()
+
+    def _reset(self) -> None:
+        self.got = 0
+        self.hash = hashlib.new(self.algo)
+        self.unpack = StreamDecompressor(f"layer {self.digest}") if self.diff_id else None
+        self.uhash = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> None:
+        self.f.write(chunk)
+        self.hash.update(chunk)
+        self.got += len(chunk)
+        self.tracker.add(len(chunk))
+        if self.got > self.size:
+            raise VerificationError(f"{self.what} is longer than the {self.size} bytes its "
+                                    "descriptor says")
+        if self.unpack:
+            for piece in _decompressed(self.unpack.feed, chunk):
+                self.uhash.update(piece)
+
+    def restart(self) -> None:
+        self.f.seek(0)
+        self.f.truncate()
+        self.tracker.add(-self.got)
+        self._reset()
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.close()
 
 
 def _split(digest: str) -> tuple[str, str]:

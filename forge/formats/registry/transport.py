@@ -1,7 +1,9 @@
 """HTTP to registries: endpoints (mirrors first when pulling), plain HTTP for loopback and
-insecure registries (as Docker does) and verified HTTPS otherwise, redirects, retries with
-exponential backoff for connection errors and 5xx answers (never for other 4xx), the
-authentication dance on 401, and errors that say what to do.
+insecure registries (as Docker does) and verified HTTPS otherwise (the system CAs plus an
+optional `ca_bundle`), redirects (credentials only to the registry's own host), the
+authentication dance on 401, and errors that say what to do. Connections, proxies,
+timeouts and retries (connection errors, 429 and 5xx, never other 4xx) are the shared
+HTTP client's (`forge.formats.http.client`).
 
 `requests` counts the requests sent by method (tests use it to prove a second push
 uploads nothing).
@@ -9,21 +11,20 @@ uploads nothing).
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import json
-import ssl
-import threading
-import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 from urllib.parse import urljoin, urlsplit
 
+from forge.formats.http.client import HttpClient, Response
+from forge.formats.http.errors import HttpError, TlsError
 from forge.formats.image.reference import DOCKER_HUB
 from forge.formats.registry.auth import DOCKER_HUB_API, USER_AGENT, Authenticator, auth_key
 from forge.formats.registry.errors import (NotFoundError, RegistryAuthError, RegistryError,
-                                           RegistryUnavailableError, VerificationError)
+                                           RegistryUnavailableError)
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,14 @@ class Endpoint:
 @dataclass
 class Reply:
     status: int
-    headers: http.client.HTTPMessage
+    headers: Mapping[str, str]
     body: bytes = b""
-    stream: http.client.HTTPResponse | None = None
-    conn: http.client.HTTPConnection | None = None
+    stream: Response | None = None            # the open answer, when asked to stream
+    sent: dict[str, str] = field(default_factory=dict)  # the headers that got it (to resume)
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
+        if self.stream is not None:
+            self.stream.close()
 
 
 def is_loopback(host: str) -> bool:
@@ -66,15 +67,21 @@ class Transport:
     def __init__(self, *, insecure: list[str] | tuple[str, ...] = (),
                  mirrors: dict[str, list[str]] | None = None,
                  docker_config: Path | None = None, timeout: float = 30, retries: int = 3,
-                 backoff: float = 0.25):
+                 backoff: float = 0.25, ca_bundle: str | Path | None = None,
+                 env: Mapping[str, str] | None = None):
         self.insecure = [i.split("://", 1)[-1].rstrip("/") for i in insecure]
         self.mirrors = {auth_key(k): list(v) for k, v in (mirrors or {}).items()}
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self.requests: Counter[str] = Counter()
-        self._count_lock = threading.Lock()
-        self._ssl = ssl.create_default_context()
-        self.auth = Authenticator(docker_config=docker_config, open=self.open, timeout=timeout,
-                                  retries=retries, sleep=self.sleep)
+        try:
+            self.http = HttpClient(timeout=timeout, retries=retries, backoff=backoff,
+                                   ca_bundle=ca_bundle, user_agent=USER_AGENT, env=env)
+        except HttpError as e:  # an unreadable CA bundle
+            raise RegistryError(str(e)) from None
+        self.auth = Authenticator(docker_config=docker_config, http=self.http, timeout=timeout)
+
+    @property
+    def requests(self) -> Counter[str]:
+        return self.http.requests
 
     # ---- endpoints --------------------------------------------------------------------
 
@@ -116,37 +123,11 @@ class Transport:
 
     # ---- HTTP -------------------------------------------------------------------------
 
-    def open(self, method: str, url: str, headers: dict, body: bytes | Path | None):
-        u = urlsplit(url)
-        if u.scheme == "https":
-            conn = http.client.HTTPSConnection(u.netloc, timeout=self.timeout, context=self._ssl)
-        else:
-            conn = http.client.HTTPConnection(u.netloc, timeout=self.timeout)
-        target = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        with self._count_lock:
-            self.requests[method] += 1
-        try:
-            if isinstance(body, Path):
-                headers["Content-Length"] = str(body.stat().st_size)
-                with body.open("rb") as f:
-                    conn.request(method, target, body=f, headers=headers)
-            else:
-                if body is not None:
-                    headers["Content-Length"] = str(len(body))
-                conn.request(method, target, body=body, headers=headers)
-            return conn, conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
-
-    def sleep(self, attempt: int) -> None:
-        time.sleep(self.backoff * (2 ** attempt))
-
     def request(self, ep: Endpoint, method: str, path: str, *, scope: str, what: str,
                  ok: tuple[int, ...] = (200,), headers: dict | None = None,
                  body: bytes | Path | None = None, stream: bool = False) -> Reply:
         url = path if "://" in path else ep.base + path
-        attempt = redirects = 0
+        redirects = 0
         authed = False
         while True:
             h = {"User-Agent": USER_AGENT, **(headers or {})}
@@ -155,68 +136,44 @@ class Transport:
             if sent:
                 h["Authorization"] = sent
             try:
-                conn, resp = self.open(method, url, h, body)
-            except ssl.SSLCertVerificationError as e:
+                r = self.http.request(method, url, headers=h, body=body, stream=stream,
+                                      redirect=False)
+            except TlsError as e:
                 raise RegistryUnavailableError(
-                    f"registry {ep.host}: TLS certificate verification failed ({e.verify_message}); "
-                    "install the registry's CA certificate, or list the registry as insecure "
-                    "if it speaks plain HTTP") from None
-            except (OSError, http.client.HTTPException) as e:
-                if attempt < self.retries:
-                    self.sleep(attempt)
-                    attempt += 1
-                    continue
+                    f"registry {ep.host}: {e}; or list the registry as insecure if it speaks "
+                    "plain HTTP") from None
+            except HttpError as e:  # no answer, or a body cut short every time
                 raise RegistryUnavailableError(
-                    f"cannot reach registry {ep.host} ({method} {url}): {e}; check that it is "
-                    f"running and the address is right"
+                    f"cannot reach registry {ep.host}: {e}"
                     + (" (it was spoken to over HTTPS: list it as insecure if it speaks plain HTTP)"
                        if ep.scheme == "https" else "")) from None
-            status = resp.status
-            if status in (301, 302, 303, 307, 308) and redirects < 5 and resp.getheader("Location"):
-                url = urljoin(url, resp.getheader("Location"))
-                resp.read()
-                conn.close()
+            status = r.status
+            if status in (301, 302, 303, 307, 308) and redirects < 5 and r.headers.get("Location"):
+                url = urljoin(url, r.headers["Location"])
+                r.close()
                 redirects += 1
                 if status == 303:
                     method, body = "GET", None
                 continue
             if status == 401 and not authed and same_host:
-                challenge = resp.getheader("WWW-Authenticate", "")
-                resp.read()
-                conn.close()
+                challenge = r.headers.get("WWW-Authenticate", "")
+                r.close()
                 self.auth.authenticate(ep.host, scope, challenge, sent, what)
                 authed = True
                 continue
-            if status >= 500 and attempt < self.retries:
-                resp.read()
-                conn.close()
-                self.sleep(attempt)
-                attempt += 1
-                continue
             if status in ok:
-                if stream:
-                    return Reply(status, resp.headers, stream=resp, conn=conn)
+                return Reply(status, r.headers, r.body, stream=r if stream else None, sent=h)
+            data = r.body
+            if stream:
                 try:
-                    data = resp.read()
-                except (OSError, http.client.HTTPException) as e:
-                    conn.close()
-                    if attempt < self.retries:
-                        self.sleep(attempt)
-                        attempt += 1
-                        continue
-                    raise VerificationError(f"{what} from {ep.host}: the body was cut short "
-                                            f"({e}); retry, or check the registry") from None
-                conn.close()
-                return Reply(status, resp.headers, data)
-            try:
-                data = resp.read()
-            except (OSError, http.client.HTTPException):
-                data = b""
-            conn.close()
-            raise self.http_error(ep, status, method, what, data, scope)
+                    data = r.raw.read(decode_content=False)
+                except Exception:  # urllib3's errors for a cut body: the status says enough
+                    data = b""
+                r.close()
+            raise self.http_error(ep, status, method, what, data, scope, r.attempts)
 
     def http_error(self, ep: Endpoint, status: int, method: str, what: str, data: bytes,
-                    scope: str) -> RegistryError:
+                    scope: str, attempts: int = 1) -> RegistryError:
         codes, detail = [], ""
         try:
             errors = json.loads(data).get("errors") or []
@@ -246,7 +203,7 @@ class Transport:
                 why = "not found: is this an OCI registry at this address?"
             return NotFoundError(f"{head}: {why}{extra}")
         if status >= 500:
-            return RegistryUnavailableError(f"{head} after {self.retries + 1} attempts: the "
+            return RegistryUnavailableError(f"{head} after {attempts} attempts: the "
                                             f"registry is failing{extra}; retry later or check "
                                             "its logs")
         return RegistryError(f"{head} ({method}): the request was refused{extra}")
