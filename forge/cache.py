@@ -133,7 +133,7 @@ class Cache:
         except OSError:
             pass
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.forge-tmp-{os.getpid()}")
+        tmp = dst.with_name(f".{dst.name}.forge-tmp-{owner()}-{uuid.uuid4().hex[:8]}")
         try:
             os.link(src, tmp)
         except OSError as e:

@@ -59,6 +59,7 @@ class LocalExecutor:
         self._digests: dict[str, OutputFile] = {}  # generated path -> its blob
         self._tool_ids: dict[tuple, dict] = {}  # an action's tools -> their identities
         self._slots: set[int] = set()  # job slots that ran a command (their logs)
+        self._swept: set[Path] = set()  # output directories cleared of dead builds' leftovers
         # The shared cache (forge.remote.settings.RemoteSettings), connected on the first
         # local miss: a build whose every action is a local hit never touches it.
         self._remote_settings = None if offline else remote
@@ -131,6 +132,7 @@ class LocalExecutor:
 
     def _link_all(self, outs: list[OutputFile]) -> bool:
         for o in outs:
+            self._sweep(self.root / o.path)
             if o.tree:
                 if not trees.blobs_ok(self.cache, o, verify=True):
                     return False
@@ -209,8 +211,15 @@ class LocalExecutor:
             self.cache.put_records(self._fetched)
             self._fetched = []
 
+    def _sweep(self, dst: Path) -> None:
+        """Clear what a killed build left beside `dst`: once per directory and build."""
+        if dst.parent not in self._swept:
+            self._swept.add(dst.parent)
+            leftovers.sweep_outputs(dst.parent)
+
     def _link_out(self, outs: list[OutputFile]) -> None:
         for o in outs:
+            self._sweep(self.root / o.path)
             if o.tree:
                 trees.materialise(self.cache, o, self.root / o.path)
             else:

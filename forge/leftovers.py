@@ -127,6 +127,21 @@ def reap(tmp: Path) -> list[str]:
     return removed
 
 
+_STALE_OUTPUT = re.compile(r"^\..+\.forge-(?:tmp|old)-(\d+\.\d+)-[0-9a-f]+$")
+
+
+def sweep_outputs(d: Path) -> None:
+    """Remove what a dead forge left in `d` (a directory of forge-out/) while it put an
+    output in place: `.<name>.forge-tmp-<owner>-...` and `.forge-old-` siblings."""
+    for p in _entries(d):
+        m = _STALE_OUTPUT.match(p.name)
+        if m and not _alive(m.group(1)):
+            if p.is_dir() and not p.is_symlink():
+                force_rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def _mounts_below(d: Path) -> list[str]:
     """Mount points at or below `d`, deepest first (/proc/self/mountinfo escapes spaces)."""
     prefix = os.path.realpath(d) + "/"

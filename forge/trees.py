@@ -24,6 +24,7 @@ from pathlib import Path
 
 from forge.cache import Cache, OutputFile
 from forge.errors import ForgeError
+from forge.leftovers import owner
 
 FORMAT = 1
 
@@ -125,12 +126,12 @@ def build(cache: Cache, f: OutputFile, dst: Path,
 
 def materialise(cache: Cache, f: OutputFile, dst: Path) -> os.stat_result:
     """Replace whatever is at `dst` with the tree, atomically from a reader's view."""
-    tmp = dst.with_name(f".{dst.name}.forge-tmp-{uuid.uuid4().hex[:8]}")
+    tmp = dst.with_name(f".{dst.name}.forge-tmp-{owner()}-{uuid.uuid4().hex[:8]}")
     build(cache, f, tmp)
     if dst.is_symlink() or dst.is_file():
         dst.unlink()
     elif dst.exists():
-        old = dst.with_name(f".{dst.name}.forge-old-{uuid.uuid4().hex[:8]}")
+        old = dst.with_name(f".{dst.name}.forge-old-{owner()}-{uuid.uuid4().hex[:8]}")
         os.rename(dst, old)
         remove(old)
     os.rename(tmp, dst)

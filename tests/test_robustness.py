@@ -163,3 +163,24 @@ def test_a_failed_actions_kept_scratch_survives_the_next_build(ws):
     assert "/kept-" in kept
     assert ws.build("//p:ok").code == 0
     assert os.path.isdir(kept)
+
+
+def test_what_a_killed_build_left_beside_its_outputs_is_swept(ws):
+    """A build killed while it put an output in place leaves `.<name>.forge-tmp-*` beside
+    it; the next build that links into that directory removes it (bench/faults found one
+    inside an image's stages directory)."""
+    import subprocess
+    ws.write({"p/BUILD": 'genrule(name = "a", outs = ["a.txt"], cmd = "echo a > $@")\n'})
+    assert ws.build("//p:a").code == 0
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    from forge import leftovers
+    ident = f"{dead.pid}.1"  # a process that is gone
+    stale = ws.root / "forge-out/p" / f".a.txt.forge-tmp-{ident}-0123abcd"
+    stale.mkdir()
+    (stale / "blob").write_text("half\n")
+    mine = ws.root / "forge-out/p" / f".b.txt.forge-tmp-{leftovers.owner()}-0123abcd"
+    mine.write_text("a running forge's\n")
+    (ws.root / "p/BUILD").write_text('genrule(name = "a", outs = ["a.txt"], cmd = "echo A > $@")\n')
+    assert ws.build("//p:a").code == 0
+    assert not stale.exists() and mine.exists()
