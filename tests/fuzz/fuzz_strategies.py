@@ -95,7 +95,7 @@ NAMES = st.sampled_from([
     "a", "a/b", "d", "d/f", "d/e/f", "./a", "/a", "../x", "a/../../x", "d/../d/f", ".",
     "./", "", "d/.wh.f", "d/.wh..wh..opq", ".wh.d", ".wh..wh..opq", "l", "l/x", "l/../y",
     "lnk", "x" * 120, "d/" + "y" * 150, "é/ü", "a\nb", "dev/console", "etc/passwd",
-    "d//f", "d/./f", "h",
+    "d//f", "d/./f", "h", ".wh...", "d/.wh...", ".wh..", "d/.wh.", ".wh.d/x",
 ])
 LINK_TARGETS = st.sampled_from([
     "a", "d", "d/f", "../x", "../../..", "..", "/", "/etc", "l", "lnk", ".", "",

@@ -69,6 +69,7 @@ def run_case(h: Harness, data: bytes, scratch: Path, limit: float = 5.0) -> Outc
     if h.writes:
         shutil.rmtree(CANARY, ignore_errors=True)
         CANARY.mkdir(parents=True, exist_ok=True)
+        (scratch / "sentinel").write_bytes(b"must survive")  # a deletion outside out/ shows
     old = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, limit)
     try:
@@ -89,7 +90,7 @@ def run_case(h: Harness, data: bytes, scratch: Path, limit: float = 5.0) -> Outc
         signal.signal(signal.SIGALRM, old)
     if h.writes:
         escape = _escapes(scratch)
-        if escape and outcome.good:
+        if escape:  # worse than any exception it may also have caused
             outcome = Outcome("escape", escape)
     return outcome
 
@@ -108,12 +109,16 @@ def _escapes(scratch: Path) -> str:
     """What an extractor left where it must not: anything in the scratch directory beside
     out/ and the harness' own inputs (in/), anything in the canary, a device node, or a
     relative symlink in out/ that the host resolves to a place outside out/."""
-    stray = sorted(set(os.listdir(scratch)) - {"out", "in"})
+    if not (scratch / "sentinel").is_file():
+        return "deleted outside the output directory (the file beside out/ is gone)"
+    stray = sorted(set(os.listdir(scratch)) - {"out", "in", "sentinel"})
     if stray:
         return f"wrote outside the output directory: {stray}"
     if CANARY.exists() and os.listdir(CANARY):
         return f"wrote through an absolute symlink to {CANARY}: {os.listdir(CANARY)}"
     out = scratch / "out"
+    if not out.is_dir():
+        return "the output directory itself was removed"
     for dirpath, dirnames, filenames in os.walk(out):
         for name in dirnames + filenames:
             p = Path(dirpath, name)

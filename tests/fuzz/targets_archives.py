@@ -22,6 +22,7 @@ from targets_engine import REPO, _read
 
 from forge.formats.debian.errors import DebError
 from forge.formats.image.errors import ImageError
+from forge.formats.linux.errors import CpioError
 
 LAYER_SEP = b"\0FORGE-FUZZ-LAYER\0"  # several layers in one input: whiteouts need two
 
@@ -216,7 +217,7 @@ def run_deb822(data: bytes, tmp: Path) -> None:
         archive.depends(s)
         archive.depends(s, "Pre-Depends")
     if stanzas:
-        names = [s.get("Package", "") for s in stanzas]
+        names = [s["Package"] for s in stanzas if s.get("Package")]
         for name in names[:3]:
             archive.resolve(stanzas, name)
             archive.resolve(stanzas, name, stanzas[0].get("Version", "1"))
@@ -308,7 +309,7 @@ _SOURCE_LINES = st.sampled_from([
 
 HARNESSES = [
     Harness("image_layers", run_layers, (ImageError,), seeded(_repo_tar(), _LAYERS), examples=80, writes=True),
-    Harness("tar_to_cpio", run_cpio, (ValueError,), seeded(_repo_tar(), tar_archive()), examples=80),
+    Harness("tar_to_cpio", run_cpio, (ImageError, CpioError), seeded(_repo_tar(), tar_archive()), examples=80),
     Harness("oci_layout", run_layout, (ImageError,),
             seeded([], st.one_of(_LAYOUT, mutated(_LAYOUT))), examples=100),
     Harness("image_reference", run_reference, (ImageError,),

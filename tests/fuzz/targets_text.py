@@ -36,7 +36,8 @@ def assembly_doc(draw) -> bytes:
     doc = draw(for_spec(_assembly_spec()))
     if isinstance(doc, dict):  # names that collide, as users' copy-paste does
         for section in ("onboot", "services"):
-            for entry in doc.get(section) or []:
+            entries = doc.get(section)
+            for entry in entries if isinstance(entries, list) else []:
                 if isinstance(entry, dict) and draw(st.booleans()):
                     entry["name"] = draw(st.sampled_from(["a", "b", "redis"]))
                     entry["image"] = draw(st.sampled_from(["redis:7", "//images/init:init", ""]))
