@@ -27,7 +27,7 @@ from typing import Callable
 
 # An absolute directory that generated symlinks point into (tests/fuzz/fuzz_targets.py):
 # an extractor that follows such a link on the host writes here, and the case fails.
-CANARY = Path("/tmp/forge-fuzz-canary")
+CANARY = Path("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp", "forge-fuzz-canary")
 
 
 class Hang(BaseException):
@@ -43,6 +43,7 @@ class Harness:
     seeds: Callable[[], list[bytes]] = lambda: []  # real samples of the repo
     examples: int = 150  # hypothesis examples in CI: about 2 s each on this machine
     writes: bool = False  # an extractor: check its scratch directory after each case
+    files: bool = True  # uses its scratch directory (False: none is made, which is faster)
 
 
 @dataclass
@@ -63,12 +64,14 @@ def _on_alarm(signum, frame):
 
 def run_case(h: Harness, data: bytes, scratch: Path, limit: float = 5.0) -> Outcome:
     """Run one input through a harness in `scratch` (emptied first) and judge it."""
-    if scratch.exists():
-        shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    if h.files or h.writes:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
     if h.writes:
-        shutil.rmtree(CANARY, ignore_errors=True)
-        CANARY.mkdir(parents=True, exist_ok=True)
+        if not CANARY.is_dir() or os.listdir(CANARY):
+            shutil.rmtree(CANARY, ignore_errors=True)
+            CANARY.mkdir(parents=True, exist_ok=True)
         (scratch / "sentinel").write_bytes(b"must survive")  # a deletion outside out/ shows
     old = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, limit)

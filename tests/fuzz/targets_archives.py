@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import lzma
+import shutil
 from pathlib import Path
 
 from hypothesis import strategies as st
@@ -79,7 +80,7 @@ _MEDIA = st.sampled_from(["application/vnd.oci.image.index.v1+json",
                           "application/vnd.docker.distribution.manifest.list.v2+json",
                           "application/vnd.oci.image.config.v1+json",
                           "application/vnd.oci.image.layer.v1.tar+gzip", "text/plain", ""])
-_DIGEST = st.sampled_from(["@M", "@C", "@L", "@I", "sha256:" + "0" * 64, "sha256:xyz",
+_DIGEST = st.sampled_from(["@M", "@C", "@L", "@I", "@D", "sha256:" + "0" * 64, "sha256:xyz",
                            "md5:00", "sha512:" + "0" * 128, "", "sha256:../../x", "sha256"])
 _PLATFORM = st.fixed_dictionaries({}, optional={
     "os": st.sampled_from(["linux", "windows", "", None]),
@@ -117,7 +118,7 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def run_layout(data: bytes, tmp: Path) -> None:
+def _write_layout(data: bytes, tmp: Path) -> Path:
     """index.json, a manifest, a config and a nested index from the input; "@M", "@C",
     "@L" and "@I" stand for the digests of the manifest, config, a layer and the nested
     index, "@S" for the size of the manifest, so that the documents find each other."""
@@ -125,6 +126,7 @@ def run_layout(data: bytes, tmp: Path) -> None:
     parts = (data.split(b"\0") + [b"", b"", b"", b""])[:4]
     index, manifest, config, nested = parts
     layer = gzip.compress(b"\0" * 1024, mtime=0)
+    config = config.replace(b'"@D"', json.dumps(_sha(b"\0" * 1024)).encode())
     subs = {b'"@C"': config, b'"@L"': layer}
     for k, v in subs.items():
         manifest = manifest.replace(k, json.dumps(_sha(v)).encode())
@@ -144,6 +146,12 @@ def run_layout(data: bytes, tmp: Path) -> None:
     (root / "index.json").write_bytes(index)
     for blob in (manifest, config, layer, nested):
         (blobs / hashlib.sha256(blob).hexdigest()).write_bytes(blob)
+    return root
+
+
+def run_layout(data: bytes, tmp: Path) -> None:
+    from forge.formats.image import layout
+    root = _write_layout(data, tmp)
     layout.verify_layout(root)
     for platform in ("linux/amd64", None, "linux/arm64/v8"):
         try:
@@ -152,6 +160,46 @@ def run_layout(data: bytes, tmp: Path) -> None:
             continue
         for desc, _path in img.layers:
             layout.read_blob(root, desc)
+
+
+def run_image_archive(data: bytes, tmp: Path) -> None:
+    """`import_archive` of a tarball built from the input: a docker save archive ("D"
+    first: manifest.json and the config, "@C" standing for the config's member name) or
+    an OCI layout tarball (the four documents of run_layout)."""
+    import tarfile
+    from forge.formats.image import archive
+    kind, body = data[:1], data[1:]
+    layer = _repo_tar()[0][:10240] + b"\0" * 1024
+    if kind == b"D":
+        manifest, _, config = body.partition(b"\0")
+        config = config.replace(b'"@D"', json.dumps(_sha(layer)).encode())
+        files = {"manifest.json": manifest.replace(b'"@C"', b'"config.json"'), "config.json": config,
+                 "layer.tar": layer}
+    else:
+        _write_layout(body, tmp)
+        files = {str(p.relative_to(tmp / "layout")): p.read_bytes()
+                 for p in (tmp / "layout").rglob("*") if p.is_file()}
+        shutil.rmtree(tmp / "layout")
+    (tmp / "in").mkdir()
+    with tarfile.open(tmp / "in" / "image.tar", "w") as tf:
+        for name, blob in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(blob)
+            tf.addfile(ti, io.BytesIO(blob))
+    archive.import_archive(tmp / "in" / "image.tar", tmp / "out")
+
+
+_DOCKER_ENTRY = st.fixed_dictionaries({"Config": st.sampled_from(["@C", "nosuch", 5, None]),
+                                       "Layers": st.one_of(st.just(["layer.tar"]), st.lists(WORDS, max_size=2), JSONISH)},
+                                      optional={"RepoTags": st.one_of(st.lists(st.sampled_from(
+                                          ["redis:7", "a", "", "x:y:z", "localhost:5000/a:b"]), max_size=2), JSONISH)})
+_DOCKER_CONFIG = st.fixed_dictionaries({"rootfs": st.one_of(st.fixed_dictionaries({
+    "diff_ids": st.lists(_DIGEST, min_size=0, max_size=2)}), JSONISH)},
+    optional={"os": st.sampled_from(["linux", 5]), "architecture": st.sampled_from(["amd64", None])})
+_IMAGE_ARCHIVE = st.one_of(
+    st.tuples(json_bytes(st.one_of(st.lists(_DOCKER_ENTRY, min_size=1, max_size=2), JSONISH)),
+              json_bytes(_DOCKER_CONFIG)).map(lambda t: b"D" + b"\0".join(t)),
+    _LAYOUT.map(lambda b: b"O" + b))
 
 
 def run_reference(data: bytes, tmp: Path) -> None:
@@ -309,15 +357,17 @@ _SOURCE_LINES = st.sampled_from([
 
 HARNESSES = [
     Harness("image_layers", run_layers, (ImageError,), seeded(_repo_tar(), _LAYERS), examples=80, writes=True),
-    Harness("tar_to_cpio", run_cpio, (ImageError, CpioError), seeded(_repo_tar(), tar_archive()), examples=80),
+    Harness("tar_to_cpio", run_cpio, (ImageError, CpioError), seeded(_repo_tar(), tar_archive()), examples=80, files=False),
     Harness("oci_layout", run_layout, (ImageError,),
             seeded([], st.one_of(_LAYOUT, mutated(_LAYOUT))), examples=100),
+    Harness("image_archive", run_image_archive, (ImageError,),
+            seeded([], st.one_of(_IMAGE_ARCHIVE, mutated(_IMAGE_ARCHIVE))), examples=80),
     Harness("image_reference", run_reference, (ImageError,),
             seeded([b"docker.io/library/redis:7", b"localhost:5000/a/b@sha256:" + b"a" * 64],
-                   text(_REFS))),
+                   text(_REFS)), files=False),
     Harness("deb_package", run_deb, (DebError,), seeded([], deb_file()), examples=80),
     Harness("deb822_release", run_deb822, (DebError,),
-            seeded([_control_sample()], text(deb822_text()))),
+            seeded([_control_sample()], text(deb822_text())), files=False),
     Harness("debian_archive", run_archive, (DebError,), seeded([], archive_input()), examples=80),
     Harness("apt_sources", run_sources, (),
             seeded([b"deb http://127.0.0.1/debian bookworm main\0Types: deb\nURIs: x\nSuites: s\n"],

@@ -205,5 +205,5 @@ HARNESSES = [
     Harness("forge_lock", run_lock, (ForgeError,), seeded([], json_bytes(_LOCK))),
     Harness("query", run_query, (ForgeError, _query_error()),
             seeded([b"deps(//:a, 1) - kind('source file', //...)", b"somepath(//:a, //p:c)",
-                    b"attr(tags, manual, //...) + labels(srcs, //p:c)"], text(query_text()))),
+                    b"attr(tags, manual, //...) + labels(srcs, //p:c)"], text(query_text())), files=False),
 ]

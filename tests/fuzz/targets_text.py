@@ -208,20 +208,20 @@ _ERROR_BODY = json_bytes(st.one_of(st.fixed_dictionaries({"errors": st.one_of(
 HARNESSES = [
     Harness("linuxkit_yaml", run_assembly, (AssemblyError,),
             seeded(_read("examples/**/*.yml", "tests/formats/linuxkit/assembly_cases/**/*.yml"),
-                   assembly_doc())),
+                   assembly_doc()), files=False),
     Harness("linuxkit_label", _label_case, (AssemblyError,),
             seeded(_read("tests/formats/linuxkit/assembly_cases/*.json"),
                    st.one_of(json_bytes(for_spec({k: v for k, v in __import__(
                        "forge.formats.linuxkit.assembly", fromlist=["x"]).IMAGE_KEYS.items()
-                       if k not in ("name", "image")})), assembly_doc()))),
+                       if k not in ("name", "image")})), assembly_doc())), files=False),
     Harness("dockerfile", run_dockerfile, (DockerfileError,),
-            seeded(_read("examples/**/Dockerfile"), text(dockerfile_text()))),
+            seeded(_read("examples/**/Dockerfile"), text(dockerfile_text())), files=False),
     Harness("dockerignore", run_ignore, (DockerfileError,),
-            seeded([b"*\n!keep\n# c\n**/*.pyc\n"], text(st.lists(_IGNORE_LINES, max_size=6).map("\n".join)))),
+            seeded([b"*\n!keep\n# c\n**/*.pyc\n"], text(st.lists(_IGNORE_LINES, max_size=6).map("\n".join))), files=False),
     Harness("registry_auth", run_auth, (RegistryError,),
             seeded([b'Bearer realm="http://127.0.0.1:1/token",service="r",scope="repository:a:pull"'
                     b'\0{"token": "abc"}\0{}'], auth_input())),
     Harness("registry_error_body", run_error_body, (),
             seeded([b'\x05{"errors": [{"code": "NAME_UNKNOWN", "message": "no"}]}'],
-                   st.tuples(st.binary(min_size=1, max_size=1), _ERROR_BODY).map(b"".join))),
+                   st.tuples(st.binary(min_size=1, max_size=1), _ERROR_BODY).map(b"".join)), files=False),
 ]
