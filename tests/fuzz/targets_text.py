@@ -5,14 +5,13 @@ answers and error bodies. Each accepts only its domain's base error."""
 from __future__ import annotations
 
 import functools
-import io
 import json
 from pathlib import Path
 
 import yaml
 from hypothesis import strategies as st
 
-from fuzz_strategies import JSONISH, WORDS, for_spec, json_bytes, seeded, text
+from fuzz_strategies import JSONISH, for_spec, json_bytes, seeded, text
 from fuzzlib import Harness
 from targets_engine import _read
 
