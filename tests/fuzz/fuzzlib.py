@@ -73,6 +73,7 @@ def run_case(h: Harness, data: bytes, scratch: Path, limit: float = 5.0) -> Outc
             shutil.rmtree(CANARY, ignore_errors=True)
             CANARY.mkdir(parents=True, exist_ok=True)
         (scratch / "sentinel").write_bytes(b"must survive")  # a deletion outside out/ shows
+        (scratch / "out").mkdir()  # where the extractor writes
     old = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, limit)
     try:

@@ -43,8 +43,7 @@ def run_layers(data: bytes, tmp: Path) -> None:
     from forge.formats.image.layer_read import apply_layers, resolve_paths
     from forge.formats.image.layer_write import flatten
     paths = _layer_files(data, tmp)
-    out = tmp / "out"
-    out.mkdir()
+    out = tmp / "out"  # made by fuzzlib.run_case, which checks what happens around it
     resolve_paths(paths, ["a", "d/f", "l/x", "lnk", "h", "/etc/passwd"])
     flatten(paths, io.BytesIO(), mtime=0)
     apply_layers(paths, out)

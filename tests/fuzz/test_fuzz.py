@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from fuzz_targets import HARNESSES
-from fuzzlib import run_case
+from fuzzlib import CANARY, Harness, run_case
 
 REGRESSIONS = Path(__file__).parent / "regressions"
 
@@ -48,3 +48,30 @@ def test_regression(path, tmp_path):
 
 def test_regressions_name_harnesses():
     assert {p.parent.name for p in _regressions()} <= set(HARNESSES)
+
+
+# ---- the property's checks can fail -------------------------------------------------------
+
+def _writer(action):
+    return Harness("probe", lambda data, tmp: action(tmp), (ValueError,), None, writes=True)
+
+
+@pytest.mark.parametrize("action, kind, says", [
+    (lambda tmp: None, "ok", ""),
+    (lambda tmp: (tmp / "x").write_text(""), "escape", "wrote outside"),
+    (lambda tmp: (tmp / "sentinel").unlink(), "escape", "deleted"),
+    (lambda tmp: (tmp / "out").rmdir(), "escape", "output directory itself"),
+    (lambda tmp: ((tmp / "out" / "d").mkdir(), (tmp / "out" / "d" / "l").symlink_to("../../in")),
+     "escape", "resolves outside"),
+    (lambda tmp: ((tmp / "out" / "d").mkdir(), (tmp / "out" / "a").symlink_to("d"),
+                  (tmp / "out" / "b").symlink_to("a/../..")), "escape", "resolves outside"),
+    (lambda tmp: (tmp / "out" / "l").symlink_to("/etc"), "ok", ""),  # image-root-relative
+    (lambda tmp: (tmp / "out" / "l").symlink_to(CANARY / "x") or (CANARY / "x").write_text(""),
+     "escape", "through an absolute symlink"),
+    (lambda tmp: __import__("time").sleep(3), "hang", "no answer"),
+    (lambda tmp: {}["x"], "crash", "KeyError"),
+    (lambda tmp: int("x"), "error", "invalid literal"),
+])
+def test_the_property_catches_what_it_must(tmp_path, action, kind, says):
+    outcome = run_case(_writer(action), b"", tmp_path / "case", limit=0.5)
+    assert outcome.kind == kind and says in outcome.detail, outcome
