@@ -87,7 +87,7 @@ _PLATFORM = st.fixed_dictionaries({}, optional={
 
 def _descriptor(extra: dict | None = None):
     return st.fixed_dictionaries({"mediaType": _MEDIA, "digest": _DIGEST,
-                                  "size": st.sampled_from([-1, 0, 2, 2**63, "@S", "3"])},
+                                  "size": st.sampled_from([-1, 0, 2, 2**63, "@S", "3", "@CS", "@LS"])},
                                  optional={"platform": st.one_of(_PLATFORM, JSONISH),
                                            "annotations": st.dictionaries(WORDS, JSONISH, max_size=2),
                                            **(extra or {})})
