@@ -47,7 +47,7 @@ class Lockfile:
             # hand edit gone wrong, found here rather than deep inside a rule.
             for kind, pins in self.pins.items():
                 for key, value in pins.items():
-                    if not (isinstance(kind, str) and isinstance(key, str) and isinstance(value, str)):
+                    if not all(isinstance(x, str) for x in (kind, key, value)):
                         raise LoadError(f"{LOCK_NAME} is not valid: the pin {kind}/{key} is "
                                         f"{json.dumps(value)}, not a string",
                                         location=Location(LOCK_NAME),

@@ -170,7 +170,8 @@ def query_text(draw) -> str:
         if choice <= 1:
             return draw(st.sampled_from(_LABELS + ["//...", "//p:*", "'//p:c'", '"//:a"']))
         if choice == 2:
-            return f"{expr(depth + 1)} {draw(st.sampled_from(['+', '-', '^', 'union', 'except', 'intersect']))} {expr(depth + 1)}"
+            op = draw(st.sampled_from(["+", "-", "^", "union", "except", "intersect"]))
+            return f"{expr(depth + 1)} {op} {expr(depth + 1)}"
         if choice == 3:
             return f"({expr(depth + 1)})"
         if choice == 4:
@@ -201,7 +202,8 @@ HARNESSES = [
                    text(build_file())),
             examples=60),
     Harness("forge_toml", run_config, (ForgeError,),
-            seeded(_read("examples/**/forge.toml", "tests/error_cases/*/forge.toml"), text(toml_text()))),
+            seeded(_read("examples/**/forge.toml", "tests/error_cases/*/forge.toml"),
+                   text(toml_text()))),
     Harness("forge_lock", run_lock, (ForgeError,), seeded([], json_bytes(_LOCK))),
     Harness("query", run_query, (ForgeError, _query_error()),
             seeded([b"deps(//:a, 1) - kind('source file', //...)", b"somepath(//:a, //p:c)",

@@ -88,7 +88,8 @@ def run_pull(data: bytes, tmp: Path) -> None:
     _SERVED.clear()
     _SERVED["/v2/"] = (200, {}, b"{}")
     _SERVED["/v2/a/manifests/1"] = (200, {"Content-Type": kind}, top)
-    _SERVED[f"/v2/a/manifests/{_sha(manifest)}"] = (200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, manifest)
+    _SERVED[f"/v2/a/manifests/{_sha(manifest)}"] = (
+        200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, manifest)
     for blob in (config, layer):
         _SERVED[f"/v2/a/blobs/{_sha(blob)}"] = (200, {}, blob)
     _puller().pull(f"127.0.0.1:{port}/a:1", tmp / "out")

@@ -48,12 +48,18 @@ def assembly_doc(draw) -> bytes:
 
 def run_assembly(data: bytes, tmp: Path) -> None:
     from forge.formats.linuxkit import assembly, runtime
-    files = [(f"a{i}.yml", part.decode("utf-8", "replace")) for i, part in enumerate(data.split(b"\0\0"))]
+    files = [(f"a{i}.yml", part.decode("utf-8", "replace"))
+             for i, part in enumerate(data.split(b"\0\0"))]
     asm = assembly.load(files)
     ids = assembly.allocate_ids(asm)
     assembly.image_refs(asm)
     for entry in asm.entries():
         runtime.runtime_config(entry, {"config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]}}, None, ids)
+
+
+def _label_spec() -> dict:
+    from forge.formats.linuxkit.assembly import IMAGE_KEYS
+    return {k: v for k, v in IMAGE_KEYS.items() if k not in ("name", "image")}
 
 
 def _label_case(data: bytes, tmp: Path) -> None:
@@ -73,7 +79,8 @@ _INSTRUCTIONS = ["FROM", "RUN", "COPY", "ADD", "ARG", "ENV", "WORKDIR", "USER", 
                  "ONBUILD", "MAINTAINER", "NOSUCH", "# syntax=docker/dockerfile:1", "# escape=`"]
 _ARGS = st.sampled_from([
     "debian AS build", "scratch", "${BASE:-debian}", "$X", "build", "--from=build /a /b",
-    "--from=0 /out/ /", "--chmod=755 a b", "--chown=1:1 a /", "--link a b", "--mount=type=cache,target=/c x",
+    "--from=0 /out/ /", "--chmod=755 a b", "--chown=1:1 a /", "--link a b",
+    "--mount=type=cache,target=/c x",
     '["sh", "-c", "x"]', '["unclosed', "<<EOF\nhello\nEOF", "<<-'E' a\n\tx\nE", "A=1 B=\"2 3\"",
     "A", "A=", "${A:?err}", "${A/x/y}", "${}", "$", "\\", "a \\\n b", "--interval=1s CMD x",
     "NONE", "--platform=$BUILDPLATFORM debian", "http://example.invalid/x.tgz /x", "/a/b/",
@@ -207,20 +214,21 @@ _ERROR_BODY = json_bytes(st.one_of(st.fixed_dictionaries({"errors": st.one_of(
 HARNESSES = [
     Harness("linuxkit_yaml", run_assembly, (AssemblyError,),
             seeded(_read("examples/**/*.yml", "tests/formats/linuxkit/assembly_cases/**/*.yml"),
-                   assembly_doc()), files=False),
+                   assembly_doc()), examples=80, files=False),
     Harness("linuxkit_label", _label_case, (AssemblyError,),
             seeded(_read("tests/formats/linuxkit/assembly_cases/*.json"),
-                   st.one_of(json_bytes(for_spec({k: v for k, v in __import__(
-                       "forge.formats.linuxkit.assembly", fromlist=["x"]).IMAGE_KEYS.items()
-                       if k not in ("name", "image")})), assembly_doc())), files=False),
+                   st.one_of(json_bytes(for_spec(_label_spec())), assembly_doc())),
+            examples=80, files=False),
     Harness("dockerfile", run_dockerfile, (DockerfileError,),
             seeded(_read("examples/**/Dockerfile"), text(dockerfile_text())), files=False),
     Harness("dockerignore", run_ignore, (DockerfileError,),
-            seeded([b"*\n!keep\n# c\n**/*.pyc\n"], text(st.lists(_IGNORE_LINES, max_size=6).map("\n".join))), files=False),
+            seeded([b"*\n!keep\n# c\n**/*.pyc\n"],
+                   text(st.lists(_IGNORE_LINES, max_size=6).map("\n".join))), files=False),
     Harness("registry_auth", run_auth, (RegistryError,),
             seeded([b'Bearer realm="http://127.0.0.1:1/token",service="r",scope="repository:a:pull"'
                     b'\0{"token": "abc"}\0{}'], auth_input())),
     Harness("registry_error_body", run_error_body, (),
             seeded([b'\x05{"errors": [{"code": "NAME_UNKNOWN", "message": "no"}]}'],
-                   st.tuples(st.binary(min_size=1, max_size=1), _ERROR_BODY).map(b"".join)), files=False),
+                   st.tuples(st.binary(min_size=1, max_size=1), _ERROR_BODY).map(b"".join)),
+            files=False),
 ]

@@ -149,8 +149,8 @@ def download(mirror: str, entry: dict[str, str], dest: str | os.PathLike, *,
     except (KeyError, ValueError) as e:
         what = (f"no {e.args[0]} field" if isinstance(e, KeyError)
                 else f"a Size that is not a number ({entry['Size']!r})")
-        raise DebError(f"the index entry of package {entry.get('Package')!r} of mirror {mirror} has "
-                       f"{what}: the Packages index is malformed") from None
+        raise DebError(f"the index entry of package {entry.get('Package')!r} of mirror {mirror} "
+                       f"has {what}: the Packages index is malformed") from None
     url = f"{mirror.rstrip('/')}/{filename.lstrip('/')}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")

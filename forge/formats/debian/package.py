@@ -51,7 +51,8 @@ def read_ar(fileobj: BinaryIO) -> list[ArMember]:
         size = _decimal(head[48:58], f"the size of ar member {name!r} at offset {pos}")
         data = pos + 60
         if name.startswith("#1/"):  # BSD ar: the name leads the data
-            n = _decimal(name[3:].encode(), f"the name length of ar member {name!r} at offset {pos}")
+            n = _decimal(name[3:].encode(),
+                         f"the name length of ar member {name!r} at offset {pos}")
             if n > size:
                 raise DebError(f"corrupt ar member header at offset {pos}: its name ({n} bytes) "
                                f"is longer than the member ({size} bytes)")

@@ -226,8 +226,8 @@ def _candidates(layout: Path, index: dict, depth: int = 0) -> list[tuple[dict, d
         elif d.get("mediaType") in MANIFEST_TYPES:
             p = d.get("platform")
             if not p:  # single-platform layouts often omit it: the config knows
-                cfg = load_json(layout, load_json(layout, d["digest"], "manifest")["config"]["digest"],
-                                "config")
+                manifest = load_json(layout, d["digest"], "manifest")
+                cfg = load_json(layout, manifest["config"]["digest"], "config")
                 p = {k: cfg[k] for k in ("os", "architecture", "variant") if cfg.get(k)}
             out.append((d, p))
     return out
@@ -335,7 +335,8 @@ def verify_layout(layout: Path) -> list[str]:
     def manifest(digest: str) -> None:
         m = load_json(layout, digest, "manifest")
         _check_blob(layout, m["config"])
-        diff_ids = load_json(layout, m["config"]["digest"], "config").get("rootfs", {}).get("diff_ids", [])
+        config = load_json(layout, m["config"]["digest"], "config")
+        diff_ids = config.get("rootfs", {}).get("diff_ids", [])
         if len(diff_ids) != len(m.get("layers", [])):
             raise LayoutError(f"{layout}: manifest {digest} has {len(m.get('layers', []))} "
                               f"layers but its config lists {len(diff_ids)} diff_ids")

@@ -121,7 +121,8 @@ def _descriptors(items, what: str, need) -> None:
         size = d.get("size")
         need(isinstance(size, int) and not isinstance(size, bool) and size >= 0,
              f"a descriptor of {what} has the size {size!r}")
-        need(isinstance(d.get("mediaType", ""), str), f"a descriptor of {what} has a non-string mediaType")
+        need(isinstance(d.get("mediaType", ""), str),
+             f"a descriptor of {what} has a non-string mediaType")
         platform = d.get("platform") or {}
         need(isinstance(platform, dict) and all(isinstance(platform.get(k, ""), str)
                                                 for k in ("os", "architecture", "variant")),

@@ -96,7 +96,8 @@ def _check_config(cfg, path: Path) -> None:
     for name, entry in (cfg.get("auths") or {}).items():
         if isinstance(entry, dict):
             for field in ("auth", "username", "password", "identitytoken"):
-                need(isinstance(entry.get(field) or "", str), f"'{field}' of {name} is not a string")
+                need(isinstance(entry.get(field) or "", str),
+                     f"'{field}' of {name} is not a string")
 
 
 class Authenticator:

@@ -200,8 +200,9 @@ class Puller:
             self._fetch_blob(ep, ref, config, tmp, tracker)
             config_path = blob_path(tmp, config["digest"])
             try:
-                diff_ids = _check_shape(json.loads(config_path.read_bytes()), "config",
-                                        f"config {config['digest']} of {what}")["rootfs"]["diff_ids"]
+                doc = _check_shape(json.loads(config_path.read_bytes()), "config",
+                                   f"config {config['digest']} of {what}")
+                diff_ids = doc["rootfs"]["diff_ids"]
             except (ValueError, KeyError, TypeError):
                 raise VerificationError(f"config {config['digest']} of {what} has no "
                                         "rootfs.diff_ids") from None
