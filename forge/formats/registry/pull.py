@@ -182,7 +182,8 @@ class Puller:
             config, layers = doc["config"], list(doc.get("layers") or [])
             for d in [config, *layers]:
                 _split(d["digest"])
-                int(d["size"])
+                if not isinstance(d["size"], int) or isinstance(d["size"], bool) or d["size"] < 0:
+                    raise ValueError(d["size"])  # "3" passed int() and broke the sums below
         except (KeyError, TypeError, ValueError):
             raise VerificationError(f"{what} from {ep.host} lacks a valid config or layer "
                                     "descriptor") from None
