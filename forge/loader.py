@@ -153,6 +153,10 @@ class Loader:
             text = path.read_text()
         except OSError as e:
             raise LoadError(f"cannot read {display}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise LoadError(f"{display} is not UTF-8 text: byte {e.object[e.start]:#04x} at "
+                            f"offset {e.start}", location=Location(display, _line_at(e), 0),
+                            hint="Starlark files are UTF-8; re-save it in that encoding") from None
         self.remember(path)
         m = module or self._module()
         self._pending = None
@@ -269,6 +273,10 @@ class Loader:
                 elif e.name not in ("BUILD", "BUILD.forge"):
                     out.append(Path(e.path).relative_to(base).as_posix())
         return out
+
+
+def _line_at(e: UnicodeDecodeError) -> int:
+    return e.object.count(b"\n", 0, e.start) + 1
 
 
 def _parse_error(msg: str, loc: Location) -> tuple[str, str | None]:

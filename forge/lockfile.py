@@ -43,6 +43,15 @@ class Lockfile:
             except (ValueError, AttributeError, TypeError) as e:
                 raise LoadError(f"{LOCK_NAME} is not valid: {e}", location=Location(LOCK_NAME),
                                 hint="delete it and run forge lock to write it again") from None
+            # A pin is a digest or a version that rules use as text: anything else is a
+            # hand edit gone wrong, found here rather than deep inside a rule.
+            for kind, pins in self.pins.items():
+                for key, value in pins.items():
+                    if not all(isinstance(x, str) for x in (kind, key, value)):
+                        raise LoadError(f"{LOCK_NAME} is not valid: the pin {kind}/{key} is "
+                                        f"{json.dumps(value)}, not a string",
+                                        location=Location(LOCK_NAME),
+                                        hint="delete it and run forge lock to write it again")
 
     def get(self, kind: str, key: str) -> str:
         pinned = self.pins.get(kind, {}).get(key)

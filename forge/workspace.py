@@ -123,6 +123,10 @@ def load_config(path: Path, display: str | None = None) -> dict:
     display = display or str(path)
     try:
         data = tomllib.loads(path.read_text())
+    except UnicodeDecodeError as e:
+        raise LoadError(f"{CONFIG_NAME} is not UTF-8 text (TOML must be): byte "
+                        f"{e.object[e.start]:#04x} at offset {e.start}",
+                        location=Location(display, e.object.count(b"\n", 0, e.start) + 1)) from None
     except tomllib.TOMLDecodeError as e:
         line, col = getattr(e, "lineno", 0), getattr(e, "colno", 0)
         msg = str(e).split(" (at line")[0]

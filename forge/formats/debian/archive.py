@@ -132,6 +132,10 @@ def depends(entry: dict[str, str], field: str = "Depends") -> list[list[str]]:
 def resolve(packages: list[dict[str, str]], name: str, version: str | None = None) -> dict[str, str]:
     """The index entry of `name` at `version`, or at its newest version."""
     found = [p for p in packages if p.get("Package") == name]
+    for p in found:
+        if not p.get("Version"):
+            raise DebError(f"the index entry of package {name!r} has no Version field: the "
+                           "Packages index is malformed")
     if not found:
         close = get_close_matches(name, sorted({p.get("Package", "") for p in packages}), n=5)
         raise DebError(f"no package {name!r} in the index"
@@ -150,8 +154,14 @@ def download(mirror: str, entry: dict[str, str], dest: str | os.PathLike, *,
     """Fetch `entry`'s file to `dest`, checked against its SHA256 and Size; `dest`
     appears only complete and verified. Without `fetch`, a cut download is resumed."""
     dest = Path(dest)
-    want, size = entry["SHA256"].lower(), int(entry["Size"])
-    url = f"{mirror.rstrip('/')}/{entry['Filename'].lstrip('/')}"
+    try:
+        want, size, filename = entry["SHA256"].lower(), int(entry["Size"]), entry["Filename"]
+    except (KeyError, ValueError) as e:
+        what = (f"no {e.args[0]} field" if isinstance(e, KeyError)
+                else f"a Size that is not a number ({entry['Size']!r})")
+        raise DebError(f"the index entry of package {entry.get('Package')!r} of mirror {mirror} "
+                       f"has {what}: the Packages index is malformed") from None
+    url = f"{mirror.rstrip('/')}/{filename.lstrip('/')}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:

@@ -11,10 +11,13 @@ define, even where dpkg-deb 1.21 stops after the first zstd frame.
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -48,13 +51,29 @@ def read_ar(fileobj: BinaryIO) -> list[ArMember]:
         if len(head) < 60 or head[58:60] != b"`\n":
             raise DebError(f"corrupt ar member header at offset {pos}")
         name = head[:16].decode("ascii", "replace").rstrip()
-        size = int(head[48:58].decode("ascii").strip() or 0)
+        size = _decimal(head[48:58], f"the size of ar member {name!r} at offset {pos}")
         data = pos + 60
         if name.startswith("#1/"):  # BSD ar: the name leads the data
-            n = int(name[3:])
-            name, data, size = fileobj.read(n).rstrip(b"\0").decode(), data + n, size - n
+            n = _decimal(name[3:].encode(),
+                         f"the name length of ar member {name!r} at offset {pos}")
+            if n > size:
+                raise DebError(f"corrupt ar member header at offset {pos}: its name ({n} bytes) "
+                               f"is longer than the member ({size} bytes)")
+            name = fileobj.read(n).rstrip(b"\0").decode("utf-8", "replace")
+            data, size = data + n, size - n
         out.append(ArMember(name.rstrip("/"), data, size))  # GNU ar ends names with "/"
         pos = data + size + ((data + size) & 1)
+
+
+def _decimal(field: bytes, what: str) -> int:
+    # Digits only: int() would take "-60", and a negative size walks back to the same
+    # header forever.
+    text = field.strip()
+    if not text:
+        return 0
+    if not (text.isascii() and text.isdigit()):
+        raise DebError(f"corrupt ar member header: {what} is {text!r}, not a decimal number")
+    return int(text)
 
 
 class _Section:
@@ -81,13 +100,53 @@ class _Section:
         return data
 
 
+# What a cut-short or corrupt member tar raises from below tarfile (the decompressors).
+_CORRUPT = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
+
+
 class _OwningTarFile(tarfile.TarFile):
     _owned: list = []  # the streams below: closed too, so a plain `with` works
+    _what = "the package"
 
     def close(self) -> None:
         super().close()
         for f in self._owned:
             f.close()
+
+    # A corrupt member tar is a DebError wherever it shows: opening, listing or reading.
+    def next(self):
+        try:
+            return super().next()
+        except _CORRUPT as e:
+            raise _corrupt(self._what, e) from None
+
+    def extractfile(self, member):
+        f = super().extractfile(member)
+        return None if f is None else _CheckedReader(f, self._what)
+
+
+class _CheckedReader:
+    def __init__(self, f, what: str):
+        self._f, self._what = f, what
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._f.read(n)
+        except _CORRUPT as e:
+            raise _corrupt(self._what, e) from None
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def _corrupt(what: str, e: BaseException) -> DebError:
+    return DebError(f"{what} is corrupt: {e or type(e).__name__}")
 
 
 _DECODED = {".gz": "gzip", ".zst": "zstd"}  # by forge.formats.common.compression
@@ -119,7 +178,12 @@ def _open_member_tar(deb_path: str | os.PathLike, prefix: str) -> tarfile.TarFil
             stream.seek(0)
         if ext not in _TAR_MODES:
             raise DebError(f"{deb_path}: unknown compression of member {m.name}")
-        tf = _OwningTarFile.open(fileobj=stream, mode=_TAR_MODES[ext])
+        what = f"member {m.name} of {deb_path}"
+        try:
+            tf = _OwningTarFile.open(fileobj=stream, mode=_TAR_MODES[ext])
+        except _CORRUPT as e:
+            raise _corrupt(what, e) from None
+        tf._what = what
     except BaseException:
         for f in owned:
             f.close()

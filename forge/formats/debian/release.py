@@ -59,6 +59,10 @@ def parse(text: str, where: str = "Release") -> tuple[dict, dict]:
     if "SHA256" not in fields:
         raise E.DebError(f"{where} has no SHA256 section")
     rows = [line.split() for line in fields["SHA256"].splitlines()]
+    bad = [w for w in rows if len(w) == 3 and not (w[1].isascii() and w[1].isdigit())]
+    if bad:
+        raise E.DebError(f"{where}: the SHA256 line of {bad[0][2]} has the size {bad[0][1]!r}, "
+                         "not a number")
     return fields, {w[2]: (w[0].lower(), int(w[1])) for w in rows if len(w) == 3}
 
 

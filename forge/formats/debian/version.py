@@ -18,14 +18,14 @@ def _order(c: str) -> int:
 
 def _compare_part(a: str, b: str) -> int:
     while a or b:
-        na, nb = re.match(r"\D*", a).group(), re.match(r"\D*", b).group()
+        na, nb = re.match(r"[^0-9]*", a).group(), re.match(r"[^0-9]*", b).group()
         for k in range(max(len(na), len(nb))):
             oa = _order(na[k]) if k < len(na) else 0
             ob = _order(nb[k]) if k < len(nb) else 0
             if oa != ob:
                 return -1 if oa < ob else 1
         a, b = a[len(na):], b[len(nb):]
-        da, db = re.match(r"\d*", a).group(), re.match(r"\d*", b).group()
+        da, db = re.match(r"[0-9]*", a).group(), re.match(r"[0-9]*", b).group()
         if int(da or 0) != int(db or 0):
             return -1 if int(da or 0) < int(db or 0) else 1
         a, b = a[len(da):], b[len(db):]
@@ -35,7 +35,7 @@ def _compare_part(a: str, b: str) -> int:
 def _split_version(v: str) -> tuple[int, str, str]:
     epoch, _, rest = v.strip().partition(":") if ":" in v else ("0", "", v.strip())
     upstream, _, revision = rest.rpartition("-") if "-" in rest else (rest, "", "")
-    if not epoch.isdigit() or not upstream:
+    if not (epoch.isascii() and epoch.isdigit()) or not upstream:  # int() takes "²"
         raise DebError(f"not a Debian version: {v!r}")
     return int(epoch), upstream, revision
 

@@ -24,6 +24,8 @@ import posixpath
 import re
 from typing import Iterable
 
+from forge.formats.dockerfile.errors import DockerfileError
+
 
 def _clean(path: str) -> str:
     """Go's filepath.Clean for slash-separated paths."""
@@ -84,8 +86,9 @@ class DockerIgnore:
                     line = line[1:]
             try:
                 self._compiled.append((exception, _compile(line)))
-            except ValueError as e:
-                raise ValueError(f".dockerignore:{n}: {e}") from None
+            except (ValueError, re.error) as e:  # re.error: a class like [z-a]
+                raise DockerfileError(f"bad pattern {line!r}: {e}" if isinstance(e, re.error)
+                                      else str(e), n, 1, ".dockerignore") from None
             self.patterns.append((exception, line))
 
     def matches(self, path: str) -> bool:

@@ -190,6 +190,9 @@ def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
 def _instruction(ll: lex.LogicalLine, esc: str, filename: str, base: int = 0) -> Instruction:
     text = ll.text
     m = re.compile(r"\s*(\S+)").match(text, base)
+    if m is None:  # only an ONBUILD's flags, no trigger after them
+        line, col = ll.pos(base)
+        raise DockerfileError("ONBUILD needs an instruction after it", line, col, filename)
     word, start = m[1], m.start(1)
 
     def fail(message: str, offset: int = start):

@@ -29,7 +29,7 @@ from forge.formats.image.layout import (add_blob, blob_path, descriptor_dict, ha
                                         store_stream, write_index, write_index_document)
 from forge.formats.image.spec import (IMAGE_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_NESTING,
                                       OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD,
-                                      OCI_MANIFEST, REF_NAME, Descriptor)
+                                      OCI_MANIFEST, REF_NAME, Descriptor, check_document)
 
 _CHUNK = 1 << 20
 
@@ -63,12 +63,28 @@ def _read_member(tf: tarfile.TarFile, members: dict, name: str, archive) -> Bina
     return f
 
 
+def _json(tf, members, name: str, archive):
+    return _parse(_read_member(tf, members, name, archive).read(), f"{archive}: {name}")
+
+
+def _parse(data: bytes, where: str):
+    try:
+        return json.loads(data)
+    except ValueError as e:  # UnicodeDecodeError too
+        raise LayoutError(f"{where} is not JSON: {e}") from None
+
+
+def _strings(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
 def _import_oci(tf, members, layout: Path, archive) -> Descriptor:
     for name, m in sorted(members.items()):
         parts = name.split("/")
         if len(parts) == 3 and parts[0] == "blobs" and m.isfile():
             store_stream(layout, tf.extractfile(m), expect=f"{parts[1]}:{parts[2]}")
-    index = json.load(_read_member(tf, members, "index.json", archive))
+    index = check_document(_json(tf, members, "index.json", archive), "index",
+                           f"{archive}: index.json")
     if not index.get("manifests"):
         raise LayoutError(f"{archive}: index.json lists no manifests")
     for d in index["manifests"]:
@@ -79,13 +95,20 @@ def _import_oci(tf, members, layout: Path, archive) -> Descriptor:
 
 
 def _import_docker(tf, members, layout: Path, archive) -> Descriptor:
-    entries = json.load(_read_member(tf, members, "manifest.json", archive))
+    entries = _json(tf, members, "manifest.json", archive)
     if not isinstance(entries, list) or not entries:
         raise LayoutError(f"{archive}: manifest.json lists no images")
+    for entry in entries:  # the shape `docker save` writes
+        if not (isinstance(entry, dict) and isinstance(entry.get("Config"), str)
+                and _strings(entry.get("Layers")) and _strings(entry.get("RepoTags") or [])):
+            raise LayoutError(f"{archive}: manifest.json holds {json.dumps(entry)[:200]}, not an "
+                              "image entry (Config: a member name, Layers and RepoTags: lists of "
+                              "names)")
     descs = []
     for entry in entries:
         config_bytes = _read_member(tf, members, entry["Config"], archive).read()
-        config = json.loads(config_bytes)
+        config = check_document(_parse(config_bytes, f"{archive}: {entry['Config']}"), "config",
+                                f"{archive}: {entry['Config']}")
         diff_ids = config.get("rootfs", {}).get("diff_ids", [])
         if len(diff_ids) != len(entry["Layers"]):
             raise LayoutError(f"{archive}: {len(entry['Layers'])} layers but the config "

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
 import os
 import shutil
 import stat
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
@@ -70,6 +72,11 @@ def layer_name(src: Source) -> str:
     return str(getattr(src, "name", "(a stream)"))
 
 
+# What a corrupt or cut-short layer raises from below tarfile: the gzip decoder (a bad
+# header or CRC, a bad deflate stream) and the end of the data.
+_CORRUPT = (tarfile.TarError, CompressionError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
 @contextlib.contextmanager
 def naming_layer(src: Source):
     """Errors while reading the layer `src` say which layer it is (one image has many)."""
@@ -77,9 +84,22 @@ def naming_layer(src: Source):
         yield
     except UnsafePathError as e:
         raise UnsafeLayerError(f"layer {layer_name(src)}: {e}") from None
-    except (tarfile.TarError, CompressionError, EOFError) as e:
+    except _CORRUPT as e:
         raise LayerError(f"layer {layer_name(src)} is not a tar archive forge can read: "
                          f"{e or type(e).__name__}") from None
+    except ValueError as e:
+        if not _raised_in_tarfile(e):
+            raise
+        # tarfile reads a PAX header's numbers with a bare int() (size=abc, a sparse map)
+        raise LayerError(f"layer {layer_name(src)} has a PAX header tarfile cannot read: "
+                         f"{e}") from None
+
+
+def _raised_in_tarfile(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename == tarfile.__file__
 
 
 def _open_source(src: Source) -> tuple[BinaryIO, bool]:
@@ -131,7 +151,7 @@ class Extractor:
     def layer(self, src: Source) -> None:
         f, owned = _open_source(src)
         try:
-            with tarfile.open(fileobj=open_decompressed(f), mode="r|") as tf:
+            with naming_layer(src), tarfile.open(fileobj=open_decompressed(f), mode="r|") as tf:
                 self._members(tf)
         finally:
             if owned:
@@ -205,7 +225,10 @@ class Extractor:
             self._mkparents(parent, member)
             self._clear(parent, written)
         elif not base.startswith(OPAQUE_WHITEOUT[:8]):  # other .wh..wh.* are aufs bookkeeping
-            rel = f"{parent}/{base[len(WHITEOUT_PREFIX):]}" if parent else base[len(WHITEOUT_PREFIX):]
+            name = base[len(WHITEOUT_PREFIX):]
+            if name in ("", ".", ".."):  # `.wh...` would delete dest/.. itself
+                raise UnsafeLayerError(f"{member!r}: a whiteout must name an entry, not {name!r}")
+            rel = f"{parent}/{name}" if parent else name
             if rel not in written:
                 self._remove(rel)
 
@@ -230,6 +253,8 @@ class Extractor:
             if not os.path.isdir(p):
                 os.mkdir(p, 0o700)
         elif m.issym():
+            if not m.linkname:  # no filesystem can hold one
+                raise UnsafeLayerError(f"{m.name!r}: a symlink with an empty target")
             os.symlink(m.linkname, p)
         elif m.isfifo():
             os.mkfifo(p, 0o600)
@@ -296,9 +321,8 @@ def apply_layers(layer_paths: Iterable[Source], dest: Path, *, strip_devices: bo
     `include(path)` (resolved, root-relative) limits what is written; the caller must
     admit the ancestors of what it wants (see `resolve_paths`)."""
     skipped: list[str] = []
-    for layer in layer_paths:
-        with naming_layer(layer):
-            skipped += safe_extract(layer, dest, strip_devices=strip_devices, include=include)
+    for layer in layer_paths:  # safe_extract names the layer in its errors
+        skipped += safe_extract(layer, dest, strip_devices=strip_devices, include=include)
     return skipped
 
 

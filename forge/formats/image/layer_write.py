@@ -102,26 +102,30 @@ def normalise(in_fileobj: Source, out_fileobj: BinaryIO, *, mtime: int,
     """Rewrite a layer reproducibly (see the module docstring); whiteouts are kept."""
     keep: list = []
     try:
-        tf = open_random(in_fileobj, keep)
-        entries: dict[str, _Entry] = {}
-        for m in tf:
-            name = "/".join(treepath.parts(m.name, m.name))
-            if not name:
-                continue
-            e = _Entry(_clean_info(m, mtime))
-            if m.isreg():
-                e.data = _tar_data(tf, m)
-            elif m.islnk():
-                target = entries.get("/".join(treepath.parts(m.linkname, m.name)))
-                if target is not None and target.data is not None:
-                    e = _Entry(_clean_info(target.info, mtime), target.data)
-                else:  # links to a lower layer's file: keep as a link
-                    e.info.linkname = "/".join(treepath.parts(m.linkname, m.name))
-            entries[name] = e
-        return _write_tar(entries, out_fileobj, compress=compress)
+        with naming_layer(in_fileobj):
+            return _normalise(open_random(in_fileobj, keep), out_fileobj, mtime, compress)
     finally:
         for obj in reversed(keep):
             obj.close()
+
+
+def _normalise(tf: tarfile.TarFile, out_fileobj: BinaryIO, mtime: int, compress: bool) -> LayerInfo:
+    entries: dict[str, _Entry] = {}
+    for m in tf:
+        name = "/".join(treepath.parts(m.name, m.name))
+        if not name:
+            continue
+        e = _Entry(_clean_info(m, mtime))
+        if m.isreg():
+            e.data = _tar_data(tf, m)
+        elif m.islnk():
+            target = entries.get("/".join(treepath.parts(m.linkname, m.name)))
+            if target is not None and target.data is not None:
+                e = _Entry(_clean_info(target.info, mtime), target.data)
+            else:  # links to a lower layer's file: keep as a link
+                e.info.linkname = "/".join(treepath.parts(m.linkname, m.name))
+        entries[name] = e
+    return _write_tar(entries, out_fileobj, compress=compress)
 
 
 class _Merger:

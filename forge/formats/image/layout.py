@@ -33,6 +33,7 @@ from forge.formats.common.files import atomic_write, canonical_json
 from forge.formats.image.errors import LayoutError
 from forge.formats.image.spec import (INDEX_TYPES, LAYOUT_VERSION, MANIFEST_TYPES, MAX_NESTING,
                                       OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, REF_NAME, Descriptor,
+                                      check_document,
                                       digest_of, parse_platform, platform_dict, platform_matches,
                                       platform_str, split_digest)
 
@@ -117,20 +118,25 @@ def add_blob(layout: Path, data: bytes | Path,
     return Descriptor(media_type, f"sha256:{hexd}", size)
 
 
-def load_json(layout: Path, digest: str) -> dict:
+def load_json(layout: Path, digest: str, kind: str | None = None) -> dict:
+    """A JSON blob; with `kind` ("index", "manifest", "config"), checked to have its shape."""
     try:
-        return json.loads(blob_path(layout, digest).read_bytes())
+        doc = json.loads(blob_path(layout, digest).read_bytes())
     except FileNotFoundError:
         raise LayoutError(f"{layout}: blob {digest} is missing") from None
-    except ValueError as e:
+    except ValueError as e:  # UnicodeDecodeError too
         raise LayoutError(f"{layout}: blob {digest} is not JSON: {e}") from None
+    return check_document(doc, kind, f"{layout}: blob {digest}") if kind else doc
 
 
 def load_index(layout: Path) -> dict:
     try:
-        return json.loads((Path(layout) / "index.json").read_bytes())
+        doc = json.loads((Path(layout) / "index.json").read_bytes())
     except FileNotFoundError:
         raise LayoutError(f"{layout} is not an OCI image layout: no index.json") from None
+    except ValueError as e:
+        raise LayoutError(f"{layout}/index.json is not JSON: {e}") from None
+    return check_document(doc, "index", f"{layout}/index.json")
 
 
 def put_blob(layout: Path, digest: str, data: bytes) -> None:
@@ -216,11 +222,12 @@ def _candidates(layout: Path, index: dict, depth: int = 0) -> list[tuple[dict, d
     out = []
     for d in index.get("manifests", []):
         if d.get("mediaType") in INDEX_TYPES:
-            out += _candidates(layout, load_json(layout, d["digest"]), depth + 1)
+            out += _candidates(layout, load_json(layout, d["digest"], "index"), depth + 1)
         elif d.get("mediaType") in MANIFEST_TYPES:
             p = d.get("platform")
             if not p:  # single-platform layouts often omit it: the config knows
-                cfg = load_json(layout, load_json(layout, d["digest"])["config"]["digest"])
+                manifest = load_json(layout, d["digest"], "manifest")
+                cfg = load_json(layout, manifest["config"]["digest"], "config")
                 p = {k: cfg[k] for k in ("os", "architecture", "variant") if cfg.get(k)}
             out.append((d, p))
     return out
@@ -241,8 +248,8 @@ def read_image(layout: Path, platform: str | None = "linux/amd64") -> Image:
         have = ", ".join(sorted({platform_str(p) for _, p in cands})) or "none"
         raise LayoutError(f"{layout} has no image for platform {platform}; available: {have}")
     desc = chosen[0][0]
-    manifest = load_json(layout, desc["digest"])
-    config = load_json(layout, manifest["config"]["digest"])
+    manifest = load_json(layout, desc["digest"], "manifest")
+    config = load_json(layout, manifest["config"]["digest"], "config")
     layers = [(d, blob_path(layout, d["digest"])) for d in manifest.get("layers", [])]
     return Image(layout, index, manifest, desc["digest"], config, manifest["config"]["digest"],
                  layers)
@@ -316,14 +323,15 @@ def verify_layout(layout: Path) -> None:
             seen.add(d["digest"])
             _check_blob(layout, d)
             if d.get("mediaType") in INDEX_TYPES:
-                walk(load_json(layout, d["digest"]), depth + 1)
+                walk(load_json(layout, d["digest"], "index"), depth + 1)
             elif d.get("mediaType") in MANIFEST_TYPES:
                 manifest(d["digest"])
 
     def manifest(digest: str) -> None:
-        m = load_json(layout, digest)
+        m = load_json(layout, digest, "manifest")
         _check_blob(layout, m["config"])
-        diff_ids = load_json(layout, m["config"]["digest"]).get("rootfs", {}).get("diff_ids", [])
+        config = load_json(layout, m["config"]["digest"], "config")
+        diff_ids = config.get("rootfs", {}).get("diff_ids", [])
         if len(diff_ids) != len(m.get("layers", [])):
             raise LayoutError(f"{layout}: manifest {digest} has {len(m.get('layers', []))} "
                               f"layers but its config lists {len(diff_ids)} diff_ids")

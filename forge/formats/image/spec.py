@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from forge.formats.image.errors import InvalidDigestError
+from forge.formats.image.errors import InvalidDigestError, LayoutError
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -79,6 +79,56 @@ class Descriptor:
     @classmethod
     def from_dict(cls, d: dict) -> "Descriptor":
         return cls(d["mediaType"], d["digest"], d["size"], d.get("platform"), d.get("annotations"))
+
+
+# ---- the shapes of documents read from layouts and registries ------------------------
+# Checked where a document is read, so that the code using it may index it freely and a
+# hostile or broken one is a LayoutError naming it, not a KeyError deep inside.
+
+def check_document(doc, kind: str, where: str):
+    """`doc` if it has the shape of an OCI `kind` ("index", "manifest", "config");
+    else a LayoutError saying what is wrong, in `where`."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise LayoutError(f"{where}: not a valid image {kind}: {what}")
+
+    need(isinstance(doc, dict), f"a JSON object was expected, got {type(doc).__name__}")
+    if kind == "index":
+        _descriptors(doc.get("manifests", []), "'manifests'", need)
+    elif kind == "manifest":
+        _descriptors([doc.get("config")], "'config'", need)
+        _descriptors(doc.get("layers", []), "'layers'", need)
+    else:
+        for key in ("os", "architecture", "variant"):
+            need(isinstance(doc.get(key, ""), str), f"'{key}' must be a string")
+        need(isinstance(doc.get("config") or {}, dict), "'config' must be an object")
+        rootfs = doc.get("rootfs", {})
+        need(isinstance(rootfs, dict), "'rootfs' must be an object")
+        ids = rootfs.get("diff_ids", [])
+        need(isinstance(ids, list) and all(isinstance(x, str) for x in ids),
+             "'rootfs.diff_ids' must be a list of digests")
+    return doc
+
+
+def _descriptors(items, what: str, need) -> None:
+    need(isinstance(items, list), f"{what} must be a list")
+    for d in items:
+        need(isinstance(d, dict), f"{what} holds {d!r}, not a descriptor object")
+        try:
+            split_digest(d.get("digest"))
+        except InvalidDigestError as e:
+            need(False, f"a descriptor of {what} has an {e}")
+        size = d.get("size")
+        need(isinstance(size, int) and not isinstance(size, bool) and size >= 0,
+             f"a descriptor of {what} has the size {size!r}")
+        need(isinstance(d.get("mediaType", ""), str),
+             f"a descriptor of {what} has a non-string mediaType")
+        platform = d.get("platform") or {}
+        need(isinstance(platform, dict) and all(isinstance(platform.get(k, ""), str)
+                                                for k in ("os", "architecture", "variant")),
+             f"a descriptor of {what} has the platform {platform!r}")
+        need(isinstance(d.get("annotations") or {}, dict),
+             f"a descriptor of {what} has annotations that are not an object")
 
 
 @dataclass(frozen=True)

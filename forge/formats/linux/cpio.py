@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from forge.formats.common.compression import open_decompressed, zstd_compressor
+from forge.formats.image.layer_read import naming_layer
+from forge.formats.linux.errors import CpioError
 
 MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
@@ -84,7 +86,7 @@ class _Group:  # a regular file with several names: its data waits for the last 
 def _clean(path: str | os.PathLike, root_ok: bool = True) -> str:
     parts = [p for p in os.fspath(path).split("/") if p not in ("", ".")]
     if ".." in parts or not (parts or root_ok):
-        raise ValueError(f"{path!r}: not a path below the root")
+        raise CpioError(f"{path!r}: not a path below the root")
     return "/".join(parts)
 
 
@@ -143,10 +145,10 @@ class CpioWriter:
     def add_hardlink(self, path, target) -> None:
         name, group = _clean(path, False), self._groups.get(_clean(target))
         if group is None:
-            raise ValueError(f"hardlink {name!r}: {target!r} was not added with "
+            raise CpioError(f"hardlink {name!r}: {target!r} was not added with "
                              f"add_file(..., nlink=N) (newc needs the count up front)")
         if group.names >= group.nlink:
-            raise ValueError(f"hardlink {name!r}: {target!r} already has the "
+            raise CpioError(f"hardlink {name!r}: {target!r} already has the "
                              f"{group.nlink} names declared")
         group.names += 1
         self._groups[name] = group
@@ -158,7 +160,7 @@ class CpioWriter:
     def add_symlink(self, path, target: str, uid: int = 0, gid: int = 0) -> None:
         data = os.fsencode(target)
         if not data:
-            raise ValueError(f"symlink {path!r}: empty target")
+            raise CpioError(f"symlink {path!r}: empty target")
         self._entry(_clean(path, False), stat.S_IFLNK | 0o777, uid, gid, size=len(data),
                     body=data)
 
@@ -166,7 +168,7 @@ class CpioWriter:
                    uid: int = 0, gid: int = 0) -> None:
         kinds = {"c": stat.S_IFCHR, "b": stat.S_IFBLK}
         if kind not in kinds:
-            raise ValueError(f"device {path!r}: kind must be 'c' or 'b', not {kind!r}")
+            raise CpioError(f"device {path!r}: kind must be 'c' or 'b', not {kind!r}")
         self._entry(_clean(path, False), kinds[kind] | (mode & 0o7777), uid, gid,
                     rdev=(major, minor))
 
@@ -178,7 +180,7 @@ class CpioWriter:
             return
         for name, g in self._groups.items():
             if g.names < g.nlink:
-                raise ValueError(f"{name!r} was declared with nlink={g.nlink} but got "
+                raise CpioError(f"{name!r} was declared with nlink={g.nlink} but got "
                                  f"{g.names} names: its data was never written")
         self._entry(TRAILER, 0, 0, 0, ino=0, mtime=0)
         self._closed = True
@@ -191,13 +193,13 @@ class CpioWriter:
                ino: int | None = None, size: int = 0, body: bytes | Opener | None = None,
                rdev: tuple[int, int] = (0, 0), mtime: int | None = None) -> None:
         if self._closed:
-            raise ValueError("the archive is already closed")
+            raise CpioError("the archive is already closed")
         for what, value in (("uid", uid), ("gid", gid), ("size", size), ("device", rdev[0]),
                             ("device", rdev[1])):
             _check32(what, value)
         encoded = name.encode("utf-8", "surrogateescape") + b"\0"
         if len(encoded) > _PATH_MAX:
-            raise ValueError(f"{name[:60]!r}...: longer than the kernel's PATH_MAX")
+            raise CpioError(f"{name[:60]!r}...: longer than the kernel's PATH_MAX")
         fields = (self._next_ino() if ino is None else ino, mode, uid, gid, nlink,
                   self._mtime if mtime is None else mtime, size, 0, 0, rdev[0], rdev[1],
                   len(encoded), 0)
@@ -211,7 +213,7 @@ class CpioWriter:
                 while left:
                     chunk = src.read(min(left, _CHUNK))
                     if not chunk:
-                        raise ValueError(f"{name!r}: {left} bytes short of the size "
+                        raise CpioError(f"{name!r}: {left} bytes short of the size "
                                          f"recorded (did it change while being read?)")
                     self._f.write(chunk)
                     left -= len(chunk)
@@ -220,7 +222,7 @@ class CpioWriter:
 
 def _check32(what: str, value: int) -> None:
     if not 0 <= value <= _MAX32:
-        raise ValueError(f"{what} {value} does not fit the 32-bit field of a newc header")
+        raise CpioError(f"{what} {value} does not fit the 32-bit field of a newc header")
 
 
 # ---- an image filesystem tar as one initramfs segment -------------------------------
@@ -246,7 +248,7 @@ def write_tree_from_tar(tar_fileobj: BinaryIO, out_fileobj: BinaryIO,
     """
     gone = {_clean(d) for d in drop}
     new = {_clean(k): v for k, v in (replace or {}).items()}
-    with tempfile.TemporaryFile() as spool:
+    with tempfile.TemporaryFile() as spool, naming_layer(tar_fileobj):
         stream = open_decompressed(tar_fileobj)
         if stream is not tar_fileobj or not stream.seekable():  # data is read out of order
             shutil.copyfileobj(stream, spool, _CHUNK)
@@ -312,7 +314,7 @@ def _convert(tf: tarfile.TarFile, w: CpioWriter, gone: set[str], new: dict[str, 
                 break
             m = everything.get(_clean(m.linkname))
             if m is None:
-                raise ValueError(f"hardlink {name!r}: its target is not in the tar")
+                raise CpioError(f"hardlink {name!r}: its target is not in the tar")
         perm = m.mode & 0o7777
         if m.isdir():
             add_dir(name, perm, m.uid, m.gid)
@@ -327,7 +329,7 @@ def _convert(tf: tarfile.TarFile, w: CpioWriter, gone: set[str], new: dict[str, 
         elif m.isfifo():
             w.add_fifo(name, perm, m.uid, m.gid)
         else:
-            raise ValueError(f"{m.name!r}: tar member type {m.type!r} has no initramfs form")
+            raise CpioError(f"{m.name!r}: tar member type {m.type!r} has no initramfs form")
     if console and "dev/console" not in made:
         parents("dev/console")
         w.add_device("dev/console", "c", 5, 1, 0o600)
@@ -351,7 +353,7 @@ def open_compressed(out_fileobj: BinaryIO, method: str = "gzip",
         with zstd_compressor(level).stream_writer(out_fileobj, closefd=False) as z:
             yield z
     else:
-        raise ValueError(f"unknown compression {method!r} (gzip, zstd or none)")
+        raise CpioError(f"unknown compression {method!r} (gzip, zstd or none)")
 
 
 def compress(in_fileobj: BinaryIO, out_fileobj: BinaryIO, method: str = "gzip",

@@ -9,3 +9,8 @@ class ModuleError(FormatError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message quoted, as a key
         return str(self.args[0]) if self.args else ""
+
+
+class CpioError(FormatError, ValueError):
+    """An entry a newc archive cannot hold (a name past PATH_MAX, a field past 32 bits, a
+    hardlink to nothing); a ValueError too, as the writer's callers have long caught."""

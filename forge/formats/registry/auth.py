@@ -78,6 +78,25 @@ def token_scope(ref: Reference, push: bool) -> str:
     return f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
 
 
+def _check_config(cfg, path: Path) -> None:
+    """The parts of ~/.docker/config.json read here have the types Docker writes."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise RegistryAuthError(f"{path}: {what}: fix it, or log in again with docker login")
+
+    need(isinstance(cfg, dict), "not a JSON object")
+    for key in ("auths", "credHelpers"):
+        need(isinstance(cfg.get(key) or {}, dict), f"'{key}' is not an object")
+    need(isinstance(cfg.get("credsStore") or "", str), "'credsStore' is not a string")
+    for name, v in (cfg.get("credHelpers") or {}).items():
+        need(isinstance(v, str), f"the credential helper for {name} is not a string")
+    for name, entry in (cfg.get("auths") or {}).items():
+        if isinstance(entry, dict):
+            for field in ("auth", "username", "password", "identitytoken"):
+                need(isinstance(entry.get(field) or "", str),
+                     f"'{field}' of {name} is not a string")
+
+
 class Authenticator:
     """Credentials and tokens for one client; thread-safe (one token fetch at a time)."""
 
@@ -123,6 +142,11 @@ class Authenticator:
         if not realm:
             raise RegistryAuthError(f"registry {host} sent a Bearer challenge without a realm: "
                                     f"{ch.params}")
+        try:
+            urlsplit(realm)
+        except ValueError as e:  # e.g. realm="http://[::1"
+            raise RegistryAuthError(f"registry {host} sent a Bearer challenge whose realm "
+                                    f"{realm!r} is not a URL: {e}") from None
         scopes = [scope] + ([ch.params["scope"]] if ch.params.get("scope") not in (None, scope)
                             else [])
         user, password, identity = self.credentials(host) or (None, None, None)
@@ -159,10 +183,14 @@ class Authenticator:
                                     f"{resp.status}: {data[:200]!r}")
         try:
             doc = json.loads(data)
-            return doc.get("token") or doc["access_token"]
+            token = doc.get("token") or doc["access_token"]
         except (ValueError, KeyError, AttributeError):
+            token = None
+        # A header value: text that http.client can send (latin-1, one line).
+        if not isinstance(token, str) or not token.isprintable() or not token.isascii():
             raise RegistryAuthError(f"registry {host}: the token server {token_host} answered "
                                     "without a token or access_token") from None
+        return token
 
     def _load_config(self) -> dict:
         if self._config is None:
@@ -173,6 +201,7 @@ class Authenticator:
                 except ValueError as e:
                     raise RegistryAuthError(f"{self.docker_config} is not valid JSON ({e}): fix "
                                             "or remove it") from None
+                _check_config(self._config, self.docker_config)
         return self._config
 
     def credentials(self, host: str) -> tuple[str | None, str | None, str | None] | None:

@@ -35,8 +35,8 @@ from forge.formats.image.layout import blob_path, put_blob, write_index
 from forge.formats.image.reference import Reference
 from forge.formats.image.spec import (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, INDEX_TYPES,
                                       MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, REF_NAME,
-                                      Descriptor, digest_of, parse_platform, platform_matches,
-                                      platform_str, split_digest)
+                                      Descriptor, check_document, digest_of, parse_platform,
+                                      platform_matches, platform_str, split_digest)
 from forge.formats.registry.auth import token_scope
 from forge.formats.registry.errors import (PlatformNotFoundError, UnsupportedError, VerificationError)
 from forge.formats.registry.transport import Endpoint, Transport
@@ -124,6 +124,8 @@ class Puller:
             doc = json.loads(body)
         except ValueError:
             raise VerificationError(f"{what} from {ep.host} is not JSON") from None
+        if not isinstance(doc, dict):
+            raise VerificationError(f"{what} from {ep.host} is JSON but not an object")
         if doc.get("schemaVersion") == 1:
             raise UnsupportedError(f"{what} from {ep.host} is a Docker schema-1 manifest, which "
                                    "this client does not support: re-push the image with a "
@@ -134,6 +136,8 @@ class Puller:
         if media not in INDEX_TYPES + MANIFEST_TYPES:
             raise UnsupportedError(f"{what} from {ep.host} has media type {media!r}, which is "
                                    "neither an image manifest nor an index")
+        if media in INDEX_TYPES:  # a manifest's descriptors are checked when it is pulled
+            _check_shape(doc, "index", f"{what} from {ep.host}")
         return body, media, digest_of(body), doc, what
 
     def _platform_manifest(self, ep: Endpoint, ref: Reference, platform: str):
@@ -178,7 +182,8 @@ class Puller:
             config, layers = doc["config"], list(doc.get("layers") or [])
             for d in [config, *layers]:
                 _split(d["digest"])
-                int(d["size"])
+                if not isinstance(d["size"], int) or isinstance(d["size"], bool) or d["size"] < 0:
+                    raise ValueError(d["size"])  # "3" passed int() and broke the sums below
         except (KeyError, TypeError, ValueError):
             raise VerificationError(f"{what} from {ep.host} lacks a valid config or layer "
                                     "descriptor") from None
@@ -192,7 +197,9 @@ class Puller:
             self._fetch_blob(ep, ref, config, tmp, tracker)
             config_path = blob_path(tmp, config["digest"])
             try:
-                diff_ids = json.loads(config_path.read_bytes())["rootfs"]["diff_ids"]
+                doc = _check_shape(json.loads(config_path.read_bytes()), "config",
+                                   f"config {config['digest']} of {what}")
+                diff_ids = doc["rootfs"]["diff_ids"]
             except (ValueError, KeyError, TypeError):
                 raise VerificationError(f"config {config['digest']} of {what} has no "
                                         "rootfs.diff_ids") from None
@@ -327,6 +334,14 @@ def _decompressed(step, *chunk):
     except CompressionError as e:
         raise VerificationError(f"{e}: the registry's copy is corrupt or the image was "
                                 "pushed damaged") from None
+
+
+def _check_shape(doc, kind: str, where: str):
+    """`doc` if it has the shape of an OCI `kind`: a registry's answer is indexed freely below."""
+    try:
+        return check_document(doc, kind, where)
+    except ImageLayoutError as e:
+        raise VerificationError(str(e)) from None
 
 
 def select_platform(manifests: list[dict], platform: str, what: str, host: str) -> dict:

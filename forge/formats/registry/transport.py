@@ -179,7 +179,7 @@ class Transport:
             errors = json.loads(data).get("errors") or []
             codes = [e.get("code", "") for e in errors]
             detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError):  # not the spec's error body: no detail
             pass
         head = f"registry {ep.host} answered {status} for {what}"
         extra = f" (registry says {detail})" if detail else ""

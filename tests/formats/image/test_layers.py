@@ -379,3 +379,35 @@ def test_chmod_leaves_the_parents_a_copy_creates(tmp_path):
     with tarfile.open(out) as t:
         modes = {m.name: m.mode for m in t.getmembers()}
     assert modes == {"etc": 0o755, "etc/conf": 0o755, "etc/conf/a": 0o600}
+
+
+@pytest.mark.parametrize("member", [".wh...", "d/.wh...", "d/.wh.."])
+def test_a_whiteout_of_dot_or_dotdot_deletes_nothing(tmp_path, member):
+    """Found by tests/fuzz: `.wh...` whites out "..", and the extractor removed the
+    destination's parent directory with everything in it."""
+    victim = tmp_path / "victim"
+    (victim / "dest" / "d").mkdir(parents=True)
+    (victim / "keep").write_text("outside the destination")
+    (victim / "dest" / "d" / "keep").write_text("inside")
+    layer = write(tmp_path, "wh.tar", [(member, "f", "")])
+    with pytest.raises(UnsafeLayerError, match="a whiteout must name an entry"):
+        safe_extract(layer, victim / "dest")
+    assert (victim / "keep").read_text() == "outside the destination"
+    assert (victim / "dest" / "d" / "keep").read_text() == "inside"
+
+
+def test_corrupt_layers_are_layer_errors_naming_the_layer(tmp_path):
+    """Found by tests/fuzz: a bad deflate stream, a PAX number tarfile cannot read and an
+    empty symlink target escaped as zlib, ValueError and FileNotFoundError exceptions."""
+    from forge.formats.image.errors import ImageError
+    good = gzip.compress(make_tar([("a", "f", "hello" * 200)]), mtime=0)
+    bad_deflate = tmp_path / "deflate.tar.gz"
+    bad_deflate.write_bytes(good[:12] + b"\xff" * 20 + good[32:])
+    cases = [(bad_deflate, "is not a tar archive forge can read"),
+             (write(tmp_path, "pax.tar", [("a", "f", "x", {"pax": {"GNU.sparse.size": "abc"}})]),
+              "PAX header"),
+             (write(tmp_path, "sym.tar", [("l", "l", "")]), "empty target")]
+    for layer, message in cases:
+        with pytest.raises(ImageError, match=message) as e:
+            apply_layers([layer], tmp_path / "out")
+        assert layer.name in str(e.value)
