@@ -136,17 +136,14 @@ _CHALLENGES = st.lists(st.sampled_from([
 ]), max_size=8).map(" ".join)
 
 
-class _Reply:
+class _TokenServer:
+    """Stands in for the HTTP client: the token server's answer is the input's."""
+
     def __init__(self, status: int, body: bytes):
-        self.status, self._body = status, body
+        self.status, self.body = status, body
 
-    def read(self) -> bytes:
-        return self._body
-
-
-class _Conn:
-    def close(self) -> None:
-        pass
+    def request(self, method, url, **kw):
+        return self
 
 
 def run_auth(data: bytes, tmp: Path) -> None:
@@ -168,8 +165,7 @@ def run_auth(data: bytes, tmp: Path) -> None:
     cfg.write_bytes(config)
     value = header.decode("utf-8", "replace")
     parse_www_authenticate(value)
-    auth = Authenticator(docker_config=cfg, open=lambda *a: (_Conn(), _Reply(status, body)),
-                         timeout=1, retries=0, sleep=lambda n: None)
+    auth = Authenticator(docker_config=cfg, http=_TokenServer(status, body), timeout=1)
     auth.authenticate("127.0.0.1:5000", "repository:a:pull", value, None, "manifest a:1")
     sent = auth.authorization("127.0.0.1:5000", "repository:a:pull")
     if not isinstance(sent, str):
