@@ -189,6 +189,8 @@ class Scheduler:
                         break
                     continue
                 kind, i, r = self._wait()
+                if kind == "raised":
+                    raise r
                 if kind == "lookup":
                     looking -= 1
                     if r is None:
@@ -228,13 +230,22 @@ class Scheduler:
         return slots > 0
 
     def _lookup(self, i: int, a: Action, ticket) -> None:
-        r = self.executor.lookup(a, ticket)
+        try:
+            r = self.executor.lookup(a, ticket)
+        except BaseException as e:  # raised again on the main thread: never a lost result
+            self._done.put(("raised", i, e))
+            return
         if r is not None:
             r.worker = self.jobs + 1  # the trace's row for the shared cache
         self._done.put(("lookup", i, r))
 
     def _work(self, i: int, a: Action, ticket, worker: int) -> None:
-        self._done.put(("work", i, self.executor.execute(a, ticket, worker)))
+        try:
+            r = self.executor.execute(a, ticket, worker)
+        except BaseException as e:  # a full disk while recording, a bug: the main thread
+            self._done.put(("raised", i, e))  # raises it, instead of waiting for ever
+            return
+        self._done.put(("work", i, r))
 
     def _wait(self) -> tuple[str, int, ActionResult | None]:
         while True:

@@ -109,3 +109,29 @@ def test_a_failure_skips_its_dependents_and_stops_unless_keep_going():
     s = Scheduler(ex, jobs=1, keep_going=True).run(actions)
     assert {r.action.owner.name: r.status for r in s.results} == \
         {"bad": "failed", "after": "skipped", "other": "executed", "slow": "executed"}
+
+
+def test_an_executor_that_raises_on_a_worker_stops_the_build_instead_of_hanging():
+    """A full disk while recording a result was lost on its worker thread, and the build
+    waited for ever (found by bench/faults): the main thread raises it now."""
+    import pytest
+
+    class Raising(FakeExecutor):
+        def execute(self, a, ticket, worker):
+            raise OSError(28, "No space left on device")
+
+    done = []
+    t = threading.Thread(target=lambda: done.append(_raised(Raising())), daemon=True)
+    t.start()
+    t.join(10)
+    assert done and isinstance(done[0], OSError), "the build hung or did not raise"
+    with pytest.raises(OSError):
+        Scheduler(Raising(), jobs=2).run([act("a"), act("b")])
+
+
+def _raised(ex):
+    try:
+        Scheduler(ex, jobs=1).run([act("a")])
+    except BaseException as e:
+        return e
+    return None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import xxhash
 
+from forge.leftovers import owner
 from forge.remote.results import Digest
 
 
