@@ -27,6 +27,7 @@ import lzma
 import os
 import re
 import tempfile
+import zlib
 from difflib import get_close_matches
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
@@ -114,7 +115,11 @@ def fetch_index(mirror: str, suite: str, component: str = "main", arch: str = "a
             f"{url}: got {len(data)} bytes with sha256 {got}, but the verified Release of "
             f"suite {suite} on mirror {mirror} names {stem}{suffix} with {size} bytes, sha256 "
             f"{sha}: the mirror serves a different file (out of sync, or altered)")
-    data = {".xz": lzma.decompress, ".gz": gzip.decompress, "": bytes}[suffix](data)
+    try:
+        data = {".xz": lzma.decompress, ".gz": gzip.decompress, "": bytes}[suffix](data)
+    except (lzma.LZMAError, OSError, EOFError, zlib.error) as e:  # gzip raises all three
+        raise DebError(f"{url}: the index {stem}{suffix} of suite {suite} on mirror {mirror} "
+                       f"does not decompress ({e or type(e).__name__})") from None
     return parse_stanzas(data.decode("utf-8", "replace"))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 from forge.formats.common import treepath
-from forge.formats.image.errors import UnsafeLayerError
+from forge.formats.image.errors import LayerError, UnsafeLayerError
 from forge.formats.image.layer_read import Source, layer_errors, naming_layer, open_random
 from forge.formats.image.spec import (OCI_LAYER, OCI_LAYER_GZIP, OPAQUE_WHITEOUT, WHITEOUT_PREFIX,
                                       XATTR_PREFIXES, LayerInfo)
@@ -47,6 +47,8 @@ def _clean_info(m: tarfile.TarInfo, mtime: int | None) -> tarfile.TarInfo:
 
 
 def _tar_data(tf: tarfile.TarFile, m: tarfile.TarInfo) -> _Data:
+    if m.size < 0:  # a PAX `size` record may say anything
+        raise LayerError(f"{m.name!r}: its header gives a negative size ({m.size})")
     return _Data(m.size, lambda: tf.extractfile(m))
 
 
