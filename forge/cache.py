@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import stat
 import time
 import uuid
 from dataclasses import dataclass

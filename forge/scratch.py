@@ -163,7 +163,7 @@ def _tree_size(root: Path) -> int:
 
 def _full(cache_root: Path, more: str = "") -> str:
     e = disk_full(cache_root)
-    return e.message + more + f"\nhint: {e.hint}"
+    return _failure(e.message + more, e.hint, [])
 
 
 def _disown(scratch: Path) -> Path:

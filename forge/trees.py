@@ -24,7 +24,7 @@ from pathlib import Path
 
 from forge.cache import Cache, OutputFile
 from forge.errors import ForgeError
-from forge.leftovers import owner
+from forge.leftovers import force_rmtree, owner
 
 FORMAT = 1
 
@@ -133,16 +133,6 @@ def materialise(cache: Cache, f: OutputFile, dst: Path) -> os.stat_result:
     elif dst.exists():
         old = dst.with_name(f".{dst.name}.forge-old-{owner()}-{uuid.uuid4().hex[:8]}")
         os.rename(dst, old)
-        remove(old)
+        force_rmtree(old)
     os.rename(tmp, dst)
     return dst.stat()
-
-
-def remove(path: Path) -> None:
-    def onerror(func, p, exc):
-        try:
-            os.chmod(os.path.dirname(p), 0o755)
-            func(p)
-        except OSError:
-            pass
-    shutil.rmtree(path, onerror=onerror)
