@@ -35,10 +35,47 @@ def redisos(tmp_path_factory):
     shutil.copy(REPO / "examples/forge.toml", root / "forge.toml")
     shutil.copytree(REPO / "examples/images", root / "images",
                     ignore=shutil.ignore_patterns("forge-out"))
+    with open(root / "images/BUILD", "a") as f:
+        f.write(ALL_FORMATS_BUILD)
     w = Workspace(root, root.parent / "cache")
     r = w.build("//images:redisos", timeout=1800)
     assert r.code == 0, r.err
     return w
+
+
+# format -> its boot test's timeout. Every format QEMU can boot, each one test of its own,
+# all from one linuxkit_image, so the fragments are built once for all of them. The three
+# formats of examples/images are booted by its own tests (test_boots_to_pong_in_three_formats).
+BOOTED = {
+    "iso-efi": "240s",
+    "raw-bios": "180s",
+    "raw-efi": "240s",
+    "qcow2-efi": "240s",
+}
+
+ALL_FORMATS_BUILD = f"""
+linuxkit_image(
+    name = "redisos_all",
+    assembly = "redisos.yml",
+    images = {{"redis": "//images/redis:image"}},
+    formats = {sorted(BOOTED)!r},
+)
+[qemu_test(
+    name = "boot_" + fmt,
+    image = ":redisos_all",
+    format = fmt,
+    forward = {{6379: 6379}},
+    probe = redis_ping(),
+    timeout = timeout,
+) for fmt, timeout in {sorted(BOOTED.items())!r}]
+"""
+
+
+@pytest.mark.parametrize("fmt", sorted(BOOTED))
+def test_each_format_boots_to_pong(redisos, fmt):
+    r = redisos.forge("test", f"//images:boot_{fmt}", timeout=900)
+    assert r.code == 0, r.out + r.err
+    assert "PASSED" in r.out, r.out
 
 
 def test_boots_to_pong_in_three_formats(redisos):
