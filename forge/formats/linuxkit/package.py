@@ -149,7 +149,7 @@ def _extra_source(root, text: str, i: int, file: str) -> ExtraSource:
         raise PackageError(f"extra source '{text}' is not src:dst", where,
                            "write e.g. `- ../common:/common` (src relative to the package "
                            "directory, dst in the build context)")
-    return ExtraSource(parts[0], posixpath.normpath("/" + parts[1]), where)
+    return ExtraSource(parts[0], "/" + posixpath.normpath("/" + parts[1]).lstrip("/"), where)
 
 
 def render_tag(template: str, hash_: str, where: Loc | None = None) -> str:
