@@ -160,12 +160,12 @@ def remove(c, image_id: str) -> None:
 
 @runner("DockerLoad")
 def load_runner(ctx: RunContext) -> int:
-    c = client()
-    ref = ensure_loaded(c, ctx.root / ctx.params["layout"])
     tag = (ctx.args[0] if ctx.args else None) or ctx.params.get("tag")
     if not tag:
-        raise UsageError("forge load needs a tag for this image", hint="forge load TARGET "
-                         "repo/name:tag")
+        raise UsageError("forge load needs a tag for this image (it has no name of its own)",
+                         hint="forge load TARGET repo/name:tag")
+    c = client()
+    ref = ensure_loaded(c, ctx.root / ctx.params["layout"])
     repo, _, t = tag.rpartition(":") if ":" in tag.rsplit("/", 1)[-1] else (tag, "", "latest")
     c.api.tag(ref, repo, t)
     print(f"forge: loaded as {repo}:{t}", file=sys.stderr)

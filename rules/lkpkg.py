@@ -30,12 +30,16 @@ _HOST_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": 
 
 LINUXKIT_PACKAGES = build_helper("linuxkit_packages", '''def linuxkit_packages(pattern = "*/build.yml", **kwargs):
     """One linuxkit_package per directory below this package whose build.yml matches
-    `pattern`, named after the directory; returns their labels."""
+    `pattern`, named after the directory; returns their labels. Other keywords go to
+    each, `packages` less the package itself (so one list serves all)."""
     labels = []
     for f in glob([pattern]):
         d = f[:-len("/build.yml")] if f.endswith("/build.yml") else "."
         name = d.split("/")[-1] if d != "." else package_name().split("/")[-1]
-        linuxkit_package(name = name, dir = d, **kwargs)
+        kw = dict(kwargs)
+        if "packages" in kw:
+            kw["packages"] = [p for p in kw["packages"] if p not in (":" + name, name)]
+        linuxkit_package(name = name, dir = d, **kw)
         labels.append(":" + name)
     return labels
 ''')
