@@ -114,8 +114,10 @@ def build(c, context: Path, dockerfile: str, buildargs: dict[str, str],
 
     try:
         for ev in c.api.build(path=str(context), dockerfile=".forge.Dockerfile", buildargs=buildargs,
-                              rm=True, forcerm=True, decode=True, pull=False, nocache=False,
-                              network_mode=network):
+                              rm=True, forcerm=True, decode=True, pull=False,
+                              # the engine's layer cache ignores the network mode: a step
+                              # run without network must not be reused for one with it
+                              nocache=network is not None, network_mode=network):
             if "stream" in ev:
                 text = ev["stream"]
                 log.append(text)

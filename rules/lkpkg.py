@@ -195,7 +195,7 @@ def linuxkit_package(ctx):
         bases.setdefault(tag, label)
     final = plan_dockerfile(ctx, df_path, ctx.read_source(context[df_rel]), context,
                             bases=bases, build_args=args, target="", platform=f"linux/{arch}",
-                            prefix=prefix, network=None if pkg.network else "none")
+                            prefix=prefix, network="default" if pkg.network else "none")
     labels = dict(pkg.labels)
     if pkg.config is not None:
         labels[lkpkg.CONFIG_LABEL] = json.dumps(pkg.config, separators=(",", ":"))

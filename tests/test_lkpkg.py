@@ -121,7 +121,8 @@ def test_tag_is_what_git_computes_and_the_image_has_the_config_label(pk):
     # oci_push of a package: its own name and tag unless told otherwise
     pk.write({"push/BUILD": 'oci_push(name = "push", image = "//pkgs:hello")\n'})
     params = info(pk.root, "//push:push")["run"]["params"]
-    assert (params["repository"], params["tags"]) == tuple(tag.split(":"))[:1] + ([tag.split(":")[1]],)
+    repository, hash_ = tag.split(":")
+    assert (params["repository"], params["tags"]) == (repository, [hash_])
 
 
 def test_assembly_names_the_package_by_label_and_by_tag(pk):
