@@ -174,15 +174,15 @@ def linuxkit_package(ctx):
         ref = lkpkg.reference(pkg, hash_, pkg.locs.get("tag"))
     except lkpkg.PackageError as e:
         raise _error(e) from None
-    if ".dockerignore" in context:
-        ignore = DockerIgnore(ctx.read_source(context[".dockerignore"]))
-        context = {k: v for k, v in context.items() if not ignore.matches(k)}
     df_rel = _inside(ctx, pkg.dockerfile, None, pkg.where("dockerfile", yml))
     if df_rel not in tree.files:
         raise AnalysisError(f"the Dockerfile {pkg.dockerfile} is not in {top or '.'}",
                             location=_loc(pkg.where("dockerfile", yml)),
                             hint="dockerfile names a file of the package directory")
-    df_path = prefix + df_rel
+    df_art = context[df_rel]
+    if ".dockerignore" in context:
+        ignore = DockerIgnore(ctx.read_source(context[".dockerignore"]))
+        context = {k: v for k, v in context.items() if not ignore.matches(k)}
     # LinuxKit passes these when the Dockerfile declares them (ARG PKG_HASH ...).
     args = {"PKG_HASH": hash_, "PKG_IMAGE": f"{pkg.org}/{pkg.image}" if pkg.org else pkg.image,
             **({"SOURCE": pkg.gitrepo} if pkg.gitrepo else {}),
@@ -193,7 +193,7 @@ def linuxkit_package(ctx):
         if tag is None:
             raise ctx.fail(f"{label} is not a linuxkit_package", attr="packages")
         bases.setdefault(tag, label)
-    final = plan_dockerfile(ctx, df_path, ctx.read_source(context[df_rel]), context,
+    final = plan_dockerfile(ctx, df_art.path, ctx.read_source(df_art), context,
                             bases=bases, build_args=args, target="", platform=f"linux/{arch}",
                             prefix=prefix, network="default" if pkg.network else "none")
     labels = dict(pkg.labels)
