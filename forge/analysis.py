@@ -140,6 +140,20 @@ class AnalysisContext:
         self._an.loader.dirs[self._an.loader._rel(p)] = p.stat().st_mtime_ns
         return names
 
+    def lstat(self, path: str) -> os.stat_result:
+        """The lstat of a workspace path read while planning, for rules whose plan depends
+        on a file's mode or link-ness (a LinuxKit package's git tree hash)."""
+        st = (self._an.ws.root / path).lstat()
+        self._an.reads.setdefault(self.label, set()).add(path)
+        return st
+
+    def readlink(self, path: str) -> str:
+        """The target of a workspace symlink read while planning (its directory's mtime
+        is recorded, so a new target plans again)."""
+        p = self._an.ws.root / path
+        self._an.loader.dirs[self._an.loader._rel(p.parent)] = p.parent.stat().st_mtime_ns
+        return os.readlink(p)
+
     def pin(self, kind: str, key: str) -> str:
         """The pinned value for a floating reference (see forge.lockfile), e.g.
         `ctx.pin("oci", "registry.example.com/library/alpine:3.20")` -> its digest."""

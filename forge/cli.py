@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                    "forge does not know, e.g. `-p 6379` for an OS image, go to it too)")
     ld = sub.add_parser("load", parents=[common, building], help=COMMANDS["load"])
     ld.add_argument("target")
-    ld.add_argument("tag", help="e.g. myrepo/x:dev")
+    ld.add_argument("tag", nargs="?", default="", help="e.g. myrepo/x:dev (default: the "
+                    "image's own tag, a linuxkit_package's <org>/<image>:<hash>)")
     lk = sub.add_parser("lock", parents=[common, building], help=COMMANDS["lock"])
     lk.add_argument("patterns", nargs="*", default=["//..."], metavar="TARGET")
     q = sub.add_parser("query", parents=[common], help=COMMANDS["query"])
@@ -325,7 +326,7 @@ def cmd_load(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, [args.target])
     if code != EXIT_OK or summary is None:
         return code
-    return _call_runner(ws, plan, plan.roots[0], "load", [args.tag])
+    return _call_runner(ws, plan, plan.roots[0], "load", [args.tag] if args.tag else [])
 
 
 def cmd_lock(ws, args) -> int:

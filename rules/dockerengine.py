@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from forge.api import ActionFailed, RunContext, runner
+from forge.api import ActionFailed, RunContext, UsageError, runner
 from forge.formats.image.archive import export_docker_archive
 from forge.formats.image.layout import read_image
 
@@ -97,7 +97,7 @@ def ensure_loaded(c, layout: Path) -> str:
 
 
 def build(c, context: Path, dockerfile: str, buildargs: dict[str, str],
-          step_lines: list[int], filename: str) -> str:
+          step_lines: list[int], filename: str, network: str | None = None) -> str:
     """Run a (rewritten, single-stage) Dockerfile on the engine; returns the image ID.
     `step_lines[i]` is the line in the user's Dockerfile of the i-th instruction, so
     an error names the instruction the user wrote."""
@@ -114,7 +114,10 @@ def build(c, context: Path, dockerfile: str, buildargs: dict[str, str],
 
     try:
         for ev in c.api.build(path=str(context), dockerfile=".forge.Dockerfile", buildargs=buildargs,
-                              rm=True, forcerm=True, decode=True, pull=False, nocache=False):
+                              rm=True, forcerm=True, decode=True, pull=False,
+                              # the engine's layer cache ignores the network mode: a step
+                              # run without network must not be reused for one with it
+                              nocache=network is not None, network_mode=network):
             if "stream" in ev:
                 text = ev["stream"]
                 log.append(text)
@@ -159,9 +162,12 @@ def remove(c, image_id: str) -> None:
 
 @runner("DockerLoad")
 def load_runner(ctx: RunContext) -> int:
+    tag = (ctx.args[0] if ctx.args else None) or ctx.params.get("tag")
+    if not tag:
+        raise UsageError("forge load needs a tag for this image (it has no name of its own)",
+                         hint="forge load TARGET repo/name:tag")
     c = client()
     ref = ensure_loaded(c, ctx.root / ctx.params["layout"])
-    tag = ctx.args[0]
     repo, _, t = tag.rpartition(":") if ":" in tag.rsplit("/", 1)[-1] else (tag, "", "latest")
     c.api.tag(ref, repo, t)
     print(f"forge: loaded as {repo}:{t}", file=sys.stderr)

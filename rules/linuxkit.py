@@ -31,6 +31,7 @@ from forge.formats.linuxkit.runtime import runtime_config
 from forge.formats.linux.fragments import FragmentWriter
 
 from . import compressors, disk
+from .lkpkg import package_for
 from .oci import pinned, pull_action
 
 COMPRESSIONS = ("gzip", "zstd", "none")
@@ -95,6 +96,8 @@ action. `forge run` boots it under QEMU.""", attrs={
     "compression": attr.string(default="gzip", values=COMPRESSIONS,
                                doc="Compression of each initrd segment."),
     "platform": attr.string(default="linux/amd64", doc="Platform of pulled images."),
+    "packages": attr.label_list(doc="linuxkit_package targets: an `image:` equal to one's "
+                                "tag (linuxkit/foo:<hash>) is that target, not a pull."),
 })
 def linuxkit_image(ctx):
     for fmt in ctx.attr.formats:
@@ -125,8 +128,9 @@ class _Planner:
         if text in self.layouts:
             return self.layouts[text]
         ctx = self.ctx
-        if text in ctx.attr.images or _is_label(text):
-            label = ctx.attr.images.get(text) or parse_label(text, ctx.package)
+        package = package_for(ctx, text, loc)
+        if package is not None or text in ctx.attr.images or _is_label(text):
+            label = package or ctx.attr.images.get(text) or parse_label(text, ctx.package)
             info = ctx.dep(label)
             path = info.extra.get("image") or info.extra.get("kernel")
             self.kinds[text] = "image" if info.extra.get("image") else "kernel"

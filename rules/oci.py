@@ -30,9 +30,12 @@ REGISTRY_POOL = pool("registry", 2)
 PLATFORM_DOC = "Platform to select from a multi-platform index, e.g. linux/arm64."
 
 
-def image_info(ctx, layout, **extra):
-    return ctx.info(files=[layout], image=layout.path,
-                    load={"runner": "DockerLoad", "params": {"layout": layout.path}},
+def image_info(ctx, layout, tag: str | None = None, **extra):
+    """`tag`: the image's own name (a LinuxKit package's), which `forge load` and
+    oci_push use when given none."""
+    load = {"layout": layout.path, **({"tag": tag} if tag else {})}
+    return ctx.info(files=[layout], image=layout.path, **({"tag": tag} if tag else {}),
+                    load={"runner": "DockerLoad", "params": load},
                     run={"runner": "DockerRun", "params": {"layout": layout.path}}, **extra)
 
 
@@ -130,20 +133,29 @@ def oci_import_step(ctx: ExecContext) -> None:
 @rule("oci_push", version=1, doc="Publishes an image to a registry: `forge run` this target.",
       attrs={
           "image": attr.label(mandatory=True, doc="The image target."),
-          "repository": attr.string(mandatory=True, doc="e.g. registry.example.com/team/app"),
-          "tags": attr.string_list(default=["latest"], doc="Tags to push."),
+          "repository": attr.string(default="", doc="e.g. registry.example.com/team/app; "
+                                    "default: the image's own name (a linuxkit_package's "
+                                    "<org>/<image>), else it must be given."),
+          "tags": attr.string_list(default=[], doc="Tags to push; default: the image's own "
+                                   "tag (a linuxkit_package's hash), else latest."),
       })
 def oci_push(ctx):
     info = ctx.deps("image")[0]
     layout = info.extra.get("image")
     if layout is None:
         raise ctx.fail(f"{ctx.attr.image} is not an image target", attr="image")
+    own_repo, _, own_tag = (info.extra.get("tag") or "").rpartition(":")
+    repository = ctx.attr.repository or own_repo
+    if not repository:
+        raise ctx.fail("repository is mandatory for this image (it has no name of its own)",
+                       attr="repository", hint='e.g. repository = "registry.example.com/team/app"')
     try:
-        Reference.parse(ctx.attr.repository)
+        Reference.parse(repository)
     except InvalidReferenceError as e:
         raise ctx.fail(str(e), attr="repository") from None
+    tags = list(ctx.attr.tags) or [own_tag or "latest"]
     return ctx.info(files=info.files, run={"runner": "OciPush", "params": {
-        "layout": layout, "repository": ctx.attr.repository, "tags": list(ctx.attr.tags)}})
+        "layout": layout, "repository": repository, "tags": tags}})
 
 
 @runner("OciPush")
@@ -184,14 +196,6 @@ def container_image(ctx):
     df_files = ctx.files("dockerfile")
     if len(df_files) != 1 or not df_files[0].source:
         raise ctx.fail("dockerfile must name one source file", attr="dockerfile")
-    df_path = df_files[0].path
-    try:
-        df = parse(ctx.read_source(df_files[0]), df_path)
-        resolved = df.resolve(dict(ctx.attr.build_args))
-        wanted = needed_stages(resolved, ctx.attr.target or None)
-    except DockerfileError as e:
-        raise AnalysisError(e.message if hasattr(e, "message") else str(e).split(": ", 1)[-1],
-                            location=Location(df_path, getattr(e, "line", 0), getattr(e, "col", 0)))
     prefix = f"{ctx.package}/" if ctx.package else ""
     context = {a.path[len(prefix):]: a for a in ctx.files("srcs") if a.source
                and a.path.startswith(prefix)}
@@ -199,18 +203,40 @@ def container_image(ctx):
     if ignore_art is not None:
         ignore = DockerIgnore(ctx.read_source(ignore_art))
         context = {k: v for k, v in context.items() if not ignore.matches(k)}
-    bases = {name: ctx.dep(label).extra.get("image") for name, label in ctx.attr.bases.items()}
+    final = plan_dockerfile(ctx, df_files[0].path, ctx.read_source(df_files[0]), context,
+                            bases=dict(ctx.attr.bases), build_args=dict(ctx.attr.build_args),
+                            target=ctx.attr.target, platform=ctx.attr.platform, prefix=prefix)
+    return image_info(ctx, final)
+
+
+def plan_dockerfile(ctx, df_path: str, df_text: str, context: dict, *, bases: dict,
+                    build_args: dict, target: str, platform: str, prefix: str,
+                    network: str | None = None, name: str | None = None):
+    """The stage actions of a Dockerfile; returns the final stage's layout artifact.
+    `context` maps build-context paths to source artifacts (normally `prefix` + the path;
+    any other is passed to the steps as `sources`); `bases` maps FROM names to image
+    labels; `network` is the RUN stages' network mode (None: the engine's default)."""
+    name_ = name or ctx.label.name
+    try:
+        df = parse(df_text, df_path)
+        resolved = df.resolve(build_args)
+        wanted = needed_stages(resolved, target or None)
+    except DockerfileError as e:
+        raise AnalysisError(e.message if hasattr(e, "message") else str(e).split(": ", 1)[-1],
+                            location=Location(df_path, getattr(e, "line", 0), getattr(e, "col", 0)))
+    moved = {rel: a.path for rel, a in context.items() if a.path != prefix + rel}
+    base_infos = {n: ctx.dep(label).extra.get("image") for n, label in bases.items()}
     layouts: dict[int, object] = {}
     pulled: dict[str, object] = {}
 
     def image_input(ref_text: str, ins_line: int):
         """The layout artifact for an external image name: a `bases` entry, or a pull."""
         for key in (ref_text, ref_text.split("@")[0], ref_text.rsplit(":", 1)[0]):
-            if key in ctx.attr.bases:
-                layout = bases[key]
+            if key in bases:
+                layout = base_infos[key]
                 if layout is None:
                     raise ctx.fail(f"bases['{key}'] is not an image target", attr="bases")
-                return next(a for a in ctx.dep(ctx.attr.bases[key]).files if a.path == layout)
+                return next(a for a in ctx.dep(bases[key]).files if a.path == layout)
         if ref_text not in pulled:
             try:
                 ref = pinned(ctx, ref_text)
@@ -219,8 +245,7 @@ def container_image(ctx):
                                     hint=f"or map it to an image target: bases = {{\"{ref_text}\": "
                                     "\":my_image\"}") from None
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", ref_text)
-            pulled[ref_text] = pull_action(ctx, ref, ctx.attr.platform,
-                                           f"{ctx.label.name}.bases/{safe}")
+            pulled[ref_text] = pull_action(ctx, ref, platform, f"{name_}.bases/{safe}")
         return pulled[ref_text]
 
     for idx in wanted:
@@ -255,19 +280,24 @@ def container_image(ctx):
             inputs.extend(context[f] for f in files)
         has_run = any(s.instruction.cmd == "RUN" for s in st.steps)
         name = st.name or str(idx)
-        out = ctx.declare_dir(f"{ctx.label.name}.stages/{name}")
+        out = ctx.declare_dir(f"{name_}.stages/{name}")
         params = {"dockerfile": df_path, "stage": name, "base": base, "from": from_map,
-                  "context_prefix": prefix, "copies": copies, "platform": ctx.attr.platform,
+                  "context_prefix": prefix, "copies": copies, "platform": platform,
                   "args": {k: v for k, v in st.used_args.items() if v is not None},
                   "steps": [stages.step_params(s) for s in st.steps]}
+        used = {f: moved[f] for fs in copies.values() for f in fs if f in moved}
+        if used:  # context files from elsewhere (a LinuxKit package's extra sources)
+            params["sources"] = used
         if has_run:  # the engine's layers are normalised and compressed here
             params["compressor"] = compressors.param("gzip")
+            if network is not None:
+                params["network"] = network
         else:
             params["layers"] = {}
             for n, step in enumerate(st.steps):
                 if step.instruction.cmd not in ("COPY", "ADD"):
                     continue
-                layer = _copy_action(ctx, st, n, params, inputs, f"{ctx.label.name}.stages/{name}")
+                layer = _copy_action(ctx, st, n, params, inputs, f"{name_}.stages/{name}")
                 params["layers"][str(n)] = layer.path
                 inputs.append(layer)
             inputs = [i for i in inputs if i.path == base["path"] or i.path in
@@ -278,7 +308,7 @@ def container_image(ctx):
                  pool="docker" if has_run else None,
                  description=f"{'DockerStage' if has_run else 'AssembleStage'} {ctx.label} [{name}]")
         layouts[idx] = out
-    return image_info(ctx, layouts[wanted[-1]])
+    return layouts[wanted[-1]]
 
 
 def _copy_action(ctx, st, n: int, stage_params: dict, stage_inputs: list, where: str):
@@ -291,8 +321,8 @@ def _copy_action(ctx, st, n: int, stage_params: dict, stage_inputs: list, where:
     base = stage_params["base"] if relative else {"kind": "none", "path": None}
     frm = ins.flags.get("from")
     files = stage_params["copies"].get(str(ins.line), [])
-    prefix = stage_params["context_prefix"]
-    wanted = {f"{prefix}{f}" for f in files}
+    moved = stage_params.get("sources", {})
+    wanted = {moved.get(f) or stage_params["context_prefix"] + f for f in files}
     if frm is not None:
         wanted.add(stage_params["from"][frm])
     if base["path"]:
@@ -302,6 +332,9 @@ def _copy_action(ctx, st, n: int, stage_params: dict, stage_inputs: list, where:
     params.update({"step": stages.step_params(step), "base": base,
                    "compressor": compressors.param("gzip"),
                    "copies": {str(ins.line): files},
+                   **({"sources": {f: stage_params["sources"][f] for f in files
+                                   if f in stage_params["sources"]}}
+                      if stage_params.get("sources") else {}),
                    "from": {frm: stage_params["from"][frm]} if frm is not None else {},
                    "workdirs": [s.instruction.args[0] for s in st.steps[:n]
                                 if s.instruction.cmd == "WORKDIR"] if relative else []})

@@ -42,6 +42,12 @@ def step_params(step) -> dict:
             "env": dict(step.env)}
 
 
+def _context_file(p, f: str) -> str:
+    """Where build-context file `f` is: below the context prefix, or (a LinuxKit package's
+    extra sources) where `sources` says."""
+    return p.get("sources", {}).get(f) or p["context_prefix"] + f
+
+
 def _fail(p, step, message: str) -> ActionFailed:
     return ActionFailed(f"{p['dockerfile']}:{step['line']}: {step['cmd']}: {message}")
 
@@ -220,7 +226,7 @@ def _copy_layer(ctx: ExecContext, st: dict, workdir: str):
                 rel = _relative_to_source(f, pat)
                 if rel is None:
                     continue
-                path = ctx.path(p["context_prefix"] + f)
+                path = ctx.path(_context_file(p, f))
                 if st["cmd"] == "ADD" and f.endswith(TAR_SUFFIXES):
                     safe_extract(path, staging / dest_abs.lstrip("/"))
                     continue
@@ -386,13 +392,13 @@ def docker_stage(ctx: ExecContext) -> None:
             dst = context / f
             dst.parent.mkdir(parents=True, exist_ok=True)
             if not dst.exists():
-                os.link(ctx.path(p["context_prefix"] + f), dst)
+                os.link(ctx.path(_context_file(p, f)), dst)
     lines, step_lines = [f"FROM {base}"], [0]
     for st in p["steps"]:
         lines.append(_engine_instruction(c, ctx, st, context))
         step_lines.append(st["line"])
     image_id = dockerengine.build(c, context, "\n".join(lines) + "\n", p["args"], step_lines,
-                                  p["dockerfile"])
+                                  p["dockerfile"], network=p.get("network"))
     saved = ctx.path(".saved.tar")
     dockerengine.save(c, image_id, saved)
     tmp_layout = ctx.path(".engine-layout")
