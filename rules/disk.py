@@ -10,7 +10,9 @@ import tarfile
 from forge.api import ActionFailed, ExecContext, action_function
 from forge.formats.disk.errors import DiskImageError
 from forge.formats.disk import images as diskimage
-from forge.formats.disk import bootinitrd, rootfs
+from forge.formats.disk import rootfs
+from forge.formats.linux import bootinitrd
+from forge.formats.linux.errors import BootInitrdError
 from forge.formats.linux.fragments import FragmentWriter
 
 # format -> output file names, templates of the target's name; the disk formats' names
@@ -47,7 +49,7 @@ def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: lis
 
 def _plan_root_image(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list) -> list:
     """The image of the whole root tree, on the shared fragments; and, once per target,
-    the boot initrd that mounts it (forge.formats.disk.bootinitrd says why)."""
+    the boot initrd that mounts it (forge.formats.linux.bootinitrd says why)."""
     if fmt == "kernel+iso" and "iso-bios" in ctx.attr.formats:
         raise ctx.fail(f"kernel+iso and iso-bios both write {name}.iso (as in LinuxKit)",
                        attr="formats", hint="build them in two linuxkit_image targets")
@@ -85,7 +87,7 @@ def boot_initrd_step(ctx: ExecContext) -> None:
         busybox = bootinitrd.find_busybox([ctx.path(i) for i in ctx.inputs[1:]])
         bootinitrd.build(ctx.path(ctx.outputs[0]), kernel_tar=kernel_tar, busybox=busybox,
                          epoch=ctx.source_date_epoch)
-    except DiskImageError as e:
+    except BootInitrdError as e:
         raise ActionFailed(str(e)) from None
 
 

@@ -21,7 +21,7 @@ from the epoch (mksquashfs `-mkfs-time`/`-all-time`, mkfs.erofs `-T`, xorriso's 
 in forge.formats.disk.images); mkfs.erofs gets a UUID derived from the name; extended
 attributes are left out (the fragments have none; the host's must not leak in).
 
-Booting is forge.formats.disk.bootinitrd's part.
+Booting them is forge.formats.linux.bootinitrd's part.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 
 from forge.formats.disk.errors import DiskImageError
-from forge.formats.disk.images import _volume_id
+from forge.formats.disk.images import volume_id
 from forge.formats.disk.tools import find_tool, run, tool_env
 
 __all__ = ["FORMATS", "FILESYSTEMS", "build", "tools", "merge_fragments"]
@@ -220,6 +220,6 @@ def _maker_argv(fmt: str, tree: Path, out: Path, name: str, epoch: int) -> list:
         return [find_tool("mkfs.erofs"), "--quiet", f"-T{epoch}", "-x-1",
                 f"-U{volume_uuid(name, fmt)}", out, tree]
     stamp = time.strftime("%Y%m%d%H%M%S00", time.gmtime(epoch))
-    return [find_tool("xorriso"), "-no_rc", "-as", "mkisofs", "-o", out, "-V", _volume_id(name),
+    return [find_tool("xorriso"), "-no_rc", "-as", "mkisofs", "-o", out, "-V", volume_id(name),
             "-R", "-J", "-joliet-long", "-l", "--modification-date=" + stamp,
             "--set_all_file_dates", stamp, tree]

@@ -18,9 +18,10 @@ import pytest
 from boot_fixture import BUSYBOX, CMDLINE, MARKER, cloud_kernel  # noqa: F401 (fixture)
 from conftest import require
 from forge.formats.debian.package import open_data_tar
-from forge.formats.disk import bootinitrd, rootfs
+from forge.formats.disk import rootfs
 from forge.formats.disk.errors import DiskImageError
-from forge.formats.linux import cpio
+from forge.formats.linux import bootinitrd
+from forge.formats.linux.errors import BootInitrdError
 from forge.formats.vm import machine as qemu
 from forge.formats.vm.probe import console_regex
 
@@ -230,10 +231,10 @@ def test_a_missing_tool_names_its_debian_package(monkeypatch, tmp_path):
 
 def test_the_boot_initrd_needs_a_static_busybox(tmp_path):
     dyn = _tar(tmp_path / "dyn.tar", [("bin/busybox", "f", 0o755, 0, Path("/bin/true").read_bytes())])
-    with pytest.raises(DiskImageError, match="dynamically linked"):
+    with pytest.raises(BootInitrdError, match="dynamically linked"):
         bootinitrd.find_busybox([dyn])
     none = _tar(tmp_path / "none.tar", [("etc/motd", "f", 0o644, 0, b"")])
-    with pytest.raises(DiskImageError, match="has no bin/busybox"):
+    with pytest.raises(BootInitrdError, match="has no bin/busybox"):
         bootinitrd.find_busybox([none])
 
 

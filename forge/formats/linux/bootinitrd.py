@@ -25,10 +25,9 @@ import struct
 import tarfile
 from pathlib import Path
 
-from forge.formats.disk.errors import DiskImageError
 from forge.formats.linux import modules as kmod
 from forge.formats.linux.cpio import CpioWriter
-from forge.formats.linux.errors import ModuleError
+from forge.formats.linux.errors import BootInitrdError, ModuleError
 
 __all__ = ["MODULES", "INIT", "build", "find_busybox"]
 
@@ -38,7 +37,7 @@ BUSYBOX = ("bin/busybox", "usr/bin/busybox", "sbin/busybox")
 
 INIT = r"""#!/bin/busybox sh
 # forge's boot initrd: mount the root image read-only with a tmpfs overlay, then
-# switch_root into it (see forge/formats/disk/bootinitrd.py).
+# switch_root into it (see forge/formats/linux/bootinitrd.py).
 bb=/bin/busybox
 log() { $bb echo "forge-boot: $*"; }
 fail() { log "$*"; exit 1; }
@@ -100,11 +99,11 @@ def find_busybox(fragments: list[Path]) -> bytes:
                 if m.isreg() and m.name.lstrip("./") in BUSYBOX:
                     found = tf.extractfile(m).read()
     if found is None:
-        raise DiskImageError("the root filesystem has no bin/busybox, which the boot initrd "
+        raise BootInitrdError("the root filesystem has no bin/busybox, which the boot initrd "
                              "runs: add an init image with a static busybox (the reference "
                              "init, //images/init:init, has one)")
     if _interpreter(found):
-        raise DiskImageError("the root filesystem's busybox is dynamically linked; the boot "
+        raise BootInitrdError("the root filesystem's busybox is dynamically linked; the boot "
                              "initrd has no libraries: use a static one (Debian's busybox-static)")
     return found
 
@@ -112,7 +111,7 @@ def find_busybox(fragments: list[Path]) -> bytes:
 def _interpreter(elf: bytes) -> bool:
     """Whether an ELF executable names a dynamic loader (a PT_INTERP program header)."""
     if elf[:4] != b"\x7fELF" or len(elf) < 64:
-        raise DiskImageError("the root filesystem's busybox is not an ELF executable")
+        raise BootInitrdError("the root filesystem's busybox is not an ELF executable")
     wide, order = elf[4] == 2, "<" if elf[5] == 1 else ">"
     if wide:
         phoff, = struct.unpack_from(order + "Q", elf, 32)
@@ -142,7 +141,7 @@ def _modules(kernel_tar: Path | None) -> list[tuple[str, bytes]]:
     try:
         order = kmod.load_order({k: v[1] for k, v in index.items()}, wanted)
     except ModuleError as e:
-        raise DiskImageError(f"the boot initrd's modules: {str(e).strip(chr(39))}") from None
+        raise BootInitrdError(f"the boot initrd's modules: {str(e).strip(chr(39))}") from None
     return [(index[n][0], data[index[n][0]]) for n in order]
 
 
