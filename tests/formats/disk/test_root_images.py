@@ -292,3 +292,49 @@ def test_a_squashfs_root_boots_writable_through_the_boot_initrd(cloud_kernel, ke
         console = vm.console.read_text(errors="replace")
     assert "forge-boot: root: /dev/vda (squashfs) read-only, writes go to a tmpfs overlay" in console
     assert "from-the-squashfs" in console and "touch:" not in console, console[-2000:]
+
+
+# ---- in linuxkit_image: planned on the shared fragments -----------------------------------
+
+@pytest.fixture
+def lk(tmp_path):
+    from test_linuxkit import make_workspace
+    require(BUSYBOX.is_file(), "busybox-static is not installed")
+    for fmt in rootfs.FORMATS:
+        _have(fmt)
+    return make_workspace(tmp_path / "ws", tmp_path / "cache")
+
+
+def _executed(r) -> list[tuple[str, str]]:
+    return sorted((e["mnemonic"], Path(e["outputs"][0]).name) for e in r.event_list
+                  if e.get("status") == "executed")
+
+
+@pytest.mark.real
+def test_each_format_is_one_action_on_the_shared_fragments(lk):
+    build = (lk.root / "BUILD").read_text()
+    (lk.root / "BUILD").write_text(build.replace('["kernel+initrd", "tar"]',
+                                                 '["kernel+initrd", "kernel+squashfs"]'))
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    out = lk.root / "forge-out"
+    assert {p.name for p in out.iterdir() if p.is_file()} >= {
+        "os-kernel", "os-cmdline", "os-squashfs.img", "os-boot-initrd.img", "os-initrd.img"}
+    listing = subprocess.run(["unsquashfs", "-lln", "-d", "", out / "os-squashfs.img"],
+                             capture_output=True, text=True, check=True).stdout
+    for want in (r"^drwx------ 101/0 .* /run/web$", r"^crw------- 0/0\s+5,\s+1 .* /dev/console$",
+                 r"^-rw-r--r-- 0/0 .* /containers/services/web/lower/srv/hello\.txt$",
+                 r"^-rwxr-xr-x 0/0 .* /bin/busybox$", r"^-rw-r--r-- 0/0 .* /etc/motd$"):
+        assert re.search(want, listing, re.M), (want, listing)
+    # adding a format runs its action alone: the fragments and the boot initrd are shared
+    (lk.root / "BUILD").write_text(build.replace(
+        '["kernel+initrd", "tar"]', '["kernel+initrd", "kernel+squashfs", "kernel+erofs"]'))
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    assert _executed(r) == [("LkRootImage", "os-erofs.img")]
+    # kernel+iso writes N.iso, as iso-bios does (LinuxKit's names): an error, not a clash
+    (lk.root / "BUILD").write_text(build.replace('["kernel+initrd", "tar"]',
+                                                 '["iso-bios", "kernel+iso"]'))
+    r = lk.build("//:os")
+    assert r.code == 2  # an analysis error, found before anything runs
+    assert "BUILD:5:5: error: kernel+iso and iso-bios both write os.iso" in r.err, r.err
