@@ -16,7 +16,7 @@ whichever of squashfs, erofs, iso9660 mounts), puts a tmpfs overlay on it, drops
 the root's etc/forge/modules.load the modules it already loaded (the reference init
 would log each one as failing), and switch_roots to the root's /init (else /sbin/init).
 A module the tar lacks is assumed built in; if the root still does not mount, /init
-says which modules to keep and exits, and the kernel panics.
+says which modules to keep and powers the machine off.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ INIT = r"""#!/bin/busybox sh
 # switch_root into it (see forge/formats/linux/bootinitrd.py).
 bb=/bin/busybox
 log() { $bb echo "forge-boot: $*"; }
-fail() { log "$*"; exit 1; }
+# Powering off, not a panic: the reason stays the console's last line.
+fail() { log "$*; powering off"; $bb sleep 1; $bb poweroff -f; }
 $bb mount -t proc proc /proc
 $bb mount -t sysfs sysfs /sys
 $bb mount -t devtmpfs dev /dev
