@@ -84,22 +84,25 @@ def merge_fragments(fragments: list[Path], out: Path, *, epoch: int) -> None:
     initrd order) as one sorted tar at `out`."""
     tars = [tarfile.open(_fragment_tar(Path(f))) for f in fragments]
     try:
-        tree: dict[str, tuple[int, tarfile.TarInfo]] = {}
+        tree: dict[str, tuple[int, tarfile.TarInfo]] = {}  # path -> (fragment, its data)
         for path, mode in _MOUNT_POINTS.items():
             tree[path] = (-1, _base(path, tarfile.DIRTYPE, mode))
         console = _base("dev/console", tarfile.CHRTYPE, 0o600)
         console.devmajor, console.devminor = 5, 1
         tree["dev/console"] = (-1, console)
         for i, tf in enumerate(tars):
+            latest: dict[str, tarfile.TarInfo] = {}  # a hardlink names the member before it
             for m in tf:
                 name = _norm(m.name)
                 if not name:
                     continue
+                src = _link_target(m, latest) if m.islnk() else m
+                latest[name] = src
                 old = tree.get(name)
                 if old is not None and old[1].isdir() and not m.isdir():
                     for k in [k for k in tree if k.startswith(name + "/")]:
                         del tree[k]
-                tree[name] = (i, m)
+                tree[name] = (i, src)
         _write(tree, tars, out, epoch)
     finally:
         for tf in tars:
@@ -115,24 +118,21 @@ def _base(path: str, kind: bytes, mode: int) -> tarfile.TarInfo:
 def _write(tree: dict, tars: list, out: Path, epoch: int) -> None:
     # Hardlinks: the first name (in sorted order) of each inode carries the data, the
     # others link to it; a link whose target a later fragment replaced keeps the old data.
-    first: dict[tuple[int, str], str] = {}
+    first: dict[tuple[int, int], str] = {}
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as w:
         root = _base(".", tarfile.DIRTYPE, 0o755)
         root.mtime = epoch
         w.addfile(root)
         made = {""}
         for name in sorted(tree, key=_key):
-            i, m = tree[name]
+            i, src = tree[name]
             _parents(w, name, made, epoch)
             made.add(name)
-            src = m
-            if m.islnk():
-                src = _link_target(tars[i], m)
             ti = tarfile.TarInfo(name)
             ti.mode, ti.uid, ti.gid, ti.mtime = src.mode & 0o7777, src.uid, src.gid, epoch
             ti.uname = ti.gname = ""
             if src.isreg():
-                ident = (i, _norm(src.name))
+                ident = (i, src.offset)
                 if ident in first:
                     ti.type, ti.linkname = tarfile.LNKTYPE, first[ident]
                     w.addfile(ti)
@@ -162,17 +162,13 @@ def _parents(w: tarfile.TarFile, name: str, made: set, epoch: int) -> None:
             made.add(p)
 
 
-def _link_target(tf: tarfile.TarFile, m: tarfile.TarInfo) -> tarfile.TarInfo:
-    target = _norm(m.linkname)
-    found = None
-    for cand in tf.getmembers():  # the last member of that name before m, as tar reads it
-        if cand is m:
-            break
-        if _norm(cand.name) == target:
-            found = cand
-    if found is None or not found.isreg():
-        raise DiskImageError(f"hardlink {m.name!r}: its target {m.linkname!r} is not a "
-                             "regular file before it in its fragment")
+def _link_target(m: tarfile.TarInfo, latest: dict[str, tarfile.TarInfo]) -> tarfile.TarInfo:
+    """What a hardlink shares: its target as it stood when the link was read (a link to
+    anything but a regular file becomes a copy of it, as in the initrd)."""
+    found = latest.get(_norm(m.linkname))
+    if found is None:
+        raise DiskImageError(f"hardlink {m.name!r}: its target {m.linkname!r} is not before "
+                             "it in its fragment")
     return found
 
 

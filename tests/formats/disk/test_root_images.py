@@ -58,6 +58,8 @@ def _fragments(d: Path) -> list[Path]:
         ("opt/gone/inside", "f", 0o644, 0, b"x"),
         ("bin/tool", "f", 0o4755, 0, b"#!/bin/sh\n"),
         ("bin/tool2", "h", 0o4755, 0, "bin/tool"),
+        ("bin/old", "f", 0o755, 0, b"old\n"),
+        ("bin/old2", "h", 0o755, 0, "bin/old"),
     ])
     unpacked = d / "unpacked"  # an LkUnpack output: a directory holding rootfs.tar
     unpacked.mkdir(exist_ok=True)
@@ -71,6 +73,7 @@ def _fragments(d: Path) -> list[Path]:
         ("etc", "d", 0o750, 7, None),            # a later directory's metadata wins
         ("etc/motd", "f", 0o640, 5, b"second\n"),  # a later file replaces an earlier one
         ("opt/gone", "f", 0o644, 0, b"now a file\n"),  # and a directory with its contents
+        ("bin/old", "f", 0o700, 0, b"new\n"),  # its hardlink keeps the old file
     ])
     return [a, unpacked, b]
 
@@ -126,6 +129,11 @@ def test_squashfs_holds_the_merged_tree(images):
             extra = m.group(5) or (m.group(3).replace(" ", "") if "," in m.group(3) else "")
             listing[m.group(4)] = (m.group(1), m.group(2), extra)
     _check(listing)
+    def cat(path):
+        return subprocess.run(["unsquashfs", "-cat", images["kernel+squashfs"], path],
+                              capture_output=True, check=True).stdout
+    assert (cat("bin/old"), cat("bin/old2"), cat("etc/motd")) == (b"new\n", b"old\n", b"second\n")
+    assert listing["bin/old"][0] == "-rwx------"
     # the superblock's time is the epoch
     assert subprocess.run(["unsquashfs", "-s", images["kernel+squashfs"]], capture_output=True,
                           text=True, check=True).stdout.count("Nov 14 22:13:20 2023") == 1
@@ -338,3 +346,16 @@ def test_each_format_is_one_action_on_the_shared_fragments(lk):
     r = lk.build("//:os")
     assert r.code == 2  # an analysis error, found before anything runs
     assert "BUILD:5:5: error: kernel+iso and iso-bios both write os.iso" in r.err, r.err
+
+
+def test_boot_spec_boots_the_kernel_with_the_image_as_a_read_only_disk(tmp_path):
+    from rules.qemu import BOOTABLE, boot_spec
+    names = [t.format(name="n") for t in rootfs.FORMATS["kernel+erofs"]]
+    (tmp_path / "n-cmdline").write_text("console=ttyS0")
+    spec = boot_spec("kernel+erofs", [tmp_path / n for n in names])
+    argv = qemu.qemu_argv(spec, accel="tcg")
+    assert argv[argv.index("-kernel") + 1] == str(tmp_path / "n-kernel")
+    assert argv[argv.index("-initrd") + 1] == str(tmp_path / "n-boot-initrd.img")
+    assert argv[argv.index("-append") + 1] == "console=ttyS0"
+    assert f"file={tmp_path / 'n-erofs.img'},format=raw,if=virtio,readonly=on" in argv
+    assert set(rootfs.FORMATS) <= set(BOOTABLE)
