@@ -35,7 +35,7 @@ from forge.formats.disk.errors import DiskImageError
 from forge.formats.disk.images import volume_id
 from forge.formats.disk.tools import find_tool, run, tool_env
 
-__all__ = ["FORMATS", "FILESYSTEMS", "build", "tools", "merge_fragments"]
+__all__ = ["BOOT_INITRD", "FORMATS", "build", "tools", "merge_fragments", "volume_uuid"]
 
 BOOT_INITRD = "{name}-boot-initrd.img"
 # format -> output files: kernel, root image, command line (LinuxKit's), boot initrd (forge's)
@@ -44,8 +44,6 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "kernel+erofs": ("{name}-kernel", "{name}-erofs.img", "{name}-cmdline", BOOT_INITRD),
     "kernel+iso": ("{name}-kernel", "{name}.iso", "{name}-cmdline", BOOT_INITRD),
 }
-# format -> the kernel's name of its filesystem (rootfstype=, /proc/filesystems)
-FILESYSTEMS = {"kernel+squashfs": "squashfs", "kernel+erofs": "erofs", "kernel+iso": "iso9660"}
 _MAKER = {"kernel+squashfs": "mksquashfs", "kernel+erofs": "mkfs.erofs", "kernel+iso": "xorriso"}
 _MOUNT_POINTS = {"proc": 0o755, "sys": 0o755, "dev": 0o755, "tmp": 0o1777, "run": 0o755}
 
