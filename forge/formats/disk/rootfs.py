@@ -26,6 +26,8 @@ Booting them is forge.formats.linux.bootinitrd's part.
 
 from __future__ import annotations
 
+import os
+import stat
 import tarfile
 import time
 import uuid
@@ -195,6 +197,7 @@ def build(fmt: str, *, fragments: list[Path], name: str, out: Path, workdir: Pat
     fakeroot = str(find_tool("fakeroot"))
     run([fakeroot, "-s", state, "--", find_tool("tar"), "-x", "-p", "--numeric-owner",
          "--same-owner", "-f", merged, "-C", tree], env)
+    _readable(tree)
     if fmt == "kernel+squashfs":  # it refuses the variable beside its own time options
         env = {k: v for k, v in env.items() if k != "SOURCE_DATE_EPOCH"}
     try:
@@ -206,6 +209,20 @@ def build(fmt: str, *, fragments: list[Path], name: str, out: Path, workdir: Pat
     return out
 
 
+def _readable(tree: Path) -> None:
+    """Without root, a file of mode 0000 (etc/shadow in some images) cannot be read, and
+    mksquashfs would store it empty: give the owner read access, and directories full
+    access, on the real files. The modes the tools see are fakeroot's, kept as unpacked."""
+    for d, dirs, files in os.walk(tree):
+        for n in dirs:
+            os.chmod(os.path.join(d, n), 0o700 | os.lstat(os.path.join(d, n)).st_mode & 0o777)
+        for n in files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(p, 0o600 | st.st_mode & 0o777)
+
+
 def _maker_argv(fmt: str, tree: Path, out: Path, name: str, epoch: int) -> list:
     if fmt == "kernel+squashfs":
         return [find_tool("mksquashfs"), tree, out, "-noappend", "-no-xattrs",
@@ -213,7 +230,9 @@ def _maker_argv(fmt: str, tree: Path, out: Path, name: str, epoch: int) -> list:
     if fmt == "kernel+erofs":
         return [find_tool("mkfs.erofs"), "--quiet", f"-T{epoch}", "-x-1",
                 f"-U{volume_uuid(name, fmt)}", out, tree]
-    stamp = time.strftime("%Y%m%d%H%M%S00", time.gmtime(epoch))
+    # xorriso takes the date 0 for "not set" and writes the current time instead (into
+    # the Rock Ridge time stamps): an epoch of 0 is written as 1 s past it.
+    stamp = time.strftime("%Y%m%d%H%M%S00", time.gmtime(max(epoch, 1)))
     return [find_tool("xorriso"), "-no_rc", "-as", "mkisofs", "-o", out, "-V", volume_id(name),
             "-R", "-J", "-joliet-long", "-l", "--modification-date=" + stamp,
             "--set_all_file_dates", stamp, tree]

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,7 @@ def _fragments(d: Path) -> list[Path]:
         ("bin/tool2", "h", 0o4755, 0, "bin/tool"),
         ("bin/old", "f", 0o755, 0, b"old\n"),
         ("bin/old2", "h", 0o755, 0, "bin/old"),
+        ("etc/shadow", "f", 0o000, 0, b"secret\n"),  # unreadable to a user without root
     ])
     unpacked = d / "unpacked"  # an LkUnpack output: a directory holding rootfs.tar
     unpacked.mkdir(exist_ok=True)
@@ -107,6 +109,7 @@ EXPECTED = {  # path -> (mode string, uid/gid, extra)
     "dev/null": ("crw-rw-rw-", "0/0", "1,3"),
     "etc": ("drwxr-x---", "7/7", ""),
     "etc/motd": ("-rw-r-----", "5/5", ""),
+    "etc/shadow": ("----------", "0/0", ""),
     "opt/gone": ("-rw-r--r--", "0/0", ""),
     "tmp": ("drwxrwxrwt", "0/0", ""),
 }
@@ -132,7 +135,8 @@ def test_squashfs_holds_the_merged_tree(images):
     def cat(path):
         return subprocess.run(["unsquashfs", "-cat", images["kernel+squashfs"], path],
                               capture_output=True, check=True).stdout
-    assert (cat("bin/old"), cat("bin/old2"), cat("etc/motd")) == (b"new\n", b"old\n", b"second\n")
+    assert (cat("bin/old"), cat("bin/old2"), cat("etc/motd"), cat("etc/shadow")) == (
+        b"new\n", b"old\n", b"second\n", b"secret\n")
     assert listing["bin/old"][0] == "-rwx------"
     # the superblock's time is the epoch
     assert subprocess.run(["unsquashfs", "-s", images["kernel+squashfs"]], capture_output=True,
@@ -210,6 +214,43 @@ def test_byte_identical_across_paths_and_umasks(tmp_path):
         sums.append({f: (root / f"{f}.img").read_bytes() for f in rootfs.FORMATS})
     for fmt in rootfs.FORMATS:
         assert sums[0][fmt] == sums[1][fmt], fmt
+
+
+@pytest.mark.real
+def test_a_build_without_root_gives_the_same_bytes(images):
+    """CI runs as root: build again as nobody, in a forked child, a file of mode 0000
+    included (its parents and the venv may be root's alone, hence a directory in /tmp)."""
+    require(os.getuid() == 0, "needs root to build as another user")
+    for fmt in rootfs.FORMATS:
+        _have(fmt)
+    root = Path(tempfile.mkdtemp(prefix="forge-nobody-"))
+    try:
+        _fragments(root / "frags")
+        for p in [root, *root.rglob("*")]:
+            os.chown(p, 65534, 65534, follow_symlinks=False)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                os.environ["HOME"] = str(root)
+                frags = [root / "frags/a.tar", root / "frags/unpacked", root / "frags/b.tar"]
+                for fmt in rootfs.FORMATS:
+                    rootfs.build(fmt, fragments=frags, name="demo", out=root / f"{fmt}.img",
+                                 workdir=root / f"work-{fmt}", epoch=EPOCH)
+                code = 0
+            except BaseException as e:
+                (root / "error").write_text(str(e))
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, (root / "error").read_text()
+        for fmt, path in images.items():
+            assert (root / f"{fmt}.img").read_bytes() == path.read_bytes(), fmt
+    finally:
+        shutil.rmtree(root)
 
 
 def test_unknown_format_and_bad_members(tmp_path):
