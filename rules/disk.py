@@ -29,9 +29,9 @@ def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: lis
     """Plan the action for `fmt`; its output artifacts."""
     if fmt == "kernel+initrd":
         return [boot["kernel"], boot["initrd"], boot["cmdline"]]
-    outs = [ctx.declare(n.format(name=name)) for n in FORMATS[fmt]]
     if fmt in rootfs.FORMATS:
         return _plan_root_image(ctx, fmt, name, boot, kernel_dir, fragments)
+    outs = [ctx.declare(n.format(name=name)) for n in FORMATS[fmt]]
     if fmt == "tar":
         ctx.call("LkTar", {}, inputs=[boot["kernel"], boot["cmdline"], kernel_dir, *fragments],
                  outputs=outs, mnemonic="LkTar")
