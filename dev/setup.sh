@@ -14,6 +14,7 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # skopeo: a real registry (and a second client) for the registry tests; cpio and zstd: the
 # initramfs tests check forge's archives with the real tools; xorriso, isolinux, syslinux,
 # grub-*, mtools, dosfstools, fdisk, qemu-utils: the disk formats (ISO, raw, qcow2);
+# squashfs-tools, erofs-utils, fakeroot: the root-image formats (kernel+squashfs|erofs|iso);
 # qemu-system-x86 and ovmf: booting images (BIOS and UEFI); busybox-static and runc: the
 # reference init; nginx-full: the WebDAV server the remote-cache tests use as a Bazel HTTP cache;
 # openssl: the certificates of the TLS remote-cache test; gpg, gpgv, dpkg-dev, apt-utils and
@@ -27,7 +28,8 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd
     xorriso isolinux syslinux syslinux-common grub-common grub-pc-bin grub-efi-amd64-bin mtools
     dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full openssl
-    gpg gpgv dpkg-dev apt-utils debian-archive-keyring python3-apt pigz tinyproxy curl)
+    gpg gpgv dpkg-dev apt-utils debian-archive-keyring python3-apt pigz tinyproxy curl
+    squashfs-tools erofs-utils fakeroot)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do

@@ -17,7 +17,8 @@ from forge.api import ActionFailed, RunContext, attr, build_helper, pool, rule, 
 QEMU_POOL = pool("qemu", 2)
 
 # format -> how it boots (see forge.formats.qemu.boot_spec)
-BOOTABLE = ("kernel+initrd", "iso-bios", "iso-efi", "raw-bios", "raw-efi", "qcow2-bios", "qcow2-efi")
+BOOTABLE = ("kernel+initrd", "iso-bios", "iso-efi", "raw-bios", "raw-efi", "qcow2-bios", "qcow2-efi",
+            "kernel+squashfs", "kernel+erofs", "kernel+iso")
 
 REDIS_PING = build_helper("redis_ping", '''def redis_ping(port = 6379):
     """A qemu_test probe: Redis answers PING with PONG on guest port `port`."""
@@ -97,6 +98,9 @@ def boot_spec(fmt: str, paths: list):
     if fmt == "kernel+initrd":
         kernel, initrd, cmdline = paths
         return qemu.kernel_boot(kernel, initrd, cmdline.read_text())
+    if fmt.startswith("kernel+"):  # the root image as the first virtio disk, /dev/vda
+        kernel, image, cmdline, boot_initrd = paths
+        return qemu.kernel_boot(kernel, boot_initrd, cmdline.read_text(), drive=image)
     if fmt.startswith("iso-"):
         return qemu.iso_boot(paths[0], efi=fmt.endswith("-efi"))
     return qemu.disk_boot(paths[0], efi=fmt.endswith("-efi"),

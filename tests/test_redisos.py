@@ -51,6 +51,9 @@ BOOTED = {
     "raw-bios": "180s",
     "raw-efi": "240s",
     "qcow2-efi": "240s",
+    "kernel+squashfs": "180s",
+    "kernel+erofs": "180s",
+    "kernel+iso": "180s",
 }
 
 ALL_FORMATS_BUILD = f"""

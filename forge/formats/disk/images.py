@@ -192,7 +192,7 @@ def _grub_cfg(cmdline: str) -> str:
             "halt\n")
 
 
-def _volume_id(name: str) -> str:
+def volume_id(name: str) -> str:
     return (re.sub(r"[^A-Z0-9_]", "_", name.upper()) or "FORGE")[:32]
 
 
@@ -205,6 +205,6 @@ def _xorriso(out: Path, files: list[tuple[str, Path]], name: str, epoch: int,
     stamp = time.strftime("%Y%m%d%H%M%S00", time.gmtime(epoch))
     # Graft points: files go in from where they are, with the dates set below, not theirs.
     grafts = [f"{_graft(dest)}={_graft(str(src))}" for dest, src in sorted(files)]
-    run([find_tool("xorriso"), "-no_rc", "-as", "mkisofs", "-o", out, "-V", _volume_id(name),
+    run([find_tool("xorriso"), "-no_rc", "-as", "mkisofs", "-o", out, "-V", volume_id(name),
          "-r", "-J", "-joliet-long", "--modification-date=" + stamp,
          "--set_all_file_dates", stamp, *boot, "-graft-points", *grafts], env)

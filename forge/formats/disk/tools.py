@@ -25,6 +25,8 @@ PACKAGES = {
     "syslinux": "syslinux",
     "sfdisk": "fdisk",
     "qemu-img": "qemu-utils",
+    "fakeroot": "fakeroot", "tar": "tar",
+    "mksquashfs": "squashfs-tools", "mkfs.erofs": "erofs-utils",
 }
 # Boot-loader data files -> their Debian package.
 DATA_PACKAGES = {

@@ -14,3 +14,8 @@ class ModuleError(FormatError, KeyError):
 class CpioError(FormatError, ValueError):
     """An entry a newc archive cannot hold (a name past PATH_MAX, a field past 32 bits, a
     hardlink to nothing); a ValueError too, as the writer's callers have long caught."""
+
+
+class BootInitrdError(FormatError):
+    """The root filesystem cannot make a boot initrd: no static busybox, or a module's
+    dependency the kernel's module tar lacks."""

@@ -54,11 +54,13 @@ class Boot:
     cmdline: str = ""
     image: Path | None = None  # the ISO or the disk
     image_format: str = "raw"  # of a disk: "raw" | "qcow2"
+    drive: Path | None = None  # a kernel boot's root image: a read-only virtio disk
 
 
-def kernel_boot(kernel: Path, initrd: Path | None, cmdline: str) -> Boot:
+def kernel_boot(kernel: Path, initrd: Path | None, cmdline: str,
+                drive: Path | None = None) -> Boot:
     return Boot("kernel", kernel=Path(kernel), initrd=Path(initrd) if initrd else None,
-                cmdline=cmdline)
+                cmdline=cmdline, drive=Path(drive) if drive else None)
 
 
 def iso_boot(iso: Path, *, efi: bool = False) -> Boot:
@@ -114,6 +116,8 @@ def qemu_argv(boot: Boot, *, accel: str, memory: int = 256, cpus: int = 1,
         argv += ["-kernel", str(boot.kernel), "-append", boot.cmdline]
         if boot.initrd is not None:
             argv += ["-initrd", str(boot.initrd)]
+        if boot.drive is not None:
+            argv += ["-drive", f"file={_opt(boot.drive)},format=raw,if=virtio,readonly=on"]
     elif boot.kind == "iso":
         argv += ["-cdrom", str(boot.image)] + ([] if boot.efi else ["-boot", "d"])
     elif boot.kind == "disk":
