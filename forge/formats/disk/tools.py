@@ -25,6 +25,7 @@ PACKAGES = {
     "syslinux": "syslinux",
     "sfdisk": "fdisk",
     "qemu-img": "qemu-utils",
+    "mkimage": "u-boot-tools",
 }
 # Boot-loader data files -> their Debian package.
 DATA_PACKAGES = {
