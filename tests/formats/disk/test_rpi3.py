@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Workspace, require
+from conftest import Result, Workspace, require
 from forge.formats.debian.package import open_data_tar
 from forge.formats.debian.sources import debian_mirror, read_sources
 from forge.formats.disk import fat, rpi3
@@ -67,7 +67,7 @@ def _workspace(root: Path) -> Workspace:
     return ws
 
 
-def _build_pi(ws: Workspace) -> Result:  # noqa: F821 (conftest's Result)
+def _build_pi(ws: Workspace) -> Result:
     # busybox comes from its arm64 package, built by forge, into the init image's context.
     r = ws.build("//:busybox")
     assert r.code == 0, r.err
@@ -120,7 +120,11 @@ def test_layout_is_linuxkits_and_the_headers_decode(built, tmp_path):
     kdir = built.root / "forge-out/k"
     assert _read(tar, "dtb/broadcom/bcm2837-rpi-3-b.dtb") == \
         (kdir / "dtb/broadcom/bcm2837-rpi-3-b.dtb").read_bytes()
-    assert _read(tar, "bootcode.bin")[:4] != b"" and b"Broadcom" in _read(tar, "LICENCE.broadcom")
+    fw = built.root / "forge-out/rpi3_firmware"
+    for n in (*rpi3.FIRMWARE, rpi3.UBOOT):
+        assert _read(tar, n) == (fw / n).read_bytes(), n
+    assert b"Broadcom" in _read(tar, "LICENCE.broadcom")
+    assert _read(tar, "u-boot.bin")[:4] != b"\x7fELF"  # the raw binary, not uboot.elf
     # The U-Boot images, decoded by U-Boot's own tool.
     headers = {}
     for name in ("kernel.uimg", "initrd.uimg", "boot.scr"):
