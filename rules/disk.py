@@ -108,7 +108,8 @@ def _plan_rpi3(ctx, name: str, boot: dict, kernel_dir, arch: str) -> list:
         tools = rpi3.tools()
     except DiskImageError as e:
         raise ctx.fail(f"format rpi3 cannot be built here: {e}", attr="formats",
-                       hint="install the package (dev/setup.sh lists them all), or drop the format") from None
+                       hint="install u-boot-tools (dev/setup.sh lists every package), "
+                       "or drop the format") from None
     out = ctx.declare(rpi3.output_name(name))
     ctx.call("LkRpi3", {"name": name},
              inputs=[boot["kernel"], boot["initrd"], boot["cmdline"], kernel_dir, fwdir],

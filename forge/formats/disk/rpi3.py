@@ -152,7 +152,8 @@ def _info(name: str, epoch: int, *, size: int = 0, directory: bool = False) -> t
 def _write_tar(out: Path, files: list[tuple[str, Path]], config: bytes, epoch: int) -> None:
     entries = dict(files)
     with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tf:
-        dirs = sorted({"/".join(n.split("/")[:i]) for n in entries for i in range(1, n.count("/") + 1)})
+        dirs = sorted({"/".join(n.split("/")[:i]) for n in entries
+                       for i in range(1, n.count("/") + 1)})
         for name in sorted([*entries, "config.txt", *(d + "/" for d in dirs)]):
             if name.endswith("/"):
                 tf.addfile(_info(name.rstrip("/"), epoch, directory=True))

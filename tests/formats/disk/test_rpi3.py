@@ -205,9 +205,8 @@ def test_boots_on_raspi3b_through_uboot_and_boot_scr(built, tmp_path):
 
 # --- analysis errors and bad inputs (no network, no tools) -----------------------------------
 
-def _plan(ws: Workspace, build: str, assembly: str | None = None):
-    ws.write({"BUILD": build, "pi.yml": assembly or FILES["pi.yml"], "Dockerfile": FILES["Dockerfile"],
-              "init.sh": INIT, "busybox.bin": ""})
+def _plan(ws: Workspace, build: str) -> Result:
+    ws.write({**FILES, "BUILD": build, "busybox.bin": ""})
     return ws.forge("build", "--nobuild", "//:pi")
 
 
@@ -310,3 +309,12 @@ def test_a_gzip_kernel_is_a_gzip_uimage_and_rebuilds_identical(tmp_path):
     listing = subprocess.run(["mkimage", "-l", tmp_path / "k.uimg"], check=True,
                              capture_output=True, text=True).stdout
     assert "Kernel Image (gzip compressed)" in listing, listing
+
+
+def test_a_missing_mkimage_names_its_package(tmp_path, monkeypatch):
+    from forge.formats.disk import tools as disk_tools
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(disk_tools, "_SEARCH", ())
+    with pytest.raises(DiskImageError, match="mkimage is not installed: install the Debian "
+                       "package u-boot-tools"):
+        rpi3.tools()
