@@ -24,12 +24,13 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # against (through /usr/bin/python3); pigz: a second gzip writer (with zstd's pzstd) for
 # the multi-member and multi-frame decoding tests; tinyproxy: the real HTTP proxy the HTTP
 # client's tests go through (each test starts its own, never the service); curl: the
-# reference the tests check forge's reading of the proxy variables against.
+# reference the tests check forge's reading of the proxy variables against; u-boot-tools:
+# mkimage, which the rpi3 format runs; qemu-system-arm: its raspi3b boot test.
 forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd
     xorriso isolinux syslinux syslinux-common grub-common grub-pc-bin grub-efi-amd64-bin mtools
     dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full openssl
     gpg gpgv dpkg-dev apt-utils debian-archive-keyring python3-apt pigz tinyproxy curl
-    squashfs-tools erofs-utils fakeroot)
+    squashfs-tools erofs-utils fakeroot u-boot-tools qemu-system-arm)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import tarfile
 
-from forge.api import ActionFailed, ExecContext, action_function
+from forge.api import ActionFailed, ExecContext, action_function, attr, rule
 from forge.formats.disk.errors import DiskImageError
 from forge.formats.disk import images as diskimage
 from forge.formats.disk import rootfs
 from forge.formats.linux import bootinitrd
 from forge.formats.linux.errors import BootInitrdError
+from forge.formats.disk import rpi3
 from forge.formats.linux.fragments import FragmentWriter
+
+from .kernel import DOC_KEYRING, fetch_action, pinned_deb
 
 # format -> output file names, templates of the target's name; the disk formats' names
 # are those the library writes.
@@ -22,15 +25,20 @@ FORMATS = {
     "tar": ("{name}.tar",),
     **diskimage.FORMATS,
     **rootfs.FORMATS,
+    "rpi3": (rpi3.OUTPUT,),  # LinuxKit's name, the same as tar's: one of them per target
 }
 
 
-def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list) -> list:
-    """Plan the action for `fmt`; its output artifacts."""
+def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list,
+                arch: str = "") -> list:
+    """Plan the action for `fmt`; its output artifacts. `arch`: the image's architecture
+    (Debian's or OCI's name, "" if unknown)."""
     if fmt == "kernel+initrd":
         return [boot["kernel"], boot["initrd"], boot["cmdline"]]
     if fmt in rootfs.FORMATS:
         return _plan_root_image(ctx, fmt, name, boot, kernel_dir, fragments)
+    if fmt == "rpi3":
+        return _plan_rpi3(ctx, name, boot, kernel_dir, arch)
     outs = [ctx.declare(n.format(name=name)) for n in FORMATS[fmt]]
     if fmt == "tar":
         ctx.call("LkTar", {}, inputs=[boot["kernel"], boot["cmdline"], kernel_dir, *fragments],
@@ -125,6 +133,114 @@ def tar_step(ctx: ExecContext) -> None:
                 w.copy_tree(tf)
 
 
+# --- rpi3: LinuxKit's Raspberry Pi 3 tar (forge.formats.disk.rpi3) -----------------------
+
+RPI_FIRMWARE_HINT = ('add `rpi_firmware(name = "rpi3_firmware")` to the BUILD file and '
+                     '`firmware = ":rpi3_firmware"` to this target')
+
+
+def _plan_rpi3(ctx, name: str, boot: dict, kernel_dir, arch: str) -> list:
+    if "tar" in ctx.attr.formats:
+        raise ctx.fail(f"formats tar and rpi3 both write {name}.tar (as LinuxKit's do)",
+                       attr="formats", hint="build them from two linuxkit_image targets")
+    if arch != "arm64":
+        raise ctx.fail(f"format rpi3 boots arm64 images only; this image's kernel is "
+                       f"{arch or 'of an unknown architecture'}", attr="formats",
+                       hint='use kernel(package = "linux-image-arm64", architecture = "arm64", '
+                       'dtbs = ["broadcom"]), or drop rpi3')
+    fw = ctx.deps("firmware")
+    if not fw or fw[0].extra.get("rpi_firmware") is None:
+        raise ctx.fail("format rpi3 needs the Raspberry Pi firmware and U-Boot"
+                       + (f"; {ctx.attr.firmware} is not an rpi_firmware target" if fw else ""),
+                       attr="firmware" if fw else "formats", hint=RPI_FIRMWARE_HINT)
+    fwdir = next(a for a in fw[0].files if a.path == fw[0].extra["rpi_firmware"])
+    try:
+        tools = rpi3.tools()
+    except DiskImageError as e:
+        raise ctx.fail(f"format rpi3 cannot be built here: {e}", attr="formats",
+                       hint="install u-boot-tools (dev/setup.sh lists every package), "
+                       "or drop the format") from None
+    out = ctx.declare(rpi3.output_name(name))
+    ctx.call("LkRpi3", {"name": name},
+             inputs=[boot["kernel"], boot["initrd"], boot["cmdline"], kernel_dir, fwdir],
+             outputs=[out], mnemonic="LkRpi3", tools=tools, description=f"LkRpi3 {ctx.label}")
+    return [out]
+
+
+@action_function("LkRpi3", version=1)
+def rpi3_step(ctx: ExecContext) -> None:
+    kernel, initrd, cmdline, kdir, fw = (ctx.path(i) for i in ctx.inputs[:5])
+    try:
+        rpi3.build(kernel=kernel, initrd=initrd, cmdline=cmdline.read_text().strip("\n"),
+                   firmware=fw, uboot=fw / rpi3.UBOOT, dtbs=kdir / rpi3.DTB_DIR,
+                   name=ctx.params["name"], outdir=ctx.path(ctx.outputs[0]).parent,
+                   workdir=ctx.path(".work"), epoch=ctx.source_date_epoch)
+    except DiskImageError as e:
+        raise ActionFailed(str(e)) from None
+
+
+@rule("rpi_firmware", version=1, doc="""The Raspberry Pi boot files the `rpi3` format of
+linuxkit_image needs, from Debian's arm64 packages: the GPU firmware (raspi-firmware, in
+the non-free-firmware component) and U-Boot (u-boot-rpi, /usr/lib/u-boot/<board>/u-boot.bin).
+Both are pinned in forge.lock; `firmware_deb` / `uboot_deb` take other .debs.""", attrs={
+    "board": attr.string(default="rpi_3", values=("rpi_3", "rpi_arm64"),
+                         doc="U-Boot's target in u-boot-rpi (rpi_arm64 also boots a Pi 4)."),
+    "suite": attr.string(default="bookworm", doc="Debian suite of both packages."),
+    "firmware_deb": attr.label(doc="A deb_package (or .deb) of raspi-firmware; default: "
+                               "fetched from `suite`."),
+    "uboot_deb": attr.label(doc="A deb_package (or .deb) of u-boot-rpi; default: fetched "
+                            "from `suite`."),
+    "keyring": attr.string(default="", doc=DOC_KEYRING),
+})
+def rpi_firmware(ctx):
+    debs = []
+    for attr_name, package, component in (("firmware_deb", "raspi-firmware", "non-free-firmware"),
+                                          ("uboot_deb", "u-boot-rpi", "main")):
+        if getattr(ctx.attr, attr_name):
+            files = ctx.files(attr_name)
+            if len(files) != 1:
+                raise ctx.fail(f"{attr_name} must name one .deb file; it names {len(files)}",
+                               attr=attr_name)
+            debs.append(files[0])
+        else:
+            pin = pinned_deb(ctx, "deb", package, component, architecture="arm64")
+            debs.append(fetch_action(ctx, pin, f"{ctx.label.name}.debs/{package}.deb"))
+    out = ctx.declare_dir(ctx.label.name)
+    ctx.call("RpiFirmware", {"board": ctx.attr.board}, inputs=debs, outputs=[out],
+             mnemonic="RpiFirmware")
+    return ctx.info(files=[out], rpi_firmware=out.path)
+
+
+# Debian's paths of what the rpi3 tar holds; the licence is the package's copyright file,
+# which carries the Broadcom licence of the firmware.
+_FW_DIR = "usr/lib/raspi-firmware/"
+_FW_LICENCE = "usr/share/doc/raspi-firmware/copyright"
+
+
+@action_function("RpiFirmware", version=1)
+def rpi_firmware_step(ctx: ExecContext) -> None:
+    from forge.formats.debian.errors import DebError
+    from forge.formats.debian.package import open_data_tar
+    out = ctx.path(ctx.outputs[0])
+    want = {_FW_DIR + n: n for n in rpi3.FIRMWARE if n != "LICENCE.broadcom"}
+    want[_FW_LICENCE] = "LICENCE.broadcom"
+    uboot = {f"usr/lib/u-boot/{ctx.params['board']}/u-boot.bin": rpi3.UBOOT}
+    for deb, names in zip(ctx.inputs, (want, uboot)):
+        try:
+            with open_data_tar(ctx.path(deb)) as tf:
+                for m in tf:
+                    name = m.name.lstrip("./")
+                    if m.isfile() and name in names:
+                        (out / names[name]).write_bytes(tf.extractfile(m).read())
+        except (DebError, OSError) as e:
+            raise ActionFailed(f"{deb}: {e}") from None
+        missing = sorted(p for p, n in names.items() if not (out / n).is_file())
+        if missing:
+            raise ActionFailed(f"{deb} has no {', '.join(missing)}: not "
+                               f"{'raspi-firmware' if names is want else 'u-boot-rpi'} for arm64")
+
+
 def register(rule_set) -> None:
     """The `forge.rules` entry point: hands this module's declarations to the rule set."""
-    rule_set.add(disk_step, tar_step, root_image_step, boot_initrd_step)
+    rule_set.add(disk_step, tar_step, root_image_step, boot_initrd_step, rpi3_step,
+                 rpi_firmware, rpi_firmware_step)

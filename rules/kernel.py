@@ -8,6 +8,9 @@ Output of `kernel`, a directory in LinuxKit's layout:
     kernel.tar     lib/modules/<version>/... (only the kept modules), reproducible
     modules.load   the kept modules in load order, one path per line (for the init)
     version        the kernel release, e.g. 6.1.0-50-cloud-amd64
+    dtb/<vendor>/  with `dtbs`: the package's device trees of those vendors
+                   (usr/lib/linux-image-<version>/<vendor>/*.dtb; arm64's linux-image-arm64
+                   has them, the cloud kernel has no broadcom ones)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from . import debtrust
 from .debtrust import mirror_for
 
 DOC_SUITE = "Debian suite whose package index is used."
+COMPONENTS = ("main", "contrib", "non-free", "non-free-firmware")
 
 
 def _pin_value(entry: dict) -> str:
@@ -37,11 +41,12 @@ def _pin_value(entry: dict) -> str:
 def _index(key: str, config: dict):
     """The verified index a pin is resolved from; nothing unverified is ever pinned."""
     suite, arch, spec = key.split("/", 2)
+    component, _, spec = spec.rpartition("/")  # `suite/arch/[component/]name`: main if absent
     name, _, version = spec.partition("=")
     trust = debtrust.current(config, suite)
     try:
-        index = archive.fetch_index(mirror_for(config), suite, arch=arch, keyrings=trust.keyrings,
-                                    insecure=trust.insecure)
+        index = archive.fetch_index(mirror_for(config), suite, component or "main", arch=arch,
+                                    keyrings=trust.keyrings, insecure=trust.insecure)
     except (DebError, OSError) as e:
         raise debtrust.failure(e, trust, f"cannot resolve {name} in suite {suite}") from None
     return index, name, version or None
@@ -60,7 +65,7 @@ _PLACEHOLDER = json.dumps({"Package": "unresolved", "Version": "0", "Filename": 
 
 @pin_resolver("deb", placeholder=_PLACEHOLDER)
 def resolve_deb(key: str, config: dict) -> str:
-    """`suite/arch/name[=version]` -> the index entry of that package, as JSON."""
+    """`suite/arch/[component/]name[=version]` -> the index entry of that package, as JSON."""
     index, name, version = _index(key, config)
     return _pin_value(_resolve(index, name, version))
 
@@ -85,10 +90,15 @@ DOC_KEYRING = ("The keyring the suite must be signed with: an absolute path, or 
                "trusts for the mirror (docs/trust.md).")
 
 
-def pinned_deb(ctx, kind: str) -> dict:
-    """The pin of the target's package, resolved (the first time) from a verified suite."""
+def pinned_deb(ctx, kind: str, package: str = "", component: str = "main",
+               architecture: str = "") -> dict:
+    """The pin of the target's package (or of `package` in `component`, for rules that
+    fetch several), resolved (the first time) from a verified suite."""
     trust = debtrust.trust_for(ctx, ctx.attr.suite)
-    key = f"{ctx.attr.suite}/{ctx.attr.architecture}/{ctx.attr.package}"
+    # main keeps its old key, so the pins already in forge.lock stay valid.
+    comp = "" if component == "main" else f"{component}/"
+    arch = architecture or ctx.attr.architecture
+    key = f"{ctx.attr.suite}/{arch}/{comp}{package or ctx.attr.package}"
     return dict(json.loads(debtrust.pin(ctx, kind, key, trust)), _trust=trust)
 
 
@@ -107,12 +117,16 @@ def fetch_action(ctx, pin: dict, name: str):
           "package": attr.string(mandatory=True, doc="Package name, optionally name=version."),
           "suite": attr.string(default="bookworm", doc=DOC_SUITE),
           "architecture": attr.string(default="amd64", doc="Debian architecture."),
+          "component": attr.string(default="main", values=COMPONENTS, doc="Archive component "
+                                   "whose index holds the package (raspi-firmware is in "
+                                   "non-free-firmware)."),
           "keyring": attr.string(default="", doc=DOC_KEYRING),
       })
 def deb_package(ctx):
-    pin = pinned_deb(ctx, "deb")
+    pin = pinned_deb(ctx, "deb", component=ctx.attr.component)
     out = fetch_action(ctx, pin, f"{ctx.label.name}.deb")
-    return ctx.info(files=[out], deb=out.path, package=pin["Package"], version=pin["Version"])
+    return ctx.info(files=[out], deb=out.path, package=pin["Package"], version=pin["Version"],
+                    architecture=ctx.attr.architecture)
 
 
 @action_function("DebFetch", version=1)
@@ -146,9 +160,18 @@ a URL with its sha256 (a .deb, or a bare kernel image).""",
           "modules": attr.string_list(doc="Modules to keep, with their dependencies; empty: "
                                       "keep every module."),
           "keyring": attr.string(default="", doc=DOC_KEYRING + " Only with `package`."),
+          "dtbs": attr.string_list(doc="Device-tree vendors to keep from a Debian kernel "
+                                   "package, e.g. [\"broadcom\"] for the Raspberry Pi (rpi3)."),
       })
 def kernel(ctx):
     out = ctx.declare_dir(ctx.label.name)
+    bad = [v for v in ctx.attr.dtbs if not v or "/" in v or v.startswith(".")]
+    if bad:
+        raise ctx.fail(f"dtbs holds {bad[0]!r}, not a vendor directory name", attr="dtbs",
+                       hint='name directories of the package\'s device trees, e.g. "broadcom"')
+    if ctx.attr.dtbs and (ctx.attr.image or (ctx.attr.url and not ctx.attr.url.endswith(".deb"))):
+        raise ctx.fail("dtbs are kept from a Debian kernel package only", attr="dtbs",
+                       hint="use `package` or `deb`, or drop dtbs")
     if ctx.attr.keyring and (ctx.attr.image or ctx.attr.deb or ctx.attr.url):
         raise ctx.fail("keyring applies only to a kernel package from the mirror (`package`)",
                        attr="keyring", hint="drop it: image, deb and url are pinned by digest")
@@ -167,7 +190,7 @@ def kernel(ctx):
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise ctx.fail(f"sha256 must be 64 hex digits; got {ctx.attr.sha256!r}", attr="sha256",
                            hint="a URL is only fetched with the sha256 of what it serves")
-        is_deb = ctx.attr.url.endswith(".deb")
+        is_deb, arch = ctx.attr.url.endswith(".deb"), None
         src = ctx.declare(f"{ctx.label.name}.download{'.deb' if is_deb else ''}")
         ctx.call("HttpFetch", {"urls": [ctx.attr.url], "sha256": sha}, inputs=[], outputs=[src],
                  mnemonic="HttpFetch", pool="network")
@@ -182,11 +205,16 @@ def kernel(ctx):
         if len(debs) != 1:
             raise ctx.fail(f"deb must name one .deb file; it names {len(debs)}", attr="deb")
         src = debs[0]
+        arch = ctx.deps("deb")[0].extra.get("architecture")
     else:
         src = fetch_action(ctx, pinned_deb(ctx, "debkernel"), f"{ctx.label.name}.deb")
-    ctx.call("KernelFromDeb", {"modules": list(ctx.attr.modules)}, inputs=[src], outputs=[out],
-             mnemonic="KernelFromDeb")
-    return ctx.info(files=[out], kernel=out.path)
+        arch = ctx.attr.architecture
+    params = {"modules": list(ctx.attr.modules)}
+    if ctx.attr.dtbs:  # only when asked: the keys of kernels without dtbs stay as they were
+        params["dtbs"] = sorted(set(ctx.attr.dtbs))
+    ctx.call("KernelFromDeb", params, inputs=[src], outputs=[out], mnemonic="KernelFromDeb")
+    # The architecture when known (not for a URL): linuxkit_image refuses rpi3 of amd64.
+    return ctx.info(files=[out], kernel=out.path, architecture=arch)
 
 
 @action_function("KernelFromFile", version=1)
@@ -212,11 +240,18 @@ def _take_module(tf: tarfile.TarFile, m: tarfile.TarInfo, mods: dict) -> bool:
     return True
 
 
+def _vendor(name: str) -> str | None:
+    parts = name.split("/")  # usr/lib/linux-image-<version>/<vendor>/.../x.dtb
+    return parts[3] if len(parts) > 4 else None
+
+
 @action_function("KernelFromDeb", version=1)
 def kernel_from_deb(ctx: ExecContext) -> None:
     image = None
     mods: dict[str, tuple[str, dict, bytes]] = {}
     version = None
+    vendors = ctx.params.get("dtbs", [])
+    dtbs: dict[str, bytes] = {}
     # One pass in archive order: the data tar is xz, and going back would decompress again.
     with open_data_tar(ctx.path(ctx.inputs[0])) as tf:
         for m in tf:
@@ -224,11 +259,23 @@ def kernel_from_deb(ctx: ExecContext) -> None:
             if m.isfile() and name.startswith("boot/vmlinuz-"):
                 image = tf.extractfile(m).read()
                 version = name[len("boot/vmlinuz-"):]
+            elif vendors and m.isfile() and name.endswith(".dtb") and \
+                    name.startswith("usr/lib/linux-image-") and _vendor(name) in vendors:
+                dtbs["/".join(name.split("/")[3:])] = tf.extractfile(m).read()
             else:
                 _take_module(tf, m, mods)
     if image is None:
         raise ActionFailed(f"{ctx.inputs[0]} holds no boot/vmlinuz-*: not a kernel package")
+    missing = [v for v in vendors if not any(k.startswith(v + "/") for k in dtbs)]
+    if missing:
+        raise ActionFailed(f"{ctx.inputs[0]} has no device trees of {', '.join(missing)} "
+                           "(usr/lib/linux-image-*/<vendor>/*.dtb); Debian's cloud kernels ship "
+                           "few: use linux-image-arm64 for the Raspberry Pi")
     _write_kernel(ctx, image, version, mods)
+    for rel, data in sorted(dtbs.items()):
+        dest = ctx.path(ctx.outputs[0]) / "dtb" / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
 
 
 def _write_kernel(ctx: ExecContext, image: bytes, version: str, mods: dict) -> None:

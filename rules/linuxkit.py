@@ -98,6 +98,8 @@ action. `forge run` boots it under QEMU.""", attrs={
     "platform": attr.string(default="linux/amd64", doc="Platform of pulled images."),
     "packages": attr.label_list(doc="linuxkit_package targets: an `image:` equal to one's "
                                 "tag (linuxkit/foo:<hash>) is that target, not a pull."),
+    "firmware": attr.label(doc="Boot firmware of the formats that need it: an rpi_firmware "
+                           "target for rpi3."),
 })
 def linuxkit_image(ctx):
     for fmt in ctx.attr.formats:
@@ -120,6 +122,7 @@ class _Planner:
         self.ids = asmlib.allocate_ids(asm)
         self.layouts: dict[str, object] = {}   # image text -> layout artifact
         self.kinds: dict[str, str] = {}        # image text -> "image" | "kernel" (a kernel target)
+        self.archs: dict[str, str] = {}        # image text -> its target's architecture, if known
         self.unpacked: dict[str, object] = {}  # layout path -> LkUnpack output dir
         self.fragments: list[tuple[str, object]] = []
 
@@ -134,6 +137,7 @@ class _Planner:
             info = ctx.dep(label)
             path = info.extra.get("image") or info.extra.get("kernel")
             self.kinds[text] = "image" if info.extra.get("image") else "kernel"
+            self.archs[text] = info.extra.get("architecture") or ""
             if path is None:
                 raise AnalysisError(f"'{text}' is not an image target (it has no image output)",
                                     location=Location(loc.file, loc.line, loc.col) if loc else None,
@@ -302,9 +306,11 @@ class _Planner:
                  outputs=[kernel, cmdline], mnemonic="LkBootFiles")
         boot = {"kernel": kernel, "initrd": initrd, "cmdline": cmdline}
         outputs = {}
+        # The kernel's architecture, else the pulled images' (hook: the `arch` attribute).
+        arch = self.archs.get(self.asm.kernel.image) or ctx.attr.platform.rpartition("/")[2]
         for fmt in ctx.attr.formats:
             outputs[fmt] = disk.plan_format(ctx, fmt, self.name, boot, kernel_dir,
-                                            [f for _, f in self.fragments])
+                                            [f for _, f in self.fragments], arch=arch)
         files = [a for arts in outputs.values() for a in arts]
         return ctx.info(files=files, kernel=kernel.path, initrd=initrd.path, cmdline=cmdline.path,
                         formats={f: [a.path for a in arts] for f, arts in outputs.items()},

@@ -155,7 +155,7 @@ def assemble_stage(ctx: ExecContext) -> None:
     _finish(out, config, descs, history)
 
 
-@action_function("CopyLayer", version=4)  # 4: the compressor in the key
+@action_function("CopyLayer", version=5)  # 5: implicit parents 0755 whatever the umask
 def copy_layer(ctx: ExecContext) -> None:
     """One COPY/ADD of a stage without RUN, as its own cached action: a change to what a
     later instruction copies does not redo this layer (BuildKit caches the same way)."""
@@ -354,9 +354,22 @@ def _resolve_in(root: Path, path: str) -> Path | None:
     return cur
 
 
+def _parents(dst: Path) -> None:
+    """Create the missing parents of `dst` as Docker does, 0755: mkdir's mode would be
+    the umask's, and reach the layer's bytes."""
+    missing = []
+    p = dst.parent
+    while not p.exists() and not p.is_symlink():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir()
+        d.chmod(0o755)
+
+
 def _place(src: Path, staging: Path, target: str) -> None:
     dst = staging / target.lstrip("/")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _parents(dst)
     if src.is_symlink():
         if dst.exists() or dst.is_symlink():
             dst.unlink()
@@ -369,7 +382,7 @@ def _place(src: Path, staging: Path, target: str) -> None:
 
 def _write(staging: Path, target: str, data: bytes) -> None:
     dst = staging / target.lstrip("/")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _parents(dst)
     dst.write_bytes(data)
 
 

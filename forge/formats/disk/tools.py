@@ -27,6 +27,7 @@ PACKAGES = {
     "qemu-img": "qemu-utils",
     "fakeroot": "fakeroot", "tar": "tar",
     "mksquashfs": "squashfs-tools", "mkfs.erofs": "erofs-utils",
+    "mkimage": "u-boot-tools",
 }
 # Boot-loader data files -> their Debian package.
 DATA_PACKAGES = {
