@@ -29,6 +29,24 @@ FORMATS = {
 }
 
 
+# Files several formats write on purpose: the boot files are the same artifacts for all.
+_SHARED = {*FORMATS["kernel+initrd"], rootfs.BOOT_INITRD}
+
+
+def check_file_names(ctx, formats: list, name: str) -> None:
+    """LinuxKit gives some formats the same file name (kernel+iso and iso-bios: N.iso; tar
+    and rpi3: N.tar; vhd and dynamic-vhd: N.vhd), where one output would silently replace
+    the other: one target builds only one of them."""
+    writer = {}
+    for fmt in formats:
+        for template in set(FORMATS[fmt]) - _SHARED:
+            other = writer.setdefault(template, fmt)
+            if other != fmt:
+                raise ctx.fail(f"formats {other} and {fmt} both write {template.format(name=name)} "
+                               "(LinuxKit names them so)", attr="formats",
+                               hint="build them from two linuxkit_image targets")
+
+
 def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list,
                 arch: str = "") -> list:
     """Plan the action for `fmt`; its output artifacts. `arch`: the image's architecture
@@ -58,9 +76,6 @@ def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: lis
 def _plan_root_image(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list) -> list:
     """The image of the whole root tree, on the shared fragments; and, once per target,
     the boot initrd that mounts it (forge.formats.linux.bootinitrd says why)."""
-    if fmt == "kernel+iso" and "iso-bios" in ctx.attr.formats:
-        raise ctx.fail(f"kernel+iso and iso-bios both write {name}.iso (as in LinuxKit)",
-                       attr="formats", hint="build them in two linuxkit_image targets")
     try:
         tools = rootfs.tools(fmt)
     except DiskImageError as e:
@@ -140,9 +155,6 @@ RPI_FIRMWARE_HINT = ('add `rpi_firmware(name = "rpi3_firmware")` to the BUILD fi
 
 
 def _plan_rpi3(ctx, name: str, boot: dict, kernel_dir, arch: str) -> list:
-    if "tar" in ctx.attr.formats:
-        raise ctx.fail(f"formats tar and rpi3 both write {name}.tar (as LinuxKit's do)",
-                       attr="formats", hint="build them from two linuxkit_image targets")
     if arch != "arm64":
         raise ctx.fail(f"format rpi3 boots arm64 images only; this image's kernel is "
                        f"{arch or 'of an unknown architecture'}", attr="formats",

@@ -107,6 +107,7 @@ def linuxkit_image(ctx):
             raise ctx.fail(f"unknown format '{fmt}'", attr="formats",
                            hint=did_you_mean(fmt, disk.FORMATS)
                            or f"formats are: {', '.join(disk.FORMATS)}")
+    disk.check_file_names(ctx, ctx.attr.formats, ctx.label.name)
     arts = [a for lb in _assembly_labels(ctx.attr) for a in ctx.dep(lb).files]
     asm = _parse([(a.path, ctx.read_source(a)) for a in arts])
     if asm.kernel is None or not asm.kernel.image:

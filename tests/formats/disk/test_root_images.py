@@ -357,7 +357,7 @@ def test_each_format_is_one_action_on_the_shared_fragments(lk):
                                                  '["iso-bios", "kernel+iso"]'))
     r = lk.build("//:os")
     assert r.code == 2  # an analysis error, found before anything runs
-    assert "BUILD:5:5: error: kernel+iso and iso-bios both write os.iso" in r.err, r.err
+    assert "BUILD:5:5: error: formats iso-bios and kernel+iso both write os.iso" in r.err, r.err
 
 
 def test_boot_spec_boots_the_kernel_with_the_image_as_a_read_only_disk(tmp_path):
