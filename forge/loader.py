@@ -134,9 +134,10 @@ class Loader:
             return path.as_posix()
 
     def remember(self, path: Path) -> None:
-        """Record a file whose change invalidates what was loaded (its size and mtime)."""
+        """Record a file whose change invalidates what was loaded: its size, mtime and mode
+        (`chmod +x` changes a LinuxKit package's tag, and no mtime)."""
         st = path.stat()
-        self.inputs[self._rel(path)] = (st.st_size, st.st_mtime_ns)
+        self.inputs[self._rel(path)] = (st.st_size, st.st_mtime_ns, st.st_mode)
 
     def _module(self) -> sl.Module:
         m = sl.Module()

@@ -113,12 +113,12 @@ class Session:
         if fp != fingerprint:
             return None
         root = self.ws.root
-        for rel, (size, mtime) in inputs.items():
+        for rel, (size, mtime, mode) in inputs.items():
             try:
                 st = os.stat(root / rel)
             except OSError:
                 return None
-            if st.st_size != size or st.st_mtime_ns != mtime:
+            if st.st_size != size or st.st_mtime_ns != mtime or st.st_mode != mode:
                 return None
         for rel, mtime in dirs.items():
             try:
