@@ -25,6 +25,7 @@ PACKAGES = {
     "syslinux": "syslinux",
     "sfdisk": "fdisk",
     "qemu-img": "qemu-utils",
+    "tar": "tar",
 }
 # Boot-loader data files -> their Debian package.
 DATA_PACKAGES = {
