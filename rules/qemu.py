@@ -92,10 +92,11 @@ def qemu_test(ctx):
     if timeout is None:
         raise ctx.fail(f"timeout '{ctx.attr.timeout}' is not a duration", attr="timeout",
                        hint='write seconds or minutes: "120s", "3m"')
-    probe = dict(ctx.attr.probe) or {"kind": "console_regex", "pattern": "forge-init: services started"}
+    forward = ctx.attr.forward or {}  # unset attributes are None
+    probe = dict(ctx.attr.probe or {}) or {"kind": "console_regex", "pattern": "forge-init: services started"}
     if probe.get("kind") not in ("redis_ping", "tcp_expect", "console_regex"):
         raise ctx.fail("probe must be redis_ping(), tcp_expect(...) or console_regex(...)", attr="probe")
-    if probe["kind"] != "console_regex" and probe["port"] not in ctx.attr.forward.values():
+    if probe["kind"] != "console_regex" and probe["port"] not in forward.values():
         raise ctx.fail(f"the probe reaches guest port {probe['port']}, which forward does not "
                        "forward", attr="probe",
                        hint=f"add forward = {{{probe['port']}: {probe['port']}}}")
@@ -104,7 +105,7 @@ def qemu_test(ctx):
                        attr="drive", hint="drop drive, or boot one of the iso-* formats")
     files = [a for a in ctx.deps("image")[0].files if a.path in formats[fmt]]
     return ctx.info(files=files, test={"runner": "QemuTest", "params": {
-        "format": fmt, "files": formats[fmt], "forward": {str(g): g for g in ctx.attr.forward.values()},
+        "format": fmt, "files": formats[fmt], "forward": {str(g): g for g in forward.values()},
         "probe": probe, "timeout": timeout, "memory": ctx.attr.memory, "cpus": ctx.attr.cpus,
         "drive": ctx.attr.drive}})
 

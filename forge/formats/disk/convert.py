@@ -19,6 +19,7 @@ SOURCE_DATE_EPOCH. See vhd.py, vmdk.py, gcp.py.
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from pathlib import Path
 
@@ -36,7 +37,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "vmdk": ("{name}.vmdk",),
 }
 SOURCE = "raw-bios"  # the images.py format every one of these is converted from
-_TOOLS = {"aws": [], "gcp": ["tar"], "vhd": ["qemu-img"], "dynamic-vhd": ["qemu-img"],
+_TOOLS = {"aws": [], "gcp": [], "vhd": ["qemu-img"], "dynamic-vhd": ["qemu-img"],
           "vmdk": ["qemu-img"]}
 _NS = uuid.UUID("6a1c9f0e-3d2b-5e47-8f10-7c6b5a493827")
 
@@ -56,6 +57,21 @@ def tools(fmt: str) -> list[str]:
     cache key; DiskImageError naming the Debian package of one that is missing."""
     _check_format(fmt)
     return sorted(str(find_tool(t)) for t in _TOOLS[fmt])
+
+
+def sparse_copy(src: Path, dest: Path) -> Path:
+    """Copy `src` leaving its all-zero 4 KiB blocks as holes, as the raw disk was made."""
+    zero = bytes(4096)
+    with open(src, "rb") as f, open(dest, "wb") as out:
+        while block := f.read(1 << 20):
+            for i in range(0, len(block), 4096):
+                piece = block[i:i + 4096]
+                if piece == zero[:len(piece)]:
+                    out.seek(len(piece), os.SEEK_CUR)
+                else:
+                    out.write(piece)
+        out.truncate(out.tell())
+    return dest
 
 
 def content_id(raw: Path, name: str, fmt: str) -> uuid.UUID:
@@ -83,9 +99,9 @@ def build(fmt: str, *, raw: Path, name: str, outdir: Path, workdir: Path,
     out = outdir / output_names(fmt, name)[0]
     try:
         if fmt == "aws":
-            gcp.sparse_copy(raw, out)
+            sparse_copy(raw, out)
         elif fmt == "gcp":
-            gcp.build(raw, out, workdir=workdir, epoch=epoch, env=env)
+            gcp.build(raw, out, epoch=epoch)
         elif fmt in ("vhd", "dynamic-vhd"):
             vhd.convert(raw, out, dynamic=fmt == "dynamic-vhd",
                         disk_id=content_id(raw, name, fmt), epoch=epoch, env=env)

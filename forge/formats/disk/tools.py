@@ -25,7 +25,6 @@ PACKAGES = {
     "syslinux": "syslinux",
     "sfdisk": "fdisk",
     "qemu-img": "qemu-utils",
-    "tar": "tar",
 }
 # Boot-loader data files -> their Debian package.
 DATA_PACKAGES = {
