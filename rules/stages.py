@@ -348,9 +348,22 @@ def _resolve_in(root: Path, path: str) -> Path | None:
     return cur
 
 
+def _parents(dst: Path) -> None:
+    """Create the missing parents of `dst` as Docker does, 0755: mkdir's mode would come
+    from the umask, and the layer would differ with it."""
+    missing = []
+    d = dst.parent
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        d.mkdir()
+        d.chmod(0o755)
+
+
 def _place(src: Path, staging: Path, target: str) -> None:
     dst = staging / target.lstrip("/")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _parents(dst)
     if src.is_symlink():
         if dst.exists() or dst.is_symlink():
             dst.unlink()
@@ -363,8 +376,9 @@ def _place(src: Path, staging: Path, target: str) -> None:
 
 def _write(staging: Path, target: str, data: bytes) -> None:
     dst = staging / target.lstrip("/")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _parents(dst)
     dst.write_bytes(data)
+    dst.chmod(0o644)  # a here-document's file, as Docker writes it, whatever the umask
 
 
 # --- DockerStage -----------------------------------------------------------------------
