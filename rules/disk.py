@@ -49,7 +49,7 @@ def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: lis
                                             kernel_dir], outputs=outs, mnemonic="LkKernelTar")
         return outs
     if fmt in diskconvert.FORMATS:
-        raw = _disk(ctx, diskconvert.SOURCE, name, boot)[0]
+        raw = _disk(ctx, diskconvert.SOURCE, name, boot, wanted=fmt)[0]
         params = {"format": fmt, "name": name}
         if fmt == "gcp":
             params["compressor"] = compressors.param("gzip")
@@ -60,22 +60,23 @@ def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: lis
     return _disk(ctx, fmt, name, boot)
 
 
-def _tools(ctx, fmt: str, find) -> list[str]:
+def _tools(ctx, fmt: str, find, wanted: str | None = None) -> list[str]:
     try:
         return find(fmt)
     except DiskImageError as e:
-        raise ctx.fail(f"format {fmt} cannot be built here: {e}", attr="formats",
+        what = f"{wanted} (a conversion of the {fmt} disk)" if wanted and wanted != fmt else fmt
+        raise ctx.fail(f"format {what} cannot be built here: {e}", attr="formats",
                        hint="install the package (dev/setup.sh lists them all), or drop the format") from None
 
 
-def _disk(ctx, fmt: str, name: str, boot: dict) -> list:
-    """The LkDisk action of `fmt`, planned once: a conversion may have asked for it first."""
+def _disk(ctx, fmt: str, name: str, boot: dict, wanted: str | None = None) -> list:
+    """The LkDisk action of `fmt`, planned once: a conversion (`wanted`) may ask for it."""
     outs = [ctx.declare(n) for n in diskimage.output_names(fmt, name)]
     if any(outs[0] in a.outputs for a in ctx.actions):
         return outs
     ctx.call("LkDisk", {"format": fmt, "name": name},
              inputs=[boot["kernel"], boot["initrd"], boot["cmdline"]], outputs=outs,
-             mnemonic="LkDisk", tools=_tools(ctx, fmt, diskimage.tools),
+             mnemonic="LkDisk", tools=_tools(ctx, fmt, diskimage.tools, wanted),
              description=f"LkDisk {ctx.label} [{fmt}]")
     return outs
 
@@ -86,7 +87,7 @@ def _check_clash(ctx, fmt: str, name: str) -> None:
         same = mine & {n.format(name=name) for n in FORMATS.get(other, ())} if other != fmt else set()
         if same:
             raise ctx.fail(f"formats {fmt} and {other} both write {', '.join(sorted(same))}",
-                           attr="formats", hint=f"keep one of them here, and build the other "
+                           attr="formats", hint="keep one of them here, and build the other "
                            "in a second linuxkit_image (its name names the files)")
 
 
