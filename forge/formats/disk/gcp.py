@@ -11,7 +11,6 @@ owner 0:0 without names, its mode 0644; gzip carries no name and no time.
 from __future__ import annotations
 
 import gzip
-import shutil
 import tarfile
 from pathlib import Path
 
