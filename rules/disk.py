@@ -1,7 +1,14 @@
 """The output formats of `linuxkit_image`: one action each, all without root, loop devices
 or a Docker engine, all byte-reproducible. The disk formats are built by
 forge.formats.disk.images from the kernel, the initrd and the command line; the host tools
-each one runs are part of its key, so upgrading xorriso or grub rebuilds the image."""
+each one runs are part of its key, so upgrading xorriso or grub rebuilds the image.
+
+aws, gcp, vhd, dynamic-vhd and vmdk are conversions of the BIOS raw disk
+(forge.formats.disk.convert): each is an LkConvert action whose input is the output of the
+raw-bios LkDisk action, planned once per target whether or not raw-bios is asked for, so
+adding one of them to a target runs that conversion (and the raw disk, the first time)
+only. Two formats that would write the same file (vhd and dynamic-vhd: N.vhd) are an
+error in one target."""
 
 from __future__ import annotations
 
@@ -9,12 +16,15 @@ import tarfile
 
 from forge.api import ActionFailed, ExecContext, action_function, attr, rule
 from forge.formats.disk.errors import DiskImageError
+from forge.formats.disk import convert as diskconvert
 from forge.formats.disk import images as diskimage
 from forge.formats.disk import rootfs
 from forge.formats.linux import bootinitrd
 from forge.formats.linux.errors import BootInitrdError
 from forge.formats.disk import rpi3
+from forge.formats.disk import kernel_tar
 from forge.formats.linux.fragments import FragmentWriter
+from rules import compressors
 
 from .kernel import DOC_KEYRING, fetch_action, pinned_deb
 
@@ -23,8 +33,10 @@ from .kernel import DOC_KEYRING, fetch_action, pinned_deb
 FORMATS = {
     "kernel+initrd": ("{name}-kernel", "{name}-initrd.img", "{name}-cmdline"),
     "tar": ("{name}.tar",),
+    "tar-kernel-initrd": ("{name}-initrd.tar",),
     **diskimage.FORMATS,
     **rootfs.FORMATS,
+    **diskconvert.FORMATS,
     "rpi3": (rpi3.OUTPUT,),  # LinuxKit's name, the same as tar's: one of them per target
 }
 
@@ -42,9 +54,9 @@ def check_file_names(ctx, formats: list, name: str) -> None:
         for template in set(FORMATS[fmt]) - _SHARED:
             other = writer.setdefault(template, fmt)
             if other != fmt:
-                raise ctx.fail(f"formats {other} and {fmt} both write {template.format(name=name)} "
-                               "(LinuxKit names them so)", attr="formats",
-                               hint="build them from two linuxkit_image targets")
+                raise ctx.fail(f"formats {other} and {fmt} both write {template.format(name=name)}",
+                               attr="formats", hint="keep one of them here, and build the other "
+                               "in a second linuxkit_image (its name names the files)")
 
 
 def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list,
@@ -62,14 +74,40 @@ def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: lis
         ctx.call("LkTar", {}, inputs=[boot["kernel"], boot["cmdline"], kernel_dir, *fragments],
                  outputs=outs, mnemonic="LkTar")
         return outs
+    if fmt == "tar-kernel-initrd":
+        ctx.call("LkKernelTar", {}, inputs=[boot["kernel"], boot["initrd"], boot["cmdline"],
+                                            kernel_dir], outputs=outs, mnemonic="LkKernelTar")
+        return outs
+    if fmt in diskconvert.FORMATS:
+        raw = _disk(ctx, diskconvert.SOURCE, name, boot, wanted=fmt)[0]
+        params = {"format": fmt, "name": name}
+        if fmt == "gcp":
+            params["compressor"] = compressors.param("gzip")
+        ctx.call("LkConvert", params, inputs=[raw], outputs=outs, mnemonic="LkConvert",
+                 tools=_tools(ctx, fmt, diskconvert.tools),
+                 description=f"LkConvert {ctx.label} [{fmt}]")
+        return outs
+    return _disk(ctx, fmt, name, boot)
+
+
+def _tools(ctx, fmt: str, find, wanted: str | None = None) -> list[str]:
     try:
-        tools = diskimage.tools(fmt)
+        return find(fmt)
     except DiskImageError as e:
-        raise ctx.fail(f"format {fmt} cannot be built here: {e}", attr="formats",
+        what = f"{wanted} (a conversion of the {fmt} disk)" if wanted and wanted != fmt else fmt
+        raise ctx.fail(f"format {what} cannot be built here: {e}", attr="formats",
                        hint="install the package (dev/setup.sh lists them all), or drop the format") from None
+
+
+def _disk(ctx, fmt: str, name: str, boot: dict, wanted: str | None = None) -> list:
+    """The LkDisk action of `fmt`, planned once: a conversion (`wanted`) may ask for it."""
+    outs = [ctx.declare(n) for n in diskimage.output_names(fmt, name)]
+    if any(outs[0] in a.outputs for a in ctx.actions):
+        return outs
     ctx.call("LkDisk", {"format": fmt, "name": name},
              inputs=[boot["kernel"], boot["initrd"], boot["cmdline"]], outputs=outs,
-             mnemonic="LkDisk", tools=tools, description=f"LkDisk {ctx.label} [{fmt}]")
+             mnemonic="LkDisk", tools=_tools(ctx, fmt, diskimage.tools, wanted),
+             description=f"LkDisk {ctx.label} [{fmt}]")
     return outs
 
 
@@ -114,7 +152,7 @@ def boot_initrd_step(ctx: ExecContext) -> None:
         raise ActionFailed(str(e)) from None
 
 
-@action_function("LkDisk", version=1)
+@action_function("LkDisk", version=2)  # 2: iso-efi is a hybrid (GPT, appended ESP)
 def disk_step(ctx: ExecContext) -> None:
     p = ctx.params
     kernel, initrd, cmdline = (ctx.path(i) for i in ctx.inputs[:3])
@@ -130,6 +168,33 @@ def disk_step(ctx: ExecContext) -> None:
     missing = {str(ctx.path(o)) for o in ctx.outputs} - {str(m) for m in made}
     if missing:
         raise ActionFailed(f"{p['format']} did not write {', '.join(sorted(missing))}")
+
+
+@action_function("LkConvert", version=1)
+def convert_step(ctx: ExecContext) -> None:
+    p = ctx.params
+    if "compressor" in p:
+        compressors.check(ctx, "gzip")
+    outdir = ctx.path(ctx.outputs[0]).parent
+    work = ctx.path(".work")
+    work.mkdir()
+    try:
+        diskconvert.build(p["format"], raw=ctx.path(ctx.inputs[0]), name=p["name"],
+                          outdir=outdir, workdir=work, epoch=ctx.source_date_epoch)
+    except DiskImageError as e:
+        raise ActionFailed(str(e)) from None
+
+
+@action_function("LkKernelTar", version=1)
+def kernel_tar_step(ctx: ExecContext) -> None:
+    """LinuxKit's tar-kernel-initrd: kernel, initrd.img, cmdline[, ucode.cpio]."""
+    kernel, initrd, cmdline, kdir = (ctx.path(i) for i in ctx.inputs[:4])
+    ucode = kdir / "ucode.cpio"
+    try:
+        kernel_tar.write(ctx.path(ctx.outputs[0]), kernel=kernel, initrd=initrd, cmdline=cmdline,
+                         ucode=ucode if ucode.is_file() else None, epoch=ctx.source_date_epoch)
+    except DiskImageError as e:
+        raise ActionFailed(str(e)) from None
 
 
 @action_function("LkTar", version=1)
@@ -254,5 +319,5 @@ def rpi_firmware_step(ctx: ExecContext) -> None:
 
 def register(rule_set) -> None:
     """The `forge.rules` entry point: hands this module's declarations to the rule set."""
-    rule_set.add(disk_step, tar_step, root_image_step, boot_initrd_step, rpi3_step,
-                 rpi_firmware, rpi_firmware_step)
+    rule_set.add(disk_step, convert_step, kernel_tar_step, tar_step, root_image_step,
+                 boot_initrd_step, rpi3_step, rpi_firmware, rpi_firmware_step)

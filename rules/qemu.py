@@ -4,6 +4,10 @@ targets, and `qemu_test`, which boots an image headless and probes it.
 The accelerator is chosen by forge.formats.vm.machine (KVM where it works, else TCG; override
 with `--accel` or FORGE_QEMU_ACCEL). Images in the cache are never written: disks boot
 with `snapshot=on`.
+
+An ISO boots as a CD; `drive = "disk"` (`forge run --drive disk`) attaches it as a virtio
+disk instead, as a USB stick it was written to would be: the ISOs are hybrids. gcp's
+archive is unpacked (sparse) into the VM's run directory and its disk.raw booted.
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ QEMU_POOL = pool("qemu", 2)
 
 # format -> how it boots (see forge.formats.qemu.boot_spec)
 BOOTABLE = ("kernel+initrd", "iso-bios", "iso-efi", "raw-bios", "raw-efi", "qcow2-bios", "qcow2-efi",
-            "kernel+squashfs", "kernel+erofs", "kernel+iso")
+            "kernel+squashfs", "kernel+erofs", "kernel+iso",
+            "iso-efi-initrd", "aws", "gcp", "vhd", "dynamic-vhd", "vmdk")
+# How a disk format is attached (QEMU's format= names); every one not EFI here boots by BIOS,
+# as LinuxKit's images for aws, gcp, vhd and vmdk do (MBR and SYSLINUX).
+_DISK_FORMAT = {"qcow2-bios": "qcow2", "qcow2-efi": "qcow2", "vhd": "vpc", "dynamic-vhd": "vpc",
+                "vmdk": "vmdk"}
+DRIVES = ("default", "disk")
 
 REDIS_PING = build_helper("redis_ping", '''def redis_ping(port = 6379):
     """A qemu_test probe: Redis answers PING with PONG on guest port `port`."""
@@ -68,6 +78,10 @@ boot tests run side by side.""", attrs={
     "timeout": attr.string(default="120s", doc="How long the probe may take, e.g. 90s or 3m."),
     "memory": attr.int(default=512, doc="Guest memory in MiB."),
     "cpus": attr.int(default=1, doc="Guest CPUs."),
+    "drive": attr.string(default="default", values=DRIVES,
+                         doc="How the image is attached: default (an ISO as a CD, a disk image "
+                         "as a virtio disk) or disk (an ISO as a virtio disk, as a USB stick "
+                         "holding it would be)."),
 })
 def qemu_test(ctx):
     formats = _image_formats(ctx, "image")
@@ -79,22 +93,30 @@ def qemu_test(ctx):
     if timeout is None:
         raise ctx.fail(f"timeout '{ctx.attr.timeout}' is not a duration", attr="timeout",
                        hint='write seconds or minutes: "120s", "3m"')
-    probe = dict(ctx.attr.probe) or {"kind": "console_regex", "pattern": "forge-init: services started"}
+    forward = ctx.attr.forward or {}  # unset attributes are None
+    probe = dict(ctx.attr.probe or {}) or {"kind": "console_regex", "pattern": "forge-init: services started"}
     if probe.get("kind") not in ("redis_ping", "tcp_expect", "console_regex"):
         raise ctx.fail("probe must be redis_ping(), tcp_expect(...) or console_regex(...)", attr="probe")
-    if probe["kind"] != "console_regex" and probe["port"] not in ctx.attr.forward.values():
+    if probe["kind"] != "console_regex" and probe["port"] not in forward.values():
         raise ctx.fail(f"the probe reaches guest port {probe['port']}, which forward does not "
                        "forward", attr="probe",
                        hint=f"add forward = {{{probe['port']}: {probe['port']}}}")
+    if ctx.attr.drive == "disk" and not fmt.startswith("iso-"):
+        raise ctx.fail(f"drive = \"disk\" boots an ISO as a disk; {fmt} is not an ISO",
+                       attr="drive", hint="drop drive, or boot one of the iso-* formats")
     files = [a for a in ctx.deps("image")[0].files if a.path in formats[fmt]]
     return ctx.info(files=files, test={"runner": "QemuTest", "params": {
-        "format": fmt, "files": formats[fmt], "forward": {str(g): g for g in ctx.attr.forward.values()},
-        "probe": probe, "timeout": timeout, "memory": ctx.attr.memory, "cpus": ctx.attr.cpus}})
+        "format": fmt, "files": formats[fmt], "forward": {str(g): g for g in forward.values()},
+        "probe": probe, "timeout": timeout, "memory": ctx.attr.memory, "cpus": ctx.attr.cpus,
+        "drive": ctx.attr.drive}})
 
 
-def boot_spec(fmt: str, paths: list):
-    """How QEMU boots the files of format `fmt` (see disk.FORMATS for their order)."""
+def boot_spec(fmt: str, paths: list, rundir=None, drive: str = "default"):
+    """How QEMU boots the files of format `fmt` (see disk.FORMATS for their order);
+    `rundir` is the VM's own directory (gcp's disk is unpacked there); `drive` "disk"
+    attaches an ISO as a disk."""
     from forge.formats.vm import machine as qemu
+    efi = fmt.endswith("-efi") or fmt.startswith("iso-efi")
     if fmt == "kernel+initrd":
         kernel, initrd, cmdline = paths
         return qemu.kernel_boot(kernel, initrd, cmdline.read_text())
@@ -102,9 +124,13 @@ def boot_spec(fmt: str, paths: list):
         kernel, image, cmdline, boot_initrd = paths
         return qemu.kernel_boot(kernel, boot_initrd, cmdline.read_text(), drive=image)
     if fmt.startswith("iso-"):
-        return qemu.iso_boot(paths[0], efi=fmt.endswith("-efi"))
-    return qemu.disk_boot(paths[0], efi=fmt.endswith("-efi"),
-                          image_format="qcow2" if fmt.startswith("qcow2") else "raw")
+        if drive == "disk":
+            return qemu.disk_boot(paths[0], efi=efi, image_format="raw")
+        return qemu.iso_boot(paths[0], efi=efi)
+    if fmt == "gcp":
+        from forge.formats.disk.gcp import unpack
+        return qemu.disk_boot(unpack(paths[0], rundir), image_format="raw")
+    return qemu.disk_boot(paths[0], efi=efi, image_format=_DISK_FORMAT.get(fmt, "raw"))
 
 
 class _Cancelled(Exception):
@@ -135,11 +161,16 @@ def qemu_test_runner(ctx: RunContext) -> int:
     import time
     from forge.formats.vm import machine as qemu
     from forge.formats.vm.errors import QemuError
+    from forge.formats.disk.errors import DiskImageError
     p = ctx.params
     out = ctx.out or sys.stdout
-    spec = boot_spec(p["format"], [ctx.root / f for f in p["files"]])
     accel = ctx.config.get("qemu", {}).get("accel")
     with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
+        try:
+            spec = boot_spec(p["format"], [ctx.root / f for f in p["files"]], rundir,
+                             p.get("drive", "default"))
+        except DiskImageError as e:
+            raise ActionFailed(str(e)) from None
         vm = qemu.VM(spec, rundir, accel=accel, memory=p["memory"], cpus=p["cpus"],
                      forwards={int(g): 0 for g in p["forward"].values()})
         t0 = time.monotonic()
@@ -158,9 +189,11 @@ def qemu_test_runner(ctx: RunContext) -> int:
 @runner("QemuRun")
 def qemu_run(ctx: RunContext) -> int:
     """`forge run //images:x [--format F] [-p HOST:GUEST]... [--accel kvm|tcg] [-m MiB]
-    [--cpus N]`: the serial console on this terminal; Ctrl-C (or powering off) stops it."""
+    [--cpus N] [--drive disk]`: the serial console on this terminal; Ctrl-C (or powering
+    off) stops it."""
     import tempfile
     from forge.api import UsageError
+    from forge.formats.disk.errors import DiskImageError
     from forge.formats.vm import machine as qemu
     from forge.formats.vm.errors import QemuError
     formats = ctx.params["formats"]
@@ -170,12 +203,13 @@ def qemu_run(ctx: RunContext) -> int:
     ap.add_argument("--accel")
     ap.add_argument("-m", "--memory", type=int, default=512)
     ap.add_argument("--cpus", type=int, default=1)
+    ap.add_argument("--drive", choices=DRIVES, default="default")
     try:
         args = ap.parse_args(ctx.args)
     except SystemExit:
         raise UsageError(f"cannot read the run options {' '.join(ctx.args)}",
                          hint="forge run IMAGE [--format F] [-p HOST:GUEST]... [--accel kvm|tcg] "
-                         "[-m MiB] [--cpus N]") from None
+                         "[-m MiB] [--cpus N] [--drive disk]") from None
     if args.format is None:  # e.g. only rpi3, which forge run cannot boot
         raise UsageError(f"none of the image's formats ({', '.join(formats)}) boots under "
                          "forge run",
@@ -189,13 +223,16 @@ def qemu_run(ctx: RunContext) -> int:
         if not (host.isdigit() and (guest or host).isdigit()):
             raise UsageError(f"-p {text}: expected PORT or HOST:GUEST")
         forwards[int(guest or host)] = int(host)
-    spec = boot_spec(args.format, [ctx.root / f for f in formats[args.format]])
+    if args.drive == "disk" and not args.format.startswith("iso-"):
+        raise UsageError(f"--drive disk boots an ISO as a disk; {args.format} is not an ISO")
     with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
         try:
+            spec = boot_spec(args.format, [ctx.root / f for f in formats[args.format]], rundir,
+                             args.drive)
             vm = qemu.VM(spec, rundir, accel=args.accel or ctx.config.get("qemu", {}).get("accel"),
                          memory=args.memory, cpus=args.cpus, forwards=forwards, interactive=True)
             vm.argv()  # a missing QEMU or firmware is said now, not as a crash
-        except QemuError as e:
+        except (QemuError, DiskImageError) as e:
             raise ActionFailed(str(e)) from None
         print(f"forge: booting {ctx.params['name']} ({args.format}, {vm.accel}); Ctrl-C stops the VM"
               + "".join(f"; 127.0.0.1:{h} -> guest {g}" for g, h in vm.ports.items()), file=sys.stderr)

@@ -384,6 +384,7 @@ def _write(staging: Path, target: str, data: bytes) -> None:
     dst = staging / target.lstrip("/")
     _parents(dst)
     dst.write_bytes(data)
+    dst.chmod(0o644)  # a here-document's file, as Docker writes it, whatever the umask
 
 
 # --- DockerStage -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -61,7 +62,8 @@ linuxkit_image(
 
 
 ALL_FORMATS = ("kernel+initrd", "tar", "iso-bios", "iso-efi", "raw-bios", "raw-efi",
-               "qcow2-bios", "qcow2-efi")
+               "qcow2-bios", "qcow2-efi", "tar-kernel-initrd", "iso-efi-initrd", "aws", "gcp",
+               "vhd", "vmdk")  # and dynamic-vhd, which writes N.vhd too: another target
 
 
 def _kernel_tar() -> bytes:
@@ -168,14 +170,20 @@ def test_two_clean_builds_are_byte_identical(tmp_path):
     for tool in ("xorriso", "mkfs.vfat", "mcopy", "syslinux", "grub-mkimage", "qemu-img", "sfdisk"):
         require(shutil.which(tool) is not None, f"{tool} is not installed (see dev/setup.sh)")
     every = BUILD.replace('["kernel+initrd", "tar"]', repr(list(ALL_FORMATS)).replace("'", '"'))
+    every += BUILD.replace('"os"', '"dyn"').replace('["kernel+initrd", "tar"]', '["dynamic-vhd"]')
     a = make_workspace(tmp_path / "one" / "ws", tmp_path / "cache1")
     b = make_workspace(tmp_path / "two" / "elsewhere", tmp_path / "cache2")
-    for w in (a, b):
+    for w, umask in ((a, 0o022), (b, 0o077)):  # the umask reaches neither modes nor bytes
         (w.root / "BUILD").write_text(every)
-        r = w.build("//:os")
+        old = os.umask(umask)
+        try:
+            r = w.build("//:os", "//:dyn")
+        finally:
+            os.umask(old)
         assert r.code == 0, r.err
     names = ["os-kernel", "os-initrd.img", "os-cmdline", "os.tar", "os.iso", "os-efi.iso",
-             "os-bios.img", "os-efi.img", "os.qcow2", "os-efi.qcow2"]
+             "os-bios.img", "os-efi.img", "os.qcow2", "os-efi.qcow2", "os-initrd.tar",
+             "os-efi-initrd.iso", "os.raw", "os.img.tar.gz", "os.vhd", "os.vmdk", "dyn.vhd"]
     for name in names:
         assert (a.root / "forge-out" / name).read_bytes() == (b.root / "forge-out" / name).read_bytes(), name
 

@@ -1,6 +1,6 @@
 """RedisOS end to end (examples/images): built from a real Debian mirror, a real Docker
 engine and Debian's cloud kernel, booted under QEMU until Redis answers PING through a
-forwarded port, for kernel+initrd, iso-bios and qcow2-bios; `forge run` with Ctrl-C;
+forwarded port, in every bootable format (BOOTED); `forge run` with Ctrl-C;
 and what a one-service change reruns."""
 
 from __future__ import annotations
@@ -44,39 +44,60 @@ def redisos(tmp_path_factory):
 
 
 # format -> its boot test's timeout. Every format QEMU can boot, each one test of its own,
-# all from one linuxkit_image, so the fragments are built once for all of them. The three
-# formats of examples/images are booted by its own tests (test_boots_to_pong_in_three_formats).
+# all from linuxkit_images of one assembly, so the fragments are built once for all of them.
+# The three formats of examples/images are booted by its own tests
+# (test_boots_to_pong_in_three_formats). "F/disk" boots the ISO format F as a disk
+# (qemu_test's drive = "disk"), as a USB stick holding it: the hybrid. aws, gcp, vhd,
+# dynamic-vhd and vmdk boot by BIOS, as LinuxKit's do.
 BOOTED = {
     "iso-efi": "240s",
+    "iso-efi/disk": "240s",
+    "iso-efi-initrd": "240s",
     "raw-bios": "180s",
     "raw-efi": "240s",
     "qcow2-efi": "240s",
     "kernel+squashfs": "180s",
     "kernel+erofs": "180s",
     "kernel+iso": "180s",
+    "aws": "180s",
+    "gcp": "180s",
+    "vhd": "180s",
+    "dynamic-vhd": "180s",
+    "vmdk": "180s",
 }
+# Formats that write the same file as one above (dynamic-vhd and vhd: N.vhd) are built by
+# a second image of the same assembly.
+SECOND = {"dynamic-vhd"}
+_FORMATS = sorted({k.split("/")[0] for k in BOOTED})
 
 ALL_FORMATS_BUILD = f"""
 linuxkit_image(
     name = "redisos_all",
     assembly = "redisos.yml",
     images = {{"redis": "//images/redis:image"}},
-    formats = {sorted(BOOTED)!r},
+    formats = {[f for f in _FORMATS if f not in SECOND]!r},
+)
+linuxkit_image(
+    name = "redisos_all2",
+    assembly = "redisos.yml",
+    images = {{"redis": "//images/redis:image"}},
+    formats = {sorted(SECOND)!r},
 )
 [qemu_test(
-    name = "boot_" + fmt,
-    image = ":redisos_all",
-    format = fmt,
+    name = "boot_" + key.replace("/", "_"),
+    image = ":redisos_all2" if key in {sorted(SECOND)!r} else ":redisos_all",
+    format = key.split("/")[0],
+    drive = "disk" if key.endswith("/disk") else "default",
     forward = {{6379: 6379}},
     probe = redis_ping(),
     timeout = timeout,
-) for fmt, timeout in {sorted(BOOTED.items())!r}]
+) for key, timeout in {sorted(BOOTED.items())!r}]
 """
 
 
 @pytest.mark.parametrize("fmt", sorted(BOOTED))
 def test_each_format_boots_to_pong(redisos, fmt):
-    r = redisos.forge("test", f"//images:boot_{fmt}", timeout=900)
+    r = redisos.forge("test", f"//images:boot_{fmt.replace('/', '_')}", timeout=900)
     assert r.code == 0, r.out + r.err
     assert "PASSED" in r.out, r.out
 

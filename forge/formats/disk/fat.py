@@ -121,14 +121,15 @@ def grub_module_files(modules=GRUB_MODULES) -> list[Path]:
         [data_file(GRUB_EFI_DIR / f"{m}.mod") for m in sorted(seen)]
 
 
-def grub_efi(out: Path, config: str, workdir: Path, env: dict[str, str]) -> Path:
-    """BOOTX64.EFI: GRUB with `config` embedded and the modules it needs built in.
+def grub_efi(out: Path, config: str, workdir: Path, env: dict[str, str], *,
+             modules=GRUB_MODULES) -> Path:
+    """BOOTX64.EFI: GRUB with `config` embedded and `modules` built in.
     grub-mkimage writes no time into the image (grub-mkrescue and grub-mkstandalone do)."""
-    grub_module_files()  # a clear error when grub-efi-amd64-bin is missing
+    grub_module_files(modules)  # a clear error when grub-efi-amd64-bin is missing
     cfg = workdir / "grub-embed.cfg"
     cfg.write_text(config)
     run([find_tool("grub-mkimage"), "-O", "x86_64-efi", "-d", GRUB_EFI_DIR, "-p", "/EFI/BOOT",
-         "-c", cfg, "-o", out, *GRUB_MODULES], env)
+         "-c", cfg, "-o", out, *modules], env)
     return out
 
 

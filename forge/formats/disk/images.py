@@ -1,18 +1,26 @@
 """Bootable images from a kernel, an initrd and a command line: LinuxKit's iso-bios,
-iso-efi, raw-bios, raw-efi, qcow2-bios and qcow2-efi, with Debian's tools, without root,
-loop devices or Docker, byte for byte reproducible.
+iso-efi, iso-efi-initrd, raw-bios, raw-efi, qcow2-bios and qcow2-efi, with Debian's tools,
+without root, loop devices or Docker, byte for byte reproducible.
 
 File names for an assembly named N are LinuxKit's (src/cmd/linuxkit/moby/output.go):
-`N.iso`, `N-efi.iso`, `N-bios.img`, `N-efi.img`, `N.qcow2`, `N-efi.qcow2`.
+`N.iso`, `N-efi.iso`, `N-efi-initrd.iso`, `N-bios.img`, `N-efi.img`, `N.qcow2`,
+`N-efi.qcow2`.
 
 What each image holds:
 
 - iso-bios: ISO 9660 with Rock Ridge, El Torito no-emulation boot of ISOLINUX, and an
   isohybrid MBR so the same file boots from a disk. /isolinux/{isolinux.bin,ldlinux.c32,
   isolinux.cfg}, /boot/{kernel,initrd.img,cmdline}.
-- iso-efi: the same tree without ISOLINUX, plus /boot/efiboot.img, a FAT image holding
-  /EFI/BOOT/BOOTX64.EFI (GRUB with its config embedded), named as the El Torito EFI
-  entry. GRUB starts with $root on the CD, where the kernel is.
+- iso-efi: the same tree without ISOLINUX, and a hybrid: a FAT image holding
+  /EFI/BOOT/BOOTX64.EFI (GRUB with its config embedded) is appended after the ISO 9660
+  tree as partition 2 of a GPT (an EFI System Partition) and is also the El Torito EFI
+  boot image, so the file boots as a CD and, written to a disk or a USB stick, as a disk.
+  GRUB starts with $root on the device it was loaded from (the CD, or the ESP of the
+  disk), so its config first searches for /boot/forge-id-<id>, a file named by a digest
+  of the kernel, initrd and command line, and sets $root to the ISO 9660 file system
+  that holds it.
+- iso-efi-initrd: as iso-efi, with LinuxKit's layout for it: /kernel, /initrd.img,
+  /cmdline and /forge-id-<id> at the root.
 - raw-bios, raw-efi: a partitioned disk with one FAT partition (diskimage_fat).
 - qcow2-*: `qemu-img convert -O qcow2` of the raw image (writes are in order, so the
   cluster layout and the bytes are stable).
@@ -29,6 +37,7 @@ volume ids come from the name; the FAT side is described in diskimage_fat.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from pathlib import Path
@@ -43,6 +52,7 @@ __all__ = ["FORMATS", "build", "tools", "output_names"]
 FORMATS: dict[str, tuple[str, ...]] = {
     "iso-bios": ("{name}.iso",),
     "iso-efi": ("{name}-efi.iso",),
+    "iso-efi-initrd": ("{name}-efi-initrd.iso",),
     "raw-bios": ("{name}-bios.img",),
     "raw-efi": ("{name}-efi.img",),
     "qcow2-bios": ("{name}.qcow2",),
@@ -56,9 +66,12 @@ _EFI_TOOLS = ["grub-mkimage", "mkfs.vfat", "mlabel", "mmd", "mcopy"]
 _TOOLS = {
     "iso-bios": ["xorriso"],
     "iso-efi": ["xorriso"] + _EFI_TOOLS,
+    "iso-efi-initrd": ["xorriso"] + _EFI_TOOLS,
     "raw-bios": ["sfdisk", "mkfs.vfat", "mlabel", "mmd", "mcopy", "mattrib", "syslinux"],
     "raw-efi": ["sfdisk"] + _EFI_TOOLS,
 }
+# search (with search_fs_file, from moddep.lst): the EFI ISOs find their ISO 9660 file system.
+_ISO_GRUB_MODULES = fat.GRUB_MODULES + ("search",)
 _TOOLS["qcow2-bios"] = _TOOLS["raw-bios"] + ["qemu-img"]
 _TOOLS["qcow2-efi"] = _TOOLS["raw-efi"] + ["qemu-img"]
 
@@ -83,6 +96,8 @@ def tools(fmt: str) -> list[str]:
         out |= {data_file(p) for p in (ISOLINUX, ISOHDPFX, LDLINUX_C32)}
     if fmt.endswith("-efi"):
         out |= set(fat.grub_module_files())
+    if fmt.startswith("iso-efi"):
+        out |= set(fat.grub_module_files(_ISO_GRUB_MODULES))
     if fmt.endswith("-bios") and fmt != "iso-bios":
         out.add(data_file(fat.SYSLINUX_MBR))  # ldlinux.sys/.c32 are inside the syslinux binary
     return sorted(str(p) for p in out)
@@ -132,14 +147,8 @@ def _build(fmt: str, out: Path, boot: list[tuple[str, Path]], cmdline: str, name
                  ["-b", "isolinux/isolinux.bin", "-c", "isolinux/boot.cat", "-no-emul-boot",
                   "-boot-load-size", "4", "-boot-info-table",
                   "-isohybrid-mbr", data_file(ISOHDPFX)])
-    elif fmt == "iso-efi":
-        efi = fat.grub_efi(workdir / "BOOTX64.EFI", _grub_cfg(cmdline), workdir, env)
-        fenv = dict(env, SOURCE_DATE_EPOCH=str(fat.fat_epoch(epoch)))
-        img = fat.fat_image(workdir / "efiboot.img", [("EFI/BOOT/BOOTX64.EFI", efi)],
-                            label="EFIBOOT", serial=fat.ids(name, fmt, "fat").int & 0xFFFFFFFF,
-                            env=fenv)
-        _xorriso(out, boot + [("boot/efiboot.img", img)], name, epoch, env,
-                 ["-e", "boot/efiboot.img", "-no-emul-boot"])
+    elif fmt.startswith("iso-efi"):
+        _efi_iso(out, fmt, boot, cmdline, name, workdir, epoch, env)
     else:
         raw_fmt = fmt.replace("qcow2-", "raw-")
         efi = raw_fmt == "raw-efi"
@@ -161,6 +170,33 @@ def _build(fmt: str, out: Path, boot: list[tuple[str, Path]], cmdline: str, name
             raw.unlink()
 
 
+def _efi_iso(out: Path, fmt: str, boot: list[tuple[str, Path]], cmdline: str, name: str,
+             workdir: Path, epoch: int, env: dict[str, str]) -> None:
+    top = "boot/" if fmt == "iso-efi" else ""  # iso-efi-initrd: LinuxKit's layout, at the root
+    h = hashlib.sha256()
+    for _, src in boot:
+        with open(src, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    idfile = workdir / "forge-id"
+    idfile.write_text(h.hexdigest() + "\n")
+    marker = f"{top}forge-id-{h.hexdigest()[:16]}"
+    files = [(top + dest.removeprefix("boot/"), src) for dest, src in boot] + [(marker, idfile)]
+    cfg = _grub_cfg(cmdline, kernel=f"/{top}kernel", initrd=f"/{top}initrd.img",
+                    search=f"/{marker}")
+    efi = fat.grub_efi(workdir / "BOOTX64.EFI", cfg, workdir, env,
+                       modules=_ISO_GRUB_MODULES)
+    fenv = dict(env, SOURCE_DATE_EPOCH=str(fat.fat_epoch(epoch)))
+    img = fat.fat_image(workdir / "efiboot.img", [("EFI/BOOT/BOOTX64.EFI", efi)],
+                        label="EFIBOOT", serial=fat.ids(name, fmt, "fat").int & 0xFFFFFFFF,
+                        env=fenv)
+    # The ESP is appended as GPT partition 2 and the El Torito EFI entry points at it, so
+    # it is stored once; the GPT's GUIDs are derived from a disk GUID of the name.
+    _xorriso(out, files, name, epoch, env,
+             ["-append_partition", "2", "0xef", img, "-appended_part_as_gpt",
+              "--gpt_disk_guid", str(fat.ids(name, fmt, "disk")),
+              "-e", "--interval:appended_partition_2:all::", "-no-emul-boot"])
+
+
 def _syslinux_cfg(cmdline: str) -> str:
     # SERIAL: the loader's own messages reach a headless VM's console too.
     return ("SERIAL 0 115200\nPROMPT 0\nTIMEOUT 0\nDEFAULT linux\nLABEL linux\n"
@@ -179,16 +215,19 @@ def _grub_word(word: str) -> str:
     return "'" + word.replace("'", "'\\''") + "'"
 
 
-def _grub_cfg(cmdline: str) -> str:
+def _grub_cfg(cmdline: str, *, kernel: str = "/boot/kernel", initrd: str = "/boot/initrd.img",
+              search: str | None = None) -> str:
     """GRUB's embedded config. It runs in GRUB's rescue parser (no `if`), before normal
     mode; `boot` only returns on failure, so the message and halt end a broken image
-    instead of leaving it at a prompt."""
+    instead of leaving it at a prompt. `search`: a file whose file system becomes $root."""
     args = " ".join(_grub_word(w) for w in kernel_words(cmdline))
+    find = f"search --no-floppy --set=root --file {_grub_word(search)}\n" if search else ""
     return ("set timeout=0\n"
-            f"linux /boot/kernel {args}\n"
-            "initrd /boot/initrd.img\n"
+            f"{find}"
+            f"linux {kernel} {args}\n"
+            f"initrd {initrd}\n"
             "boot\n"
-            "echo 'forge: GRUB could not boot /boot/kernel'\n"
+            f"echo 'forge: GRUB could not boot {kernel}'\n"
             "halt\n")
 
 

@@ -53,7 +53,7 @@ class Boot:
     initrd: Path | None = None
     cmdline: str = ""
     image: Path | None = None  # the ISO or the disk
-    image_format: str = "raw"  # of a disk: "raw" | "qcow2"
+    image_format: str = "raw"  # of a disk, QEMU's name: "raw" | "qcow2" | "vpc" (VHD) | "vmdk"
     drive: Path | None = None  # a kernel boot's root image: a read-only virtio disk
 
 
@@ -67,10 +67,15 @@ def iso_boot(iso: Path, *, efi: bool = False) -> Boot:
     return Boot("iso", efi=efi, image=Path(iso))
 
 
+_SUFFIX_FORMAT = {".qcow2": "qcow2", ".vhd": "vpc", ".vmdk": "vmdk"}
+
+
 def disk_boot(image: Path, *, efi: bool = False, image_format: str | None = None) -> Boot:
+    """A disk on virtio; `image_format` defaults from the file's suffix (else raw). An ISO
+    may boot this way too: a hybrid ISO is also a disk."""
     image = Path(image)
     return Boot("disk", efi=efi, image=image,
-                image_format=image_format or ("qcow2" if image.suffix == ".qcow2" else "raw"))
+                image_format=image_format or _SUFFIX_FORMAT.get(image.suffix, "raw"))
 
 
 def ovmf_firmware() -> tuple[Path, Path]:

@@ -1,9 +1,14 @@
-"""Disk image formats: byte-identical rebuilds, contents, and real boots under QEMU (TCG)."""
+"""Disk image formats: byte-identical rebuilds (another path, umask and time zone),
+contents, and real boots under QEMU (TCG). The conversions of the raw disk (aws, gcp, vhd,
+dynamic-vhd, vmdk) and tar-kernel-initrd are built here too, for the rebuild test; their
+own checks are in test_disk_conversions.py, their boots in test_redisos.py."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -16,7 +21,9 @@ from conftest import require
 from forge.formats.disk.errors import DiskImageError
 from forge.formats.vm.errors import QemuError
 from forge.formats.vm.probe import console_regex
+from forge.formats.disk import convert as diskconvert
 from forge.formats.disk import images as diskimage
+from forge.formats.disk import kernel_tar
 from forge.formats.disk import fat as diskimage_fat
 from forge.formats.disk import tools as diskimage_tools
 from forge.formats.vm import machine as qemu
@@ -32,17 +39,36 @@ def _have(fmt: str) -> None:
         require(False, str(e))
 
 
+def _report(fmt: str, path: Path, t: float) -> Path:
+    st = path.stat()
+    print(f"build {fmt}: {time.monotonic() - t:.2f} s, {path.name} {st.st_size} bytes, "
+          f"{st.st_blocks * 512} allocated")
+    return path
+
+
 def _build_all(kernel: Path, initrd: Path, root: Path) -> dict[str, Path]:
+    """Every format of forge.formats.disk, the conversions from the raw-bios image."""
     out = {}
     for fmt in diskimage.FORMATS:
         _have(fmt)
         t = time.monotonic()
         [path] = diskimage.build(fmt, kernel=kernel, initrd=initrd, cmdline=CMDLINE, name=NAME,
                                  outdir=root / "out", workdir=root / f"work-{fmt}", epoch=EPOCH)
-        st = path.stat()
-        print(f"build {fmt}: {time.monotonic() - t:.2f} s, {path.name} {st.st_size} bytes, "
-              f"{st.st_blocks * 512} allocated")
-        out[fmt] = path
+        out[fmt] = _report(fmt, path, t)
+    for fmt in diskconvert.FORMATS:
+        try:
+            diskconvert.tools(fmt)
+        except DiskImageError as e:
+            require(False, str(e))
+        t = time.monotonic()
+        [path] = diskconvert.build(fmt, raw=out[diskconvert.SOURCE], name=NAME,
+                                   outdir=root / f"out-{fmt}", workdir=root / f"work-{fmt}",
+                                   epoch=EPOCH)
+        out[fmt] = _report(fmt, path, t)
+    (root / "cmdline").write_text(CMDLINE)
+    out["tar-kernel-initrd"] = kernel_tar.write(root / f"{NAME}-initrd.tar", kernel=kernel,
+                                                initrd=initrd, cmdline=root / "cmdline",
+                                                ucode=None, epoch=EPOCH)
     return out
 
 
@@ -57,8 +83,12 @@ def _sha(p: Path) -> str:
 
 def test_file_names_are_linuxkits():
     assert {f: diskimage.output_names(f, "N") for f in diskimage.FORMATS} == {
-        "iso-bios": ["N.iso"], "iso-efi": ["N-efi.iso"], "raw-bios": ["N-bios.img"],
-        "raw-efi": ["N-efi.img"], "qcow2-bios": ["N.qcow2"], "qcow2-efi": ["N-efi.qcow2"]}
+        "iso-bios": ["N.iso"], "iso-efi": ["N-efi.iso"], "iso-efi-initrd": ["N-efi-initrd.iso"],
+        "raw-bios": ["N-bios.img"], "raw-efi": ["N-efi.img"], "qcow2-bios": ["N.qcow2"],
+        "qcow2-efi": ["N-efi.qcow2"]}
+    assert {f: diskconvert.output_names(f, "N") for f in diskconvert.FORMATS} == {
+        "aws": ["N.raw"], "gcp": ["N.img.tar.gz"], "vhd": ["N.vhd"], "dynamic-vhd": ["N.vhd"],
+        "vmdk": ["N.vmdk"]}
     with pytest.raises(DiskImageError, match="unknown disk image format 'iso'; known"):
         diskimage.output_names("iso", "N")
 
@@ -114,11 +144,15 @@ def test_a_failing_tool_shows_its_command_and_stderr(tmp_path):
 @pytest.mark.real
 def test_every_format_rebuilds_byte_identical(images, cloud_kernel, boot_initrd,  # noqa: F811
                                                tmp_path, monkeypatch):
-    # A second round at least 2 s later (FAT's time resolution) under another time zone:
-    # neither the clock nor the zone may reach the bytes.
+    # A second round at least 2 s later (FAT's time resolution and VHD's), at another path,
+    # under another time zone and umask: none of them may reach the bytes.
     time.sleep(max(0.0, 2.1 - (time.time() - max(p.stat().st_mtime for p in images.values()))))
     monkeypatch.setenv("TZ", "Asia/Kolkata")
-    again = _build_all(cloud_kernel.vmlinuz, boot_initrd, tmp_path)
+    old = os.umask(0o077)
+    try:
+        again = _build_all(cloud_kernel.vmlinuz, boot_initrd, tmp_path / "another" / "place")
+    finally:
+        os.umask(old)
     for fmt, first in images.items():
         assert first.name == again[fmt].name
         assert _sha(first) == _sha(again[fmt]), f"{fmt} differs between two builds"
@@ -173,6 +207,35 @@ def _boot(fmt: str, image: Path, rundir: Path) -> None:
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("fmt", list(diskimage.FORMATS))
+@pytest.mark.parametrize("fmt", [f for f in diskimage.FORMATS if f != "iso-efi-initrd"])
 def test_boots_to_the_marker(fmt, images, tmp_path):
+    # iso-efi-initrd is iso-efi with other paths: test_redisos boots it, to PONG.
     _boot(fmt, images[fmt], tmp_path / "run")
+
+
+@pytest.mark.real
+def test_efi_isos_are_hybrids(images, tmp_path):
+    """iso-efi and iso-efi-initrd: a GPT whose partition 2 is the ESP, which is also the El
+    Torito EFI image, holding GRUB; the ISO 9660 tree holds the files GRUB searches for."""
+    env = diskimage_tools.tool_env(tmp_path, EPOCH)
+    for fmt, top in (("iso-efi", "/boot"), ("iso-efi-initrd", "")):
+        table = json.loads(subprocess.run(["sfdisk", "--json", images[fmt]], capture_output=True,
+                                          text=True, check=True).stdout)["partitiontable"]
+        assert table["label"] == "gpt" and table["id"] == str(diskimage_fat.ids(NAME, fmt, "disk")).upper()
+        esp = next(p for p in table["partitions"] if p["type"] == diskimage_fat.ESP_TYPE)
+        assert esp["node"].endswith("2")
+        target = f"{images[fmt]}@@{esp['start'] * 512}"
+        efi = subprocess.run(["mcopy", "-i", target, "::/EFI/BOOT/BOOTX64.EFI", "-"], env=env,
+                             check=True, capture_output=True).stdout
+        assert efi[:2] == b"MZ"
+        report = subprocess.run(["xorriso", "-no_rc", "-indev", images[fmt], "-report_el_torito",
+                                 "plain"], env=env, capture_output=True, text=True).stdout
+        lba = re.search(r"El Torito boot img :\s+1\s+UEFI\s+y\s+none\s+\S+\s+\S+\s+\d+\s+(\d+)", report)
+        assert lba and int(lba.group(1)) * 2048 == esp["start"] * 512, report
+        listing = subprocess.run(["xorriso", "-no_rc", "-indev", images[fmt], "-find", "/",
+                                  "-type", "f"], env=env, capture_output=True, text=True).stdout
+        files = sorted(line.strip("'") for line in listing.split())
+        marker = next(f for f in files if "/forge-id-" in f)
+        assert [f for f in files if f != marker] == [f"{top}/cmdline", f"{top}/initrd.img",
+                                                   f"{top}/kernel"]
+        assert f"search --no-floppy --set=root --file '{marker}'".encode() in efi
