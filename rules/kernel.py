@@ -23,6 +23,7 @@ from forge.formats.debian.package import open_data_tar
 from forge.formats.linux import modules as kmod
 from forge.formats.linux.fragments import FragmentWriter
 
+from . import arch as archs
 from . import debtrust
 from .debtrust import mirror_for
 
@@ -88,8 +89,13 @@ DOC_KEYRING = ("The keyring the suite must be signed with: an absolute path, or 
 def pinned_deb(ctx, kind: str) -> dict:
     """The pin of the target's package, resolved (the first time) from a verified suite."""
     trust = debtrust.trust_for(ctx, ctx.attr.suite)
-    key = f"{ctx.attr.suite}/{ctx.attr.architecture}/{ctx.attr.package}"
+    key = f"{ctx.attr.suite}/{archs.arch_of(ctx)}/{package_of(ctx)}"
     return dict(json.loads(debtrust.pin(ctx, kind, key, trust)), _trust=trust)
+
+
+def package_of(ctx) -> str:
+    """The package to fetch: given, or (for `kernel`) Debian's cloud kernel of the arch."""
+    return ctx.attr.package or f"linux-image-cloud-{archs.arch_of(ctx)}"
 
 
 def fetch_action(ctx, pin: dict, name: str):
@@ -106,13 +112,14 @@ def fetch_action(ctx, pin: dict, name: str):
       "sha256 in forge.lock (resolved once; `forge lock` refreshes).", attrs={
           "package": attr.string(mandatory=True, doc="Package name, optionally name=version."),
           "suite": attr.string(default="bookworm", doc=DOC_SUITE),
-          "architecture": attr.string(default="amd64", doc="Debian architecture."),
+          **archs.attrs(multi=False),
           "keyring": attr.string(default="", doc=DOC_KEYRING),
       })
 def deb_package(ctx):
     pin = pinned_deb(ctx, "deb")
     out = fetch_action(ctx, pin, f"{ctx.label.name}.deb")
-    return ctx.info(files=[out], deb=out.path, package=pin["Package"], version=pin["Version"])
+    return ctx.info(files=[out], deb=out.path, package=pin["Package"], version=pin["Version"],
+                    arch=archs.arch_of(ctx))
 
 
 @action_function("DebFetch", version=1)
@@ -135,11 +142,10 @@ a URL with its sha256 (a .deb, or a bare kernel image).""",
       attrs={
           "image": attr.label(doc="An image target in LinuxKit's kernel layout."),
           "deb": attr.label(doc="A deb_package target (or a .deb file); default: `package`."),
-          "package": attr.string(default="linux-image-cloud-amd64",
-                                 doc="Kernel package (a metapackage is followed) when `deb` "
-                                 "is not given."),
+          "package": attr.string(default="", doc="Kernel package (a metapackage is followed) "
+                                 "when `deb` is not given; default: linux-image-cloud-<arch>."),
           "suite": attr.string(default="bookworm", doc=DOC_SUITE),
-          "architecture": attr.string(default="amd64", doc="Debian architecture."),
+          **archs.attrs(multi=False),
           "url": attr.string(default="", doc="A kernel from a URL: a .deb kernel package, or a "
                              "bare kernel image (bzImage) without modules."),
           "sha256": attr.string(default="", doc="The sha256 of what `url` serves (required with url)."),
@@ -148,6 +154,11 @@ a URL with its sha256 (a .deb, or a bare kernel image).""",
           "keyring": attr.string(default="", doc=DOC_KEYRING + " Only with `package`."),
       })
 def kernel(ctx):
+    info = _kernel(ctx)
+    return ctx.info(files=info.files, kernel=info.extra["kernel"], arch=archs.arch_of(ctx))
+
+
+def _kernel(ctx):
     out = ctx.declare_dir(ctx.label.name)
     if ctx.attr.keyring and (ctx.attr.image or ctx.attr.deb or ctx.attr.url):
         raise ctx.fail("keyring applies only to a kernel package from the mirror (`package`)",
@@ -155,12 +166,13 @@ def kernel(ctx):
     if ctx.attr.image:
         if ctx.attr.deb:
             raise ctx.fail("give either image or deb, not both", attr="deb")
-        layout = ctx.deps("image")[0].extra.get("image")
-        if layout is None:
+        arch = archs.arch_of(ctx)
+        src = archs.image_for(ctx, ctx.deps("image")[0], arch, str(ctx.attr.image), "image")
+        if src is None:
             raise ctx.fail(f"{ctx.attr.image} is not an image target", attr="image")
-        src = next(a for a in ctx.files("image") if a.path == layout)
-        ctx.call("KernelFromImage", {"modules": list(ctx.attr.modules)}, inputs=[src],
-                 outputs=[out], mnemonic="KernelFromImage")
+        ctx.call("KernelFromImage", {"modules": list(ctx.attr.modules),
+                                     **({"platform": archs.platform(arch)} if arch != "amd64" else {})},
+                 inputs=[src], outputs=[out], mnemonic="KernelFromImage")
         return ctx.info(files=[out], kernel=out.path)
     if ctx.attr.url:
         sha = ctx.attr.sha256.lower()
@@ -255,7 +267,7 @@ def kernel_from_image(ctx: ExecContext) -> None:
     image ("" for `tar: none` / no ucode)."""
     from forge.formats.image.layer_read import apply_layers
     from forge.formats.image.layout import read_image
-    img = read_image(ctx.path(ctx.inputs[0]))
+    img = read_image(ctx.path(ctx.inputs[0]), ctx.params.get("platform", "linux/amd64"))
     root = ctx.path(".image")
     p = ctx.params
     binary, tar, ucode = p.get("binary", "kernel"), p.get("tar", "kernel.tar"), p.get("ucode", "ucode.cpio")

@@ -20,7 +20,9 @@ from forge.formats.dockerfile.parser import context_sources, needed_stages, pars
 from forge.formats.dockerfile.ignore import DockerIgnore
 from forge.formats.image.errors import InvalidReferenceError
 from forge.formats.image.reference import Reference
+from forge.formats.image.spec import host_arch
 
+from . import arch as archs
 from . import compressors, stages
 
 # Independent RUN stages build side by side; more would only fight for cores.
@@ -125,6 +127,17 @@ def oci_import_step(ctx: ExecContext) -> None:
         raise ActionFailed(f"{ctx.inputs[0]} is not an image archive forge can read: {e}") from None
 
 
+# --- several architectures -------------------------------------------------------------
+
+@action_function("OciIndex", version=1)
+def oci_index_step(ctx: ExecContext) -> None:
+    from forge.formats.image.layout import merge_layouts
+    try:
+        merge_layouts(ctx.path(ctx.outputs[0]), [ctx.path(i) for i in ctx.inputs])
+    except LayoutError as e:
+        raise ActionFailed(str(e)) from None
+
+
 # --- oci_push -----------------------------------------------------------------------------
 
 @rule("oci_push", version=1, doc="Publishes an image to a registry: `forge run` this target.",
@@ -178,16 +191,24 @@ the engine.""", attrs={
                              '{"debian": ":bookworm"}.'),
     "build_args": attr.string_dict(doc="Values for ARG."),
     "target": attr.string(default="", doc="The stage to build (default: the last)."),
-    "platform": attr.string(default="linux/amd64", doc="The platform of pulled bases."),
+    **archs.attrs(),
 })
 def container_image(ctx):
+    arches = archs.arches_of(ctx)
+    layouts = {a: _plan_image(ctx, a, arches[0]) for a in arches}
+    return archs.image_info(ctx, layouts)
+
+
+def _plan_image(ctx, arch: str, primary: str):
+    """The stages of one architecture; its last stage's layout."""
+    platform = archs.platform(arch)
     df_files = ctx.files("dockerfile")
     if len(df_files) != 1 or not df_files[0].source:
         raise ctx.fail("dockerfile must name one source file", attr="dockerfile")
     df_path = df_files[0].path
     try:
         df = parse(ctx.read_source(df_files[0]), df_path)
-        resolved = df.resolve(dict(ctx.attr.build_args))
+        resolved = df.resolve(dict(ctx.attr.build_args), predefined=_target_args(platform))
         wanted = needed_stages(resolved, ctx.attr.target or None)
     except DockerfileError as e:
         raise AnalysisError(e.message if hasattr(e, "message") else str(e).split(": ", 1)[-1],
@@ -199,7 +220,9 @@ def container_image(ctx):
     if ignore_art is not None:
         ignore = DockerIgnore(ctx.read_source(ignore_art))
         context = {k: v for k, v in context.items() if not ignore.matches(k)}
-    bases = {name: ctx.dep(label).extra.get("image") for name, label in ctx.attr.bases.items()}
+    bases = {name: archs.image_for(ctx, ctx.dep(label), arch, f"bases['{name}'] ({label})", "bases")
+             for name, label in ctx.attr.bases.items()}
+    stem = archs.out_name(ctx.label.name, arch, primary)
     layouts: dict[int, object] = {}
     pulled: dict[str, object] = {}
 
@@ -207,10 +230,9 @@ def container_image(ctx):
         """The layout artifact for an external image name: a `bases` entry, or a pull."""
         for key in (ref_text, ref_text.split("@")[0], ref_text.rsplit(":", 1)[0]):
             if key in ctx.attr.bases:
-                layout = bases[key]
-                if layout is None:
+                if bases[key] is None:
                     raise ctx.fail(f"bases['{key}'] is not an image target", attr="bases")
-                return next(a for a in ctx.dep(ctx.attr.bases[key]).files if a.path == layout)
+                return bases[key]
         if ref_text not in pulled:
             try:
                 ref = pinned(ctx, ref_text)
@@ -219,8 +241,7 @@ def container_image(ctx):
                                     hint=f"or map it to an image target: bases = {{\"{ref_text}\": "
                                     "\":my_image\"}") from None
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", ref_text)
-            pulled[ref_text] = pull_action(ctx, ref, ctx.attr.platform,
-                                           f"{ctx.label.name}.bases/{safe}")
+            pulled[ref_text] = pull_action(ctx, ref, platform, f"{stem}.bases/{safe}")
         return pulled[ref_text]
 
     for idx in wanted:
@@ -255,9 +276,9 @@ def container_image(ctx):
             inputs.extend(context[f] for f in files)
         has_run = any(s.instruction.cmd == "RUN" for s in st.steps)
         name = st.name or str(idx)
-        out = ctx.declare_dir(f"{ctx.label.name}.stages/{name}")
+        out = ctx.declare_dir(f"{stem}.stages/{name}")
         params = {"dockerfile": df_path, "stage": name, "base": base, "from": from_map,
-                  "context_prefix": prefix, "copies": copies, "platform": ctx.attr.platform,
+                  "context_prefix": prefix, "copies": copies, "platform": platform,
                   "args": {k: v for k, v in st.used_args.items() if v is not None},
                   "steps": [stages.step_params(s) for s in st.steps]}
         if has_run:  # the engine's layers are normalised and compressed here
@@ -267,18 +288,39 @@ def container_image(ctx):
             for n, step in enumerate(st.steps):
                 if step.instruction.cmd not in ("COPY", "ADD"):
                     continue
-                layer = _copy_action(ctx, st, n, params, inputs, f"{ctx.label.name}.stages/{name}")
+                layer = _copy_action(ctx, st, n, params, inputs, f"{stem}.stages/{name}")
                 params["layers"][str(n)] = layer.path
                 inputs.append(layer)
             inputs = [i for i in inputs if i.path == base["path"] or i.path in
                       params["layers"].values()]
+        foreign = has_run and arch != host_arch()
+        if foreign:
+            emulator, problem = stages.emulator(arch)
+            if problem:
+                raise ctx.fail(f"stage {name} RUNs commands for {arch}, and {problem}",
+                               attr="arches" if ctx.attr.arches else "arch",
+                               hint=stages.EMULATION_HINT)
+            params["emulator"] = emulator
         ctx.call("DockerStage" if has_run else "AssembleStage", params,
                  inputs=list(dict.fromkeys(inputs)), outputs=[out],
                  mnemonic="DockerStage" if has_run else "AssembleStage",
                  pool="docker" if has_run else None,
-                 description=f"{'DockerStage' if has_run else 'AssembleStage'} {ctx.label} [{name}]")
+                 # the emulator runs the stage's commands: a new one is a new result
+                 tools=[emulator] if foreign else [],
+                 description=f"{'DockerStage' if has_run else 'AssembleStage'} {ctx.label} "
+                             f"[{name}]" + (f" ({arch})" if arch != primary else ""))
         layouts[idx] = out
-    return image_info(ctx, layouts[wanted[-1]])
+    return layouts[wanted[-1]]
+
+
+def _target_args(platform: str) -> dict:
+    """BuildKit's automatic platform ARGs (TARGETARCH...), for the platform being built."""
+    from forge.formats.image.spec import parse_platform
+    os_, arch, variant = parse_platform(platform)
+    hos, harch = "linux", host_arch()
+    return {"TARGETPLATFORM": platform, "TARGETOS": os_, "TARGETARCH": arch,
+            "TARGETVARIANT": variant or "", "BUILDPLATFORM": f"{hos}/{harch}", "BUILDOS": hos,
+            "BUILDARCH": harch, "BUILDVARIANT": ""}
 
 
 def _copy_action(ctx, st, n: int, stage_params: dict, stage_inputs: list, where: str):

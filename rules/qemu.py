@@ -85,21 +85,24 @@ def qemu_test(ctx):
         raise ctx.fail(f"the probe reaches guest port {probe['port']}, which forward does not "
                        "forward", attr="probe",
                        hint=f"add forward = {{{probe['port']}: {probe['port']}}}")
-    files = [a for a in ctx.deps("image")[0].files if a.path in formats[fmt]]
+    info = ctx.deps("image")[0]
+    files = [a for a in info.files if a.path in formats[fmt]]
     return ctx.info(files=files, test={"runner": "QemuTest", "params": {
-        "format": fmt, "files": formats[fmt], "forward": {str(g): g for g in ctx.attr.forward.values()},
+        "format": fmt, "arch": info.extra.get("arch", "amd64"), "files": formats[fmt],
+        "forward": {str(g): g for g in ctx.attr.forward.values()},
         "probe": probe, "timeout": timeout, "memory": ctx.attr.memory, "cpus": ctx.attr.cpus}})
 
 
-def boot_spec(fmt: str, paths: list):
-    """How QEMU boots the files of format `fmt` (see disk.FORMATS for their order)."""
+def boot_spec(fmt: str, paths: list, arch: str = "amd64"):
+    """How QEMU boots the files of format `fmt` (see disk.FORMATS for their order) on a
+    machine of `arch`."""
     from forge.formats.vm import machine as qemu
     if fmt == "kernel+initrd":
         kernel, initrd, cmdline = paths
-        return qemu.kernel_boot(kernel, initrd, cmdline.read_text())
+        return qemu.kernel_boot(kernel, initrd, cmdline.read_text(), arch=arch)
     if fmt.startswith("iso-"):
-        return qemu.iso_boot(paths[0], efi=fmt.endswith("-efi"))
-    return qemu.disk_boot(paths[0], efi=fmt.endswith("-efi"),
+        return qemu.iso_boot(paths[0], efi=fmt.endswith("-efi"), arch=arch)
+    return qemu.disk_boot(paths[0], efi=fmt.endswith("-efi"), arch=arch,
                           image_format="qcow2" if fmt.startswith("qcow2") else "raw")
 
 
@@ -133,7 +136,7 @@ def qemu_test_runner(ctx: RunContext) -> int:
     from forge.formats.vm.errors import QemuError
     p = ctx.params
     out = ctx.out or sys.stdout
-    spec = boot_spec(p["format"], [ctx.root / f for f in p["files"]])
+    spec = boot_spec(p["format"], [ctx.root / f for f in p["files"]], p.get("arch", "amd64"))
     accel = ctx.config.get("qemu", {}).get("accel")
     with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
         vm = qemu.VM(spec, rundir, accel=accel, memory=p["memory"], cpus=p["cpus"],
@@ -147,7 +150,7 @@ def qemu_test_runner(ctx: RunContext) -> int:
         except QemuError as e:
             raise ActionFailed(str(e)) from None
     out.write(f"{p['probe']['kind']} answered {time.monotonic() - t0:.1f} s after QEMU started "
-              f"({p['format']}, {vm.accel})\n")
+              f"({p['format']}, {p.get('arch', 'amd64')}, {vm.accel})\n")
     return 0
 
 
@@ -181,7 +184,8 @@ def qemu_run(ctx: RunContext) -> int:
         if not (host.isdigit() and (guest or host).isdigit()):
             raise UsageError(f"-p {text}: expected PORT or HOST:GUEST")
         forwards[int(guest or host)] = int(host)
-    spec = boot_spec(args.format, [ctx.root / f for f in formats[args.format]])
+    spec = boot_spec(args.format, [ctx.root / f for f in formats[args.format]],
+                     ctx.params.get("arch", "amd64"))
     with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
         try:
             vm = qemu.VM(spec, rundir, accel=args.accel or ctx.config.get("qemu", {}).get("accel"),
