@@ -380,4 +380,5 @@ def _match_context(context: dict, patterns: list[str]) -> list[str]:
 def register(rule_set) -> None:
     """The `forge.rules` entry point: hands this module's declarations to the rule set."""
     rule_set.add(DOCKER_POOL, REGISTRY_POOL, resolve_tag, oci_pull, oci_pull_step, oci_archive,
+                 oci_index_step,
                  oci_import_step, oci_push, push_runner, container_image)
