@@ -137,3 +137,25 @@ def test_multi_arch_image_is_pushed_as_an_index_and_pulled_by_platform(tmp_path,
     assert r.code == 0, r.err
     assert json.loads((c.root / "forge.lock").read_text())["pins"]["oci"][f"{repo}:v1"] == digest
     assert read_image(c.root / "forge-out/p/app", "linux/arm64").config["architecture"] == "arm64"
+
+
+def test_missing_emulation_is_explained(tmp_path, monkeypatch):
+    """What binfmt_misc lacks is said: not mounted, no entry, disabled, no F flag."""
+    import rules.stages as stages
+    binfmt = tmp_path / "binfmt_misc"
+    monkeypatch.setattr(stages, "BINFMT", str(binfmt))
+    assert "binfmt_misc is not mounted" in stages.emulator("arm64")[1]
+    binfmt.mkdir()
+    (binfmt / "status").write_text("enabled\n")
+    assert "no emulator for arm64 is registered" in stages.emulator("arm64")[1]
+    interp = tmp_path / "qemu-aarch64-static"
+    interp.write_bytes(b"")
+    entry = binfmt / "qemu-aarch64"
+    entry.write_text(f"disabled\ninterpreter {interp}\nflags: PF\n")
+    assert "registered but disabled" in stages.emulator("arm64")[1]
+    entry.write_text(f"enabled\ninterpreter {interp}\nflags: P\n")
+    assert "without the F flag" in stages.emulator("arm64")[1]
+    entry.write_text(f"enabled\ninterpreter {interp}\nflags: PF\n")
+    assert stages.emulator("arm64") == (str(interp), None)
+    assert "install qemu-user-static" in stages.EMULATION_HINT
+    assert "update-binfmts --enable" in stages.EMULATION_HINT
