@@ -25,12 +25,17 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # the multi-member and multi-frame decoding tests; tinyproxy: the real HTTP proxy the HTTP
 # client's tests go through (each test starts its own, never the service); curl: the
 # reference the tests check forge's reading of the proxy variables against; u-boot-tools:
-# mkimage, which the rpi3 format runs; qemu-system-arm: its raspi3b boot test.
+# mkimage, which the rpi3 format runs; squashfs-tools, erofs-utils and fakeroot: the
+# root-image formats.
+# qemu-system-arm and qemu-efi-aarch64: booting arm64 images (TCG; AAVMF for UEFI);
+# qemu-user-static, binfmt-support and arch-test: building for arm64 on another machine
+# (RUN steps and mmdebstrap's maintainer scripts run under qemu-user through binfmt_misc).
 forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd
     xorriso isolinux syslinux syslinux-common grub-common grub-pc-bin grub-efi-amd64-bin mtools
     dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full openssl
     gpg gpgv dpkg-dev apt-utils debian-archive-keyring python3-apt pigz tinyproxy curl
-    squashfs-tools erofs-utils fakeroot u-boot-tools qemu-system-arm)
+    squashfs-tools erofs-utils fakeroot u-boot-tools qemu-system-arm qemu-efi-aarch64
+    qemu-user-static binfmt-support arch-test)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do
@@ -60,6 +65,25 @@ if command -v dpkg >/dev/null 2>&1; then
     fi
 else
     echo "dev/setup.sh: not a Debian system; make sure ${forge_apt_packages[*]} are installed" >&2
+fi
+
+# Foreign-architecture programs (arm64 RUN steps) run through binfmt_misc: mount it if it
+# is not, and register qemu-user-static's interpreters (with the F flag, so they work in
+# containers). Where that is not allowed (an unprivileged container), say so and go on:
+# only the arm64 builds need it, and they fail with the same advice.
+if [ ! -e /proc/sys/fs/binfmt_misc/status ] && [ "$(id -u)" -eq 0 ]; then
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null || true
+fi
+if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] && command -v update-binfmts >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+    fi
+fi
+if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+    echo "dev/setup.sh: binfmt_misc has no qemu-aarch64: arm64 builds that RUN commands will" \
+        "fail (mount binfmt_misc, then update-binfmts --enable)" >&2
 fi
 
 forge_venv="$forge_root/.venv"

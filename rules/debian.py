@@ -14,7 +14,10 @@ from forge.formats.debian import keyring as debian_keyring
 from forge.formats.image.layer_write import normalise
 from forge.formats.image.layout import add_blob, image_config_defaults, write_image
 
-from . import compressors, debtrust
+from forge.formats.image.spec import DEBIAN_TO_OCI, host_arch
+
+from . import arch as archs
+from . import compressors, debtrust, stages
 from .debtrust import mirror_for
 
 # Downloads overlap the other run's unpacking; more would only fight for 2 cores.
@@ -37,7 +40,7 @@ key.""", attrs={
     "variant": attr.string(default="minbase", values=VARIANTS, doc="mmdebstrap's --variant."),
     "packages": attr.string_list(doc="Extra packages; `name=version` pins a version."),
     "components": attr.string_list(default=["main"], doc="Archive components."),
-    "architecture": attr.string(default="amd64", doc="Debian architecture."),
+    **archs.attrs(),
     "cmd": attr.string_list(default=["bash"], doc="The image's default command."),
     "keyring": attr.string(default="", doc="The keyring apt must verify the suite with (mmdebstrap "
                            "--keyring): an absolute path, or a label of a file of the workspace; "
@@ -49,28 +52,38 @@ def debian_rootfs(ctx):
         if not _PACKAGE.match(p):
             raise ctx.fail(f"'{p}' is not a Debian package name (optionally name=version)",
                            attr="packages")
-    out = ctx.declare_dir(ctx.label.name)
+    arches = archs.arches_of(ctx)
     trust = debtrust.trust_for(ctx, ctx.attr.suite, for_apt=True)
-    params = {"suite": ctx.attr.suite, "variant": ctx.attr.variant,
-              "packages": sorted(set(ctx.attr.packages)), "components": list(ctx.attr.components),
-              "architecture": ctx.attr.architecture, "cmd": list(ctx.attr.cmd),
-              "compressor": compressors.param("gzip"), **trust.params()}
+    base = {"suite": ctx.attr.suite, "variant": ctx.attr.variant,
+            "packages": sorted(set(ctx.attr.packages)), "components": list(ctx.attr.components),
+            "cmd": list(ctx.attr.cmd), "compressor": compressors.param("gzip"), **trust.params()}
     inputs = []
     if trust.host_keyring:
-        params["keyring"] = trust.host_keyring
+        base["keyring"] = trust.host_keyring
     elif trust.workspace_keyring:
         inputs = [ctx.source_file(trust.workspace_keyring)]
-        params["keyring"] = inputs[0].path
-    ctx.call("Mmdebstrap", params, inputs=inputs, outputs=[out], mnemonic="DebianRootfs",
-             pool="mmdebstrap", tools=["mmdebstrap"],
-             description=f"DebianRootfs {ctx.label} ({ctx.attr.suite})")
-    return ctx.info(files=[out], image=out.path,
-                    load={"runner": "DockerLoad", "params": {"layout": out.path}},
-                    run={"runner": "DockerRun", "params": {"layout": out.path}})
+        base["keyring"] = inputs[0].path
+    layouts = {}
+    for arch in arches:
+        out = ctx.declare_dir(archs.out_name(ctx.label.name, arch, arches[0]))
+        tools = ["mmdebstrap"]
+        if arch != host_arch() and ctx.attr.variant != "extract":
+            # maintainer scripts run under qemu-user: the emulator is part of the result
+            emulator, problem = stages.emulator(arch)
+            if problem:
+                raise ctx.fail(f"mmdebstrap runs {arch} maintainer scripts, and {problem}",
+                               attr="arches" if ctx.attr.arches else "arch",
+                               hint=stages.EMULATION_HINT + "; or use variant = \"extract\", "
+                               "which unpacks packages and runs none of their scripts")
+            tools += ["arch-test", emulator]
+        ctx.call("Mmdebstrap", {**base, "architecture": arch}, inputs=inputs, outputs=[out],
+                 mnemonic="DebianRootfs", pool="mmdebstrap", tools=tools,
+                 description=f"DebianRootfs {ctx.label} ({ctx.attr.suite}, {arch})")
+        layouts[arch] = out
+    return archs.image_info(ctx, layouts)
 
 
-ARCH_TO_OCI = {"amd64": "amd64", "arm64": "arm64", "armhf": "arm", "i386": "386",
-               "ppc64el": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+ARCH_TO_OCI = DEBIAN_TO_OCI
 
 
 def _readable_keyring(path) -> str:

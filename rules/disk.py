@@ -41,6 +41,10 @@ FORMATS = {
 }
 
 
+# The formats an image of another architecture than amd64 may build: those that need no
+# boot loader, and rpi3's U-Boot.
+ANY_ARCH = ("kernel+initrd", "tar", "tar-kernel-initrd", "rpi3")
+
 # Files several formats write on purpose: the boot files are the same artifacts for all.
 _SHARED = {*FORMATS["kernel+initrd"], rootfs.BOOT_INITRD}
 
@@ -221,10 +225,9 @@ RPI_FIRMWARE_HINT = ('add `rpi_firmware(name = "rpi3_firmware")` to the BUILD fi
 
 def _plan_rpi3(ctx, name: str, boot: dict, kernel_dir, arch: str) -> list:
     if arch != "arm64":
-        raise ctx.fail(f"format rpi3 boots arm64 images only; this image's kernel is "
-                       f"{arch or 'of an unknown architecture'}", attr="formats",
-                       hint='use kernel(package = "linux-image-arm64", architecture = "arm64", '
-                       'dtbs = ["broadcom"]), or drop rpi3')
+        raise ctx.fail(f"format rpi3 boots arm64 images only; this image is for {arch}",
+                       attr="formats", hint='give the image arch = "arm64" and a kernel(package = '
+                       '"linux-image-arm64", arch = "arm64", dtbs = ["broadcom"]), or drop rpi3')
     fw = ctx.deps("firmware")
     if not fw or fw[0].extra.get("rpi_firmware") is None:
         raise ctx.fail("format rpi3 needs the Raspberry Pi firmware and U-Boot"
@@ -280,7 +283,7 @@ def rpi_firmware(ctx):
                                attr=attr_name)
             debs.append(files[0])
         else:
-            pin = pinned_deb(ctx, "deb", package, component, architecture="arm64")
+            pin = pinned_deb(ctx, "deb", package, component, arch="arm64")
             debs.append(fetch_action(ctx, pin, f"{ctx.label.name}.debs/{package}.deb"))
     out = ctx.declare_dir(ctx.label.name)
     ctx.call("RpiFirmware", {"board": ctx.attr.board}, inputs=debs, outputs=[out],

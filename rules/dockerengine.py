@@ -15,7 +15,9 @@ from pathlib import Path
 
 from forge.api import ActionFailed, RunContext, UsageError, runner
 from forge.formats.image.archive import export_docker_archive
+from forge.formats.image.errors import LayoutError
 from forge.formats.image.layout import read_image
+from forge.formats.image.spec import host_arch
 
 LOCAL_REPO = "forge.local/image"  # engine-side tag of images forge loaded: <repo>:<config hex>
 
@@ -79,7 +81,11 @@ def engine_lost(doing: str):
 
 def ensure_loaded(c, layout: Path) -> str:
     """The engine-side reference of the image in `layout`, loading it if missing."""
-    img = read_image(layout)
+    try:
+        img = read_image(layout, None)  # forge hands the engine one architecture's layout
+    except LayoutError:  # several: the one this machine runs
+        img = read_image(layout, f"linux/{host_arch()}")
+    platform = f"{img.config.get('os', 'linux')}/{img.config.get('architecture', 'amd64')}"
     config_digest = img.manifest["config"]["digest"]
     tag = f"{LOCAL_REPO}:{config_digest.split(':', 1)[1][:32]}"
     with engine_lost(f"loading the image {config_digest} into the engine"):
@@ -91,13 +97,14 @@ def ensure_loaded(c, layout: Path) -> str:
             if _lost(e):
                 raise
         buf = io.BytesIO()
-        export_docker_archive(layout, buf, [tag])
+        export_docker_archive(layout, buf, [tag], platform=platform)
         c.images.load(buf.getvalue())
     return tag
 
 
 def build(c, context: Path, dockerfile: str, buildargs: dict[str, str],
-          step_lines: list[int], filename: str, network: str | None = None) -> str:
+          step_lines: list[int], filename: str, platform: str | None = None,
+          network: str | None = None) -> str:
     """Run a (rewritten, single-stage) Dockerfile on the engine; returns the image ID.
     `step_lines[i]` is the line in the user's Dockerfile of the i-th instruction, so
     an error names the instruction the user wrote."""
@@ -117,7 +124,8 @@ def build(c, context: Path, dockerfile: str, buildargs: dict[str, str],
                               rm=True, forcerm=True, decode=True, pull=False,
                               # the engine's layer cache ignores the network mode: a step
                               # run without network must not be reused for one with it
-                              nocache=network is not None, network_mode=network):
+                              nocache=network is not None, network_mode=network,
+                              **({"platform": platform} if platform else {})):
             if "stream" in ev:
                 text = ev["stream"]
                 log.append(text)

@@ -26,6 +26,7 @@ from forge.formats.debian.package import open_data_tar
 from forge.formats.linux import modules as kmod
 from forge.formats.linux.fragments import FragmentWriter
 
+from . import arch as archs
 from . import debtrust
 from .debtrust import mirror_for
 
@@ -91,15 +92,19 @@ DOC_KEYRING = ("The keyring the suite must be signed with: an absolute path, or 
 
 
 def pinned_deb(ctx, kind: str, package: str = "", component: str = "main",
-               architecture: str = "") -> dict:
+               arch: str = "") -> dict:
     """The pin of the target's package (or of `package` in `component`, for rules that
     fetch several), resolved (the first time) from a verified suite."""
     trust = debtrust.trust_for(ctx, ctx.attr.suite)
     # main keeps its old key, so the pins already in forge.lock stay valid.
     comp = "" if component == "main" else f"{component}/"
-    arch = architecture or ctx.attr.architecture
-    key = f"{ctx.attr.suite}/{arch}/{comp}{package or ctx.attr.package}"
+    key = f"{ctx.attr.suite}/{arch or archs.arch_of(ctx)}/{comp}{package or package_of(ctx)}"
     return dict(json.loads(debtrust.pin(ctx, kind, key, trust)), _trust=trust)
+
+
+def package_of(ctx) -> str:
+    """The package to fetch: given, or (for `kernel`) Debian's cloud kernel of the arch."""
+    return ctx.attr.package or f"linux-image-cloud-{archs.arch_of(ctx)}"
 
 
 def fetch_action(ctx, pin: dict, name: str):
@@ -116,7 +121,7 @@ def fetch_action(ctx, pin: dict, name: str):
       "sha256 in forge.lock (resolved once; `forge lock` refreshes).", attrs={
           "package": attr.string(mandatory=True, doc="Package name, optionally name=version."),
           "suite": attr.string(default="bookworm", doc=DOC_SUITE),
-          "architecture": attr.string(default="amd64", doc="Debian architecture."),
+          **archs.attrs(multi=False),
           "component": attr.string(default="main", values=COMPONENTS, doc="Archive component "
                                    "whose index holds the package (raspi-firmware is in "
                                    "non-free-firmware)."),
@@ -126,7 +131,7 @@ def deb_package(ctx):
     pin = pinned_deb(ctx, "deb", component=ctx.attr.component)
     out = fetch_action(ctx, pin, f"{ctx.label.name}.deb")
     return ctx.info(files=[out], deb=out.path, package=pin["Package"], version=pin["Version"],
-                    architecture=ctx.attr.architecture)
+                    arch=archs.arch_of(ctx))
 
 
 @action_function("DebFetch", version=1)
@@ -149,11 +154,10 @@ a URL with its sha256 (a .deb, or a bare kernel image).""",
       attrs={
           "image": attr.label(doc="An image target in LinuxKit's kernel layout."),
           "deb": attr.label(doc="A deb_package target (or a .deb file); default: `package`."),
-          "package": attr.string(default="linux-image-cloud-amd64",
-                                 doc="Kernel package (a metapackage is followed) when `deb` "
-                                 "is not given."),
+          "package": attr.string(default="", doc="Kernel package (a metapackage is followed) "
+                                 "when `deb` is not given; default: linux-image-cloud-<arch>."),
           "suite": attr.string(default="bookworm", doc=DOC_SUITE),
-          "architecture": attr.string(default="amd64", doc="Debian architecture."),
+          **archs.attrs(multi=False),
           "url": attr.string(default="", doc="A kernel from a URL: a .deb kernel package, or a "
                              "bare kernel image (bzImage) without modules."),
           "sha256": attr.string(default="", doc="The sha256 of what `url` serves (required with url)."),
@@ -164,6 +168,11 @@ a URL with its sha256 (a .deb, or a bare kernel image).""",
                                    "package, e.g. [\"broadcom\"] for the Raspberry Pi (rpi3)."),
       })
 def kernel(ctx):
+    info = _kernel(ctx)
+    return ctx.info(files=info.files, kernel=info.extra["kernel"], arch=archs.arch_of(ctx))
+
+
+def _kernel(ctx):
     out = ctx.declare_dir(ctx.label.name)
     bad = [v for v in ctx.attr.dtbs if not v or "/" in v or v.startswith(".")]
     if bad:
@@ -178,12 +187,13 @@ def kernel(ctx):
     if ctx.attr.image:
         if ctx.attr.deb:
             raise ctx.fail("give either image or deb, not both", attr="deb")
-        layout = ctx.deps("image")[0].extra.get("image")
-        if layout is None:
+        arch = archs.arch_of(ctx)
+        src = archs.image_for(ctx, ctx.deps("image")[0], arch, str(ctx.attr.image), "image")
+        if src is None:
             raise ctx.fail(f"{ctx.attr.image} is not an image target", attr="image")
-        src = next(a for a in ctx.files("image") if a.path == layout)
-        ctx.call("KernelFromImage", {"modules": list(ctx.attr.modules)}, inputs=[src],
-                 outputs=[out], mnemonic="KernelFromImage")
+        ctx.call("KernelFromImage", {"modules": list(ctx.attr.modules),
+                                     **({"platform": archs.platform(arch)} if arch != "amd64" else {})},
+                 inputs=[src], outputs=[out], mnemonic="KernelFromImage")
         return ctx.info(files=[out], kernel=out.path)
     if ctx.attr.url:
         sha = ctx.attr.sha256.lower()
@@ -205,16 +215,13 @@ def kernel(ctx):
         if len(debs) != 1:
             raise ctx.fail(f"deb must name one .deb file; it names {len(debs)}", attr="deb")
         src = debs[0]
-        arch = ctx.deps("deb")[0].extra.get("architecture")
     else:
         src = fetch_action(ctx, pinned_deb(ctx, "debkernel"), f"{ctx.label.name}.deb")
-        arch = ctx.attr.architecture
     params = {"modules": list(ctx.attr.modules)}
     if ctx.attr.dtbs:  # only when asked: the keys of kernels without dtbs stay as they were
         params["dtbs"] = sorted(set(ctx.attr.dtbs))
     ctx.call("KernelFromDeb", params, inputs=[src], outputs=[out], mnemonic="KernelFromDeb")
-    # The architecture when known (not for a URL): linuxkit_image refuses rpi3 of amd64.
-    return ctx.info(files=[out], kernel=out.path, architecture=arch)
+    return ctx.info(files=[out], kernel=out.path)
 
 
 @action_function("KernelFromFile", version=1)
@@ -302,7 +309,7 @@ def kernel_from_image(ctx: ExecContext) -> None:
     image ("" for `tar: none` / no ucode)."""
     from forge.formats.image.layer_read import apply_layers
     from forge.formats.image.layout import read_image
-    img = read_image(ctx.path(ctx.inputs[0]))
+    img = read_image(ctx.path(ctx.inputs[0]), ctx.params.get("platform", "linux/amd64"))
     root = ctx.path(".image")
     p = ctx.params
     binary, tar, ucode = p.get("binary", "kernel"), p.get("tar", "kernel.tar"), p.get("ucode", "ucode.cpio")

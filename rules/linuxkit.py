@@ -30,6 +30,7 @@ from forge.formats.linux import cpio
 from forge.formats.linuxkit.runtime import runtime_config
 from forge.formats.linux.fragments import FragmentWriter
 
+from . import arch as archs
 from . import compressors, disk
 from .lkpkg import package_for
 from .oci import pinned, pull_action
@@ -95,7 +96,8 @@ action. `forge run` boots it under QEMU.""", attrs={
                                 + ", ".join(disk.FORMATS) + "."),
     "compression": attr.string(default="gzip", values=COMPRESSIONS,
                                doc="Compression of each initrd segment."),
-    "platform": attr.string(default="linux/amd64", doc="Platform of pulled images."),
+    "platform": attr.string(default="", doc="Platform of pulled images; default: linux/<arch>."),
+    **archs.attrs(multi=False),
     "packages": attr.label_list(doc="linuxkit_package targets: an `image:` equal to one's "
                                 "tag (linuxkit/foo:<hash>) is that target, not a pull."),
     "firmware": attr.label(doc="Boot firmware of the formats that need it: an rpi_firmware "
@@ -108,6 +110,13 @@ def linuxkit_image(ctx):
                            hint=did_you_mean(fmt, disk.FORMATS)
                            or f"formats are: {', '.join(disk.FORMATS)}")
     disk.check_file_names(ctx, ctx.attr.formats, ctx.label.name)
+    arch = archs.arch_of(ctx)
+    other = [f for f in ctx.attr.formats if f not in disk.ANY_ARCH]
+    if arch != "amd64" and other:
+        raise ctx.fail(f"format {other[0]} is built for amd64 only; an {arch} image builds "
+                       f"{', '.join(disk.ANY_ARCH)}", attr="formats",
+                       hint="drop it: disk images for arm64 need GRUB's arm64-efi modules, which "
+                       "forge does not fetch yet")
     arts = [a for lb in _assembly_labels(ctx.attr) for a in ctx.dep(lb).files]
     asm = _parse([(a.path, ctx.read_source(a)) for a in arts])
     if asm.kernel is None or not asm.kernel.image:
@@ -120,10 +129,11 @@ class _Planner:
     def __init__(self, ctx, asm: asmlib.Assembly):
         self.ctx, self.asm = ctx, asm
         self.name = ctx.label.name
+        self.arch = archs.arch_of(ctx)  # every image used is taken for this architecture
+        self.platform = ctx.attr.platform or archs.platform(self.arch)
         self.ids = asmlib.allocate_ids(asm)
         self.layouts: dict[str, object] = {}   # image text -> layout artifact
         self.kinds: dict[str, str] = {}        # image text -> "image" | "kernel" (a kernel target)
-        self.archs: dict[str, str] = {}        # image text -> its target's architecture, if known
         self.unpacked: dict[str, object] = {}  # layout path -> LkUnpack output dir
         self.fragments: list[tuple[str, object]] = []
 
@@ -136,21 +146,27 @@ class _Planner:
         if package is not None or text in ctx.attr.images or _is_label(text):
             label = package or ctx.attr.images.get(text) or parse_label(text, ctx.package)
             info = ctx.dep(label)
-            path = info.extra.get("image") or info.extra.get("kernel")
+            where = Location(loc.file, loc.line, loc.col) if loc else None
             self.kinds[text] = "image" if info.extra.get("image") else "kernel"
-            self.archs[text] = info.extra.get("architecture") or ""
-            if path is None:
+            if info.extra.get("image"):
+                art = archs.image_for(ctx, info, self.arch, f"'{text}' ({label})", location=where)
+            elif info.extra.get("kernel"):
+                if info.extra.get("arch", "amd64") != self.arch:
+                    raise AnalysisError(f"'{text}' is a kernel for {info.extra.get('arch', 'amd64')}"
+                                        f", and this image is for {self.arch}", location=where,
+                                        hint=f"name a kernel target with arch = \"{self.arch}\"")
+                art = next(a for a in info.files if a.path == info.extra["kernel"])
+            else:
                 raise AnalysisError(f"'{text}' is not an image target (it has no image output)",
-                                    location=Location(loc.file, loc.line, loc.col) if loc else None,
+                                    location=where,
                                     hint="name a container_image, oci_pull, debian_rootfs or kernel target")
-            art = next(a for a in info.files if a.path == path)
         else:
             try:
                 ref = pinned(ctx, text)
             except AnalysisError as e:
                 raise e.with_location(Location(loc.file, loc.line, loc.col) if loc else None)
             safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
-            art = pull_action(ctx, ref, ctx.attr.platform, f"{self.name}.images/{safe}")
+            art = pull_action(ctx, ref, self.platform, f"{self.name}.images/{safe}")
             self.kinds[text] = "image"
         self.layouts[text] = art
         return art
@@ -163,7 +179,7 @@ class _Planner:
                                 hint="name an image target here (container_image, oci_pull, ...)")
         if layout.path not in self.unpacked:
             out = self.ctx.declare_dir(f"{self.name}.unpacked/{len(self.unpacked)}")
-            self.ctx.call("LkUnpack", {"image": text, "platform": self.ctx.attr.platform},
+            self.ctx.call("LkUnpack", {"image": text, "platform": self.platform},
                           inputs=[layout], outputs=[out], mnemonic="LkUnpack",
                           description=f"LkUnpack {text}")
             self.unpacked[layout.path] = out
@@ -178,7 +194,7 @@ class _Planner:
         if self.kinds[k.image] != "kernel":
             out = ctx.declare_dir(f"{self.name}.kernel")
             ctx.call("KernelFromImage", {"modules": [], "binary": k.binary, "tar": k.tar or "",
-                                         "ucode": k.ucode or ""},
+                                         "ucode": k.ucode or "", "platform": self.platform},
                      inputs=[art], outputs=[out], mnemonic="KernelFromImage")
             art = out
         frag = ctx.declare(f"{self.name}.rootfs/kernel.tar")
@@ -307,17 +323,15 @@ class _Planner:
                  outputs=[kernel, cmdline], mnemonic="LkBootFiles")
         boot = {"kernel": kernel, "initrd": initrd, "cmdline": cmdline}
         outputs = {}
-        # The kernel's architecture, else the pulled images' (hook: the `arch` attribute).
-        arch = self.archs.get(self.asm.kernel.image) or ctx.attr.platform.rpartition("/")[2]
         for fmt in ctx.attr.formats:
             outputs[fmt] = disk.plan_format(ctx, fmt, self.name, boot, kernel_dir,
-                                            [f for _, f in self.fragments], arch=arch)
+                                            [f for _, f in self.fragments], arch=self.arch)
         files = [a for arts in outputs.values() for a in arts]
         return ctx.info(files=files, kernel=kernel.path, initrd=initrd.path, cmdline=cmdline.path,
                         formats={f: [a.path for a in arts] for f, arts in outputs.items()},
-                        boot_files=[kernel, initrd, cmdline],
+                        boot_files=[kernel, initrd, cmdline], arch=self.arch,
                         run={"runner": "QemuRun", "params": {
-                            "name": self.name,
+                            "name": self.name, "arch": self.arch,
                             "formats": {f: [a.path for a in arts] for f, arts in outputs.items()}}})
 
 

@@ -13,7 +13,6 @@ label change rebuilds no stage. The hash is computed while planning from the con
 from __future__ import annotations
 
 import json
-import platform as host_platform
 import posixpath
 import stat
 
@@ -22,11 +21,10 @@ from forge.formats.dockerfile.ignore import DockerIgnore
 from forge.formats.linuxkit import package as lkpkg
 from forge.formats.linuxkit.errors import Loc
 
-from .oci import image_info, plan_dockerfile
+from . import arch as archs
+from .oci import plan_dockerfile
 
 _NOT_HASHED = {".git", "forge-out"}  # a nested repository; forge's own output link
-_HOST_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-              "riscv64": "riscv64", "s390x": "s390x", "ppc64le": "ppc64le"}
 
 LINUXKIT_PACKAGES = build_helper("linuxkit_packages", '''def linuxkit_packages(pattern = "*/build.yml", **kwargs):
     """One linuxkit_package per directory below this package whose build.yml matches
@@ -111,17 +109,13 @@ def _inside(ctx, path: str, attr_name: str | None, where=None) -> str:
 
 
 def _arch(ctx, pkg: lkpkg.Package, yml: str) -> str:
-    """The architecture to build. Building for another architecture than the host's is the
-    one place to change when container_image gains an `arch`: pass it on instead of failing."""
-    host = _HOST_ARCH.get(host_platform.machine(), host_platform.machine())
-    arch = ctx.attr.arch or host
+    """The architecture to build (`arch`, else the host's); it must be in build.yml's
+    arches. Another than the host's runs its RUN stages under qemu-user, as container_image."""
+    arch = archs.arch_of(ctx)
     if arch not in pkg.arches:
         raise AnalysisError(f"package {pkg.image} is not built for {arch}: its arches are "
                             + ", ".join(pkg.arches), location=_loc(pkg.where("arches", yml)),
                             hint=f"add {arch} to arches, or set arch to one of them")
-    if arch != host:
-        raise ctx.fail(f"building for {arch} on a {host} host is not supported yet", attr="arch",
-                       hint=f"leave arch empty to build for the host ({host})")
     return arch
 
 
@@ -137,7 +131,7 @@ it in `packages`. `forge load` and oci_push use the tag by default.""", attrs={
     "packages": attr.label_list(doc="linuxkit_package targets that FROM may name by their tag."),
     "build_args": attr.string_dict(doc="Build args over build.yml's buildArgs (as `linuxkit "
                                    "pkg build --build-arg`)."),
-    "arch": attr.string(default="", doc="The architecture (GOARCH) to build; empty: the host's."),
+    **archs.attrs(multi=False),
 })
 def linuxkit_package(ctx):
     top = _inside(ctx, posixpath.join(ctx.package, ctx.attr.dir), "dir")
@@ -194,7 +188,7 @@ def linuxkit_package(ctx):
             raise ctx.fail(f"{label} is not a linuxkit_package", attr="packages")
         bases.setdefault(tag, label)
     final = plan_dockerfile(ctx, df_art.path, ctx.read_source(df_art), context,
-                            bases=bases, build_args=args, target="", platform=f"linux/{arch}",
+                            bases=bases, build_args=args, target="", arch=arch, primary=arch,
                             prefix=prefix, network="default" if pkg.network else "none")
     labels = dict(pkg.labels)
     if pkg.config is not None:
@@ -203,14 +197,14 @@ def linuxkit_package(ctx):
         labels["org.opencontainers.image.source"] = pkg.gitrepo
     if labels:
         final = _label_stage(ctx, final, labels, yml, arch)
-    return image_info(ctx, final, tag=ref, linuxkit_tag=ref, linuxkit_hash=hash_)
+    return archs.image_info(ctx, {arch: final}, tag=ref, linuxkit_tag=ref, linuxkit_hash=hash_)
 
 
 def _label_stage(ctx, base, labels: dict[str, str], yml: str, arch: str):
     out = ctx.declare_dir(f"{ctx.label.name}.stages/build.yml-labels")
     step = {"cmd": "LABEL", "flags": {}, "args": [f"{k}={v}" for k, v in sorted(labels.items())],
             "json": False, "line": 0, "original": "LABEL (build.yml)", "heredocs": [], "env": {}}
-    ctx.call("AssembleStage", {"dockerfile": yml, "stage": "build.yml", "platform": f"linux/{arch}",
+    ctx.call("AssembleStage", {"dockerfile": yml, "stage": "build.yml", "platform": archs.platform(arch),
                                "base": {"kind": "stage", "path": base.path}, "steps": [step],
                                "layers": {}},
              inputs=[base], outputs=[out], mnemonic="AssembleStage",

@@ -20,7 +20,9 @@ from forge.formats.dockerfile.parser import context_sources, needed_stages, pars
 from forge.formats.dockerfile.ignore import DockerIgnore
 from forge.formats.image.errors import InvalidReferenceError
 from forge.formats.image.reference import Reference
+from forge.formats.image.spec import host_arch
 
+from . import arch as archs
 from . import compressors, stages
 
 # Independent RUN stages build side by side; more would only fight for cores.
@@ -128,6 +130,17 @@ def oci_import_step(ctx: ExecContext) -> None:
         raise ActionFailed(f"{ctx.inputs[0]} is not an image archive forge can read: {e}") from None
 
 
+# --- several architectures -------------------------------------------------------------
+
+@action_function("OciIndex", version=1)
+def oci_index_step(ctx: ExecContext) -> None:
+    from forge.formats.image.layout import merge_layouts
+    try:
+        merge_layouts(ctx.path(ctx.outputs[0]), [ctx.path(i) for i in ctx.inputs])
+    except LayoutError as e:
+        raise ActionFailed(str(e)) from None
+
+
 # --- oci_push -----------------------------------------------------------------------------
 
 @rule("oci_push", version=1, doc="Publishes an image to a registry: `forge run` this target.",
@@ -190,9 +203,10 @@ the engine.""", attrs={
                              '{"debian": ":bookworm"}.'),
     "build_args": attr.string_dict(doc="Values for ARG."),
     "target": attr.string(default="", doc="The stage to build (default: the last)."),
-    "platform": attr.string(default="linux/amd64", doc="The platform of pulled bases."),
+    **archs.attrs(),
 })
 def container_image(ctx):
+    arches = archs.arches_of(ctx)
     df_files = ctx.files("dockerfile")
     if len(df_files) != 1 or not df_files[0].source:
         raise ctx.fail("dockerfile must name one source file", attr="dockerfile")
@@ -203,29 +217,34 @@ def container_image(ctx):
     if ignore_art is not None:
         ignore = DockerIgnore(ctx.read_source(ignore_art))
         context = {k: v for k, v in context.items() if not ignore.matches(k)}
-    final = plan_dockerfile(ctx, df_files[0].path, ctx.read_source(df_files[0]), context,
-                            bases=dict(ctx.attr.bases), build_args=dict(ctx.attr.build_args),
-                            target=ctx.attr.target, platform=ctx.attr.platform, prefix=prefix)
-    return image_info(ctx, final)
+    text = ctx.read_source(df_files[0])
+    layouts = {a: plan_dockerfile(ctx, df_files[0].path, text, context, bases=dict(ctx.attr.bases),
+                                  build_args=dict(ctx.attr.build_args), target=ctx.attr.target,
+                                  arch=a, primary=arches[0], prefix=prefix)
+               for a in arches}
+    return archs.image_info(ctx, layouts)
 
 
 def plan_dockerfile(ctx, df_path: str, df_text: str, context: dict, *, bases: dict,
-                    build_args: dict, target: str, platform: str, prefix: str,
-                    network: str | None = None, name: str | None = None):
-    """The stage actions of a Dockerfile; returns the final stage's layout artifact.
-    `context` maps build-context paths to source artifacts (normally `prefix` + the path;
-    any other is passed to the steps as `sources`); `bases` maps FROM names to image
-    labels; `network` is the RUN stages' network mode (None: the engine's default)."""
-    name_ = name or ctx.label.name
+                    build_args: dict, target: str, arch: str, primary: str, prefix: str,
+                    network: str | None = None):
+    """The stage actions of a Dockerfile for one architecture; returns the final stage's
+    layout artifact. `context` maps build-context paths to source artifacts (normally
+    `prefix` + the path; any other is passed to the steps as `sources`); `bases` maps FROM
+    names to image labels; `network` is the RUN stages' network mode (None: the engine's
+    default)."""
+    platform = archs.platform(arch)
     try:
         df = parse(df_text, df_path)
-        resolved = df.resolve(build_args)
+        resolved = df.resolve(build_args, predefined=_target_args(platform))
         wanted = needed_stages(resolved, target or None)
     except DockerfileError as e:
         raise AnalysisError(e.message if hasattr(e, "message") else str(e).split(": ", 1)[-1],
                             location=Location(df_path, getattr(e, "line", 0), getattr(e, "col", 0)))
     moved = {rel: a.path for rel, a in context.items() if a.path != prefix + rel}
-    base_infos = {n: ctx.dep(label).extra.get("image") for n, label in bases.items()}
+    base_arts = {name: archs.image_for(ctx, ctx.dep(label), arch, f"bases['{name}'] ({label})", "bases")
+                 for name, label in bases.items()}
+    stem = archs.out_name(ctx.label.name, arch, primary)
     layouts: dict[int, object] = {}
     pulled: dict[str, object] = {}
 
@@ -233,10 +252,9 @@ def plan_dockerfile(ctx, df_path: str, df_text: str, context: dict, *, bases: di
         """The layout artifact for an external image name: a `bases` entry, or a pull."""
         for key in (ref_text, ref_text.split("@")[0], ref_text.rsplit(":", 1)[0]):
             if key in bases:
-                layout = base_infos[key]
-                if layout is None:
+                if base_arts[key] is None:
                     raise ctx.fail(f"bases['{key}'] is not an image target", attr="bases")
-                return next(a for a in ctx.dep(bases[key]).files if a.path == layout)
+                return base_arts[key]
         if ref_text not in pulled:
             try:
                 ref = pinned(ctx, ref_text)
@@ -245,7 +263,7 @@ def plan_dockerfile(ctx, df_path: str, df_text: str, context: dict, *, bases: di
                                     hint=f"or map it to an image target: bases = {{\"{ref_text}\": "
                                     "\":my_image\"}") from None
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", ref_text)
-            pulled[ref_text] = pull_action(ctx, ref, platform, f"{name_}.bases/{safe}")
+            pulled[ref_text] = pull_action(ctx, ref, platform, f"{stem}.bases/{safe}")
         return pulled[ref_text]
 
     for idx in wanted:
@@ -280,7 +298,7 @@ def plan_dockerfile(ctx, df_path: str, df_text: str, context: dict, *, bases: di
             inputs.extend(context[f] for f in files)
         has_run = any(s.instruction.cmd == "RUN" for s in st.steps)
         name = st.name or str(idx)
-        out = ctx.declare_dir(f"{name_}.stages/{name}")
+        out = ctx.declare_dir(f"{stem}.stages/{name}")
         params = {"dockerfile": df_path, "stage": name, "base": base, "from": from_map,
                   "context_prefix": prefix, "copies": copies, "platform": platform,
                   "args": {k: v for k, v in st.used_args.items() if v is not None},
@@ -297,18 +315,39 @@ def plan_dockerfile(ctx, df_path: str, df_text: str, context: dict, *, bases: di
             for n, step in enumerate(st.steps):
                 if step.instruction.cmd not in ("COPY", "ADD"):
                     continue
-                layer = _copy_action(ctx, st, n, params, inputs, f"{name_}.stages/{name}")
+                layer = _copy_action(ctx, st, n, params, inputs, f"{stem}.stages/{name}")
                 params["layers"][str(n)] = layer.path
                 inputs.append(layer)
             inputs = [i for i in inputs if i.path == base["path"] or i.path in
                       params["layers"].values()]
+        foreign = has_run and arch != host_arch()
+        if foreign:
+            emulator, problem = stages.emulator(arch)
+            if problem:
+                raise ctx.fail(f"stage {name} RUNs commands for {arch}, and {problem}",
+                               attr="arches" if getattr(ctx.attr, "arches", None) else "arch",
+                               hint=stages.EMULATION_HINT)
+            params["emulator"] = emulator
         ctx.call("DockerStage" if has_run else "AssembleStage", params,
                  inputs=list(dict.fromkeys(inputs)), outputs=[out],
                  mnemonic="DockerStage" if has_run else "AssembleStage",
                  pool="docker" if has_run else None,
-                 description=f"{'DockerStage' if has_run else 'AssembleStage'} {ctx.label} [{name}]")
+                 # the emulator runs the stage's commands: a new one is a new result
+                 tools=[emulator] if foreign else [],
+                 description=f"{'DockerStage' if has_run else 'AssembleStage'} {ctx.label} "
+                             f"[{name}]" + (f" ({arch})" if arch != primary else ""))
         layouts[idx] = out
     return layouts[wanted[-1]]
+
+
+def _target_args(platform: str) -> dict:
+    """BuildKit's automatic platform ARGs (TARGETARCH...), for the platform being built."""
+    from forge.formats.image.spec import parse_platform
+    os_, arch, variant = parse_platform(platform)
+    hos, harch = "linux", host_arch()
+    return {"TARGETPLATFORM": platform, "TARGETOS": os_, "TARGETARCH": arch,
+            "TARGETVARIANT": variant or "", "BUILDPLATFORM": f"{hos}/{harch}", "BUILDOS": hos,
+            "BUILDARCH": harch, "BUILDVARIANT": ""}
 
 
 def _copy_action(ctx, st, n: int, stage_params: dict, stage_inputs: list, where: str):
@@ -371,4 +410,5 @@ def _match_context(context: dict, patterns: list[str]) -> list[str]:
 def register(rule_set) -> None:
     """The `forge.rules` entry point: hands this module's declarations to the rule set."""
     rule_set.add(DOCKER_POOL, REGISTRY_POOL, resolve_tag, oci_pull, oci_pull_step, oci_archive,
+                 oci_index_step,
                  oci_import_step, oci_push, push_runner, container_image)

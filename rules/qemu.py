@@ -104,33 +104,35 @@ def qemu_test(ctx):
     if ctx.attr.drive == "disk" and not fmt.startswith("iso-"):
         raise ctx.fail(f"drive = \"disk\" boots an ISO as a disk; {fmt} is not an ISO",
                        attr="drive", hint="drop drive, or boot one of the iso-* formats")
-    files = [a for a in ctx.deps("image")[0].files if a.path in formats[fmt]]
+    info = ctx.deps("image")[0]
+    files = [a for a in info.files if a.path in formats[fmt]]
     return ctx.info(files=files, test={"runner": "QemuTest", "params": {
-        "format": fmt, "files": formats[fmt], "forward": {str(g): g for g in forward.values()},
+        "format": fmt, "arch": info.extra.get("arch", "amd64"), "files": formats[fmt],
+        "forward": {str(g): g for g in forward.values()},
         "probe": probe, "timeout": timeout, "memory": ctx.attr.memory, "cpus": ctx.attr.cpus,
         "drive": ctx.attr.drive}})
 
 
-def boot_spec(fmt: str, paths: list, rundir=None, drive: str = "default"):
-    """How QEMU boots the files of format `fmt` (see disk.FORMATS for their order);
-    `rundir` is the VM's own directory (gcp's disk is unpacked there); `drive` "disk"
-    attaches an ISO as a disk."""
+def boot_spec(fmt: str, paths: list, rundir=None, drive: str = "default", arch: str = "amd64"):
+    """How QEMU boots the files of format `fmt` (see disk.FORMATS for their order) on a
+    machine of `arch`; `rundir` is the VM's own directory (gcp's disk is unpacked there);
+    `drive` "disk" attaches an ISO as a disk."""
     from forge.formats.vm import machine as qemu
     efi = fmt.endswith("-efi") or fmt.startswith("iso-efi")
     if fmt == "kernel+initrd":
         kernel, initrd, cmdline = paths
-        return qemu.kernel_boot(kernel, initrd, cmdline.read_text())
+        return qemu.kernel_boot(kernel, initrd, cmdline.read_text(), arch=arch)
     if fmt.startswith("kernel+"):  # the root image as the first virtio disk, /dev/vda
         kernel, image, cmdline, boot_initrd = paths
-        return qemu.kernel_boot(kernel, boot_initrd, cmdline.read_text(), drive=image)
+        return qemu.kernel_boot(kernel, boot_initrd, cmdline.read_text(), drive=image, arch=arch)
     if fmt.startswith("iso-"):
         if drive == "disk":
-            return qemu.disk_boot(paths[0], efi=efi, image_format="raw")
-        return qemu.iso_boot(paths[0], efi=efi)
+            return qemu.disk_boot(paths[0], efi=efi, image_format="raw", arch=arch)
+        return qemu.iso_boot(paths[0], efi=efi, arch=arch)
     if fmt == "gcp":
         from forge.formats.disk.gcp import unpack
-        return qemu.disk_boot(unpack(paths[0], rundir), image_format="raw")
-    return qemu.disk_boot(paths[0], efi=efi, image_format=_DISK_FORMAT.get(fmt, "raw"))
+        return qemu.disk_boot(unpack(paths[0], rundir), image_format="raw", arch=arch)
+    return qemu.disk_boot(paths[0], efi=efi, image_format=_DISK_FORMAT.get(fmt, "raw"), arch=arch)
 
 
 class _Cancelled(Exception):
@@ -168,7 +170,7 @@ def qemu_test_runner(ctx: RunContext) -> int:
     with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
         try:
             spec = boot_spec(p["format"], [ctx.root / f for f in p["files"]], rundir,
-                             p.get("drive", "default"))
+                             p.get("drive", "default"), p.get("arch", "amd64"))
         except DiskImageError as e:
             raise ActionFailed(str(e)) from None
         vm = qemu.VM(spec, rundir, accel=accel, memory=p["memory"], cpus=p["cpus"],
@@ -182,7 +184,7 @@ def qemu_test_runner(ctx: RunContext) -> int:
         except QemuError as e:
             raise ActionFailed(str(e)) from None
     out.write(f"{p['probe']['kind']} answered {time.monotonic() - t0:.1f} s after QEMU started "
-              f"({p['format']}, {vm.accel})\n")
+              f"({p['format']}, {p.get('arch', 'amd64')}, {vm.accel})\n")
     return 0
 
 
@@ -228,7 +230,7 @@ def qemu_run(ctx: RunContext) -> int:
     with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
         try:
             spec = boot_spec(args.format, [ctx.root / f for f in formats[args.format]], rundir,
-                             args.drive)
+                             args.drive, ctx.params.get("arch", "amd64"))
             vm = qemu.VM(spec, rundir, accel=args.accel or ctx.config.get("qemu", {}).get("accel"),
                          memory=args.memory, cpus=args.cpus, forwards=forwards, interactive=True)
             vm.argv()  # a missing QEMU or firmware is said now, not as a crash

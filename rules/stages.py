@@ -387,6 +387,42 @@ def _write(staging: Path, target: str, data: bytes) -> None:
     dst.chmod(0o644)  # a here-document's file, as Docker writes it, whatever the umask
 
 
+# --- foreign architectures ---------------------------------------------------------------
+
+BINFMT = "/proc/sys/fs/binfmt_misc"
+_QEMU_NAMES = {"arm64": "aarch64", "amd64": "x86_64", "armhf": "arm", "i386": "i386",
+               "ppc64el": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+EMULATION_HINT = ("install qemu-user-static and binfmt-support (apt-get install "
+                  "qemu-user-static binfmt-support), mount binfmt_misc if it is not (mount -t "
+                  "binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc), then enable it "
+                  "(update-binfmts --enable); dev/setup.sh does all three")
+
+
+def emulator(arch: str) -> tuple[str | None, str | None]:
+    """(the interpreter the kernel runs `arch`'s programs with, None) when binfmt_misc
+    has one registered with the F flag, which a container needs: the kernel opens the
+    interpreter when it is registered, so it need not exist inside the container's root.
+    Else (None, what is missing)."""
+    name = _QEMU_NAMES.get(arch, arch)
+    if not os.path.isfile(f"{BINFMT}/status"):
+        return None, f"binfmt_misc is not mounted at {BINFMT}"
+    try:
+        text = Path(f"{BINFMT}/qemu-{name}").read_text()
+    except OSError:
+        return None, f"no emulator for {arch} is registered in binfmt_misc (qemu-{name})"
+    fields = dict(line.split(None, 1) for line in text.splitlines() if " " in line)
+    if not text.startswith("enabled"):
+        return None, f"the emulator for {arch} (qemu-{name}) is registered but disabled"
+    if "F" not in fields.get("flags:", ""):
+        return None, (f"the emulator for {arch} (qemu-{name}) is registered without the F flag "
+                      "(fix-binary), so it cannot run inside a container")
+    interp = fields.get("interpreter", "").strip()
+    real = os.path.realpath(interp)
+    if not os.path.isfile(real):
+        return None, f"the emulator for {arch} names {interp}, which does not exist"
+    return real, None
+
+
 # --- DockerStage -----------------------------------------------------------------------
 
 @action_function("DockerStage", version=2)  # 2: the compressor in the key
@@ -411,8 +447,15 @@ def docker_stage(ctx: ExecContext) -> None:
     for st in p["steps"]:
         lines.append(_engine_instruction(c, ctx, st, context))
         step_lines.append(st["line"])
+    platform = None
+    if p.get("emulator"):  # a foreign architecture: its commands run under qemu-user
+        _, problem = emulator(p["platform"].split("/")[1])
+        if problem:
+            raise ActionFailed(f"{p['dockerfile']}: stage {p['stage']} RUNs commands for "
+                               f"{p['platform']}, and {problem}", hint=EMULATION_HINT)
+        platform = p["platform"]
     image_id = dockerengine.build(c, context, "\n".join(lines) + "\n", p["args"], step_lines,
-                                  p["dockerfile"], network=p.get("network"))
+                                  p["dockerfile"], platform=platform, network=p.get("network"))
     saved = ctx.path(".saved.tar")
     dockerengine.save(c, image_id, saved)
     tmp_layout = ctx.path(".engine-layout")
@@ -423,6 +466,8 @@ def docker_stage(ctx: ExecContext) -> None:
         raise ActionFailed("the engine's result does not start with the parent's layers")
     config = copy.deepcopy(img.config) | {"rootfs": {"type": "layers",
                                                      "diff_ids": list(parent_diff_ids)}}
+    # the engine may record its own platform for an emulated build: the stage's is the truth
+    config["os"], config["architecture"] = p["platform"].split("/")[:2]
     history = [h for h in img.config.get("history", [])]
     for n, (desc, blob) in enumerate(img.layers[len(parent_diff_ids):]):
         tmp = ctx.path(f".norm-{n}")

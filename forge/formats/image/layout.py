@@ -368,3 +368,35 @@ def image_config_defaults(*, diff_ids: Iterable[str] = (), platform: str = "linu
     if created is not None:
         config["created"] = created
     return config
+
+
+def merge_layouts(out: Path, layouts: Iterable[Path]) -> list[Descriptor]:
+    """One layout whose index.json lists the manifests of every layout in `layouts`, each
+    with its platform (a multi-platform image); blobs are linked where they can be. Two
+    manifests of the same platform are refused: a reader could not choose."""
+    entries: list[Descriptor] = []
+    seen: dict[str, Path] = {}
+    for src in layouts:
+        src = Path(src)
+        for d, p in _candidates(src, load_index(src)):
+            key = platform_str(p)
+            if key in seen:
+                raise LayoutError(f"{src} and {seen[key]} both hold an image for {key}")
+            seen[key] = src
+            _link_blobs(src, out)
+            entries.append(Descriptor(d.get("mediaType", OCI_MANIFEST), d["digest"], d["size"],
+                                      p))
+    write_index(out, entries)
+    return entries
+
+
+def _link_blobs(src: Path, out: Path) -> None:
+    """Every blob of `src` into `out` under its name (forge wrote and checked them)."""
+    d = init_layout(out) / "blobs" / "sha256"
+    for blob in sorted((Path(src) / "blobs" / "sha256").iterdir()):
+        if blob.name.startswith(".") or (d / blob.name).exists():
+            continue
+        try:
+            os.link(blob, d / blob.name)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copyfile(blob, d / blob.name)

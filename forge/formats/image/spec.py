@@ -173,3 +173,18 @@ def platform_matches(p: dict, want: tuple[str, str, str | None]) -> bool:
     have = p.get("variant") or ("v8" if p.get("architecture") == "arm64" else None)
     return p.get("os") == os_ and p.get("architecture") == arch and \
         (variant is None or variant == have)
+
+
+# ---- architectures ---------------------------------------------------------------------
+
+# Debian's architecture names -> OCI's (GOARCH); for amd64 and arm64 they are the same.
+DEBIAN_TO_OCI = {"amd64": "amd64", "arm64": "arm64", "armhf": "arm", "i386": "386",
+                 "ppc64el": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+_MACHINE_TO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def host_arch() -> str:
+    """This machine's architecture by Debian's (and OCI's) name: amd64, arm64."""
+    import platform
+    m = platform.machine().lower()
+    return _MACHINE_TO_ARCH.get(m, m)

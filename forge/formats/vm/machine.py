@@ -31,11 +31,39 @@ from typing import Iterable, Mapping
 from forge.formats.vm.errors import QemuError
 from forge.formats.vm.probe import TAIL_LINES, Probe, console_tail, wait_for
 
-__all__ = ["ACCEL_ENV", "Boot", "VM", "choose_accel", "disk_boot", "free_port", "iso_boot",
+__all__ = ["ACCEL_ENV", "MACHINES", "Boot", "Machine", "VM", "machine_for", "qemu_binary", "choose_accel", "disk_boot", "free_port", "iso_boot",
            "kernel_boot", "kvm_works", "ovmf_firmware", "qemu_argv"]
 
 ACCEL_ENV = "FORGE_QEMU_ACCEL"
 QEMU = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """How QEMU emulates one guest architecture (Debian's name for it)."""
+    binary: str
+    package: str              # the Debian package that has `binary`
+    machine: str | None       # -M, None: QEMU's default (pc); UEFI boots use q35
+    tcg_cpu: str | None       # -cpu under TCG, None: QEMU's default
+    efi: tuple                # (code, variables template) pairs, most specific first
+    efi_package: str
+
+
+# Under TCG an arm64 guest gets a Cortex-A57: `-cpu max` also emulates pointer
+# authentication, which makes every function call of an arm64 kernel much slower.
+MACHINES = {
+    "amd64": Machine(QEMU, "qemu-system-x86", None, None, (), "ovmf"),
+    "arm64": Machine("qemu-system-aarch64", "qemu-system-arm", "virt", "cortex-a57",
+                     (("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),),
+                     "qemu-efi-aarch64"),
+}
+
+
+def machine_for(arch: str) -> Machine:
+    try:
+        return MACHINES[arch]
+    except KeyError:
+        raise QemuError(f"forge boots amd64 and arm64 guests, not {arch!r}") from None
 # (code, variables template) pairs, most specific first: Debian's 4M build, Debian's 2M
 # build, Fedora's edk2 package.
 OVMF = [("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
@@ -55,41 +83,45 @@ class Boot:
     image: Path | None = None  # the ISO or the disk
     image_format: str = "raw"  # of a disk, QEMU's name: "raw" | "qcow2" | "vpc" (VHD) | "vmdk"
     drive: Path | None = None  # a kernel boot's root image: a read-only virtio disk
+    arch: str = "amd64"        # the guest's architecture (Debian's name)
 
 
-def kernel_boot(kernel: Path, initrd: Path | None, cmdline: str,
-                drive: Path | None = None) -> Boot:
+def kernel_boot(kernel: Path, initrd: Path | None, cmdline: str, *,
+                drive: Path | None = None, arch: str = "amd64") -> Boot:
     return Boot("kernel", kernel=Path(kernel), initrd=Path(initrd) if initrd else None,
-                cmdline=cmdline, drive=Path(drive) if drive else None)
+                cmdline=cmdline, drive=Path(drive) if drive else None, arch=arch)
 
 
-def iso_boot(iso: Path, *, efi: bool = False) -> Boot:
-    return Boot("iso", efi=efi, image=Path(iso))
+def iso_boot(iso: Path, *, efi: bool = False, arch: str = "amd64") -> Boot:
+    return Boot("iso", efi=efi, image=Path(iso), arch=arch)
 
 
 _SUFFIX_FORMAT = {".qcow2": "qcow2", ".vhd": "vpc", ".vmdk": "vmdk"}
 
 
-def disk_boot(image: Path, *, efi: bool = False, image_format: str | None = None) -> Boot:
+def disk_boot(image: Path, *, efi: bool = False, image_format: str | None = None,
+              arch: str = "amd64") -> Boot:
     """A disk on virtio; `image_format` defaults from the file's suffix (else raw). An ISO
     may boot this way too: a hybrid ISO is also a disk."""
     image = Path(image)
-    return Boot("disk", efi=efi, image=image,
+    return Boot("disk", efi=efi, image=image, arch=arch,
                 image_format=image_format or _SUFFIX_FORMAT.get(image.suffix, "raw"))
 
 
-def ovmf_firmware() -> tuple[Path, Path]:
-    """OVMF's code and variable-store template."""
-    for code, var in OVMF:
+def ovmf_firmware(arch: str = "amd64") -> tuple[Path, Path]:
+    """The UEFI firmware's code and variable-store template: OVMF, or AAVMF for arm64."""
+    m = machine_for(arch)
+    for code, var in (OVMF if arch == "amd64" else m.efi):
         if os.path.isfile(code) and os.path.isfile(var):
             return Path(code), Path(var)
-    raise QemuError("no OVMF firmware for UEFI boots: install the Debian package ovmf")
+    raise QemuError(f"no UEFI firmware for {arch} boots: install the Debian package {m.efi_package}")
 
 
-def qemu_binary() -> str:
-    found = shutil.which(QEMU)
+def qemu_binary(arch: str = "amd64") -> str:
+    m = machine_for(arch)
+    found = shutil.which(m.binary)
     if found is None:
-        raise QemuError(f"{QEMU} is not installed: install the Debian package qemu-system-x86")
+        raise QemuError(f"{m.binary} is not installed: install the Debian package {m.package}")
     return found
 
 
@@ -99,22 +131,27 @@ def _opt(path: Path) -> str:
 
 def qemu_argv(boot: Boot, *, accel: str, memory: int = 256, cpus: int = 1,
               forwards: Iterable[tuple[int, int]] = (), console: Path | None = None,
-              efi_vars: Path | None = None, qemu: str = QEMU,
+              efi_vars: Path | None = None, qemu: str | None = None,
               extra: Iterable[str] = ()) -> list[str]:
     """The QEMU command line. `forwards` are (host port, guest port) pairs, on 127.0.0.1;
     `console` None puts the serial console on stdio (Ctrl-C stops QEMU), a path writes it
     there; `efi_vars` is the VM's own copy of the OVMF variable store."""
     if accel not in ("tcg", "kvm"):
         raise QemuError(f"accelerator must be tcg or kvm, not {accel!r}")
-    argv = [qemu, "-accel", accel, "-nographic", "-no-reboot", "-m", str(memory),
+    m = machine_for(boot.arch)
+    argv = [qemu or m.binary, "-accel", accel, "-nographic", "-no-reboot", "-m", str(memory),
             "-smp", str(cpus)]
     if accel == "kvm":
         argv += ["-cpu", "host"]
+    elif m.tcg_cpu:
+        argv += ["-cpu", m.tcg_cpu]
+    if m.machine:
+        argv += ["-machine", m.machine]
     if boot.efi:
         if efi_vars is None:
             raise QemuError("a UEFI boot needs efi_vars: a private copy of OVMF's variables")
-        code, _ = ovmf_firmware()
-        argv += ["-machine", "q35",
+        code, _ = ovmf_firmware(boot.arch)
+        argv += ([] if m.machine else ["-machine", "q35"]) + [
                  "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(code)}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={_opt(efi_vars)}"]
     if boot.kind == "kernel":
@@ -220,6 +257,19 @@ def choose_accel(requested: str | None = None, *, qemu: str | None = None) -> st
     return "kvm" if kvm_works(qemu) else "tcg"
 
 
+def _host_arch() -> str:
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+
+
+def _foreign_accel(requested: str | None, arch: str) -> str:
+    """Another architecture than the host's is only emulated (TCG)."""
+    want = (requested or os.environ.get(ACCEL_ENV) or "auto").strip().lower()
+    if want == "kvm":
+        raise QemuError(f"KVM runs only guests of this machine's architecture, not {arch}: "
+                        "use --accel tcg (or auto)")
+    return "tcg"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
@@ -261,7 +311,7 @@ class VM:
                  interactive: bool = False, extra: Iterable[str] = ()):
         """`forwards` maps guest ports to host ports (0: a free one, see `host_port`)."""
         self.boot, self.rundir, self.interactive = boot, Path(rundir), interactive
-        self.accel = choose_accel(accel)
+        self.accel = choose_accel(accel) if boot.arch == _host_arch() else _foreign_accel(accel, boot.arch)
         self.ports = {g: (h or free_port()) for g, h in (forwards or {}).items()}
         self.console = None if interactive else self.rundir / "console.log"
         self.proc: subprocess.Popen | None = None
@@ -274,13 +324,13 @@ class VM:
         efi_vars = self.rundir / "OVMF_VARS.fd" if self.boot.efi else None
         return qemu_argv(self.boot, accel=self.accel, console=self.console, efi_vars=efi_vars,
                          forwards=sorted((h, g) for g, h in self.ports.items()),
-                         qemu=qemu_binary(), **self._opts)
+                         qemu=qemu_binary(self.boot.arch), **self._opts)
 
     def start(self) -> VM:
         self.rundir.mkdir(parents=True, exist_ok=True)
         argv = self.argv()
         if self.boot.efi:
-            shutil.copyfile(ovmf_firmware()[1], self.rundir / "OVMF_VARS.fd")
+            shutil.copyfile(ovmf_firmware(self.boot.arch)[1], self.rundir / "OVMF_VARS.fd")
         if self.interactive:
             self.proc = subprocess.Popen(argv)
         else:

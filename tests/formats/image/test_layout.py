@@ -18,8 +18,8 @@ from forge.formats.common.files import canonical_json
 from forge.formats.image.archive import export_docker_archive, export_oci_archive, import_archive
 from forge.formats.image.errors import LayoutError
 from forge.formats.image.layer_write import normalise
-from forge.formats.image.layout import (add_blob, blob_path, image_config_defaults, read_image,
-                                        verify_layout, write_image, write_index)
+from forge.formats.image.layout import (add_blob, blob_path, image_config_defaults, merge_layouts,
+                                        read_image, verify_layout, write_image, write_index)
 from forge.formats.image.spec import OCI_INDEX, OCI_LAYER, OCI_MANIFEST
 
 
@@ -320,3 +320,29 @@ def test_docker_load_and_save_round_trip(tmp_path):
     assert img.config_digest == read_image(layout).config_digest  # docker kept the config
     assert tag in json.dumps(desc.annotations)
     verify_layout(back)
+
+
+def _one_arch(tmp_path: Path, arch: str, text: bytes) -> Path:
+    out = tmp_path / f"layout-{arch}-{uuid.uuid4().hex[:6]}"
+    blob, info = layer(tmp_path, {"arch.txt": text})
+    add_blob(out, blob, info.media_type)
+    write_image(out, image_config_defaults(diff_ids=[info.diff_id], platform=f"linux/{arch}"),
+                [info], platform=("linux", arch))
+    return out
+
+
+def test_merged_layouts_are_one_index_per_platform(tmp_path):
+    amd, arm = _one_arch(tmp_path, "amd64", b"x86\n"), _one_arch(tmp_path, "arm64", b"arm\n")
+    out = tmp_path / "index"
+    merge_layouts(out, [amd, arm])
+    verify_layout(out)
+    index = json.loads((out / "index.json").read_text())
+    assert [m["platform"] for m in index["manifests"]] == [
+        {"os": "linux", "architecture": "amd64"}, {"os": "linux", "architecture": "arm64"}]
+    for arch, src in (("amd64", amd), ("arm64", arm)):
+        assert read_image(out, f"linux/{arch}").manifest_digest == read_image(src, None).manifest_digest
+    again = tmp_path / "again"
+    merge_layouts(again, [amd, arm])
+    assert (again / "index.json").read_bytes() == (out / "index.json").read_bytes()
+    with pytest.raises(LayoutError, match="both hold an image for linux/arm64"):
+        merge_layouts(tmp_path / "dup", [arm, _one_arch(tmp_path, "arm64", b"other\n")])

@@ -76,6 +76,34 @@ def test_efi_argv_uses_ovmf_and_the_private_vars():
         qemu.qemu_argv(qemu.iso_boot(Path("/x/a.iso")), accel="hvf")
 
 
+def test_arm64_argv_picks_the_virt_machine_and_its_firmware():
+    argv = qemu.qemu_argv(qemu.kernel_boot(Path("/k/vmlinuz"), Path("/k/initrd.img"),
+                                           "console=ttyAMA0", arch="arm64"), accel="tcg")
+    assert argv[0] == "qemu-system-aarch64"
+    assert _pairs(argv, "-machine") == ["virt"] and _pairs(argv, "-cpu") == ["cortex-a57"]
+    assert _pairs(argv, "-append") == ["console=ttyAMA0"]
+    assert _pairs(argv, "-device") == ["virtio-net-pci,netdev=n0"]
+    try:
+        code, _ = qemu.ovmf_firmware("arm64")
+    except QemuError as e:
+        require(False, str(e))
+    efi = qemu.qemu_argv(qemu.disk_boot(Path("/x/a.img"), efi=True, arch="arm64"), accel="tcg",
+                         efi_vars=Path("/run/VARS.fd"))
+    assert _pairs(efi, "-machine") == ["virt"] and "AAVMF" in str(code)
+    assert _pairs(efi, "-drive")[0] == f"if=pflash,format=raw,unit=0,readonly=on,file={code}"
+    with pytest.raises(QemuError, match="boots amd64 and arm64 guests, not 'riscv64'"):
+        qemu.qemu_argv(qemu.kernel_boot(Path("/k"), None, "", arch="riscv64"), accel="tcg")
+
+
+def test_a_foreign_guest_is_emulated(tmp_path, monkeypatch):
+    monkeypatch.delenv(qemu.ACCEL_ENV, raising=False)
+    boot = qemu.kernel_boot(Path("/k"), None, "", arch="arm64" if platform.machine() == "x86_64"
+                            else "amd64")
+    assert qemu.VM(boot, tmp_path).accel == "tcg"
+    with pytest.raises(QemuError, match="KVM runs only guests of this machine's architecture"):
+        qemu.VM(boot, tmp_path, accel="kvm")
+
+
 # ---- the accelerator -----------------------------------------------------------------------
 
 def test_accel_override(monkeypatch):
