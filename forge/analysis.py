@@ -173,6 +173,12 @@ class AnalysisContext:
         return self._an.lock.get(kind, key)
 
     @property
+    def workspace_root(self) -> Path:
+        """Where the workspace is on this machine: to tell a host path inside it from one
+        outside (an assembly's `source: /abs/path`). Never put it in an action's key."""
+        return self._an.ws.root
+
+    @property
     def config(self) -> dict:
         """The workspace's forge.toml, for settings a rule reads while planning."""
         return self._an.ws.config

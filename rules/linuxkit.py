@@ -36,6 +36,9 @@ from .oci import pinned, pull_action
 COMPRESSIONS = ("gzip", "zstd", "none")
 _SEGMENT_EXT = {"gzip": ".cpio.gz", "zstd": ".cpio.zst", "none": ".cpio"}
 MODULES_LOAD = "etc/forge/modules.load"
+# What `linuxkit build` makes without a kernel: the root filesystem as a tar (a `docker`
+# format, where forge has one, is the same tar with a Dockerfile).
+KERNEL_FREE_FORMATS = ("tar", "docker")
 
 
 # --- reading the assembly ---------------------------------------------------------------
@@ -105,8 +108,14 @@ def linuxkit_image(ctx):
     arts = [a for lb in _assembly_labels(ctx.attr) for a in ctx.dep(lb).files]
     asm = _parse([(a.path, ctx.read_source(a)) for a in arts])
     if asm.kernel is None or not asm.kernel.image:
-        raise ctx.fail("the assembly has no kernel image", attr="assembly",
-                       hint="add `kernel: {image: //pkg:kernel, cmdline: \"console=ttyS0\"}`")
+        # As `linuxkit build`: an assembly without a kernel makes a root filesystem only.
+        need = [f for f in ctx.attr.formats if f not in KERNEL_FREE_FORMATS]
+        if need:
+            raise ctx.fail(f"format '{need[0]}' needs a kernel, and the assembly "
+                           f"{', '.join(a.path for a in arts)} has no `kernel.image`", attr="formats",
+                           hint="add `kernel: {image: //pkg:kernel, cmdline: \"console=ttyS0\"}` to "
+                           "the assembly, or build only " + " or ".join(
+                               f for f in KERNEL_FREE_FORMATS if f in disk.FORMATS))
     return _Planner(ctx, asm).plan()
 
 
@@ -119,6 +128,7 @@ class _Planner:
         self.kinds: dict[str, str] = {}        # image text -> "image" | "kernel" (a kernel target)
         self.unpacked: dict[str, object] = {}  # layout path -> LkUnpack output dir
         self.fragments: list[tuple[str, object]] = []
+        self.outside: list[str] = []           # file sources read from outside the workspace
 
     # images
     def layout(self, text: str, loc) -> object:
@@ -218,16 +228,25 @@ class _Planner:
             elif f.metadata is not None:
                 item["contents"] = self._metadata(f.metadata)
             elif f.source is not None:
-                art = self._source(f)
-                if art is None:
+                got = self._source(f)
+                if got is None:
                     continue
-                item["source"] = art.path
-                inputs.append(art)
+                if "input" in got:
+                    item["source"] = got["input"].path
+                    inputs.append(got["input"])
+                else:
+                    item.update(host=got["host"], sha256=got["sha256"])
             else:
                 item["contents"] = ""
             items.append(item)
         frag = ctx.declare(f"{self.name}.rootfs/files.tar")
-        ctx.call("LkFiles", {"files": items}, inputs=inputs, outputs=[frag], mnemonic="LkFiles")
+        local = ""
+        if self.outside:
+            local = (f"{ctx.label}: the assembly's files read {', '.join(self.outside)}, outside "
+                     "the workspace: the build depends on this machine, and its LkFiles step is "
+                     "neither taken from nor uploaded to a remote cache")
+        ctx.call("LkFiles", {"files": items}, inputs=inputs, outputs=[frag], mnemonic="LkFiles",
+                 local=local)
         self.fragments.append(("files", frag))
 
     def _id(self, v) -> int:
@@ -235,25 +254,46 @@ class _Planner:
             return 0
         return v if isinstance(v, int) else self.ids[v]
 
-    def _source(self, f: asmlib.FileEntry):
+    def _source(self, f: asmlib.FileEntry) -> dict | None:
+        """The file entry's `source`, read as `linuxkit build` reads it: `~/` is the home
+        directory, other paths are relative to the assembly (LinuxKit: to the directory it
+        runs in). A file of the workspace is an input like any other; one outside it (an
+        absolute path, `~/`, or `..` past the workspace root, which LinuxKit reads too) is
+        read now, its digest goes in the step's key and the plan cache watches it, and the
+        step is local-only. None: missing and `optional`, so skipped as LinuxKit does."""
+        import hashlib
+        import os
         import posixpath
         loc = f.locs.get("source", f.loc)
         where = Location(loc.file, loc.line, loc.col)
-        rel = posixpath.normpath(posixpath.join(posixpath.dirname(loc.file), f.source))
-        if f.source.startswith(("~", "/")) or rel == ".." or rel.startswith("../"):
-            raise AnalysisError(f"file '{f.path}': source '{f.source}' is outside the workspace",
-                                location=where, hint="forge keys every input by content, so "
-                                "sources must be files of the workspace; copy it into the package "
-                                "and give its path relative to the assembly")
-        try:
-            art = self.ctx.source_file(rel)
-        except FileNotFoundError:
+        src = f.source
+        if src.startswith("~/") and len(src) > 2:
+            src = os.path.expanduser("~") + src[1:]
+        root = str(self.ctx.workspace_root)
+        if posixpath.isabs(src):
+            full = posixpath.normpath(src)
+        else:
+            full = posixpath.normpath(posixpath.join(root, posixpath.dirname(loc.file), src))
+        rel = posixpath.relpath(full, root)
+        missing_hint = ("fix the path (relative to the assembly file, or absolute, or ~/...) "
+                        "or set `optional: true` to leave the file out when it is missing")
+        if rel != ".." and not rel.startswith("../"):
+            try:
+                art = self.ctx.source_file(rel)
+            except (FileNotFoundError, IsADirectoryError):
+                if f.optional:
+                    return None
+                raise ActionFailed(f"file '{f.path}': source {f.source} ({rel}) does not exist "
+                                   "or is not a file", location=where, hint=missing_hint) from None
+            return {"input": art}
+        data = self.ctx.host_file(full)
+        if data is None:
             if f.optional:
                 return None
-            raise AnalysisError(f"file '{f.path}': source {rel} does not exist", location=where,
-                                hint="fix the path (relative to the assembly file) or set "
-                                "`optional: true`") from None
-        return art
+            raise ActionFailed(f"file '{f.path}': source {f.source} ({full}) cannot be read",
+                               location=where, hint=missing_hint)
+        self.outside.append(full)
+        return {"host": full, "sha256": hashlib.sha256(data).hexdigest()}
 
     def _metadata(self, kind: str) -> str:
         a = self.asm
@@ -277,7 +317,8 @@ class _Planner:
     # the whole plan
     def plan(self):
         ctx = self.ctx
-        kernel_dir = self.kernel()
+        has_kernel = bool(self.asm.kernel and self.asm.kernel.image)
+        kernel_dir = self.kernel() if has_kernel else None
         for i, (ref, loc) in enumerate(zip(self.asm.init, self.asm.init_locs)):
             self.fragments.append((f"init/{i}", self.unpack(ref, loc)))
         self.entries()
@@ -291,6 +332,11 @@ class _Planner:
                                    "base": n == 0}, inputs=[frag],
                      outputs=[seg], mnemonic="LkSegment", description=f"LkSegment {ctx.label} [{what}]")
             segments.append(seg)
+        if not has_kernel:
+            outputs = {fmt: disk.plan_format(ctx, fmt, self.name, None, None,
+                                             [f for _, f in self.fragments]) for fmt in ctx.attr.formats}
+            files = [a for arts in outputs.values() for a in arts]
+            return ctx.info(files=files, formats={f: [a.path for a in arts] for f, arts in outputs.items()})
         initrd = ctx.declare(f"{self.name}-initrd.img")
         ctx.call("LkInitrd", {}, inputs=[kernel_dir, *segments], outputs=[initrd], mnemonic="LkInitrd")
         kernel, cmdline = ctx.declare(f"{self.name}-kernel"), ctx.declare(f"{self.name}-cmdline")
@@ -376,19 +422,48 @@ def bundle_step(ctx: ExecContext) -> None:
             w.copy_tree(tf, f"{d}/rootfs" if readonly else f"{d}/lower", extra_dirs=cpio.MOUNT_POINTS)
 
 
-@action_function("LkFiles", version=1)
+def _leading_dir_mode(mode: int) -> int:
+    """LinuxKit gives the directories it adds above a file entry the entry's mode, with
+    search (x) added wherever read or write is allowed: 0600 -> 0700, 0644 -> 0755."""
+    for rwx, x in ((0o700, 0o100), (0o070, 0o010), (0o007, 0o001)):
+        if mode & rwx:
+            mode |= x
+    return mode
+
+
+@action_function("LkFiles", version=2)  # 2: leading directories as LinuxKit makes them
 def files_step(ctx: ExecContext) -> None:
+    import posixpath
     with open(ctx.path(ctx.outputs[0]), "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
         for it in ctx.params["files"]:
             ids = {"uid": it["uid"], "gid": it["gid"]}
+            parts = posixpath.normpath("/" + it["path"]).strip("/").split("/")[:-1]
+            for i in range(1, len(parts) + 1):  # the first entry below a directory makes it
+                w.directory("/".join(parts[:i]), _leading_dir_mode(it["mode"]), **ids)
             if it.get("directory"):
                 w.directory(it["path"], it["mode"], **ids)
             elif "symlink" in it:
                 w.symlink(it["path"], it["symlink"], **ids)
             elif "source" in it:
                 w.file(it["path"], ctx.path(it["source"]).read_bytes(), it["mode"], **ids)
+            elif "host" in it:
+                w.file(it["path"], _host_file(it), it["mode"], **ids)
             else:
                 w.file(it["path"], it["contents"].encode(), it["mode"], **ids)
+
+
+def _host_file(it: dict) -> bytes:
+    """A file source outside the workspace: its digest is in the key, so what is read
+    must be what was planned."""
+    import hashlib
+    try:
+        data = open(it["host"], "rb").read()
+    except OSError as e:
+        raise ActionFailed(f"file '{it['path']}': cannot read {it['host']}: {e.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != it["sha256"]:
+        raise ActionFailed(f"file '{it['path']}': {it['host']} changed while building",
+                           hint="build again")
+    return data
 
 
 @action_function("LkVolume", version=1)

@@ -339,12 +339,109 @@ def test_a_kernel_from_a_url_with_its_sha256(lk):
     assert r.code == 1 and "sha256" in r.err, r.err
 
 
-@pytest.mark.parametrize("source", ["../../../etc/passwd", "~/.ssh/id_rsa", "/etc/passwd"])
-def test_a_file_source_outside_the_workspace_is_an_error(lk, source):
-    text = (lk.root / "os.yml").read_text().replace("    source: conf.txt", f"    source: {source}")
+def _mnemonics(r) -> list[str]:
+    return sorted(e["mnemonic"] for e in r.event_list if e.get("status") == "executed")
+
+
+def _with_source(lk, source: str, optional: bool = False) -> None:
+    extra = "\n    optional: true" if optional else ""
+    text = (lk.root / "os.yml").read_text().replace("    source: conf.txt", f"    source: {source}{extra}")
     (lk.root / "os.yml").write_text(text)
+
+
+def _files_tar(lk) -> dict[str, bytes]:
+    with tarfile.open(lk.root / "forge-out/os.rootfs/files.tar") as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+
+
+@pytest.mark.parametrize("source", ["~/.ssh/id_rsa.pub", "ABS", "../outside/key.pub"])
+def test_a_file_source_outside_the_workspace_is_read_and_rebuilds(lk, tmp_path, source):
+    home = tmp_path / "home"
+    key = home / ".ssh/id_rsa.pub" if source.startswith("~") else tmp_path / "outside/key.pub"
+    key.parent.mkdir(parents=True)
+    key.write_text("ssh-ed25519 AAAA one\n")
+    _with_source(lk, str(key) if source == "ABS" else source)
+    env = {"HOME": str(home)}
+    r = lk.build("//:os", env=env)
+    assert r.code == 0, r.err
+    assert _files_tar(lk)["etc/conf"] == b"ssh-ed25519 AAAA one\n"
+    warnings = [x for x in r.err.splitlines() if x.startswith("WARNING:")]
+    assert len(warnings) == 1 and str(key) in warnings[0] and "//:os" in warnings[0] \
+        and "remote cache" in warnings[0], r.err
+    # Same size, new content: the cached plan must notice, and LkFiles must rerun.
+    key.write_text("ssh-ed25519 AAAA two\n")
+    r = lk.build("//:os", env=env)
+    assert r.code == 0, r.err
+    assert "LkFiles" in _mnemonics(r) and _files_tar(lk)["etc/conf"] == b"ssh-ed25519 AAAA two\n"
+    r = lk.build("//:os", env=env)  # and the warning comes with every build, from the cached plan
+    assert r.code == 0 and lk.executed(r) == [] and str(key) in r.err, r.err
+
+
+def test_a_missing_optional_source_is_skipped_until_it_appears(lk, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    _with_source(lk, "~/.ssh/id_rsa.pub", optional=True)
+    env = {"HOME": str(home)}
+    r = lk.build("//:os", env=env)
+    assert r.code == 0, r.err
+    assert "etc/conf" not in _files_tar(lk) and "etc/motd" in _files_tar(lk)
+    assert "WARNING" not in r.err  # nothing was read from outside
+    (home / ".ssh").mkdir()  # the directory of the missing file's nearest parent changes
+    (home / ".ssh/id_rsa.pub").write_text("key\n")
+    r = lk.build("//:os", env=env)
+    assert r.code == 0, r.err
+    assert _files_tar(lk)["etc/conf"] == b"key\n"
+
+
+@pytest.mark.parametrize("source", ["~/.ssh/none.pub", "/nonexistent/key", "missing.txt"])
+def test_a_missing_source_that_is_not_optional_names_the_yaml_line(lk, tmp_path, source):
+    _with_source(lk, source)
+    r = lk.forge("build", "--nobuild", "//:os", env={"HOME": str(tmp_path)})
+    assert r.code == 1, r.err
+    assert "os.yml:22:5: error: file 'etc/conf': source " + source in r.err and "optional: true" in r.err, r.err
+    assert "Traceback" not in r.err
+
+
+def test_a_file_entry_as_linuxkit_writes_it(lk):
+    """LinuxKit's file rules: a leading / is dropped, mode is octal (0600, 0700 for a
+    directory), uid/gid by number or entry name."""
+    text = (lk.root / "os.yml").read_text().replace("  - path: etc/motd", "  - path: /etc/motd")
+    (lk.root / "os.yml").write_text(text)
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    m = _tar_members(lk.root / "forge-out/os.rootfs/files.tar")
+    assert m["etc/motd"].mode == 0o644 and m["etc/conf"].mode == 0o600
+    assert m["run/web"].isdir() and m["run/web"].mode == 0o700 and m["run/web"].uid == 101
+    # leading directories: the first entry below one makes it, with its mode plus x, its ids
+    assert m["etc"].mode == 0o755 and m["run"].mode == 0o700 and m["run"].uid == 101
+
+
+NO_KERNEL = """\
+init:
+  - //init:image
+services:
+  - name: web
+    image: app
+"""
+
+
+def test_an_assembly_without_a_kernel_builds_tar(lk):
+    (lk.root / "os.yml").write_text(NO_KERNEL)
+    (lk.root / "BUILD").write_text(BUILD.replace('["kernel+initrd", "tar"]', '["tar"]'))
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    names = _tar_members(lk.root / "forge-out/os.tar")
+    assert "containers/services/web/config.json" in names and "init" in names
+    assert not any(n.startswith("boot/") for n in names)
+    assert not any("Kernel" in m for m in _mnemonics(r))
+
+
+def test_a_format_that_needs_a_kernel_names_the_format_and_the_assembly(lk):
+    (lk.root / "os.yml").write_text(NO_KERNEL)
     r = lk.forge("build", "--nobuild", "//:os")
-    assert r.code == 2 and f"os.yml:22:5: error: file 'etc/conf': source '{source}' is outside the workspace" in r.err, r.err
+    assert r.code != 0 and "Traceback" not in r.err
+    assert "format 'kernel+initrd' needs a kernel, and the assembly os.yml has no `kernel.image`" in r.err, r.err
+    assert "BUILD:5:" in r.err and "build only tar" in r.err, r.err
 
 
 def test_fragments_keep_dotfiles_at_the_root(tmp_path):
