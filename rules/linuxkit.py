@@ -194,7 +194,7 @@ class _Planner:
                 d = f"containers/{section}/" + (e.name if section == "services" else f"{i:03d}-{e.name}")
                 src = self.unpack(e.image, e.locs.get("image", e.loc))
                 frag = self.ctx.declare(f"{self.name}.rootfs/{section}-{i:03d}-{e.name}.tar")
-                self._check(e)
+                e = self._check(e)
                 # No line numbers in the params: moving an entry must not rebuild it.
                 params = {"dir": d, "section": section, "name": e.name, "image": e.image,
                           "raw": e.raw, "ids": self.ids}
@@ -202,11 +202,15 @@ class _Planner:
                               mnemonic="LkBundle", description=f"LkBundle {self.ctx.label} [{d}]")
                 self.fragments.append((f"{section}/{e.name}", frag))
 
-    def _check(self, e: asmlib.ImageEntry) -> None:
+    def _check(self, e: asmlib.ImageEntry) -> asmlib.ImageEntry:
         """Errors in the entry's own keys, found now with their lines (and by --nobuild);
-        what is left for the step is the image label, which it names."""
+        what is left for the step is the image label, which it names. Returns the entry
+        with its volume binds resolved."""
+        import dataclasses
         try:
+            e = dataclasses.replace(e, raw=asmlib.volume_binds(e, self.asm.volumes))
             runtime_config(e, {}, {}, self.ids)
+            return e
         except AssemblyError as err:
             w = err.where
             raise AnalysisError(err.message, location=Location(w.file, w.line, w.col)
@@ -307,12 +311,35 @@ class _Planner:
 
     def volumes(self) -> None:
         for v in self.asm.volumes:
-            inputs = [self.unpack(v.image, v.loc) if v.format == "filesystem" else
-                      self.layout(v.image, v.loc)] if v.image else []
+            inputs = []
+            if v.image and v.format == "filesystem":
+                inputs = [self.unpack(v.image, v.loc)]  # `platforms` is for oci, as in LinuxKit
+            elif v.image:
+                inputs = self._volume_layouts(v)
             frag = self.ctx.declare(f"{self.name}.rootfs/volume-{v.name}.tar")
-            self.ctx.call("LkVolume", {"name": v.name, "format": v.format if v.image else "none"},
+            self.ctx.call("LkVolume", {"name": v.name, "format": v.format if v.image else "none",
+                                       "readonly": v.readonly},
                           inputs=inputs, outputs=[frag], mnemonic="LkVolume")
             self.fragments.append((f"volumes/{v.name}", frag))
+
+    def _volume_layouts(self, v: asmlib.Volume) -> list:
+        """An oci volume's layouts: one per `platforms` item (LinuxKit writes one layout
+        holding each), else the image for the target's platform."""
+        loc = v.loc
+        if not v.platforms:
+            return [self.layout(v.image, v.loc)]
+        if v.image in self.ctx.attr.images or _is_label(v.image):
+            raise AnalysisError(f"volume '{v.name}' asks for platforms {', '.join(v.platforms)}, but "
+                                f"'{v.image}' is a forge target, built for one platform",
+                                location=Location(loc.file, loc.line, loc.col),
+                                hint="name a registry reference to pull several platforms, or drop `platforms`")
+        try:
+            ref = pinned(self.ctx, v.image)
+        except AnalysisError as e:
+            raise e.with_location(Location(loc.file, loc.line, loc.col))
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in v.image)
+        return [pull_action(self.ctx, ref, p, f"{self.name}.volumes/{v.name}/{p.replace('/', '_')}-{safe}")
+                for p in dict.fromkeys(v.platforms)]
 
     # the whole plan
     def plan(self):
@@ -466,23 +493,46 @@ def _host_file(it: dict) -> bytes:
     return data
 
 
-@action_function("LkVolume", version=1)
+@action_function("LkVolume", version=2)  # 2: lower/, merged/ and tmp/ as LinuxKit lays them out
 def volume_step(ctx: ExecContext) -> None:
-    base = f"containers/volumes/{ctx.params['name']}"
+    """containers/volumes/<name>/: the contents in lower/, an empty merged/ where the init
+    mounts the volume, and tmp/ (the mark of a writable volume, where the init mounts the
+    tmpfs for its overlay's upper layer) unless the volume is read-only."""
+    base = f"{asmlib.VOLUMES_DIR}/{ctx.params['name']}"
     fmt = ctx.params["format"]
     with open(ctx.path(ctx.outputs[0]), "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
         w.directory(base)
+        w.directory(f"{base}/lower")
         if fmt == "filesystem":
             with tarfile.open(ctx.path(ctx.inputs[0]) / "rootfs.tar") as tf:
-                w.copy_tree(tf, base)
+                w.copy_tree(tf, f"{base}/lower")
         elif fmt == "oci":
-            layout = ctx.path(ctx.inputs[0])
-            for p in sorted(layout.rglob("*")):
-                rel = f"{base}/{p.relative_to(layout).as_posix()}"
-                if p.is_dir():
-                    w.directory(rel)
-                else:
-                    w.file(rel, p.read_bytes())
+            _merged_layout(w, f"{base}/lower", [ctx.path(i) for i in ctx.inputs])
+        if not ctx.params.get("readonly"):
+            w.directory(f"{base}/tmp")
+        w.directory(f"{base}/merged")
+
+
+def _merged_layout(w: FragmentWriter, dest: str, layouts: list) -> None:
+    """One OCI layout from several (one per platform): every blob once, and an index
+    listing each layout's manifests."""
+    from forge.formats.common.files import canonical_json
+    manifests, blobs = [], {}
+    for layout in layouts:
+        index = json.loads((layout / "index.json").read_bytes())
+        manifests += [m for m in index.get("manifests", []) if m not in manifests]
+        for p in sorted(layout.rglob("*")):
+            rel = p.relative_to(layout).as_posix()
+            if rel != "index.json" and p.is_file():
+                blobs.setdefault(rel, p)
+    if len(layouts) == 1:
+        index_bytes = (layouts[0] / "index.json").read_bytes()
+    else:
+        index_bytes = canonical_json({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                      "manifests": manifests})
+    w.file(f"{dest}/index.json", index_bytes)
+    for rel in sorted(blobs):
+        w.file(f"{dest}/{rel}", blobs[rel].read_bytes())
 
 
 @action_function("LkSegment", version=3)  # 3: the compressor in the key
