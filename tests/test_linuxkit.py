@@ -511,3 +511,104 @@ def test_copy_from_an_image_with_an_escaping_layer_is_bad_input(lk):
     assert "Traceback" not in r.err and "internal error" not in r.err, r.err
     assert "//c:c" in r.err and digest in r.err and "a/../../../escaped" in r.err, r.err
     assert not list(lk.root.parent.rglob("escaped"))
+
+
+# LinuxKit's test-case style: a base with the kernel and init, and a test file without a
+# kernel built after it (`linuxkit build common.yml test.yml`), using volumes by name, a
+# read-only volume, runtime interfaces/bindNS/namespace and an optional key from ~/.
+COMMON = """\
+kernel:
+  image: //kimg:kimg
+  cmdline: "console=ttyS0"
+init:
+  - //init:image
+"""
+TEST_CASE = """\
+onboot:
+  - name: wg0
+    image: //init:image
+    net: new
+    binds:
+      - vola:/vola:ro
+    mounts:
+      - type: bind
+        source: volb
+        destination: /volb
+    runtime:
+      interfaces:
+        - name: wg0
+          add: wireguard
+          createInRoot: true
+      bindNS:
+          net: /run/netns/wg0
+services:
+  - name: web
+    image: app
+    net: /run/netns/wg0
+    binds.add:
+      - volb:/data
+    runtime:
+      namespace: tenant
+volumes:
+  - name: vola
+    image: app
+    format: filesystem
+    readonly: true
+  - name: volb
+files:
+  - path: root/.ssh/authorized_keys
+    source: ~/.ssh/id_rsa.pub
+    mode: "0600"
+    optional: true
+"""
+
+
+def test_a_linuxkit_style_test_case_builds(lk, tmp_path):
+    lk.write({"common.yml": COMMON, "test.yml": TEST_CASE, "BUILD": BUILD.replace(
+        'assembly = "os.yml",', 'assembly = "common.yml",\n    overlays = ["test.yml"],')})
+    r = lk.build("//:os", env={"HOME": str(tmp_path)})
+    assert r.code == 0, r.err
+    with tarfile.open(lk.root / "forge-out/os.tar") as t:
+        names = set(t.getnames())
+        wg0 = json.loads(t.extractfile("containers/onboot/000-wg0/config.json").read())
+        rt = json.loads(t.extractfile("containers/onboot/000-wg0/runtime.json").read())
+        web = json.loads(t.extractfile("containers/services/web/config.json").read())
+        web_rt = json.loads(t.extractfile("containers/services/web/runtime.json").read())
+    assert {"containers/volumes/vola/lower/srv/hello.txt", "containers/volumes/vola/merged",
+            "containers/volumes/volb/lower", "containers/volumes/volb/merged",
+            "containers/volumes/volb/tmp"} <= names
+    assert "containers/volumes/vola/tmp" not in names  # read-only: no tmpfs, no overlay
+    assert "root/.ssh/authorized_keys" not in names  # optional, and not in this HOME
+    mounts = {m["destination"]: m["source"] for m in wg0["mounts"]}
+    assert mounts["/vola"] == "/containers/volumes/vola/merged" and mounts["/volb"] == "/containers/volumes/volb/merged"
+    assert {m["destination"]: m["source"] for m in web["mounts"]}["/data"] == "/containers/volumes/volb/merged"
+    assert rt["interfaces"] == [{"name": "wg0", "add": "wireguard", "createInRoot": True}]
+    assert rt["bindNS"]["net"] == "/run/netns/wg0" and web_rt["namespace"] == "tenant"
+    assert {"type": "network", "path": "/run/netns/wg0"} in web["linux"]["namespaces"]
+
+
+def test_a_read_only_volume_bound_read_write_is_an_error(lk):
+    lk.write({"common.yml": COMMON, "test.yml": TEST_CASE.replace("vola:/vola:ro", "vola:/vola"),
+              "BUILD": BUILD.replace('assembly = "os.yml",', 'assembly = "common.yml",\n    overlays = ["test.yml"],')})
+    r = lk.forge("build", "--nobuild", "//:os")
+    assert r.code == 2 and "test.yml:5:5: error: volume 'vola' is read-only, but onboot entry 'wg0' " \
+        "binds it read-write (in 'binds')" in r.err and "add :ro" in r.err, r.err
+
+
+def test_volume_platforms_need_a_registry_reference(lk):
+    lk.write({"common.yml": COMMON, "test.yml": TEST_CASE.replace(
+        "    format: filesystem\n", "    platforms: [linux/amd64, linux/arm64]\n"),
+        "BUILD": BUILD.replace('assembly = "os.yml",', 'assembly = "common.yml",\n    overlays = ["test.yml"],')})
+    r = lk.forge("build", "--nobuild", "//:os")
+    assert r.code == 2 and "volume 'vola' asks for platforms linux/amd64, linux/arm64, but 'app' is a " \
+        "forge target" in r.err, r.err
+    # A registry reference is pulled once per platform (planned here with placeholders).
+    text = (lk.root / "test.yml").read_text().replace("  - name: vola\n    image: app", "  - name: vola\n    image: 127.0.0.1:1/lib/alpine:3")
+    import re
+    planned = []
+    for platforms in ("[linux/amd64, linux/arm64]", "[linux/amd64]"):
+        (lk.root / "test.yml").write_text(text.replace("[linux/amd64, linux/arm64]", platforms))
+        r = lk.forge("build", "--nobuild", "//:os")
+        assert r.code == 0, r.err
+        planned.append(int(re.search(r"(\d+) actions planned", r.err).group(1)))
+    assert planned[0] == planned[1] + 1  # one pull per platform
