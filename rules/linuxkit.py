@@ -363,7 +363,9 @@ class _Planner:
             outputs = {fmt: disk.plan_format(ctx, fmt, self.name, None, None,
                                              [f for _, f in self.fragments]) for fmt in ctx.attr.formats}
             files = [a for arts in outputs.values() for a in arts]
-            return ctx.info(files=files, formats={f: [a.path for a in arts] for f, arts in outputs.items()})
+            formats = {f: [a.path for a in arts] for f, arts in outputs.items()}
+            return ctx.info(files=files, formats=formats,  # `forge run` says it has nothing to boot
+                            run={"runner": "QemuRun", "params": {"name": self.name, "formats": formats}})
         initrd = ctx.declare(f"{self.name}-initrd.img")
         ctx.call("LkInitrd", {}, inputs=[kernel_dir, *segments], outputs=[initrd], mnemonic="LkInitrd")
         kernel, cmdline = ctx.declare(f"{self.name}-kernel"), ctx.declare(f"{self.name}-cmdline")

@@ -172,6 +172,9 @@ def qemu_run(ctx: RunContext) -> int:
         raise UsageError(f"cannot read the run options {' '.join(ctx.args)}",
                          hint="forge run IMAGE [--format F] [-p HOST:GUEST]... [--accel kvm|tcg] "
                          "[-m MiB] [--cpus N]") from None
+    if args.format is None:  # e.g. an assembly without a kernel: only `tar`
+        raise UsageError(f"the image builds no format QEMU can boot (it builds: {', '.join(formats)})",
+                         hint="give the assembly a kernel and add a bootable format, e.g. kernel+initrd")
     if args.format not in formats or args.format not in BOOTABLE:
         raise UsageError(f"the image has no bootable format '{args.format}'",
                          hint=f"it builds: {', '.join(f for f in formats if f in BOOTABLE)}")

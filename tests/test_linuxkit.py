@@ -434,6 +434,8 @@ def test_an_assembly_without_a_kernel_builds_tar(lk):
     assert "containers/services/web/config.json" in names and "init" in names
     assert not any(n.startswith("boot/") for n in names)
     assert not any("Kernel" in m for m in _mnemonics(r))
+    r = lk.forge("run", "//:os")
+    assert r.code == 2 and "builds no format QEMU can boot (it builds: tar)" in r.err, r.err
 
 
 def test_a_format_that_needs_a_kernel_names_the_format_and_the_assembly(lk):
