@@ -62,24 +62,26 @@ class AnalysisContext:
 
     def run(self, argv, *, inputs, outputs, mnemonic: str, env: dict | None = None,
             tools=(), pool: str | None = None, executable=(), description: str = "",
-            timeout: float | None = None) -> Action:
+            timeout: float | None = None, local: str = "") -> Action:
         return self._add(Action(self.label, mnemonic, self.rule.key, tuple(dict.fromkeys(inputs)),
                                 tuple(outputs), argv=tuple(argv), env=tuple(sorted((env or {}).items())),
                                 tools=tuple(tools), pool=pool,
                                 executable=tuple(a.path for a in executable),
                                 description=description or f"{mnemonic} {self.label}",
-                                timeout=timeout))
+                                timeout=timeout, local=local))
 
     def run_shell(self, cmd: str, **kw) -> Action:
         kw["tools"] = ("bash", *kw.get("tools", ()))
         return self.run(["bash", "-c", cmd], **kw)
 
     def call(self, function: str, params, *, inputs, outputs, mnemonic: str,
-             pool: str | None = None, description: str = "", executable=(), tools=()) -> Action:
+             pool: str | None = None, description: str = "", executable=(), tools=(),
+             local: str = "") -> Action:
+        """`local`: see Action.local (why the step depends on this machine)."""
         return self._add(Action(self.label, mnemonic, self.rule.key, tuple(dict.fromkeys(inputs)),
                                 tuple(outputs), function=function, params=params, pool=pool, tools=tuple(tools),
                                 executable=tuple(a.path for a in executable),
-                                description=description or f"{mnemonic} {self.label}"))
+                                description=description or f"{mnemonic} {self.label}", local=local))
 
     def _add(self, action: Action) -> Action:
         if not action.outputs:
@@ -132,6 +134,31 @@ class AnalysisContext:
             self._an.reads.setdefault(self.label, set()).add(path)
         return data
 
+    def host_file(self, path: str) -> bytes | None:
+        """The bytes of a file outside the workspace (absolute path), or None if it does not
+        exist or cannot be read. Either way the plan cache notices a change: the file's
+        stat is recorded, or, when it is missing, the mtime of its nearest existing
+        directory (where it, or a directory on its way, would appear)."""
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+            self._an.loader.remember(p)
+            return data
+        except OSError:
+            d = p.parent
+            while not d.is_dir() and d != d.parent:
+                d = d.parent
+            try:
+                self._an.loader.dirs[self._an.loader._rel(d)] = d.stat().st_mtime_ns
+            except OSError:
+                pass
+            if p.exists():  # there but unreadable: its stat still tells a change
+                try:
+                    self._an.loader.remember(p)
+                except OSError:
+                    pass
+            return None
+
     def list_dir(self, path: str) -> list[str]:
         """The names in a directory read while planning (workspace-relative or absolute);
         the plan cache notices entries appearing or going (its mtime is recorded)."""
@@ -158,6 +185,12 @@ class AnalysisContext:
         """The pinned value for a floating reference (see forge.lockfile), e.g.
         `ctx.pin("oci", "registry.example.com/library/alpine:3.20")` -> its digest."""
         return self._an.lock.get(kind, key)
+
+    @property
+    def workspace_root(self) -> Path:
+        """Where the workspace is on this machine: to tell a host path inside it from one
+        outside (an assembly's `source: /abs/path`). Never put it in an action's key."""
+        return self._an.ws.root
 
     @property
     def config(self) -> dict:

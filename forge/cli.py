@@ -207,6 +207,8 @@ def _build(ws, args, patterns, *, tests: bool = False):
     try:
         plan = s.plan(patterns, offline=args.offline, dry=args.nobuild)
         t1 = time.perf_counter()
+        for text in dict.fromkeys(a.local for a in plan.actions if a.local):
+            reporter.warning(text)  # from the plan, so a cached plan warns too
         if args.nobuild:
             print(f"forge: {len(plan.roots)} targets loaded and analysed, "
                   f"{len(plan.actions)} actions planned", file=sys.stderr)

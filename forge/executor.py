@@ -239,7 +239,7 @@ class LocalExecutor:
             else:
                 self.cache.put_record(key, outs)  # after its blobs: never a dangling record
                 self._link_out(outs)
-                if self._remote is not None:
+                if self._remote is not None and not a.local:
                     self._remote.upload(key, a, outs)
                 r = ActionResult(a, "executed", key, outputs=outs)
         except ForgeError as e:

@@ -56,6 +56,10 @@ class Action:
     executable: tuple[str, ...] = ()  # output paths to mark executable
     description: str = ""
     timeout: float | None = None
+    # Non-empty: why the result depends on this machine (a file outside the workspace).
+    # Such an action is never looked up in nor uploaded to a shared cache; the text is the
+    # warning each build prints. Not in the key: it does not change what the action makes.
+    local: str = ""
 
     @property
     def id(self) -> str:

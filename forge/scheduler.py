@@ -170,7 +170,7 @@ class Scheduler:
                         complete(i, p)
                         continue
                     tickets[i] = p
-                    if self._can_look_up():
+                    if not actions[i].local and self._can_look_up():
                         looking += 1
                         self._lookups.submit(self._lookup, i, actions[i], p)
                     else:

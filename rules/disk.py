@@ -75,6 +75,9 @@ def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: lis
         return _plan_rpi3(ctx, name, boot, kernel_dir, arch)
     outs = [ctx.declare(n.format(name=name)) for n in FORMATS[fmt]]
     if fmt == "tar":
+        if boot is None:  # no kernel: the root filesystem alone, as `linuxkit build` makes it
+            ctx.call("LkTar", {"boot": False}, inputs=fragments, outputs=outs, mnemonic="LkTar")
+            return outs
         ctx.call("LkTar", {}, inputs=[boot["kernel"], boot["cmdline"], kernel_dir, *fragments],
                  outputs=outs, mnemonic="LkTar")
         return outs
@@ -205,13 +208,15 @@ def kernel_tar_step(ctx: ExecContext) -> None:
 def tar_step(ctx: ExecContext) -> None:
     """The root filesystem as one tar, as LinuxKit's `tar` format: boot/kernel,
     boot/cmdline, boot/ucode.cpio, then every fragment in initrd order."""
-    kernel, cmdline, kdir = (ctx.path(i) for i in ctx.inputs[:3])
+    boot = ctx.params.get("boot", True)
     with open(ctx.path(ctx.outputs[0]), "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
-        w.file("boot/kernel", kernel.read_bytes())
-        w.file("boot/cmdline", cmdline.read_bytes())
-        if (kdir / "ucode.cpio").is_file():
-            w.file("boot/ucode.cpio", (kdir / "ucode.cpio").read_bytes())
-        for rel in ctx.inputs[3:]:
+        if boot:
+            kernel, cmdline, kdir = (ctx.path(i) for i in ctx.inputs[:3])
+            w.file("boot/kernel", kernel.read_bytes())
+            w.file("boot/cmdline", cmdline.read_bytes())
+            if (kdir / "ucode.cpio").is_file():
+                w.file("boot/ucode.cpio", (kdir / "ucode.cpio").read_bytes())
+        for rel in ctx.inputs[3 if boot else 0:]:
             p = ctx.path(rel)
             with tarfile.open(p / "rootfs.tar" if p.is_dir() else p) as tf:
                 w.copy_tree(tf)

@@ -38,6 +38,9 @@ from .oci import pinned, pull_action
 COMPRESSIONS = ("gzip", "zstd", "none")
 _SEGMENT_EXT = {"gzip": ".cpio.gz", "zstd": ".cpio.zst", "none": ".cpio"}
 MODULES_LOAD = "etc/forge/modules.load"
+# What `linuxkit build` makes without a kernel: the root filesystem as a tar (a `docker`
+# format, where forge has one, is the same tar with a Dockerfile).
+KERNEL_FREE_FORMATS = ("tar", "docker")
 
 
 # --- reading the assembly ---------------------------------------------------------------
@@ -120,8 +123,14 @@ def linuxkit_image(ctx):
     arts = [a for lb in _assembly_labels(ctx.attr) for a in ctx.dep(lb).files]
     asm = _parse([(a.path, ctx.read_source(a)) for a in arts])
     if asm.kernel is None or not asm.kernel.image:
-        raise ctx.fail("the assembly has no kernel image", attr="assembly",
-                       hint="add `kernel: {image: //pkg:kernel, cmdline: \"console=ttyS0\"}`")
+        # As `linuxkit build`: an assembly without a kernel makes a root filesystem only.
+        need = [f for f in ctx.attr.formats if f not in KERNEL_FREE_FORMATS]
+        if need:
+            raise ctx.fail(f"format '{need[0]}' needs a kernel, and the assembly "
+                           f"{', '.join(a.path for a in arts)} has no `kernel.image`", attr="formats",
+                           hint="add `kernel: {image: //pkg:kernel, cmdline: \"console=ttyS0\"}` to "
+                           "the assembly, or build only " + " or ".join(
+                               f for f in KERNEL_FREE_FORMATS if f in disk.FORMATS))
     return _Planner(ctx, asm).plan()
 
 
@@ -136,6 +145,7 @@ class _Planner:
         self.kinds: dict[str, str] = {}        # image text -> "image" | "kernel" (a kernel target)
         self.unpacked: dict[str, object] = {}  # layout path -> LkUnpack output dir
         self.fragments: list[tuple[str, object]] = []
+        self.outside: list[str] = []           # file sources read from outside the workspace
 
     # images
     def layout(self, text: str, loc) -> object:
@@ -209,7 +219,7 @@ class _Planner:
                 d = f"containers/{section}/" + (e.name if section == "services" else f"{i:03d}-{e.name}")
                 src = self.unpack(e.image, e.locs.get("image", e.loc))
                 frag = self.ctx.declare(f"{self.name}.rootfs/{section}-{i:03d}-{e.name}.tar")
-                self._check(e)
+                e = self._check(e)
                 # No line numbers in the params: moving an entry must not rebuild it.
                 params = {"dir": d, "section": section, "name": e.name, "image": e.image,
                           "raw": e.raw, "ids": self.ids}
@@ -217,11 +227,15 @@ class _Planner:
                               mnemonic="LkBundle", description=f"LkBundle {self.ctx.label} [{d}]")
                 self.fragments.append((f"{section}/{e.name}", frag))
 
-    def _check(self, e: asmlib.ImageEntry) -> None:
+    def _check(self, e: asmlib.ImageEntry) -> asmlib.ImageEntry:
         """Errors in the entry's own keys, found now with their lines (and by --nobuild);
-        what is left for the step is the image label, which it names."""
+        what is left for the step is the image label, which it names. Returns the entry
+        with its volume binds resolved."""
+        import dataclasses
         try:
+            e = dataclasses.replace(e, raw=asmlib.volume_binds(e, self.asm.volumes))
             runtime_config(e, {}, {}, self.ids)
+            return e
         except AssemblyError as err:
             w = err.where
             raise AnalysisError(err.message, location=Location(w.file, w.line, w.col)
@@ -243,16 +257,25 @@ class _Planner:
             elif f.metadata is not None:
                 item["contents"] = self._metadata(f.metadata)
             elif f.source is not None:
-                art = self._source(f)
-                if art is None:
+                got = self._source(f)
+                if got is None:
                     continue
-                item["source"] = art.path
-                inputs.append(art)
+                if "input" in got:
+                    item["source"] = got["input"].path
+                    inputs.append(got["input"])
+                else:
+                    item.update(host=got["host"], sha256=got["sha256"])
             else:
                 item["contents"] = ""
             items.append(item)
         frag = ctx.declare(f"{self.name}.rootfs/files.tar")
-        ctx.call("LkFiles", {"files": items}, inputs=inputs, outputs=[frag], mnemonic="LkFiles")
+        local = ""
+        if self.outside:
+            local = (f"{ctx.label}: the assembly's files read {', '.join(self.outside)}, outside "
+                     "the workspace: the build depends on this machine, and its LkFiles step is "
+                     "neither taken from nor uploaded to a remote cache")
+        ctx.call("LkFiles", {"files": items}, inputs=inputs, outputs=[frag], mnemonic="LkFiles",
+                 local=local)
         self.fragments.append(("files", frag))
 
     def _id(self, v) -> int:
@@ -260,25 +283,46 @@ class _Planner:
             return 0
         return v if isinstance(v, int) else self.ids[v]
 
-    def _source(self, f: asmlib.FileEntry):
+    def _source(self, f: asmlib.FileEntry) -> dict | None:
+        """The file entry's `source`, read as `linuxkit build` reads it: `~/` is the home
+        directory, other paths are relative to the assembly (LinuxKit: to the directory it
+        runs in). A file of the workspace is an input like any other; one outside it (an
+        absolute path, `~/`, or `..` past the workspace root, which LinuxKit reads too) is
+        read now, its digest goes in the step's key and the plan cache watches it, and the
+        step is local-only. None: missing and `optional`, so skipped as LinuxKit does."""
+        import hashlib
+        import os
         import posixpath
         loc = f.locs.get("source", f.loc)
         where = Location(loc.file, loc.line, loc.col)
-        rel = posixpath.normpath(posixpath.join(posixpath.dirname(loc.file), f.source))
-        if f.source.startswith(("~", "/")) or rel == ".." or rel.startswith("../"):
-            raise AnalysisError(f"file '{f.path}': source '{f.source}' is outside the workspace",
-                                location=where, hint="forge keys every input by content, so "
-                                "sources must be files of the workspace; copy it into the package "
-                                "and give its path relative to the assembly")
-        try:
-            art = self.ctx.source_file(rel)
-        except FileNotFoundError:
+        src = f.source
+        if src.startswith("~/") and len(src) > 2:
+            src = os.path.expanduser("~") + src[1:]
+        root = str(self.ctx.workspace_root)
+        if posixpath.isabs(src):
+            full = posixpath.normpath(src)
+        else:
+            full = posixpath.normpath(posixpath.join(root, posixpath.dirname(loc.file), src))
+        rel = posixpath.relpath(full, root)
+        missing_hint = ("fix the path (relative to the assembly file, or absolute, or ~/...) "
+                        "or set `optional: true` to leave the file out when it is missing")
+        if rel != ".." and not rel.startswith("../"):
+            try:
+                art = self.ctx.source_file(rel)
+            except (FileNotFoundError, IsADirectoryError):
+                if f.optional:
+                    return None
+                raise ActionFailed(f"file '{f.path}': source {f.source} ({rel}) does not exist "
+                                   "or is not a file", location=where, hint=missing_hint) from None
+            return {"input": art}
+        data = self.ctx.host_file(full)
+        if data is None:
             if f.optional:
                 return None
-            raise AnalysisError(f"file '{f.path}': source {rel} does not exist", location=where,
-                                hint="fix the path (relative to the assembly file) or set "
-                                "`optional: true`") from None
-        return art
+            raise ActionFailed(f"file '{f.path}': source {f.source} ({full}) cannot be read",
+                               location=where, hint=missing_hint)
+        self.outside.append(full)
+        return {"host": full, "sha256": hashlib.sha256(data).hexdigest()}
 
     def _metadata(self, kind: str) -> str:
         a = self.asm
@@ -292,17 +336,41 @@ class _Planner:
 
     def volumes(self) -> None:
         for v in self.asm.volumes:
-            inputs = [self.unpack(v.image, v.loc) if v.format == "filesystem" else
-                      self.layout(v.image, v.loc)] if v.image else []
+            inputs = []
+            if v.image and v.format == "filesystem":
+                inputs = [self.unpack(v.image, v.loc)]  # `platforms` is for oci, as in LinuxKit
+            elif v.image:
+                inputs = self._volume_layouts(v)
             frag = self.ctx.declare(f"{self.name}.rootfs/volume-{v.name}.tar")
-            self.ctx.call("LkVolume", {"name": v.name, "format": v.format if v.image else "none"},
+            self.ctx.call("LkVolume", {"name": v.name, "format": v.format if v.image else "none",
+                                       "readonly": v.readonly},
                           inputs=inputs, outputs=[frag], mnemonic="LkVolume")
             self.fragments.append((f"volumes/{v.name}", frag))
+
+    def _volume_layouts(self, v: asmlib.Volume) -> list:
+        """An oci volume's layouts: one per `platforms` item (LinuxKit writes one layout
+        holding each), else the image for the target's platform."""
+        loc = v.loc
+        if not v.platforms:
+            return [self.layout(v.image, v.loc)]
+        if v.image in self.ctx.attr.images or _is_label(v.image):
+            raise AnalysisError(f"volume '{v.name}' asks for platforms {', '.join(v.platforms)}, but "
+                                f"'{v.image}' is a forge target, built for one platform",
+                                location=Location(loc.file, loc.line, loc.col),
+                                hint="name a registry reference to pull several platforms, or drop `platforms`")
+        try:
+            ref = pinned(self.ctx, v.image)
+        except AnalysisError as e:
+            raise e.with_location(Location(loc.file, loc.line, loc.col))
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in v.image)
+        return [pull_action(self.ctx, ref, p, f"{self.name}.volumes/{v.name}/{p.replace('/', '_')}-{safe}")
+                for p in dict.fromkeys(v.platforms)]
 
     # the whole plan
     def plan(self):
         ctx = self.ctx
-        kernel_dir = self.kernel()
+        has_kernel = bool(self.asm.kernel and self.asm.kernel.image)
+        kernel_dir = self.kernel() if has_kernel else None
         for i, (ref, loc) in enumerate(zip(self.asm.init, self.asm.init_locs)):
             self.fragments.append((f"init/{i}", self.unpack(ref, loc)))
         self.entries()
@@ -316,6 +384,13 @@ class _Planner:
                                    "base": n == 0}, inputs=[frag],
                      outputs=[seg], mnemonic="LkSegment", description=f"LkSegment {ctx.label} [{what}]")
             segments.append(seg)
+        if not has_kernel:
+            outputs = {fmt: disk.plan_format(ctx, fmt, self.name, None, None,
+                                             [f for _, f in self.fragments]) for fmt in ctx.attr.formats}
+            files = [a for arts in outputs.values() for a in arts]
+            formats = {f: [a.path for a in arts] for f, arts in outputs.items()}
+            return ctx.info(files=files, formats=formats,  # `forge run` says it has nothing to boot
+                            run={"runner": "QemuRun", "params": {"name": self.name, "formats": formats}})
         initrd = ctx.declare(f"{self.name}-initrd.img")
         ctx.call("LkInitrd", {}, inputs=[kernel_dir, *segments], outputs=[initrd], mnemonic="LkInitrd")
         kernel, cmdline = ctx.declare(f"{self.name}-kernel"), ctx.declare(f"{self.name}-cmdline")
@@ -401,38 +476,90 @@ def bundle_step(ctx: ExecContext) -> None:
             w.copy_tree(tf, f"{d}/rootfs" if readonly else f"{d}/lower", extra_dirs=cpio.MOUNT_POINTS)
 
 
-@action_function("LkFiles", version=1)
+def _leading_dir_mode(mode: int) -> int:
+    """LinuxKit gives the directories it adds above a file entry the entry's mode, with
+    search (x) added wherever read or write is allowed: 0600 -> 0700, 0644 -> 0755."""
+    for rwx, x in ((0o700, 0o100), (0o070, 0o010), (0o007, 0o001)):
+        if mode & rwx:
+            mode |= x
+    return mode
+
+
+@action_function("LkFiles", version=2)  # 2: leading directories as LinuxKit makes them
 def files_step(ctx: ExecContext) -> None:
+    import posixpath
     with open(ctx.path(ctx.outputs[0]), "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
         for it in ctx.params["files"]:
             ids = {"uid": it["uid"], "gid": it["gid"]}
+            parts = posixpath.normpath("/" + it["path"]).strip("/").split("/")[:-1]
+            for i in range(1, len(parts) + 1):  # the first entry below a directory makes it
+                w.directory("/".join(parts[:i]), _leading_dir_mode(it["mode"]), **ids)
             if it.get("directory"):
                 w.directory(it["path"], it["mode"], **ids)
             elif "symlink" in it:
                 w.symlink(it["path"], it["symlink"], **ids)
             elif "source" in it:
                 w.file(it["path"], ctx.path(it["source"]).read_bytes(), it["mode"], **ids)
+            elif "host" in it:
+                w.file(it["path"], _host_file(it), it["mode"], **ids)
             else:
                 w.file(it["path"], it["contents"].encode(), it["mode"], **ids)
 
 
-@action_function("LkVolume", version=1)
+def _host_file(it: dict) -> bytes:
+    """A file source outside the workspace: its digest is in the key, so what is read
+    must be what was planned."""
+    import hashlib
+    try:
+        data = open(it["host"], "rb").read()
+    except OSError as e:
+        raise ActionFailed(f"file '{it['path']}': cannot read {it['host']}: {e.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != it["sha256"]:
+        raise ActionFailed(f"file '{it['path']}': {it['host']} changed while building",
+                           hint="build again")
+    return data
+
+
+@action_function("LkVolume", version=2)  # 2: lower/, merged/ and tmp/ as LinuxKit lays them out
 def volume_step(ctx: ExecContext) -> None:
-    base = f"containers/volumes/{ctx.params['name']}"
+    """containers/volumes/<name>/: the contents in lower/, an empty merged/ where the init
+    mounts the volume, and tmp/ (the mark of a writable volume, where the init mounts the
+    tmpfs for its overlay's upper layer) unless the volume is read-only."""
+    base = f"{asmlib.VOLUMES_DIR}/{ctx.params['name']}"
     fmt = ctx.params["format"]
     with open(ctx.path(ctx.outputs[0]), "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
         w.directory(base)
+        w.directory(f"{base}/lower")
         if fmt == "filesystem":
             with tarfile.open(ctx.path(ctx.inputs[0]) / "rootfs.tar") as tf:
-                w.copy_tree(tf, base)
+                w.copy_tree(tf, f"{base}/lower")
         elif fmt == "oci":
-            layout = ctx.path(ctx.inputs[0])
-            for p in sorted(layout.rglob("*")):
-                rel = f"{base}/{p.relative_to(layout).as_posix()}"
-                if p.is_dir():
-                    w.directory(rel)
-                else:
-                    w.file(rel, p.read_bytes())
+            _merged_layout(w, f"{base}/lower", [ctx.path(i) for i in ctx.inputs])
+        if not ctx.params.get("readonly"):
+            w.directory(f"{base}/tmp")
+        w.directory(f"{base}/merged")
+
+
+def _merged_layout(w: FragmentWriter, dest: str, layouts: list) -> None:
+    """One OCI layout from several (one per platform): every blob once, and an index
+    listing each layout's manifests."""
+    from forge.formats.common.files import canonical_json
+    manifests, blobs = [], {}
+    for layout in layouts:
+        index = json.loads((layout / "index.json").read_bytes())
+        manifests += [m for m in index.get("manifests", []) if m not in manifests]
+        for p in sorted(layout.rglob("*")):
+            rel = p.relative_to(layout).as_posix()
+            if rel != "index.json" and p.is_file():
+                blobs.setdefault(rel, p)
+    if len(layouts) == 1:
+        index_bytes = (layouts[0] / "index.json").read_bytes()
+    else:
+        index_bytes = canonical_json({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                      "manifests": manifests})
+    w.file(f"{dest}/index.json", index_bytes)
+    for rel in sorted(blobs):
+        w.file(f"{dest}/{rel}", blobs[rel].read_bytes())
 
 
 @action_function("LkSegment", version=3)  # 3: the compressor in the key

@@ -212,10 +212,11 @@ def qemu_run(ctx: RunContext) -> int:
         raise UsageError(f"cannot read the run options {' '.join(ctx.args)}",
                          hint="forge run IMAGE [--format F] [-p HOST:GUEST]... [--accel kvm|tcg] "
                          "[-m MiB] [--cpus N] [--drive disk]") from None
-    if args.format is None:  # e.g. only rpi3, which forge run cannot boot
-        raise UsageError(f"none of the image's formats ({', '.join(formats)}) boots under "
-                         "forge run",
-                         hint=f"add one of {', '.join(BOOTABLE)} to its formats")
+    if args.format is None:  # e.g. only rpi3, or an assembly without a kernel: only tar
+        raise UsageError(f"the image builds no format forge run can boot (it builds: "
+                         f"{', '.join(formats)})",
+                         hint=f"give the assembly a kernel and add one of {', '.join(BOOTABLE)} "
+                         "to its formats")
     if args.format not in formats or args.format not in BOOTABLE:
         raise UsageError(f"the image has no bootable format '{args.format}'",
                          hint=f"it builds: {', '.join(f for f in formats if f in BOOTABLE)}")

@@ -347,12 +347,111 @@ def test_a_kernel_from_a_url_with_its_sha256(lk):
     assert r.code == 1 and "sha256" in r.err, r.err
 
 
-@pytest.mark.parametrize("source", ["../../../etc/passwd", "~/.ssh/id_rsa", "/etc/passwd"])
-def test_a_file_source_outside_the_workspace_is_an_error(lk, source):
-    text = (lk.root / "os.yml").read_text().replace("    source: conf.txt", f"    source: {source}")
+def _mnemonics(r) -> list[str]:
+    return sorted(e["mnemonic"] for e in r.event_list if e.get("status") == "executed")
+
+
+def _with_source(lk, source: str, optional: bool = False) -> None:
+    extra = "\n    optional: true" if optional else ""
+    text = (lk.root / "os.yml").read_text().replace("    source: conf.txt", f"    source: {source}{extra}")
     (lk.root / "os.yml").write_text(text)
+
+
+def _files_tar(lk) -> dict[str, bytes]:
+    with tarfile.open(lk.root / "forge-out/os.rootfs/files.tar") as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+
+
+@pytest.mark.parametrize("source", ["~/.ssh/id_rsa.pub", "ABS", "../outside/key.pub"])
+def test_a_file_source_outside_the_workspace_is_read_and_rebuilds(lk, tmp_path, source):
+    home = tmp_path / "home"
+    key = home / ".ssh/id_rsa.pub" if source.startswith("~") else tmp_path / "outside/key.pub"
+    key.parent.mkdir(parents=True)
+    key.write_text("ssh-ed25519 AAAA one\n")
+    _with_source(lk, str(key) if source == "ABS" else source)
+    env = {"HOME": str(home)}
+    r = lk.build("//:os", env=env)
+    assert r.code == 0, r.err
+    assert _files_tar(lk)["etc/conf"] == b"ssh-ed25519 AAAA one\n"
+    warnings = [x for x in r.err.splitlines() if x.startswith("WARNING:")]
+    assert len(warnings) == 1 and str(key) in warnings[0] and "//:os" in warnings[0] \
+        and "remote cache" in warnings[0], r.err
+    # Same size, new content: the cached plan must notice, and LkFiles must rerun.
+    key.write_text("ssh-ed25519 AAAA two\n")
+    r = lk.build("//:os", env=env)
+    assert r.code == 0, r.err
+    assert "LkFiles" in _mnemonics(r) and _files_tar(lk)["etc/conf"] == b"ssh-ed25519 AAAA two\n"
+    r = lk.build("//:os", env=env)  # and the warning comes with every build, from the cached plan
+    assert r.code == 0 and lk.executed(r) == [] and str(key) in r.err, r.err
+
+
+def test_a_missing_optional_source_is_skipped_until_it_appears(lk, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    _with_source(lk, "~/.ssh/id_rsa.pub", optional=True)
+    env = {"HOME": str(home)}
+    r = lk.build("//:os", env=env)
+    assert r.code == 0, r.err
+    assert "etc/conf" not in _files_tar(lk) and "etc/motd" in _files_tar(lk)
+    assert "WARNING" not in r.err  # nothing was read from outside
+    (home / ".ssh").mkdir()  # the directory of the missing file's nearest parent changes
+    (home / ".ssh/id_rsa.pub").write_text("key\n")
+    r = lk.build("//:os", env=env)
+    assert r.code == 0, r.err
+    assert _files_tar(lk)["etc/conf"] == b"key\n"
+
+
+@pytest.mark.parametrize("source", ["~/.ssh/none.pub", "/nonexistent/key", "missing.txt"])
+def test_a_missing_source_that_is_not_optional_names_the_yaml_line(lk, tmp_path, source):
+    _with_source(lk, source)
+    r = lk.forge("build", "--nobuild", "//:os", env={"HOME": str(tmp_path)})
+    assert r.code == 1, r.err
+    assert "os.yml:22:5: error: file 'etc/conf': source " + source in r.err and "optional: true" in r.err, r.err
+    assert "Traceback" not in r.err
+
+
+def test_a_file_entry_as_linuxkit_writes_it(lk):
+    """LinuxKit's file rules: a leading / is dropped, mode is octal (0600, 0700 for a
+    directory), uid/gid by number or entry name."""
+    text = (lk.root / "os.yml").read_text().replace("  - path: etc/motd", "  - path: /etc/motd")
+    (lk.root / "os.yml").write_text(text)
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    m = _tar_members(lk.root / "forge-out/os.rootfs/files.tar")
+    assert m["etc/motd"].mode == 0o644 and m["etc/conf"].mode == 0o600
+    assert m["run/web"].isdir() and m["run/web"].mode == 0o700 and m["run/web"].uid == 101
+    # leading directories: the first entry below one makes it, with its mode plus x, its ids
+    assert m["etc"].mode == 0o755 and m["run"].mode == 0o700 and m["run"].uid == 101
+
+
+NO_KERNEL = """\
+init:
+  - //init:image
+services:
+  - name: web
+    image: app
+"""
+
+
+def test_an_assembly_without_a_kernel_builds_tar(lk):
+    (lk.root / "os.yml").write_text(NO_KERNEL)
+    (lk.root / "BUILD").write_text(BUILD.replace('["kernel+initrd", "tar"]', '["tar"]'))
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    names = _tar_members(lk.root / "forge-out/os.tar")
+    assert "containers/services/web/config.json" in names and "init" in names
+    assert not any(n.startswith("boot/") for n in names)
+    assert not any("Kernel" in m for m in _mnemonics(r))
+    r = lk.forge("run", "//:os")
+    assert r.code == 2 and "builds no format forge run can boot (it builds: tar)" in r.err, r.err
+
+
+def test_a_format_that_needs_a_kernel_names_the_format_and_the_assembly(lk):
+    (lk.root / "os.yml").write_text(NO_KERNEL)
     r = lk.forge("build", "--nobuild", "//:os")
-    assert r.code == 2 and f"os.yml:22:5: error: file 'etc/conf': source '{source}' is outside the workspace" in r.err, r.err
+    assert r.code != 0 and "Traceback" not in r.err
+    assert "format 'kernel+initrd' needs a kernel, and the assembly os.yml has no `kernel.image`" in r.err, r.err
+    assert "BUILD:5:" in r.err and "build only tar" in r.err, r.err
 
 
 def test_fragments_keep_dotfiles_at_the_root(tmp_path):
@@ -422,3 +521,104 @@ def test_copy_from_an_image_with_an_escaping_layer_is_bad_input(lk):
     assert "Traceback" not in r.err and "internal error" not in r.err, r.err
     assert "//c:c" in r.err and digest in r.err and "a/../../../escaped" in r.err, r.err
     assert not list(lk.root.parent.rglob("escaped"))
+
+
+# LinuxKit's test-case style: a base with the kernel and init, and a test file without a
+# kernel built after it (`linuxkit build common.yml test.yml`), using volumes by name, a
+# read-only volume, runtime interfaces/bindNS/namespace and an optional key from ~/.
+COMMON = """\
+kernel:
+  image: //kimg:kimg
+  cmdline: "console=ttyS0"
+init:
+  - //init:image
+"""
+TEST_CASE = """\
+onboot:
+  - name: wg0
+    image: //init:image
+    net: new
+    binds:
+      - vola:/vola:ro
+    mounts:
+      - type: bind
+        source: volb
+        destination: /volb
+    runtime:
+      interfaces:
+        - name: wg0
+          add: wireguard
+          createInRoot: true
+      bindNS:
+          net: /run/netns/wg0
+services:
+  - name: web
+    image: app
+    net: /run/netns/wg0
+    binds.add:
+      - volb:/data
+    runtime:
+      namespace: tenant
+volumes:
+  - name: vola
+    image: app
+    format: filesystem
+    readonly: true
+  - name: volb
+files:
+  - path: root/.ssh/authorized_keys
+    source: ~/.ssh/id_rsa.pub
+    mode: "0600"
+    optional: true
+"""
+
+
+def test_a_linuxkit_style_test_case_builds(lk, tmp_path):
+    lk.write({"common.yml": COMMON, "test.yml": TEST_CASE, "BUILD": BUILD.replace(
+        'assembly = "os.yml",', 'assembly = "common.yml",\n    overlays = ["test.yml"],')})
+    r = lk.build("//:os", env={"HOME": str(tmp_path)})
+    assert r.code == 0, r.err
+    with tarfile.open(lk.root / "forge-out/os.tar") as t:
+        names = set(t.getnames())
+        wg0 = json.loads(t.extractfile("containers/onboot/000-wg0/config.json").read())
+        rt = json.loads(t.extractfile("containers/onboot/000-wg0/runtime.json").read())
+        web = json.loads(t.extractfile("containers/services/web/config.json").read())
+        web_rt = json.loads(t.extractfile("containers/services/web/runtime.json").read())
+    assert {"containers/volumes/vola/lower/srv/hello.txt", "containers/volumes/vola/merged",
+            "containers/volumes/volb/lower", "containers/volumes/volb/merged",
+            "containers/volumes/volb/tmp"} <= names
+    assert "containers/volumes/vola/tmp" not in names  # read-only: no tmpfs, no overlay
+    assert "root/.ssh/authorized_keys" not in names  # optional, and not in this HOME
+    mounts = {m["destination"]: m["source"] for m in wg0["mounts"]}
+    assert mounts["/vola"] == "/containers/volumes/vola/merged" and mounts["/volb"] == "/containers/volumes/volb/merged"
+    assert {m["destination"]: m["source"] for m in web["mounts"]}["/data"] == "/containers/volumes/volb/merged"
+    assert rt["interfaces"] == [{"name": "wg0", "add": "wireguard", "createInRoot": True}]
+    assert rt["bindNS"]["net"] == "/run/netns/wg0" and web_rt["namespace"] == "tenant"
+    assert {"type": "network", "path": "/run/netns/wg0"} in web["linux"]["namespaces"]
+
+
+def test_a_read_only_volume_bound_read_write_is_an_error(lk):
+    lk.write({"common.yml": COMMON, "test.yml": TEST_CASE.replace("vola:/vola:ro", "vola:/vola"),
+              "BUILD": BUILD.replace('assembly = "os.yml",', 'assembly = "common.yml",\n    overlays = ["test.yml"],')})
+    r = lk.forge("build", "--nobuild", "//:os")
+    assert r.code == 2 and "test.yml:5:5: error: volume 'vola' is read-only, but onboot entry 'wg0' " \
+        "binds it read-write (in 'binds')" in r.err and "add :ro" in r.err, r.err
+
+
+def test_volume_platforms_need_a_registry_reference(lk):
+    lk.write({"common.yml": COMMON, "test.yml": TEST_CASE.replace(
+        "    format: filesystem\n", "    platforms: [linux/amd64, linux/arm64]\n"),
+        "BUILD": BUILD.replace('assembly = "os.yml",', 'assembly = "common.yml",\n    overlays = ["test.yml"],')})
+    r = lk.forge("build", "--nobuild", "//:os")
+    assert r.code == 2 and "volume 'vola' asks for platforms linux/amd64, linux/arm64, but 'app' is a " \
+        "forge target" in r.err, r.err
+    # A registry reference is pulled once per platform (planned here with placeholders).
+    text = (lk.root / "test.yml").read_text().replace("  - name: vola\n    image: app", "  - name: vola\n    image: 127.0.0.1:1/lib/alpine:3")
+    import re
+    planned = []
+    for platforms in ("[linux/amd64, linux/arm64]", "[linux/amd64]"):
+        (lk.root / "test.yml").write_text(text.replace("[linux/amd64, linux/arm64]", platforms))
+        r = lk.forge("build", "--nobuild", "//:os")
+        assert r.code == 0, r.err
+        planned.append(int(re.search(r"(\d+) actions planned", r.err).group(1)))
+    assert planned[0] == planned[1] + 1  # one pull per platform

@@ -221,3 +221,68 @@ def _ping(port: int) -> bool:
             return b"+PONG" in s.recv(64)
     except OSError:
         return False
+
+
+# The reference init acting on what LinuxKit's runtime and volumes ask for, in a real boot:
+# a veth made into one entry's network namespace and that namespace bound at a path
+# (runtime.json's interfaces and bindNS), a later entry joining it (net: <path>), and two
+# volumes bound by name, one writable, one read-only.
+RUNTIME_YML = """\
+kernel:
+  image: //images:kernel_veth
+  cmdline: "console=ttyS0 panic=1 forge.net=none"
+init:
+  - //images/init:init
+onboot:
+  - name: maker
+    image: //images/init:init
+    readonly: true
+    net: new
+    command: ["/bin/busybox", "ip", "link", "show", "vc0"]
+    runtime:
+      interfaces:
+        - name: vc0
+          peer: vh0
+      bindNS:
+        net: /run/netns/c1
+  - name: joiner
+    image: //images/init:init
+    readonly: true
+    net: /run/netns/c1
+    binds:
+      - rw:/rw
+      - ro:/ro:ro
+    command: ["/bin/busybox", "sh", "-c", "b=/bin/busybox; $b ip link show vc0 && [ -x /ro/bin/busybox ] && echo x >/rw/f && ! $b touch /ro/f && echo LK-RUNTIME-OK"]
+volumes:
+  - name: rw
+  - name: ro
+    image: //images/init:init
+    format: filesystem
+    readonly: true
+"""
+
+
+def test_runtime_interfaces_bind_ns_and_volumes_in_a_boot(redisos):
+    (redisos.root / "images/lkruntime.yml").write_text(RUNTIME_YML)
+    build = redisos.root / "images/BUILD"
+    original = build.read_text()
+    build.write_text(original + '''
+kernel(
+    name = "kernel_veth",
+    package = "linux-image-cloud-amd64",
+    modules = ["virtio_net", "virtio_pci", "overlay", "veth"],
+)
+linuxkit_image(name = "lkruntime", assembly = "lkruntime.yml")
+qemu_test(
+    name = "lkruntime_boot",
+    image = ":lkruntime",
+    probe = console_regex("joiner: LK-RUNTIME-OK"),
+    timeout = "120s",
+)
+''')
+    try:
+        r = redisos.forge("test", "//images:lkruntime_boot", timeout=900)
+        assert r.code == 0, r.out + r.err
+        assert "PASSED" in r.out, r.out
+    finally:
+        build.write_text(original)

@@ -75,3 +75,28 @@ def test_tree_outputs_cross_machines(tmp_path, remote):
     # The manifest digest (what downstream keys see) is the one the writer made.
     assert s.results[0].outputs[0].digest == build(tmp_path, "a", writer, tree_actions("one"))[0] \
         .results[0].outputs[0].digest
+
+
+def test_a_local_only_action_is_neither_uploaded_nor_fetched(tmp_path):
+    """An action marked `local` (its result depends on this machine, e.g. a file from the
+    user's home) stays out of the shared cache both ways; its dependents still share."""
+    import dataclasses
+    with start_nginx(tmp_path / "nginx") as n:
+        writer = from_config({"remote": {"cache": n.url, "upload": True}})
+        reader = from_config({"remote": {"cache": n.url}})
+        tree, read = tree_actions("local")
+        actions = [dataclasses.replace(tree, local="reads /home/u/.ssh/id_rsa.pub"), read]
+        CALLS.clear()
+        s, _, warned = build(tmp_path, "a", writer, actions)
+        assert s.ok and CALLS == ["tree:local", "read"] and not warned, warned
+        CALLS.clear()
+        s, _, warned = build(tmp_path, "b", reader, actions)
+        # The local one ran again on the other machine; the one after it came from the cache
+        assert s.ok and CALLS == ["tree:local"], CALLS
+        assert [r.status for r in s.results] == ["executed", "remote"]
+        # Unmarked, the same action is shared: so the above is the mark's doing.
+        CALLS.clear()
+        build(tmp_path, "c", writer, [tree, read])
+        CALLS.clear()
+        s, _, _ = build(tmp_path, "d", reader, [tree, read])
+        assert CALLS == [] and [r.status for r in s.results] == ["remote", "remote"]

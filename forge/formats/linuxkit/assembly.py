@@ -42,6 +42,7 @@ RLIMITS = tuple("RLIMIT_" + r for r in "CPU FSIZE DATA STACK CORE RSS NPROC NOFI
                 "LOCKS SIGPENDING MSGQUEUE NICE RTPRIO RTTIME".split())
 UNLIMITED = 2 ** 64 - 1
 _VOLUME_NAME = re.compile(r"^[a-z0-9_-]*$")
+_PLATFORM = re.compile(r"^[a-z0-9_]+/[a-z0-9_]+(/[a-z0-9_]+)?$")
 
 # Type specs (forge.formats.linuxkit.yamlspec): a name, a dict of keys, or a one-item list.
 _MOUNT = {"destination": "str", "type": "str", "source": "str", "options": "strs"}
@@ -282,8 +283,67 @@ def volume(r: Reader, node: yaml.Node, _section: str, i: int) -> Volume:
                      "use only lower-case letters, digits, '-' and '_'")
     if raw.get("format", "oci") not in ("oci", "filesystem"):
         raise r.fail(nodes["format"], f"'format' of {what} must be oci or filesystem; got \"{raw['format']}\"")
+    for i, (plat, pnode) in enumerate(zip(raw.get("platforms", []), nodes.get("platforms", yaml.SequenceNode("", [])).value), 1):
+        if not _PLATFORM.fullmatch(plat):
+            raise r.fail(pnode, f'item {i} of \'platforms\' of {what}, "{plat}", is not a platform',
+                         'write os/architecture[/variant], e.g. "linux/arm64" or "linux/arm/v7"')
     return Volume(raw["name"], loc(node, r.file), raw, raw.get("image"), raw.get("readonly", False),
                   raw.get("format", "oci"), raw.get("platforms", []))
+
+
+VOLUMES_DIR = "containers/volumes"
+
+
+def volume_binds(entry: ImageEntry, volumes: list[Volume]) -> dict[str, Any]:
+    """The entry's `raw` with each bind (in `binds`, `binds.add` and bind `mounts`) whose
+    source is a volume name pointed at that volume's merged directory, as LinuxKit does
+    before it merges the image label. A read-only volume must be bound read-only."""
+    by_name = {v.name: v for v in volumes}
+    raw = dict(entry.raw)
+
+    def volume_of(source: str, key: str) -> Volume:
+        v = by_name.get(source)
+        if v is None:
+            close = difflib.get_close_matches(source, list(by_name), n=1)
+            raise AssemblyError(
+                f"'{key}' of {entry.what} binds '{source}', which is no volume"
+                + (f"; did you mean '{close[0]}'?" if close else ""), entry.locs.get(key, entry.loc),
+                "a bind's source is an absolute path or the name of an entry of `volumes:`")
+        return v
+
+    def readonly_violation(v: Volume, key: str) -> AssemblyError:
+        return AssemblyError(f"volume '{v.name}' is read-only, but {entry.what} binds it read-write "
+                             f"(in '{key}')", entry.locs.get(key, entry.loc),
+                             "add :ro to the bind (name:/path:ro), or drop `readonly: true` from the volume")
+
+    for key in ("binds", "binds.add"):
+        if key not in raw:
+            continue
+        out = []
+        for b in raw[key]:
+            parts = b.split(":")
+            if not parts[0].startswith("/"):
+                v = volume_of(parts[0], key)
+                if v.readonly and (len(parts) < 3 or parts[2] != "ro"):
+                    raise readonly_violation(v, key)
+                parts[0] = f"/{VOLUMES_DIR}/{v.name}/merged"
+            out.append(":".join(parts))
+        raw[key] = out
+    for key in ("mounts", "mounts.add"):
+        if key not in raw:
+            continue
+        out = []
+        for mt in raw[key]:
+            src = mt.get("source", "")
+            if mt.get("type") == "bind" and not src.startswith("/"):
+                v = volume_of(src, key)
+                first = next((o for o in mt.get("options") or [] if o in ("ro", "rw")), None)
+                if v.readonly and first != "ro":
+                    raise readonly_violation(v, key)
+                mt = {**mt, "source": f"/{VOLUMES_DIR}/{v.name}/merged"}
+            out.append(mt)
+        raw[key] = out
+    return raw
 
 
 def check_names(asm: Assembly) -> None:

@@ -209,3 +209,91 @@ def test_error_case(case):
     with pytest.raises(AssemblyError) as e:
         assembly.load([("input.yml", text)])
     assert rendered(e.value) == (ERRORS / case / "expected.txt").read_text()
+
+
+VOLUMES = """
+onboot:
+  - name: test
+    image: alpine:3.20
+    binds:
+      - /check.sh:/check.sh
+      - vola:/vola:ro
+    binds.add:
+      - volb:/volb
+    mounts:
+      - type: bind
+        source: vola
+        destination: /mnt
+        options: [ro]
+volumes:
+  - name: vola
+    image: alpine:3.21
+    readonly: true
+    platforms: [linux/amd64, linux/arm64/v8]
+  - name: volb
+"""
+
+
+def test_binds_by_volume_name_point_at_its_merged_directory():
+    a = load_text(VOLUMES)
+    assert a.volumes[0].readonly and a.volumes[0].platforms == ["linux/amd64", "linux/arm64/v8"]
+    raw = assembly.volume_binds(a.onboot[0], a.volumes)
+    assert raw["binds"] == ["/check.sh:/check.sh", "/containers/volumes/vola/merged:/vola:ro"]
+    assert raw["binds.add"] == ["/containers/volumes/volb/merged:/volb"]
+    assert raw["mounts"][0]["source"] == "/containers/volumes/vola/merged"
+    assert a.onboot[0].raw["binds"][1] == "vola:/vola:ro"  # the model itself is left as written
+
+
+@pytest.mark.parametrize("change, message", [
+    ("- vola:/vola:ro", "a.yml:5:5: volume 'vola' is read-only, but onboot entry 'test' binds it "
+                        "read-write (in 'binds')"),
+    ("options: [ro]", "a.yml:10:5: volume 'vola' is read-only, but onboot entry 'test' binds it "
+                      "read-write (in 'mounts')"),
+    ("- volb:/volb", "a.yml:8:5: 'binds.add' of onboot entry 'test' binds 'volc', which is no volume; "
+                     "did you mean 'volb'?"),
+])
+def test_volume_bind_errors(change, message):
+    text = VOLUMES.replace(change, {"- vola:/vola:ro": "- vola:/vola", "options: [ro]": "options: [rw]",
+                                    "- volb:/volb": "- volc:/volb"}[change])
+    a = load_text(text)
+    with pytest.raises(AssemblyError) as e:
+        assembly.volume_binds(a.onboot[0], a.volumes)
+    assert str(e.value) == message
+
+
+def test_a_volume_platform_must_be_os_and_architecture():
+    with pytest.raises(AssemblyError, match=r"a.yml:\d+:\d+: item 2 of 'platforms' of volume 'vola', "
+                                            r'"arm64", is not a platform'):
+        load_text(VOLUMES.replace("linux/arm64/v8", "arm64"))
+
+
+def test_runtime_json_of_a_wireguard_style_entry():
+    """interfaces created in root and moved, a namespace bound for others to join, and a
+    service in another containerd namespace, as LinuxKit's wireguard example writes them."""
+    a = load_text("""
+onboot:
+  - name: wg0
+    image: linuxkit/ip:v1
+    net: new
+    runtime:
+      interfaces:
+        - name: wg0
+          add: wireguard
+          createInRoot: true
+      bindNS:
+          net: /run/netns/wg0
+services:
+  - name: getty
+    image: linuxkit/getty:v1
+    net: /run/netns/wg0
+    runtime:
+      namespace: tenant
+""")
+    ids = assembly.allocate_ids(a)
+    _, rt = assembly_oci.runtime_config(a.onboot[0], {}, None, ids)
+    assert rt["interfaces"] == [{"name": "wg0", "add": "wireguard", "createInRoot": True}]
+    assert rt["bindNS"] == {"cgroup": "", "ipc": "", "mnt": "", "net": "/run/netns/wg0", "pid": "",
+                            "user": "", "uts": ""}
+    config, rt = assembly_oci.runtime_config(a.services[0], {}, None, ids)
+    assert rt["namespace"] == "tenant"
+    assert {"type": "network", "path": "/run/netns/wg0"} in config["linux"]["namespaces"]

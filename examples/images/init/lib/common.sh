@@ -9,13 +9,14 @@ PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export PATH
 set -o pipefail  # a pipeline's status is runc's, not that of the log writer after it
 
-LIB=/usr/lib/forge
+LIB=${FORGE_LIB:-/usr/lib/forge}  # FORGE_LIB and FORGE_CONSOLE: for tests on the host
+CONSOLE=${FORGE_CONSOLE:-/dev/console}
 US=$(printf '\037')  # field separator of runtime-json.awk's output
 
 log() {
 	local up=
 	[ -r /proc/uptime ] && read -r up _ </proc/uptime
-	echo "forge-init: ${up:+[${up}s] }$*" >/dev/console
+	echo "forge-init: ${up:+[${up}s] }$*" >>"$CONSOLE"
 }
 
 # Whole seconds since boot.
@@ -28,12 +29,16 @@ uptime_s() {
 # Copies stdin, line by line, to the console prefixed with "<name>: " and to
 # /var/log/<name>.log.
 log_output() {
-	awk -v p="$1: " -v f="/var/log/$1.log" '{ print p $0; fflush(); print >>f; fflush(f) }' >/dev/console
+	awk -v p="$1: " -v f="/var/log/$1.log" '{ print p $0; fflush(); print >>f; fflush(f) }' >>"$CONSOLE"
 }
 
-# Makes the mounts and directories a bundle needs before runc runs it.
+# Makes the mounts and directories a bundle needs before runc runs it. What must be done
+# once the container's namespaces exist (runtime.json's interfaces and bindNS) is left to
+# runtime-hook, which runc calls as the bundle's createRuntime hook (added to config.json
+# here). Sets NAMESPACE to runtime.json's namespace (empty without one).
 prepare_bundle() {
-	local dir=$1 actions what type src dest opts
+	local dir=$1 actions what type src dest opts hook=
+	NAMESPACE=
 	if [ -d "$dir/lower" ]; then
 		# Writable: the image stays as it is in lower/, writes go to a tmpfs of its own.
 		mkdir -p "$dir/tmp" "$dir/rootfs"
@@ -71,13 +76,42 @@ prepare_bundle() {
 		cgroup)
 			mkdir -p "/sys/fs/cgroup/$type" || return 1
 			;;
-		skip)
-			log "${dir##*/}: runtime.json '$type' is not supported by this init: ignored"
+		iface | bindns)
+			hook=1
+			;;
+		namespace)
+			NAMESPACE=$type
 			;;
 		esac
 	done <<EOF
 $actions
 EOF
+	[ -z "$hook" ] || add_runtime_hook "$dir/config.json"
+}
+
+# Adds runtime-hook as a createRuntime hook of a config.json (once): runc runs it after
+# it made the container's namespaces and before the container's process starts, with the
+# container's state (its pid, its bundle) on stdin.
+add_runtime_hook() {
+	local config=$1
+	grep -q "$LIB/runtime-hook" "$config" && return 0
+	if grep -q '"hooks"' "$config"; then
+		log "$config already has hooks: runtime.json's interfaces and bindNS are not applied"
+		return 1
+	fi
+	# forge writes config.json with the opening brace alone on the first line.
+	awk -v hook="$LIB/runtime-hook" -v lib="$LIB" -v path="$PATH" 'NR == 1 {
+		print
+		printf "    \"hooks\": {\"createRuntime\": [{\"path\": \"%s\", \"args\": [\"runtime-hook\"], ", hook
+		printf "\"env\": [\"PATH=%s\", \"FORGE_LIB=%s\"]}]},\n", path, lib
+		next
+	} { print }' "$config" >"$config.new" && mv "$config.new" "$config"
+}
+
+# The runc state directory of a service: runc's default, or one per LinuxKit (containerd)
+# namespace, so that `runc --root /run/forge/runc/<namespace> list` lists that namespace.
+runc_root() {
+	if [ -n "$1" ]; then echo "/run/forge/runc/$1"; else echo /run/runc; fi
 }
 
 # Undoes prepare_bundle's overlay (runtime.json's mounts stay, as in LinuxKit).

@@ -5,7 +5,9 @@
 #   mount <type> <source> <destination> <options,comma,separated>
 #   mkdir <path>
 #   cgroup <path below /sys/fs/cgroup>
-#   skip <key>        a key this init does not implement (the caller logs it)
+#   iface <name> <add> <peer> <createInRoot>   an interface for the container's netns
+#   bindns <kind> <path>   bind the container's <kind> namespace (net, ipc...) at <path>
+#   namespace <name>  the containerd namespace LinuxKit would run a service in
 #
 # Relative paths are left relative: the caller resolves them against the bundle's rootfs.
 # A small JSON reader is needed because the image has busybox and nothing else.
@@ -29,11 +31,14 @@ END {
     }
     for (i = 0; i < count("mkdir"); i++) print "mkdir" S V["mkdir." i]
     for (i = 0; i < count("cgroups"); i++) print "cgroup" S V["cgroups." i]
-    if (count("interfaces") > 0) print "skip" S "interfaces"
+    for (i = 0; i < count("interfaces"); i++) {
+        f = "interfaces." i
+        print "iface" S V[f ".name"] S V[f ".add"] S V[f ".peer"] S (V[f ".createInRoot"] == "true")
+    }
     split("cgroup ipc mnt net pid user uts", kinds, " ")
     for (k = 1; k in kinds; k++)
-        if (V["bindNS." kinds[k]] != "") print "skip" S "bindNS." kinds[k]
-    if (V["namespace"] != "") print "skip" S "namespace"
+        if (V["bindNS." kinds[k]] != "") print "bindns" S kinds[k] S V["bindNS." kinds[k]]
+    if (V["namespace"] != "") print "namespace" S V["namespace"]
 }
 
 function count(path) { return (path "#") in V ? V[path "#"] : 0 }
