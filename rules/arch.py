@@ -89,8 +89,9 @@ def index_action(ctx, layouts: dict, name: str):
     return out
 
 
-def image_info(ctx, layouts: dict, **extra):
-    """The info of an image target that built `layouts` ({arch: layout}, primary first)."""
+def image_info(ctx, layouts: dict, tag: str | None = None, **extra):
+    """The info of an image target that built `layouts` ({arch: layout}, primary first);
+    `tag`: its own name (a LinuxKit package's), which forge load and oci_push default to."""
     arches = list(layouts)
     primary = layouts[arches[0]]
     image = primary if len(layouts) == 1 else index_action(ctx, layouts, ctx.label.name)
@@ -98,5 +99,7 @@ def image_info(ctx, layouts: dict, **extra):
     files = [image] + [v for v in layouts.values() if v is not image]
     return ctx.info(files=files, image=image.path,
                     images={a: v.path for a, v in layouts.items()}, arch=arches[0],
-                    load={"runner": "DockerLoad", "params": {"layout": local.path}},
-                    run={"runner": "DockerRun", "params": {"layout": local.path}}, **extra)
+                    load={"runner": "DockerLoad", "params": {"layout": local.path,
+                                                             **({"tag": tag} if tag else {})}},
+                    run={"runner": "DockerRun", "params": {"layout": local.path}},
+                    **({"tag": tag} if tag else {}), **extra)

@@ -40,13 +40,13 @@ LINUXKIT_FILES = {
 
 BUILD = """\
 deb_package(name = "fwdeb", package = "raspi-firmware", component = "non-free-firmware",
-            architecture = "arm64")
-deb_package(name = "busybox", package = "busybox-static", architecture = "arm64")
+            arch = "arm64")
+deb_package(name = "busybox", package = "busybox-static", arch = "arm64")
 rpi_firmware(name = "rpi3_firmware", firmware_deb = ":fwdeb")   # u-boot-rpi: the default
-kernel(name = "k", package = "linux-image-arm64", architecture = "arm64",
+kernel(name = "k", package = "linux-image-arm64", arch = "arm64",
        dtbs = ["broadcom"], modules = ["sdhci_iproc"])
-container_image(name = "init", srcs = ["Dockerfile", "init.sh", "busybox.bin"])
-linuxkit_image(name = "pi", assembly = "pi.yml", formats = ["rpi3"],
+container_image(name = "init", srcs = ["Dockerfile", "init.sh", "busybox.bin"], arch = "arm64")
+linuxkit_image(name = "pi", assembly = "pi.yml", formats = ["rpi3"], arch = "arm64",
                firmware = ":rpi3_firmware")
 """
 FILES = {
@@ -211,11 +211,13 @@ def _plan(ws: Workspace, build: str) -> Result:
 
 
 def test_rpi3_of_an_amd64_kernel_is_an_analysis_error(ws):
-    r = _plan(ws, BUILD.replace('package = "linux-image-arm64", architecture = "arm64",',
-                                'package = "linux-image-cloud-amd64",'))
+    r = _plan(ws, BUILD.replace('package = "linux-image-arm64", arch = "arm64",',
+                                'package = "linux-image-cloud-amd64",')
+              .replace('arch = "arm64")\nlinuxkit_image', ')\nlinuxkit_image')
+              .replace('formats = ["rpi3"], arch = "arm64",', 'formats = ["rpi3"],'))
     assert r.code == 2, r.err
-    assert "format rpi3 boots arm64 images only; this image's kernel is amd64" in r.err
-    assert 'architecture = "arm64"' in r.err and "Traceback" not in r.err
+    assert "format rpi3 boots arm64 images only; this image is for amd64" in r.err
+    assert 'arch = "arm64"' in r.err and "Traceback" not in r.err
 
 
 def test_rpi3_without_firmware_names_the_rule_to_add(ws):
