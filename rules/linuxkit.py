@@ -125,7 +125,7 @@ def linuxkit_image(ctx):
                        hint="drop it: disk images for arm64 need GRUB's arm64-efi modules, which "
                        "forge does not fetch yet")
     if ctx.attr.verity:
-        verity.check(ctx, list(ctx.attr.formats), arch)
+        verity.check(ctx, list(ctx.attr.formats), arch, tuple(disk.FORMATS))
     arts = [a for lb in _assembly_labels(ctx.attr) for a in ctx.dep(lb).files]
     asm = _parse([(a.path, ctx.read_source(a)) for a in arts])
     if asm.kernel is None or not asm.kernel.image:
@@ -407,10 +407,12 @@ class _Planner:
         boot = {"kernel": kernel, "initrd": initrd, "cmdline": cmdline}
         dm_debs = verity.fetch_debs(ctx, self.name) if ctx.attr.verity else None
         outputs = {}
-        for fmt in ctx.attr.formats:
+        for fmt in verity.order(ctx.attr.formats) if dm_debs else ctx.attr.formats:
             outputs[fmt] = disk.plan_format(ctx, fmt, self.name, boot, kernel_dir,
                                             [f for _, f in self.fragments], arch=self.arch,
                                             dm_debs=dm_debs)
+            if dm_debs and "boot-initrd" in boot:  # a UKI after it embeds the verity boot
+                boot["initrd"] = boot["boot-initrd"]
         cmdline = boot["cmdline"]
         files = [a for arts in outputs.values() for a in arts]
         return ctx.info(files=files, kernel=kernel.path, initrd=initrd.path, cmdline=cmdline.path,

@@ -36,20 +36,32 @@ SUITE = "bookworm"
 # ELF headers (forge.formats.linux.elf), so a library moved between packages is an error
 # that names it, not a broken boot.
 DEBS = ("dmsetup", "libdevmapper1.02.1", "libc6", "libselinux1", "libudev1", "libpcre2-8-0")
+# Formats that may come with the root image: they take boot["initrd"] and boot["cmdline"],
+# which after it are the boot initrd and the verity command line.
+COMPANIONS = ("uki",)
 HINT = ("build the other formats in a second linuxkit_image of the same assembly (the "
         "fragments are shared)")
 
 
-def check(ctx, formats: list, arch: str) -> None:
-    """`verity` makes N-cmdline the verity one: one root image per target, nothing else
-    that would boot N-cmdline with another root."""
+def check(ctx, formats: list, arch: str, known: tuple = ()) -> None:
+    """`verity` makes N-cmdline the verity one: one root image per target, and beside it
+    only a format that boots that image's kernel, boot initrd and command line (a UKI,
+    where `known` has it)."""
     if arch != "amd64":
         raise ctx.fail(f"verity is built for amd64 images; this one is for {arch}",
                        attr="verity", hint="drop verity, or build for amd64")
+    companions = [f for f in COMPANIONS if f in known]
     roots = [f for f in formats if f in FORMATS]
-    if len(roots) != 1 or len(formats) != 1:
-        raise ctx.fail(f"verity = True needs exactly one format, kernel+squashfs or kernel+erofs; "
-                       f"formats are {', '.join(formats) or 'empty'}", attr="formats", hint=HINT)
+    if len(roots) != 1 or any(f not in FORMATS and f not in companions for f in formats):
+        also = f" (and {' or '.join(companions)})" if companions else ""
+        raise ctx.fail(f"verity = True needs exactly one format, kernel+squashfs or kernel+erofs"
+                       f"{also}; formats are {', '.join(formats) or 'empty'}", attr="formats",
+                       hint=HINT)
+
+
+def order(formats: list) -> list:
+    """The root image first: what comes after it boots its boot initrd and N-cmdline."""
+    return sorted(formats, key=lambda f: f not in FORMATS)
 
 
 def fetch_debs(ctx, name: str) -> list:
@@ -64,7 +76,8 @@ def fetch_debs(ctx, name: str) -> list:
 
 def plan(ctx, fmt: str, name: str, unverified, boot: dict, final_name: str):
     """The LkVerity action: the image with its tree, and N-cmdline; boot["cmdline"] becomes
-    the verity one (the assembly's stays in N.verity/cmdline)."""
+    the verity one (the assembly's stays in N.verity/cmdline). The caller then makes
+    boot["initrd"] the boot initrd."""
     image, cmdline = ctx.declare(final_name), ctx.declare(f"{name}-cmdline")
     ctx.call("LkVerity", {}, inputs=[unverified, boot["cmdline"]], outputs=[image, cmdline],
              mnemonic="LkVerity", tools=_tools(ctx), description=f"LkVerity {ctx.label} [{fmt}]")

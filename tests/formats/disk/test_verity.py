@@ -211,3 +211,41 @@ def test_a_verified_root_boots_and_a_changed_block_is_refused(cloud_kernel, tmp_
     tail = run(bad, r"device-mapper: verity: .*data block \d+ is corrupted", tmp_path / "run2")
     assert re.search(rf"device-mapper: verity: .*data block {block // 4096} is corrupted", tail), tail
     assert "VERIFIED-ROOT-UP" not in tail, tail
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_a_boot_initrd_that_cannot_open_the_root_says_why(cloud_kernel, tmp_path):  # noqa: F811
+    """Without dm_verity in the kernel target, or without dmsetup, /init names what to
+    add on the console and powers off, rather than mounting the drive unverified."""
+    from forge.formats.vm import machine as qemu
+    from forge.formats.vm.errors import VMExited
+    from forge.formats.vm.probe import console_regex
+    _need_veritysetup()
+    require(BUSYBOX.is_file(), "busybox-static is not installed")
+    require(shutil.which(qemu.QEMU) is not None, "qemu-system-x86_64 missing (qemu-system-x86)")
+    full = _modules_tar(cloud_kernel, tmp_path / "k.tar")
+    no_dm = tmp_path / "no-dm.tar"
+    with tarfile.open(full) as src, tarfile.open(no_dm, "w") as out:
+        for m in src:
+            if "/drivers/md/" not in m.name:
+                out.addfile(m, src.extractfile(m))
+    img = _root(tmp_path, "#!/bin/busybox sh\n/bin/busybox echo UNVERIFIED-ROOT-RAN\n")
+    cmdline = verity.with_verity("console=ttyS0 panic=-1", verity.append_hash_tree(img, workdir=tmp_path))
+    cases = {
+        "no dm_verity": (dict(kernel_tar=no_dm, dmsetup=_dmsetup(), find_library=_host_lib),
+                         "cannot create the device-mapper device vroot (keep dm_verity in the "
+                         "kernel target's modules); powering off"),
+        "no dmsetup": (dict(kernel_tar=full),
+                       "the command line has dm-mod.create= and this boot initrd has no dmsetup "
+                       "(build the image with verity = True); powering off"),
+    }
+    for i, (kw, said) in enumerate(cases.values()):
+        boot = tmp_path / f"boot{i}.img"
+        bootinitrd.build(boot, busybox=BUSYBOX.read_bytes(), epoch=EPOCH, **kw)
+        spec = qemu.kernel_boot(cloud_kernel.vmlinuz, boot, cmdline, drive=img)
+        with qemu.VM(spec, tmp_path / f"run{i}", accel="tcg", memory=256) as vm:
+            with pytest.raises(VMExited) as e:
+                vm.wait(console_regex("^never printed$"), timeout=120)
+        assert f"forge-boot: {said}" in e.value.console_tail, e.value.console_tail
+        assert "UNVERIFIED-ROOT-RAN" not in e.value.console_tail
