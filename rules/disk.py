@@ -24,7 +24,7 @@ from forge.formats.linux.errors import BootInitrdError
 from forge.formats.disk import rpi3
 from forge.formats.disk import kernel_tar
 from forge.formats.linux.fragments import FragmentWriter
-from rules import compressors
+from rules import compressors, verity
 
 from .kernel import DOC_KEYRING, fetch_action, pinned_deb
 
@@ -64,13 +64,14 @@ def check_file_names(ctx, formats: list, name: str) -> None:
 
 
 def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list,
-                arch: str = "") -> list:
+                arch: str = "", dm_debs: list | None = None) -> list:
     """Plan the action for `fmt`; its output artifacts. `arch`: the image's architecture
-    (Debian's or OCI's name, "" if unknown)."""
+    (Debian's or OCI's name, "" if unknown). `dm_debs`: the image has a verified root
+    (rules/verity.py): the debs of dmsetup for its boot initrd."""
     if fmt == "kernel+initrd":
         return [boot["kernel"], boot["initrd"], boot["cmdline"]]
     if fmt in rootfs.FORMATS:
-        return _plan_root_image(ctx, fmt, name, boot, kernel_dir, fragments)
+        return _plan_root_image(ctx, fmt, name, boot, kernel_dir, fragments, dm_debs)
     if fmt == "rpi3":
         return _plan_rpi3(ctx, name, boot, kernel_dir, arch)
     outs = [ctx.declare(n.format(name=name)) for n in FORMATS[fmt]]
@@ -118,20 +119,26 @@ def _disk(ctx, fmt: str, name: str, boot: dict, wanted: str | None = None) -> li
     return outs
 
 
-def _plan_root_image(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list) -> list:
+def _plan_root_image(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list,
+                     dm_debs: list | None = None) -> list:
     """The image of the whole root tree, on the shared fragments; and, once per target,
-    the boot initrd that mounts it (forge.formats.linux.bootinitrd says why)."""
+    the boot initrd that mounts it (forge.formats.linux.bootinitrd says why). With
+    `dm_debs`, the image gets its hash tree and N-cmdline its root hash (rules/verity.py)."""
     try:
         tools = rootfs.tools(fmt)
     except DiskImageError as e:
         raise ctx.fail(f"format {fmt} cannot be built here: {e}", attr="formats",
                        hint="install the package (dev/setup.sh lists them all), or drop the format") from None
-    image = ctx.declare(rootfs.FORMATS[fmt][1].format(name=name))
+    final = rootfs.FORMATS[fmt][1].format(name=name)
+    image = ctx.declare(f"{name}.verity/{final}" if dm_debs else final)
     ctx.call("LkRootImage", {"format": fmt, "name": name}, inputs=fragments, outputs=[image],
              mnemonic="LkRootImage", tools=tools, description=f"LkRootImage {ctx.label} [{fmt}]")
+    if dm_debs:
+        image = verity.plan(ctx, fmt, name, image, boot, final)
     if "boot-initrd" not in boot:
         boot["boot-initrd"] = ctx.declare(rootfs.BOOT_INITRD.format(name=name))
-        ctx.call("LkBootInitrd", {}, inputs=[kernel_dir, *fragments],
+        extra = {"dm_debs": len(dm_debs)} if dm_debs else {}  # without: the key stays as it was
+        ctx.call("LkBootInitrd", extra, inputs=[kernel_dir, *(dm_debs or []), *fragments],
                  outputs=[boot["boot-initrd"]], mnemonic="LkBootInitrd")
     return [boot["kernel"], image, boot["cmdline"], boot["boot-initrd"]]
 
@@ -151,10 +158,12 @@ def root_image_step(ctx: ExecContext) -> None:
 @action_function("LkBootInitrd", version=1)
 def boot_initrd_step(ctx: ExecContext) -> None:
     kernel_tar = ctx.path(ctx.inputs[0]) / "kernel.tar"
+    n = ctx.params.get("dm_debs", 0)
+    dmsetup, find = verity.dm_tools([ctx.path(i) for i in ctx.inputs[1:1 + n]]) if n else (None, None)
     try:
-        busybox = bootinitrd.find_busybox([ctx.path(i) for i in ctx.inputs[1:]])
+        busybox = bootinitrd.find_busybox([ctx.path(i) for i in ctx.inputs[1 + n:]])
         bootinitrd.build(ctx.path(ctx.outputs[0]), kernel_tar=kernel_tar, busybox=busybox,
-                         epoch=ctx.source_date_epoch)
+                         epoch=ctx.source_date_epoch, dmsetup=dmsetup, find_library=find)
     except BootInitrdError as e:
         raise ActionFailed(str(e)) from None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import select
 import shutil
 import socket
@@ -65,6 +66,10 @@ BOOTED = {
     "dynamic-vhd": "180s",
     "vmdk": "180s",
 }
+# A verified root (verity = True, docs/supply-chain.md): each root-image format that can
+# have one, from its own linuxkit_image (N-cmdline is that image's), on the same assembly
+# with the kernel that keeps dm_verity (examples/images/redisos-verity.yml).
+VERITY = {"kernel+erofs": "180s", "kernel+squashfs": "180s"}
 # Formats that write the same file as one above (dynamic-vhd and vhd: N.vhd) are built by
 # a second image of the same assembly.
 SECOND = {"dynamic-vhd"}
@@ -92,6 +97,22 @@ linuxkit_image(
     probe = redis_ping(),
     timeout = timeout,
 ) for key, timeout in {sorted(BOOTED.items())!r}]
+[linuxkit_image(
+    name = "redisos_verity_" + fmt.split("+")[1],
+    assembly = "redisos.yml",
+    overlays = ["redisos-verity.yml"],
+    images = {{"redis": "//images/redis:image"}},
+    formats = [fmt],
+    verity = True,
+) for fmt in {sorted(VERITY)!r}]
+[qemu_test(
+    name = "boot_verity_" + fmt.split("+")[1],
+    image = ":redisos_verity_" + fmt.split("+")[1],
+    format = fmt,
+    forward = {{6379: 6379}},
+    probe = redis_ping(),
+    timeout = timeout,
+) for fmt, timeout in {sorted(VERITY.items())!r}]
 """
 
 
@@ -100,6 +121,51 @@ def test_each_format_boots_to_pong(redisos, fmt):
     r = redisos.forge("test", f"//images:boot_{fmt.replace('/', '_')}", timeout=900)
     assert r.code == 0, r.out + r.err
     assert "PASSED" in r.out, r.out
+
+
+@pytest.mark.parametrize("fmt", sorted(VERITY))
+def test_a_verified_root_boots_to_pong(redisos, fmt):
+    r = redisos.forge("test", f"//images:boot_verity_{fmt.split('+')[1]}", timeout=900)
+    assert r.code == 0, r.out + r.err
+    assert "PASSED" in r.out, r.out
+    cmdline = (redisos.root / f"forge-out/images/redisos_verity_{fmt.split('+')[1]}-cmdline").read_text()
+    assert re.search(r'dm-mod\.create="vroot,,,ro,0 \d+ verity 1 /dev/vda /dev/vda 4096 4096 \d+ \d+ '
+                     r'sha256 [0-9a-f]{64} [0-9a-f]{64}" root=/dev/dm-0$', cmdline), cmdline
+
+
+def test_a_changed_byte_in_the_verified_root_is_an_io_error_not_altered_code(redisos, tmp_path):
+    """The erofs image (uncompressed, so a file's blocks are where dump.erofs says) with
+    one byte of redis-server's first block changed: the kernel refuses that block, the
+    service cannot start, and Redis never answers."""
+    from forge.formats.vm import machine as qemu
+    from forge.formats.vm.errors import BootTimeout
+    from forge.formats.vm.probe import console_regex, redis_ping
+    require(shutil.which("dump.erofs") is not None, "dump.erofs is not installed (erofs-utils)")
+    r = redisos.build("//images:redisos_verity_erofs", timeout=900)
+    assert r.code == 0, r.err
+    out = redisos.root / "forge-out/images"
+    image = out / "redisos_verity_erofs-erofs.img"
+    found = subprocess.run(["dump.erofs", "--path=/containers/services/redis/lower/usr/bin/redis-server",
+                            "-e", image], capture_output=True, text=True, check=True).stdout
+    start = int(re.search(r"^\s*0:\s*0\.\.\s*\d+\s*\|\s*\d+\s*:\s*(\d+)\.\.", found, re.M).group(1))
+    changed = tmp_path / "changed.img"
+    shutil.copyfile(image, changed)
+    with open(changed, "r+b") as f:
+        f.seek(start + 1000)
+        byte = f.read(1)
+        f.seek(start + 1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    spec = qemu.kernel_boot(out / "redisos_verity_erofs-kernel",
+                            out / "redisos_verity_erofs-boot-initrd.img",
+                            (out / "redisos_verity_erofs-cmdline").read_text(), drive=changed)
+    with qemu.VM(spec, tmp_path / "run", forwards={6379: 0}) as vm:
+        vm.wait(console_regex(rf"device-mapper: verity: 254:0: data block {start // 4096} is corrupted"),
+                timeout=240)
+        with pytest.raises(BootTimeout):  # the service has failed: nothing answers
+            vm.wait(redis_ping("127.0.0.1", vm.host_port(6379)), timeout=20)
+        tail = vm.console_tail(300)
+    assert "through dm-verity" in tail and "Ready to accept connections" not in tail, tail
+    print(tail)
 
 
 def test_boots_to_pong_in_three_formats(redisos):
