@@ -28,6 +28,7 @@ PACKAGES = {
     "fakeroot": "fakeroot", "tar": "tar",
     "mksquashfs": "squashfs-tools", "mkfs.erofs": "erofs-utils",
     "mkimage": "u-boot-tools",
+    "sbsign": "sbsigntool", "faketime": "faketime",
 }
 # Boot-loader data files -> their Debian package.
 DATA_PACKAGES = {
