@@ -14,6 +14,7 @@ from pathlib import Path
 import pefile
 import pytest
 
+from boot_fixture import make_test_key
 from conftest import Workspace, require
 from forge.formats.debian.sources import debian_mirror, read_sources
 from forge.formats.disk import sbsign, uki
@@ -46,16 +47,6 @@ FILES = {
     "init.sh": INIT,
     "u.yml": f'kernel:\n  image: ":k"\n  cmdline: "{CMDLINE}"\ninit:\n  - ":init"\n',
 }
-
-
-def make_test_key(where: Path) -> tuple[Path, Path]:
-    """A fresh self-signed RSA key and certificate, as a Secure Boot db key."""
-    where.mkdir(parents=True, exist_ok=True)
-    key, cert = where / "db.key", where / "db.crt"
-    subprocess.run(["openssl", "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes",
-                    "-subj", "/CN=forge test db/", "-days", "3650", "-keyout", key,
-                    "-out", cert], check=True, capture_output=True)
-    return key, cert
 
 
 def _workspace(root: Path, key: Path, cert: Path) -> Workspace:
@@ -247,3 +238,15 @@ def test_a_key_that_is_not_pem_is_bad_input():
         sbsign.check_key(b"junk", b"-----BEGIN CERTIFICATE-----")
     with pytest.raises(DiskImageError, match="not a PEM certificate"):
         sbsign.check_key(b"-----BEGIN PRIVATE KEY-----", b"junk")
+
+
+def test_secure_boot_vars_on_a_bios_or_kernel_boot_is_an_analysis_error(ws):
+    build = BUILD.replace('formats = ["uki", "raw-efi"],\n               uki_stub = ":stub", efi_boot = "uki")',
+                          'formats = ["uki", "raw-efi", "raw-bios"],\n'
+                          '               uki_stub = ":stub", efi_boot = "uki")')
+    ws.write({**FILES, "BUILD": build + 'qemu_test(name = "t", image = ":plain", format = "raw-bios",'
+              ' secure_boot_vars = "db.crt")\n', "busybox.bin": "", "db.key": "", "db.crt": ""})
+    r = ws.forge("build", "--nobuild", "//:t")
+    assert r.code == 2, r.err
+    assert "Secure Boot needs a UEFI boot; raw-bios boots by BIOS" in r.err, r.err
+    assert "raw-efi" in r.err and "Traceback" not in r.err
