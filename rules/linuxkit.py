@@ -109,6 +109,16 @@ action. `forge run` boots it under QEMU.""", attrs={
                         "kernel+erofs image (the only format) gets a dm-verity hash tree, "
                         "N-cmdline its root hash, and the boot initrd opens the root through "
                         "dm-verity (docs/supply-chain.md)."),
+    "uki_stub": attr.label(doc="A uki_stub target: systemd's EFI stub, which the `uki` format "
+                           "and `efi_boot = \"uki\"` build on."),
+    "efi_boot": attr.string(default="grub", values=disk.EFI_BOOTS, doc="What the EFI disks "
+                            "(iso-efi, iso-efi-initrd, raw-efi, qcow2-efi) start as "
+                            "EFI/BOOT/BOOTX64.EFI: grub, or uki (the unified kernel image, "
+                            "needs uki_stub)."),
+    "secure_boot_key": attr.label_list(doc="A Secure Boot db key: a PEM private key and its "
+                                       "PEM certificate (two files, e.g. [\"db.key\", "
+                                       "\"db.crt\"]). forge signs the UKI and every EFI "
+                                       "binary it puts on an ESP with it (sbsign)."),
 })
 def linuxkit_image(ctx):
     for fmt in ctx.attr.formats:

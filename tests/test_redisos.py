@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from boot_fixture import make_test_key
 from conftest import Workspace, require
 from registry_fixture import free_port
 from test_images import engine_ok
@@ -350,5 +351,54 @@ qemu_test(
         r = redisos.forge("test", "//images:lkruntime_boot", timeout=900)
         assert r.code == 0, r.out + r.err
         assert "PASSED" in r.out, r.out
+    finally:
+        build.write_text(original)
+
+
+# Secure Boot: RedisOS as a unified kernel image on the ESP of raw-efi (efi_boot = "uki"),
+# signed with a test db key made here; OVMF enforcing Secure Boot with its certificate
+# enrolled boots it to PONG and refuses the same image unsigned.
+SECURE_BOOT_BUILD = '''
+uki_stub(name = "uki_stub")
+[linuxkit_image(
+    name = name,
+    assembly = "redisos.yml",
+    images = {"redis": "//images/redis:image"},
+    formats = ["raw-efi"],
+    efi_boot = "uki",
+    uki_stub = ":uki_stub",
+    secure_boot_key = key,
+) for name, key in [("redisos_sb", ["db.key", "db.crt"]), ("redisos_sb_unsigned", [])]]
+qemu_test(
+    name = "secure_boot_pong",
+    image = ":redisos_sb",
+    format = "raw-efi",
+    forward = {6379: 6379},
+    probe = redis_ping(),
+    secure_boot_vars = "db.crt",
+    timeout = "300s",
+)
+qemu_test(
+    name = "secure_boot_refuses_unsigned",
+    image = ":redisos_sb_unsigned",
+    format = "raw-efi",
+    probe = console_regex("BdsDxe: failed to load Boot.*(Access Denied|Security Violation)"),
+    secure_boot_vars = "db.crt",
+    timeout = "240s",
+)
+'''
+
+
+def test_secure_boot_signed_uki_boots_to_pong_and_unsigned_is_refused(redisos):
+    require(shutil.which("sbsign") is not None, "sbsign is not installed (sbsigntool)")
+    make_test_key(redisos.root / "images")
+    build = redisos.root / "images/BUILD"
+    original = build.read_text()
+    build.write_text(original + SECURE_BOOT_BUILD)
+    try:
+        r = redisos.forge("test", "//images:secure_boot_pong",
+                          "//images:secure_boot_refuses_unsigned", timeout=1200)
+        assert r.code == 0, r.out + r.err
+        assert r.out.count("PASSED") == 2, r.out
     finally:
         build.write_text(original)
