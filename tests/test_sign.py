@@ -1,0 +1,279 @@
+"""Signatures: keys, DSSE envelopes over in-toto Statements, `forge keygen`, signed build
+outputs, `forge verify` of a file, a target and an image pushed to a real registry (its
+signatures attached as OCI 1.1 referrers, through the tag-schema fallback that Debian's
+docker-registry needs), and securesystemslib as an independent checker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+
+import pytest
+
+from conftest import Workspace
+from forge.formats.common.files import canonical_json
+from forge.formats.sign import attest, dsse
+from forge.formats.sign.errors import BadSignatureError, KeyFileError, SubjectMismatchError
+from forge.formats.sign.keys import generate, load_private, load_public
+from forge.signing import sign_statement
+
+KINDS = ("ecdsa", "ed25519")
+
+
+# --- the formats ------------------------------------------------------------------------
+
+def test_pae_is_the_specs_encoding():
+    # The example of the DSSE protocol document.
+    assert dsse.pae("http://example.com/HelloWorld", b"hello world") == \
+        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keys_round_trip_through_pem_and_keep_their_id(tmp_path, kind):
+    key = generate(kind)
+    (tmp_path / "k").write_bytes(key.pem)
+    (tmp_path / "k.pub").write_bytes(key.public.pem)
+    assert load_private(tmp_path / "k").keyid == key.keyid
+    assert load_public(tmp_path / "k.pub").keyid == key.keyid
+    assert load_public(tmp_path / "k").keyid == key.keyid  # a private key's public half
+    assert len(key.keyid) == 64 and key.keyid != generate(kind).keyid
+
+
+def test_unusable_keys_are_refused_with_the_reason(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    p = tmp_path / "k"
+    p.write_bytes(generate().public.pem)
+    with pytest.raises(KeyFileError, match="is a public key"):
+        load_private(p)
+    p.write_bytes(b"not a key")
+    with pytest.raises(KeyFileError, match="not a PEM private key"):
+        load_private(p)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    p.write_bytes(rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+    with pytest.raises(KeyFileError, match="ECDSA P-256 or Ed25519"):
+        load_private(p)
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    p.write_bytes(p384.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.BestAvailableEncryption(b"pw")))
+    with pytest.raises(KeyFileError, match="encrypted"):
+        load_private(p)
+    with pytest.raises(KeyFileError, match="cannot read"):
+        load_private(tmp_path / "missing")
+
+
+def _statement(data: bytes = b"image bytes") -> dict:
+    import hashlib
+    return attest.statement([attest.subject("disk.img", hashlib.sha256(data).hexdigest())],
+                            "https://example.com/p/v1", {"k": "v"})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_envelope_verifies_and_names_its_subject(kind):
+    key = generate(kind)
+    env = dsse.decode(dsse.encode(sign_statement(_statement(), key)))
+    assert env["payloadType"] == attest.PAYLOAD_TYPE
+    assert env["signatures"][0]["keyid"] == key.keyid
+    st = attest.parse(dsse.verify(env, key.public))
+    assert st == _statement()
+    import hashlib
+    assert attest.match(st, hashlib.sha256(b"image bytes").hexdigest(), "disk.img")["name"] == "disk.img"
+    with pytest.raises(SubjectMismatchError, match="was changed after it was signed"):
+        attest.match(st, hashlib.sha256(b"image bytez").hexdigest(), "disk.img")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_changed_payload_or_a_wrong_key_fails(kind):
+    key = generate(kind)
+    env = sign_statement(_statement(), key)
+    with pytest.raises(BadSignatureError, match="not by the key given"):
+        dsse.verify(env, generate(kind).public)
+    body = bytearray(base64.b64decode(env["payload"]))
+    body[-3] ^= 1  # one bit of the Statement
+    bad = {**env, "payload": base64.b64encode(bytes(body)).decode()}
+    with pytest.raises(BadSignatureError, match="was changed after signing"):
+        dsse.verify(bad, key.public)
+    retyped = {**env, "payloadType": "text/plain"}  # PAE binds the type too
+    with pytest.raises(BadSignatureError):
+        dsse.verify(retyped, key.public)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_securesystemslib_verifies_forges_envelopes(kind):
+    """An independent implementation of DSSE and of the key types accepts what forge signs,
+    and refuses it once a byte of the payload changes."""
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.exceptions import VerificationError
+    from securesystemslib.signer import SSlibKey
+    key = generate(kind)
+    if kind == "ecdsa":
+        ssl_key = SSlibKey(key.keyid, "ecdsa", "ecdsa-sha2-nistp256",
+                           {"public": key.public.pem.decode()})
+    else:
+        from cryptography.hazmat.primitives import serialization
+        raw = key.public.key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        ssl_key = SSlibKey(key.keyid, "ed25519", "ed25519", {"public": raw.hex()})
+    data = dsse.encode(sign_statement(_statement(), key))
+    envelope = Envelope.from_dict(json.loads(data))
+    assert envelope.payload_type == attest.PAYLOAD_TYPE
+    assert key.keyid in envelope.verify([ssl_key], 1)
+    assert json.loads(envelope.payload) == _statement()
+    tampered = json.loads(data)
+    body = bytearray(base64.b64decode(tampered["payload"]))
+    body[10] ^= 1
+    tampered["payload"] = base64.b64encode(bytes(body)).decode()
+    with pytest.raises(VerificationError):
+        Envelope.from_dict(tampered).verify([ssl_key], 1)
+
+
+def test_envelopes_that_are_not_envelopes_are_refused():
+    from forge.formats.sign.errors import EnvelopeError
+    for data, why in [(b"{", "not JSON"), (b"[]", "not a DSSE envelope"),
+                      (b'{"payload":"e30=","payloadType":"t","signatures":[]}', "no signature"),
+                      (b'{"payload":"%%%","payloadType":"t","signatures":[{"sig":""}]}',
+                       "not valid base64")]:
+        with pytest.raises(EnvelopeError, match=why):
+            dsse.decode(data)
+
+
+# --- the CLI: keygen, signed builds, verify -----------------------------------------------
+
+def test_keygen_writes_a_private_key_only_its_owner_reads(tmp_path):
+    w = Workspace(tmp_path, tmp_path / "cache")
+    r = w.forge("keygen", "--type", "ed25519", str(tmp_path / "release"))
+    assert r.code == 0, r.err
+    assert stat.S_IMODE(os.stat(tmp_path / "release").st_mode) == 0o600
+    assert load_public(tmp_path / "release.pub").kind == "ed25519"
+    assert load_private(tmp_path / "release").keyid in r.err
+    again = w.forge("keygen", str(tmp_path / "release"))
+    assert again.code == 2 and "does not replace a key" in again.err
+    assert w.forge("keygen", "--force", str(tmp_path / "release")).code == 0
+    assert load_public(tmp_path / "release.pub").kind == "ecdsa"
+
+
+def signed_ws(tmp_path, key_setting="keys/release") -> Workspace:
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "forge.toml").write_text(f'[sign]\nkey = "{key_setting}"\n')
+    w = Workspace(root, tmp_path / "cache")
+    (root / "keys").mkdir()
+    assert w.forge("keygen", str(root / "keys/release")).code == 0
+    w.write({"BUILD": '''
+        genrule(name = "disk", outs = ["disk.img"], cmd = "printf 'DISK%.0s' $$(seq 1 1000) > $@")
+        genrule(name = "tree", outs = ["t/a.txt", "t/b.txt"], cmd = "echo a > $(location t/a.txt); echo b > $(location t/b.txt)")
+    '''})
+    return w
+
+
+def test_a_signed_build_verifies_and_a_changed_byte_or_wrong_key_fails(tmp_path):
+    w = signed_ws(tmp_path)
+    r = w.build("//:disk")
+    assert r.code == 0, r.err
+    assert "signed 1 outputs" in r.err
+    envelope = w.root / "forge-out/disk.img.dsse.json"
+    first = envelope.read_bytes()
+    # The same bytes again: the envelope stays as it was (reproducible, no churn).
+    assert w.build("//:disk").code == 0 and envelope.read_bytes() == first
+    pub = str(w.root / "keys/release.pub")
+    ok = w.forge("verify", "//:disk", "--key", pub, "--cache-dir", str(w.cache))
+    assert ok.code == 0, ok.err
+    assert ok.out.startswith("OK forge-out/disk.img: sha256:")
+    ok = w.forge("verify", "forge-out/disk.img", "--key", pub)
+    assert ok.code == 0, ok.err
+    # A customer's downloaded copy with one byte changed.
+    copy = tmp_path / "download.img"
+    data = bytearray((w.root / "forge-out/disk.img").read_bytes())
+    data[1234] ^= 0x20
+    copy.write_bytes(bytes(data))
+    bad = w.forge("verify", str(copy), "--key", pub, "--signature", str(envelope))
+    assert bad.code == 1, bad.err
+    assert "was changed after it was signed" in bad.err and "Traceback" not in bad.err
+    # The untouched copy passes.
+    copy.write_bytes((w.root / "forge-out/disk.img").read_bytes())
+    assert w.forge("verify", str(copy), "--key", pub, "--signature", str(envelope)).code == 0
+    # Someone else's key.
+    assert w.forge("keygen", str(tmp_path / "other")).code == 0
+    wrong = w.forge("verify", "forge-out/disk.img", "--key", str(tmp_path / "other.pub"))
+    assert wrong.code == 1 and "not by the key given" in wrong.err
+    # No envelope at all.
+    missing = w.forge("verify", str(tmp_path / "other.pub"), "--key", pub)
+    assert missing.code == 1 and "no signature for" in missing.err
+
+
+def test_independent_check_of_a_signed_build_output(tmp_path):
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.signer import SSlibKey
+    import hashlib
+    w = signed_ws(tmp_path)
+    assert w.build("//:disk").code == 0
+    key = load_public(w.root / "keys/release.pub")
+    env = Envelope.from_dict(json.loads((w.root / "forge-out/disk.img.dsse.json").read_bytes()))
+    env.verify([SSlibKey(key.keyid, "ecdsa", "ecdsa-sha2-nistp256", {"public": key.pem.decode()})], 1)
+    st = json.loads(env.payload)
+    assert st["_type"] == attest.STATEMENT_TYPE
+    assert st["subject"] == [{"name": "forge-out/disk.img", "digest": {
+        "sha256": hashlib.sha256((w.root / "forge-out/disk.img").read_bytes()).hexdigest()}}]
+    assert st["predicate"]["target"] == "//:disk"
+
+
+def test_each_file_of_a_directory_output_is_a_subject_and_a_label_names_the_key(tmp_path):
+    w = signed_ws(tmp_path, key_setting="//keys:release")
+    r = w.build("//:tree")
+    assert r.code == 0, r.err
+    pub = str(w.root / "keys/release.pub")
+    assert w.forge("verify", "//:tree", "--key", pub, "--cache-dir", str(w.cache)).code == 0
+    # Change one of the files (outputs are read-only links into the cache: replace it).
+    out = w.root / "forge-out/t/b.txt"
+    out.unlink()
+    out.write_text("B\n")
+    bad = w.forge("verify", "//:tree", "--key", pub, "--cache-dir", str(w.cache))
+    assert bad.code == 1 and "forge-out/t/b.txt" in bad.err
+
+
+def test_a_missing_or_bad_signing_key_stops_the_build_before_it_starts(tmp_path):
+    w = signed_ws(tmp_path)
+    (w.root / "keys/release").unlink()
+    r = w.build("//:disk")
+    assert r.code == 2 and "does not exist" in r.err and "forge keygen" in r.err
+    assert not (w.root / "forge-out").exists()
+    r = w.build("//:disk", "--sign-key", str(w.root / "keys/release.pub"))
+    assert r.code == 2 and "is a public key" in r.err
+    r = w.build("//:disk", "--sign-key", "")  # signing off for this build
+    assert r.code == 0 and not (w.root / "forge-out/disk.img.dsse.json").exists()
+
+
+def test_an_interrupted_signing_leaves_no_half_envelope(tmp_path, monkeypatch):
+    """The envelope is written to a temporary file and renamed: a failure (Ctrl-C) while
+    writing leaves the old envelope or none, never part of one."""
+    from forge import signing
+    out = tmp_path / "f.bin"
+    out.write_bytes(b"x")
+    key = generate()
+    signing.sign_outputs(tmp_path, [("//:f", "f.bin")], key)
+    before = (tmp_path / "f.bin.dsse.json").read_bytes()
+    out.write_bytes(b"y")
+    real_fdopen = os.fdopen
+
+    class Interrupted:
+        def __init__(self, fd, mode):
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:10])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("forge.formats.common.files.os.fdopen", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        signing.sign_outputs(tmp_path, [("//:f", "f.bin")], key)
+    monkeypatch.undo()
+    assert (tmp_path / "f.bin.dsse.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin", "f.bin.dsse.json"]
