@@ -173,6 +173,7 @@ def oci_push(ctx):
 
 @runner("OciPush")
 def push_runner(ctx: RunContext) -> int:
+    import os
     import sys
     from forge.formats.registry.errors import RegistryError
     client = registry_client(ctx.config)
@@ -186,7 +187,8 @@ def push_runner(ctx: RunContext) -> int:
             if digest not in attached:
                 attached.add(digest)
                 for name in attach_envelopes(client, ctx.root / p["layout"], ref, tag, digest):
-                    print(f"forge: attached {name} to {ref}@{digest}", file=sys.stderr)
+                    print(f"forge: attached {os.path.relpath(name, ctx.root)} to {ref}",
+                          file=sys.stderr)
         except (RegistryError, ImageError) as e:
             raise ActionFailed(f"push to {ref} failed: {e}") from None
         print(f"{ref}@{digest}")
@@ -217,7 +219,7 @@ def attach_envelopes(client, layout, ref: str, tag: str, digest: str) -> list[st
             continue
         client.attach(ref, subject, ENVELOPE_TYPE, [(ENVELOPE_TYPE, data, {})],
                       {"in-toto.io/predicate-type": str(st.get("predicateType", ""))})
-        names.append(path.name)
+        names.append(str(path))
     return names
 
 

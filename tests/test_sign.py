@@ -13,6 +13,7 @@ import stat
 import pytest
 
 from conftest import Workspace
+from registry_fixture import registry  # noqa: F401  (fixture)
 from forge.formats.common.files import canonical_json
 from forge.formats.sign import attest, dsse
 from forge.formats.sign.errors import BadSignatureError, KeyFileError, SubjectMismatchError
@@ -277,3 +278,90 @@ def test_an_interrupted_signing_leaves_no_half_envelope(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "f.bin.dsse.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin", "f.bin.dsse.json"]
+
+
+# --- a real registry: oci_push attaches, forge verify pulls back -------------------------
+
+def _image_ws(tmp_path, name, registry, content, sign=True) -> Workspace:
+    root = tmp_path / name
+    root.mkdir()
+    w = Workspace(root, tmp_path / f"{name}-cache")
+    (root / "forge.toml").write_text('[sign]\nkey = "release"\n' if sign else "")
+    if sign:
+        assert w.forge("keygen", str(root / "release")).code == 0
+    w.write({"img/a.txt": content, "img/Dockerfile": "FROM scratch\nCOPY a.txt /a.txt\n",
+             "img/BUILD": f'''
+        container_image(name = "img", srcs = ["a.txt"])
+        oci_push(name = "push", image = ":img", repository = "{registry.host}/team/app", tags = ["v1"])
+    '''})
+    return w
+
+
+def _push(w) -> str:
+    r = w.forge("run", "//img:push")
+    assert r.code == 0, r.err
+    return r.out.strip().split("@")[1]
+
+
+@pytest.mark.real
+def test_a_pushed_image_carries_its_signature_and_verifies_from_the_registry(tmp_path, registry):
+    import urllib.request
+    from forge.formats.registry.referrers import ENVELOPE_TYPE
+    w = _image_ws(tmp_path, "producer", registry, "one\n")
+    r = w.forge("run", "//img:push")
+    assert r.code == 0, r.err
+    digest = r.out.strip().split("@")[1]
+    assert "attached forge-out/img/img.stages/0.dsse.json" in r.err
+    # docker-registry has no referrers API: the tag-schema fallback holds the index.
+    with urllib.request.urlopen(urllib.request.Request(
+            f"http://{registry.host}/v2/team/app/manifests/sha256-{digest.split(':')[1]}",
+            headers={"Accept": "application/vnd.oci.image.index.v1+json"})) as resp:
+        index = json.loads(resp.read())
+    assert [m["artifactType"] for m in index["manifests"]] == [ENVELOPE_TYPE]
+    pub = str(w.root / "release.pub")
+    ok = w.forge("verify", f"{registry.host}/team/app:v1", "--key", pub)
+    assert ok.code == 0, ok.err
+    assert f"OK team/app@{digest}" in ok.out
+    # Pushing again attaches nothing twice.
+    assert _push(w) == digest
+    with urllib.request.urlopen(urllib.request.Request(
+            f"http://{registry.host}/v2/team/app/manifests/sha256-{digest.split(':')[1]}",
+            headers={"Accept": "application/vnd.oci.image.index.v1+json"})) as resp:
+        assert len(json.loads(resp.read())["manifests"]) == 1
+    # Another key does not verify it.
+    assert w.forge("keygen", str(tmp_path / "other")).code == 0
+    wrong = w.forge("verify", f"{registry.host}/team/app:v1", "--key", str(tmp_path / "other.pub"))
+    assert wrong.code == 1 and "not by the key given" in wrong.err
+    # The image pulled back into another workspace verifies against the producer's envelope.
+    c = Workspace(tmp_path / "consumer", tmp_path / "consumer-cache")
+    c.root.mkdir()
+    (c.root / "forge.toml").write_text("")
+    c.write({"p/BUILD": f'oci_pull(name = "app", image = "{registry.host}/team/app@{digest}")\n'})
+    assert c.build("//p:app").code == 0
+    pulled = c.forge("verify", "forge-out/p/app", "--key", pub, "--signature",
+                     str(w.root / "forge-out/img/img.stages/0.dsse.json"))
+    assert pulled.code == 0, pulled.err
+
+
+@pytest.mark.real
+def test_an_image_replaced_or_an_envelope_damaged_in_the_registry_fails(tmp_path, registry):
+    w = _image_ws(tmp_path, "producer", registry, "one\n")
+    digest = _push(w)
+    pub = str(w.root / "release.pub")
+    # Someone pushes other bytes under the same tag, without the key.
+    other = _image_ws(tmp_path, "intruder", registry, "two\n", sign=False)
+    assert _push(other) != digest
+    bad = w.forge("verify", f"{registry.host}/team/app:v1", "--key", pub)
+    assert bad.code == 1 and "has no signature attached" in bad.err, bad.err
+    # The signed digest still verifies; then a byte of its envelope changes on the server.
+    ok = w.forge("verify", f"{registry.host}/team/app@{digest}", "--key", pub)
+    assert ok.code == 0, ok.err
+    envelope = (w.root / "forge-out/img/img.stages/0.dsse.json").read_bytes()
+    from forge.formats.image.spec import digest_of
+    blob = registry.blob_path(digest_of(envelope))
+    data = bytearray(blob.read_bytes())
+    data[40] ^= 1
+    blob.write_bytes(bytes(data))
+    damaged = w.forge("verify", f"{registry.host}/team/app@{digest}", "--key", pub)
+    assert damaged.code == 1 and "Traceback" not in damaged.err
+    assert "hashes to" in damaged.err, damaged.err
