@@ -50,7 +50,8 @@ def key_path(root: Path, config: dict, override: str | None = None) -> Path | No
     if not value:
         return None
     if not isinstance(value, str):
-        raise SigningError(f"[sign] key in forge.toml must be a path or a label; got {value!r}")
+        raise SigningError(f"[sign] key in forge.toml must be a path or a label; got {value!r}",
+                           hint='e.g. key = "keys/release" (made by `forge keygen keys/release`)')
     if value.startswith("//"):
         pkg, _, name = value[2:].partition(":")
         return root / pkg / (name or pkg.rsplit("/", 1)[-1])
@@ -58,9 +59,9 @@ def key_path(root: Path, config: dict, override: str | None = None) -> Path | No
         else root / value
 
 
-def load_key(path: Path) -> PrivateKey:
+def load_key(path: Path, shown: Path | None = None) -> PrivateKey:
     try:
-        return load_private(path)
+        return load_private(path, shown)
     except SignError as e:
         raise SigningError(str(e), hint="set [sign] key in forge.toml or --sign-key to a "
                            "private key `forge keygen` made") from None
@@ -138,8 +139,9 @@ def check_key_config(root: Path, config: dict, override: str | None) -> PrivateK
     path = key_path(root, config, override)
     if path is None:
         return None
+    shown = path.relative_to(root) if path.is_relative_to(root) else path
     if not path.exists():
-        raise SigningError(f"the signing key {path} does not exist",
-                           hint=f"make one with `forge keygen {path}`, or fix [sign] key in "
+        raise SigningError(f"the signing key {shown} does not exist",
+                           hint=f"make one with `forge keygen {shown}`, or fix [sign] key in "
                            "forge.toml / --sign-key")
-    return load_key(path)
+    return load_key(path, shown)

@@ -97,15 +97,17 @@ def generate(kind: str = "ecdsa") -> PrivateKey:
     raise KeyFileError(f"unknown key type {kind!r}: use one of {', '.join(KEY_TYPES)}")
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, what: str, shown=None) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as e:
-        raise KeyFileError(f"cannot read the {what} {path}: {e.strerror or e}") from None
+        raise KeyFileError(f"cannot read the {what} {shown or path}: {e.strerror or e}") from None
 
 
-def load_private(path: Path) -> PrivateKey:
-    data = _read(path, "signing key")
+def load_private(path: Path, shown: Path | str | None = None) -> PrivateKey:
+    """`shown`: how messages name the file (default `path`)."""
+    data = _read(path, "signing key", shown)
+    path = shown or path
     if b"PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
         raise KeyFileError(f"{path} is a public key: signing needs the private key "
                            f"(the file without .pub)")
