@@ -28,6 +28,8 @@ from forge.formats.sign.keys import PrivateKey, load_private
 ENVELOPE_SUFFIX = ".dsse.json"
 OUTPUT_PREDICATE = "https://forge.invalid/signed-output/v1"
 BUILDER_ID = "https://forge.invalid/forge"
+SPDX_SUFFIX = ".spdx.json"
+SPDX_PREDICATE = "https://spdx.dev/Document"
 
 
 class SigningError(ForgeError):
@@ -123,15 +125,52 @@ def write_envelope(output: Path, statement: dict, key: PrivateKey) -> Path:
 def sign_outputs(root: Path, outputs: list[tuple[str, str]], key: PrivateKey,
                  statement_for=None) -> list[Path]:
     """Sign each (label, output path relative to `root`); returns the envelopes written.
-    `statement_for(label, name, subjects)` makes the Statement (default `output_statement`)."""
+    `statement_for(label, name, subjects)` makes the Statement (default `output_statement`).
+    Besides F.dsse.json: F.KIND.dsse.json for each Statement F.KIND.json beside F (SLSA
+    provenance written there is signed so), and F.sbom.dsse.json, an SPDX attestation about
+    F, when the same target also outputs an SPDX SBOM (`*.spdx.json`)."""
     make = statement_for or output_statement
     written = []
+    sboms: dict[str, list[Path]] = {}
+    for label, rel in outputs:
+        if rel.endswith(SPDX_SUFFIX) and (root / rel).is_file():
+            sboms.setdefault(label, []).append(root / rel)
     for label, rel in outputs:
         path = root / rel
         if not path.exists():
             continue
-        written.append(write_envelope(path, make(label, rel, subjects_of(path, rel)), key))
+        subjects = subjects_of(path, rel)
+        written.append(write_envelope(path, make(label, rel, subjects), key))
+        for st_path, st in statements_beside(path):
+            written.append(write_envelope(st_path.with_suffix(""), st, key))
+        for sbom in sboms.get(label, []):
+            if sbom != path:
+                doc = _json(sbom)
+                if isinstance(doc, dict):
+                    written.append(write_envelope(path.with_name(path.name + ".sbom"),
+                                                  attest.statement(subjects, SPDX_PREDICATE, doc),
+                                                  key))
     return written
+
+
+def statements_beside(path: Path) -> list[tuple[Path, dict]]:
+    """The in-toto Statements in F.KIND.json files beside the output F."""
+    out = []
+    for p in sorted(path.parent.glob(f"{path.name}.*.json")):
+        if p.name.endswith(ENVELOPE_SUFFIX) or p.name.endswith(SPDX_SUFFIX):
+            continue
+        st = _json(p)
+        if isinstance(st, dict) and st.get("_type") == attest.STATEMENT_TYPE:
+            out.append((p, st))
+    return out
+
+
+def _json(path: Path):
+    import json
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
 
 
 def check_key_config(root: Path, config: dict, override: str | None) -> PrivateKey | None:

@@ -234,6 +234,35 @@ def test_each_file_of_a_directory_output_is_a_subject_and_a_label_names_the_key(
     assert bad.code == 1 and "forge-out/t/b.txt" in bad.err
 
 
+def test_an_sbom_and_a_statement_beside_an_output_are_signed_as_attestations(tmp_path):
+    """A target that outputs an SPDX SBOM gets F.sbom.dsse.json (predicate: the SBOM) for
+    its other outputs; a Statement F.KIND.json beside F (provenance) gets F.KIND.dsse.json."""
+    import hashlib
+    w = signed_ws(tmp_path)
+    sha = None
+    w.write({"BUILD": '''
+        genrule(name = "os", outs = ["os.img", "os.spdx.json"], cmd = "echo disk > $(location os.img); echo '{\\"spdxVersion\\": \\"SPDX-2.3\\"}' > $(location os.spdx.json)")
+    '''})
+    r = w.build("//:os")
+    assert r.code == 0, r.err
+    out = w.root / "forge-out"
+    sha = hashlib.sha256((out / "os.img").read_bytes()).hexdigest()
+    key = load_public(w.root / "keys/release.pub")
+    env = dsse.decode((out / "os.img.sbom.dsse.json").read_bytes())
+    st = attest.parse(dsse.verify(env, key))
+    assert st["predicateType"] == "https://spdx.dev/Document"
+    assert st["predicate"] == {"spdxVersion": "SPDX-2.3"}
+    assert attest.match(st, sha, "os.img")
+    # A provenance Statement written beside the output before signing is signed too.
+    prov = attest.statement([attest.subject("forge-out/os.img", sha)],
+                            "https://slsa.dev/provenance/v1", {"buildDefinition": {}})
+    (out / "os.img.provenance.json").write_bytes(canonical_json(prov))
+    from forge import signing
+    signing.sign_outputs(w.root, [("//:os", "forge-out/os.img")], load_private(w.root / "keys/release"))
+    env = dsse.decode((out / "os.img.provenance.dsse.json").read_bytes())
+    assert attest.parse(dsse.verify(env, key)) == prov
+
+
 def test_a_missing_or_bad_signing_key_stops_the_build_before_it_starts(tmp_path):
     w = signed_ws(tmp_path)
     (w.root / "keys/release").unlink()
