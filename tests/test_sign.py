@@ -394,3 +394,21 @@ def test_an_image_replaced_or_an_envelope_damaged_in_the_registry_fails(tmp_path
     damaged = w.forge("verify", f"{registry.host}/team/app@{digest}", "--key", pub)
     assert damaged.code == 1 and "Traceback" not in damaged.err
     assert "hashes to" in damaged.err, damaged.err
+
+
+def test_an_artifact_manifest_is_oci_1_1_and_the_fallback_tag_fits_the_tag_grammar():
+    import re
+    from forge.formats.registry.referrers import EMPTY_DESCRIPTOR, artifact_manifest, fallback_tag
+    subject = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+               "digest": "sha256:" + "ab" * 32, "size": 123, "annotations": {"x": "y"}}
+    doc = json.loads(artifact_manifest(subject, dsse.MEDIA_TYPE,
+                                       [(dsse.MEDIA_TYPE, b"{}", {})], {"k": "v"}))
+    assert doc["artifactType"] == dsse.MEDIA_TYPE and doc["config"] == EMPTY_DESCRIPTOR
+    import hashlib
+    assert EMPTY_DESCRIPTOR["digest"] == "sha256:" + hashlib.sha256(b"{}").hexdigest()
+    assert doc["subject"] == {k: subject[k] for k in ("mediaType", "digest", "size")}
+    assert doc["layers"][0]["size"] == 2 and doc["annotations"] == {"k": "v"}
+    tag_grammar = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+    assert fallback_tag("sha256:" + "ab" * 32) == "sha256-" + "ab" * 32
+    long = fallback_tag("sha512:" + "cd" * 64)
+    assert long == "sha512-" + "cd" * 32 and tag_grammar.match(long)

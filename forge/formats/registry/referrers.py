@@ -34,8 +34,10 @@ MAX_BLOB = 64 << 20
 
 
 def fallback_tag(digest: str) -> str:
+    """`<alg>-<ref>`, the algorithm cut to 32 characters and the hex to 64 (the spec's
+    limits, so a sha512 digest still makes a valid tag)."""
     algo, _, hexpart = digest.partition(":")
-    return f"{algo}-{hexpart}"[:128]
+    return f"{algo[:32]}-{hexpart[:64]}"
 
 
 def artifact_manifest(subject: dict, artifact_type: str, blobs: list[tuple[str, bytes, dict]],
