@@ -79,13 +79,16 @@ def verify_path(path: Path, key: PublicKey, signature: Path | None = None,
     st = check_envelope(data, key, str(env_path))
     if not path.exists():
         raise VerifyFailed(f"{shown} does not exist: nothing to check against {env_path}")
-    digests = []
-    try:
-        for s in subjects_of(path, shown):
-            attest.match(st, s["digest"]["sha256"], s["name"], str(env_path))
-            digests.append(s["digest"]["sha256"])
-    except SignError as e:
-        raise VerifyFailed(str(e)) from None
+    if path.is_dir() and not (path / "oci-layout").is_file():
+        digests = _check_tree(path, shown, st, str(env_path))
+    else:
+        digests = []
+        try:
+            for s in subjects_of(path, shown):
+                attest.match(st, s["digest"]["sha256"], s["name"], str(env_path))
+                digests.append(s["digest"]["sha256"])
+        except SignError as e:
+            raise VerifyFailed(str(e)) from None
     return Verified(shown, str(env_path), st.get("predicateType", "?"), key.keyid, digests)
 
 
@@ -95,6 +98,35 @@ def registry_client(config: dict):
     regs = config.get("registries", {})
     return RegistryClient(insecure=regs.get("insecure", []), mirrors=regs.get("mirrors", {}),
                           ca_bundle=regs.get("ca_cert"))
+
+
+def _check_tree(path: Path, shown: str, st: dict, where: str) -> list[str]:
+    """A directory matches when each of its files is signed under its own path with its
+    sha256, and every file signed is still there. The signed names carry the directory's
+    name at signing time as a prefix (found from the files present), so a copy under
+    another name verifies; subjects outside that prefix (other outputs of one provenance)
+    are not the directory's."""
+    signed = {s.get("name"): s["digest"].get("sha256") for s in st["subject"]
+              if isinstance(s.get("name"), str)}
+    present = {sub["name"][len(shown) + 1:]: sub["digest"]["sha256"]
+               for sub in subjects_of(path, shown)}
+    prefix = next((n[:len(n) - len(r)] for r in sorted(present, key=len, reverse=True)
+                   for n in signed if n == r or n.endswith("/" + r)), None)
+    if prefix is None:
+        raise VerifyFailed(f"{where} signs none of the files in {shown}: it is the signature "
+                           "of something else")
+    for rel, sha in sorted(present.items()):
+        if signed.get(prefix + rel) != sha:
+            why = "was changed after it was signed" if prefix + rel in signed else \
+                "is not signed (it was added after signing)"
+            raise VerifyFailed(f"{shown}/{rel} (sha256:{sha[:16]}…) {why}: {where} does not "
+                               "sign these bytes under this path")
+    gone = sorted(n[len(prefix):] for n in signed if n.startswith(prefix)
+                  and n[len(prefix):] not in present)
+    if gone:
+        raise VerifyFailed(f"{shown} lacks {len(gone)} file(s) that {where} signs: "
+                           f"{', '.join(gone[:5])}: the directory was changed after it was signed")
+    return sorted(present.values())
 
 
 def verify_image(client, ref: str, key: PublicKey) -> list[Verified]:

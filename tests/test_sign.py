@@ -220,18 +220,52 @@ def test_independent_check_of_a_signed_build_output(tmp_path):
     assert st["predicate"]["target"] == "//:disk"
 
 
-def test_each_file_of_a_directory_output_is_a_subject_and_a_label_names_the_key(tmp_path):
+def test_every_output_of_a_target_is_verified_and_a_label_names_the_key(tmp_path):
     w = signed_ws(tmp_path, key_setting="//keys:release")
     r = w.build("//:tree")
     assert r.code == 0, r.err
     pub = str(w.root / "keys/release.pub")
     assert w.forge("verify", "//:tree", "--key", pub, "--cache-dir", str(w.cache)).code == 0
-    # Change one of the files (outputs are read-only links into the cache: replace it).
+    # Change one of the outputs (read-only links into the cache: replace it).
     out = w.root / "forge-out/t/b.txt"
     out.unlink()
     out.write_text("B\n")
     bad = w.forge("verify", "//:tree", "--key", pub, "--cache-dir", str(w.cache))
     assert bad.code == 1 and "forge-out/t/b.txt" in bad.err
+
+
+def test_a_directory_output_is_signed_file_by_file_and_any_change_fails(tmp_path):
+    from forge import signing
+    from forge.errors import ForgeError
+    from forge.verifying import verify_path
+    d = tmp_path / "out" / "rootfs"
+    (d / "etc").mkdir(parents=True)
+    (d / "etc/hostname").write_text("forge\n")
+    (d / "init").write_text("#!/bin/sh\n")
+    key = generate()
+    signing.sign_outputs(tmp_path, [("//:rootfs", "out/rootfs")], key)
+    ok = verify_path(d, key.public)
+    assert len(ok.digests) == 2
+    copy = tmp_path / "download"  # another name: the subjects match by content and path inside
+    import shutil
+    shutil.copytree(d, copy)
+    sig = tmp_path / "out/rootfs.dsse.json"
+    assert verify_path(copy, key.public, sig).digests == sorted(ok.digests)
+    (copy / "etc/hostname").write_text("evil\n")
+    with pytest.raises(ForgeError, match="was changed after it was signed"):
+        verify_path(copy, key.public, sig)
+    (copy / "etc/hostname").write_text("forge\n")
+    (copy / "extra").write_text("x")
+    with pytest.raises(ForgeError, match="extra .* is not signed"):
+        verify_path(copy, key.public, sig)
+    (copy / "extra").unlink()
+    (copy / "init").rename(copy / "init2")  # same bytes, another path
+    with pytest.raises(ForgeError, match="init2 .* is not signed"):
+        verify_path(copy, key.public, sig)
+    (copy / "init2").rename(copy / "init")
+    (copy / "init").unlink()
+    with pytest.raises(ForgeError, match="lacks 1 file.*init"):
+        verify_path(copy, key.public, sig)
 
 
 def test_an_sbom_and_a_statement_beside_an_output_are_signed_as_attestations(tmp_path):
