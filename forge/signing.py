@@ -29,6 +29,7 @@ ENVELOPE_SUFFIX = ".dsse.json"
 OUTPUT_PREDICATE = "https://forge.invalid/signed-output/v1"
 BUILDER_ID = "https://forge.invalid/forge"
 SPDX_SUFFIX = ".spdx.json"
+PASSWORD_ENV = "FORGE_SIGN_PASSWORD"
 SPDX_PREDICATE = "https://spdx.dev/Document"
 
 
@@ -62,8 +63,11 @@ def key_path(root: Path, config: dict, override: str | None = None) -> Path | No
 
 
 def load_key(path: Path, shown: Path | None = None) -> PrivateKey:
+    """The key at `path`; an encrypted one is opened with FORGE_SIGN_PASSWORD (an
+    environment variable, so the secret never is in forge.toml or a command line)."""
+    password = os.environ.get(PASSWORD_ENV)
     try:
-        return load_private(path, shown)
+        return load_private(path, shown, password.encode() if password else None)
     except SignError as e:
         raise SigningError(str(e), hint="set [sign] key in forge.toml or --sign-key to a "
                            "private key `forge keygen` made") from None

@@ -60,8 +60,12 @@ def test_unusable_keys_are_refused_with_the_reason(tmp_path):
     p384 = ec.generate_private_key(ec.SECP384R1())
     p.write_bytes(p384.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.BestAvailableEncryption(b"pw")))
-    with pytest.raises(KeyFileError, match="encrypted"):
+    with pytest.raises(KeyFileError, match="encrypted private key and no password"):
         load_private(p)
+    with pytest.raises(KeyFileError, match="does not decrypt"):
+        load_private(p, password=b"wrong")
+    with pytest.raises(KeyFileError, match="ECDSA key on curve secp384r1"):
+        load_private(p, password=b"pw")
     with pytest.raises(KeyFileError, match="cannot read"):
         load_private(tmp_path / "missing")
 
@@ -307,6 +311,21 @@ def test_a_missing_or_bad_signing_key_stops_the_build_before_it_starts(tmp_path)
     assert r.code == 2 and "is a public key" in r.err
     r = w.build("//:disk", "--sign-key", "")  # signing off for this build
     assert r.code == 0 and not (w.root / "forge-out/disk.img.dsse.json").exists()
+
+
+def test_an_encrypted_key_signs_with_its_password_from_the_environment(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    w = signed_ws(tmp_path)
+    key = load_private(w.root / "keys/release")
+    (w.root / "keys/release").write_bytes(key.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"s3cret")))
+    r = w.build("//:disk")
+    assert r.code == 2 and "FORGE_SIGN_PASSWORD" in r.err
+    r = w.build("//:disk", env={"FORGE_SIGN_PASSWORD": "s3cret"})
+    assert r.code == 0, r.err
+    ok = w.forge("verify", "forge-out/disk.img", "--key", str(w.root / "keys/release.pub"))
+    assert ok.code == 0, ok.err
 
 
 def test_an_interrupted_signing_leaves_no_half_envelope(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Signing keys: ECDSA P-256 (signatures DER-encoded, over SHA-256) and Ed25519, stored as
-PEM (PKCS#8 for private keys, SubjectPublicKeyInfo for public ones), unencrypted: the file's
-mode (0600) is what protects it, as with ssh keys.
+PEM (PKCS#8 for private keys, SubjectPublicKeyInfo for public ones). `forge keygen` writes
+them unencrypted: the file's mode (0600) protects it, as with ssh keys; an encrypted key
+(from openssl) is read when its password is given.
 
 A key's id is the sha256 of its public key's DER SubjectPublicKeyInfo, in hex: the same for
 the private key and its .pub, whichever program computes it. DSSE envelopes carry it as a
@@ -104,19 +105,23 @@ def _read(path: Path, what: str, shown=None) -> bytes:
         raise KeyFileError(f"cannot read the {what} {shown or path}: {e.strerror or e}") from None
 
 
-def load_private(path: Path, shown: Path | str | None = None) -> PrivateKey:
-    """`shown`: how messages name the file (default `path`)."""
+def load_private(path: Path, shown: Path | str | None = None,
+                 password: bytes | None = None) -> PrivateKey:
+    """`shown`: how messages name the file (default `path`); `password`: an encrypted key's."""
     data = _read(path, "signing key", shown)
     path = shown or path
     if b"PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
         raise KeyFileError(f"{path} is a public key: signing needs the private key "
                            f"(the file without .pub)")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(data, password=password or None)
     except TypeError:
-        raise KeyFileError(f"{path} is an encrypted private key: forge reads unencrypted PEM "
-                           "keys (protect the file by its mode, 0600)") from None
+        raise KeyFileError(f"{path} is an encrypted private key and no password was given: "
+                           "set FORGE_SIGN_PASSWORD, or use a key `forge keygen` made "
+                           "(unencrypted, mode 0600)") from None
     except (ValueError, UnsupportedAlgorithm) as e:
+        if password and b"ENCRYPTED" in data:
+            raise KeyFileError(f"{path}: the password does not decrypt it (FORGE_SIGN_PASSWORD)") from None
         raise KeyFileError(f"{path} is not a PEM private key ({e}): make one with "
                            "`forge keygen`") from None
     return PrivateKey(key, _kind(key))
