@@ -426,6 +426,26 @@ def test_a_pushed_image_carries_its_signature_and_verifies_from_the_registry(tmp
 
 
 @pytest.mark.real
+def test_every_statement_about_a_pushed_image_is_attached_and_verified(tmp_path, registry):
+    """The provenance (or any Statement) beside an image's layout is signed by the build
+    and attached beside the output's own envelope; verify checks and lists both."""
+    w = _image_ws(tmp_path, "producer", registry, "one\n")
+    assert w.build("//img:img").code == 0
+    layout = w.root / "forge-out/img/img.stages/0"
+    from forge.signing import subjects_of
+    prov = attest.statement(subjects_of(layout, "forge-out/img/img.stages/0"),
+                            "https://slsa.dev/provenance/v1", {"buildDefinition": {}})
+    (layout.parent / "0.provenance.json").write_bytes(canonical_json(prov))
+    r = w.forge("run", "//img:push")
+    assert r.code == 0, r.err
+    assert "attached forge-out/img/img.stages/0.provenance.dsse.json" in r.err
+    ok = w.forge("verify", f"{registry.host}/team/app:v1", "--key", str(w.root / "release.pub"))
+    assert ok.code == 0, ok.err
+    assert sorted(line.rsplit("(", 1)[1].split(")")[0] for line in ok.out.splitlines()) == [
+        "https://forge.invalid/signed-output/v1", "https://slsa.dev/provenance/v1"]
+
+
+@pytest.mark.real
 def test_an_image_replaced_or_an_envelope_damaged_in_the_registry_fails(tmp_path, registry):
     w = _image_ws(tmp_path, "producer", registry, "one\n")
     digest = _push(w)
