@@ -89,6 +89,14 @@ def verify_path(path: Path, key: PublicKey, signature: Path | None = None,
                 digests.append(s["digest"]["sha256"])
         except SignError as e:
             raise VerifyFailed(str(e)) from None
+        if path.is_dir():  # the signed manifests are intact: so must every blob they name be
+            from forge.formats.image.errors import ImageError
+            from forge.formats.image.layout import verify_layout
+            try:
+                verify_layout(path)
+            except ImageError as e:
+                raise VerifyFailed(f"{shown}: its manifests are the signed ones, but {e}: the "
+                                   "image was changed after it was signed") from None
     return Verified(shown, str(env_path), st.get("predicateType", "?"), key.keyid, digests)
 
 

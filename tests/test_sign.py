@@ -423,6 +423,21 @@ def test_a_pushed_image_carries_its_signature_and_verifies_from_the_registry(tmp
     pulled = c.forge("verify", "forge-out/p/app", "--key", pub, "--signature",
                      str(w.root / "forge-out/img/img.stages/0.dsse.json"))
     assert pulled.code == 0, pulled.err
+    # One byte of a layer of that copy changes: its manifest still is the signed one, but
+    # the layer no longer matches it.
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(c.root / "forge-out/p/app", copy)
+    manifest = json.loads(next(p for p in (copy / "blobs/sha256").iterdir()
+                               if p.name == digest.split(":")[1]).read_bytes())
+    layer = copy / "blobs/sha256" / manifest["layers"][0]["digest"].split(":")[1]
+    layer.chmod(0o644)
+    data = bytearray(layer.read_bytes())
+    data[-5] ^= 1
+    layer.write_bytes(bytes(data))
+    bad = c.forge("verify", str(copy), "--key", pub, "--signature",
+                  str(w.root / "forge-out/img/img.stages/0.dsse.json"))
+    assert bad.code == 1 and "the image was changed after it was signed" in bad.err, bad.err
 
 
 @pytest.mark.real
