@@ -32,6 +32,8 @@ COMMANDS = {
     "explain": "why each action of the last build ran",
     "clean": "remove outputs (--expunge: also this workspace's records)",
     "cache": "cache stats | cache gc --max-size 10G",
+    "keygen": "make a signing key pair: OUT (private, 0600) and OUT.pub",
+    "verify": "check a file, a target's outputs or a pushed image against its signature",
     "help": "show help for forge or one command",
     "version": "print forge's version",
 }
@@ -65,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     building.add_argument("--remote-instance", metavar="NAME", help="REAPI instance name")
     building.add_argument("--remote-timeout", metavar="SECONDS", type=float,
                           help="per-request timeout for the remote cache (default 60)")
+    building.add_argument("--sign-key", metavar="KEY", help="sign each output of the targets "
+                          "built into OUTPUT.dsse.json with this private key (default: [sign] "
+                          "key in forge.toml; empty: do not sign)")
 
     p = argparse.ArgumentParser(prog="forge", description="forge: builds OS images from BUILD files, "
                                 "caching every step by the content of its inputs.")
@@ -111,6 +116,19 @@ def _parser() -> argparse.ArgumentParser:
     casub.add_parser("stats", parents=[common])
     gc = casub.add_parser("gc", parents=[common])
     gc.add_argument("--max-size", required=True, help="e.g. 10G, 500M")
+    kg = sub.add_parser("keygen", help=COMMANDS["keygen"])
+    kg.add_argument("out", metavar="OUT", help="where the private key goes; the public one "
+                    "goes to OUT.pub")
+    kg.add_argument("--type", choices=("ecdsa", "ed25519"), default="ecdsa",
+                    help="ECDSA P-256 (default) or Ed25519")
+    kg.add_argument("--force", action="store_true", help="replace an existing OUT")
+    v = sub.add_parser("verify", parents=[common], help=COMMANDS["verify"])
+    v.add_argument("subject", metavar="TARGET|FILE|IMAGE", help="a file or directory (its "
+                   "envelope FILE.dsse.json beside it), a target label (its outputs), or an "
+                   "image reference in a registry (its attached signatures)")
+    v.add_argument("--key", required=True, metavar="PUB", help="the signer's public key (PEM)")
+    v.add_argument("--signature", metavar="FILE", help="the DSSE envelope of a FILE, when it "
+                   "is not FILE.dsse.json")
     h = sub.add_parser("help", help=COMMANDS["help"])
     h.add_argument("topic", nargs="?")
     sub.add_parser("version", help=COMMANDS["version"])
@@ -138,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "help":
         return _help(parser, args.topic)
+    if args.command == "keygen":  # needs no workspace
+        try:
+            return cmd_keygen(None, args)
+        except ForgeError as e:
+            print(format_error(e), file=sys.stderr)
+            return e.exit_code
     # SIGTERM stops a build the way Ctrl-C does: running commands killed, cache valid.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     root = None
@@ -202,6 +226,8 @@ def _build(ws, args, patterns, *, tests: bool = False):
     from forge.workspace import weakened_checks
     for text in weakened_checks(ws.config):
         reporter.warning(text)
+    from forge.signing import check_key_config
+    sign_key = check_key_config(ws.root, ws.config, getattr(args, "sign_key", None))
     s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
                                  file=sys.stderr))
     try:
@@ -224,6 +250,8 @@ def _build(ws, args, patterns, *, tests: bool = False):
         code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
         _write_last(s, summary)
         print(summary_line(summary), file=sys.stderr)
+        if sign_key is not None and code == EXIT_OK:
+            _sign(ws, plan, sign_key)
         if args.build_events:
             write_build_events(args.build_events, summary, code)
         if args.profile:
@@ -236,6 +264,15 @@ def _build(ws, args, patterns, *, tests: bool = False):
         reporter.close()
         s.records.save()
         s.records.unlock()
+
+
+def _sign(ws, plan, key) -> None:
+    from forge.signing import sign_outputs
+    outputs = [(str(label), a.path) for label in plan.roots if label in plan.infos
+               for a in plan.infos[label].files]
+    written = sign_outputs(ws.root, outputs, key)
+    print(f"forge: signed {len(written)} outputs with key {key.keyid[:16]} "
+          f"(OUTPUT.dsse.json beside each)", file=sys.stderr)
 
 
 def _write_last(s, summary) -> None:
@@ -455,6 +492,58 @@ def cmd_explain(ws, args) -> int:
     return EXIT_OK
 
 
+# --- keygen, verify ---------------------------------------------------------------------
+
+def cmd_keygen(ws, args) -> int:
+    from forge.formats.common.files import atomic_write
+    from forge.formats.sign.keys import generate
+    out = Path(args.out)
+    pub = out.with_name(out.name + ".pub")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists: forge keygen does not replace a key",
+                         hint="choose another name, or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise UsageError(f"cannot write {out}: the directory {out.parent} does not exist")
+    key = generate(args.type)
+    atomic_write(out, key.pem, mode=0o600)
+    atomic_write(pub, key.public.pem, mode=0o644)
+    print(f"forge: wrote {out} (private, {args.type}, mode 0600) and {pub}; key id "
+          f"{key.keyid}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_verify(ws, args) -> int:
+    from forge.verifying import public_key, verify_image, verify_path
+    key = public_key(args.key)
+    arg = args.subject
+    if os.path.lexists(arg):
+        results = [verify_path(Path(arg), key, Path(args.signature) if args.signature else None)]
+    elif arg.startswith("//") or arg.startswith(":"):
+        if args.signature:
+            raise UsageError("--signature goes with a FILE, not a target (whose outputs have "
+                             "their own envelopes)")
+        s = _session(ws, args)
+        plan = s.plan([arg])
+        results = []
+        for label in plan.roots:
+            files = plan.infos[label].files if label in plan.infos else []
+            for a in files:
+                results.append(verify_path(ws.root / a.path, key,
+                                           shown=os.path.relpath(ws.root / a.path)))
+        if not results:
+            raise UsageError(f"{arg} has no outputs to verify")
+    elif any(c in arg for c in "/:@") and not arg.startswith((".", "/")):
+        from forge.verifying import registry_client
+        results = verify_image(registry_client(ws.config), arg, key)
+    else:
+        raise UsageError(f"{arg}: no such file, and not a target label or an image reference",
+                         hint="forge verify takes a FILE, a //pkg:target or registry/repo:tag")
+    for r in results:
+        print(r)
+    print(f"forge: {len(results)} verified", file=sys.stderr)
+    return EXIT_OK
+
+
 # --- clean, cache -----------------------------------------------------------------------
 
 def cmd_clean(ws, args) -> int:
@@ -518,4 +607,5 @@ def _print_last_rates(last: dict) -> None:
 
 _COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,
              "lock": cmd_lock, "query": cmd_query, "affected": cmd_affected,
-             "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache}
+             "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache,
+             "verify": cmd_verify}
