@@ -30,6 +30,7 @@ COMMANDS = {
     "affected": "the targets a git change touches: forge build $(forge affected --base origin/main)",
     "graph": "draw a target's dependency graph (dot, svg, mermaid)",
     "explain": "why each action of the last build ran",
+    "provenance": "build a target and print its SLSA provenance (an in-toto Statement)",
     "clean": "remove outputs (--expunge: also this workspace's records)",
     "cache": "cache stats | cache gc --max-size 10G",
     "keygen": "make a signing key pair: OUT (private, 0600) and OUT.pub",
@@ -107,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("graph", parents=[common], help=COMMANDS["graph"])
     g.add_argument("target")
     g.add_argument("--format", choices=("dot", "svg", "mermaid"), default="dot")
+    pv = sub.add_parser("provenance", parents=[common, building], help=COMMANDS["provenance"])
+    pv.add_argument("target")
     e = sub.add_parser("explain", parents=[common], help=COMMANDS["explain"])
     e.add_argument("patterns", nargs="*", metavar="TARGET")
     c = sub.add_parser("clean", parents=[common], help=COMMANDS["clean"])
@@ -289,10 +292,33 @@ def _no_targets(what: str) -> int:
     return EXIT_OK
 
 
+def _provenance(ws, plan, started: float) -> dict:
+    """Write NAME.provenance.json beside the outputs of each target built; returns the
+    statements by label."""
+    from forge import provenance
+    from forge.formats.common.files import atomic_write
+    invocation, finished, out = provenance.new_invocation_id(), time.time(), {}
+    for label in plan.roots:
+        info = plan.infos.get(label)
+        files = [a.path for a in (info.files if info else ()) if not a.source]
+        if not files:
+            continue
+        st = provenance.statement_for(ws.root, ws.config, plan.actions, label, files,
+                                      invocation_id=invocation, started=started, finished=finished)
+        dest = ws.root / provenance.path_for(label)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(dest, provenance.dumps(st))
+        out[label] = st
+    return out
+
+
 def cmd_build(ws, args) -> int:
     if not args.patterns:
         return _no_targets("build")
+    started = time.time()
     s, plan, summary, code = _build(ws, args, args.patterns)
+    if summary is not None and code == EXIT_OK:
+        _provenance(ws, plan, started)
     if code == EXIT_OK and args.load and summary is not None:
         if len(plan.roots) != 1:
             raise UsageError(f"--load needs exactly one target; {len(plan.roots)} matched")
@@ -311,6 +337,23 @@ def cmd_build(ws, args) -> int:
                   f"{os.path.relpath(ws.out_dir)}/", file=sys.stderr)
     s.close()
     return code
+
+
+def cmd_provenance(ws, args) -> int:
+    started = time.time()
+    s, plan, summary, code = _build(ws, args, [args.target])
+    s.close()
+    if code != EXIT_OK or summary is None:
+        return code
+    if len(plan.roots) != 1:
+        raise UsageError(f"forge provenance takes one target; {args.target} matches "
+                         f"{len(plan.roots)}", hint="name one target, e.g. //images:redisos")
+    statements = _provenance(ws, plan, started)
+    if plan.roots[0] not in statements:
+        raise UsageError(f"{plan.roots[0]} has no output files: there is nothing to attest")
+    from forge.provenance import dumps
+    sys.stdout.write(dumps(statements[plan.roots[0]]).decode())
+    return EXIT_OK
 
 
 def cmd_test(ws, args) -> int:
@@ -608,4 +651,4 @@ def _print_last_rates(last: dict) -> None:
 _COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,
              "lock": cmd_lock, "query": cmd_query, "affected": cmd_affected,
              "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache,
-             "verify": cmd_verify}
+             "verify": cmd_verify, "provenance": cmd_provenance}

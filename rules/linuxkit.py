@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import tarfile
 
-from forge.api import (ActionFailed, AnalysisError, ExecContext, LoadError, Location,
+from forge.api import (ActionFailed, AnalysisError, Artifact, ExecContext, LoadError, Location,
                        action_function, attr, did_you_mean, parse_label, rule)
 from forge.formats.linuxkit.errors import AssemblyError, Loc
 from forge.formats.linuxkit import assembly as asmlib
@@ -31,7 +31,7 @@ from forge.formats.linuxkit.runtime import runtime_config
 from forge.formats.linux.fragments import FragmentWriter
 
 from . import arch as archs
-from . import compressors, disk, verity
+from . import compressors, disk, sbom, verity
 from .lkpkg import package_for
 from .oci import pinned, pull_action
 
@@ -162,6 +162,7 @@ class _Planner:
         self.unpacked: dict[str, object] = {}  # layout path -> LkUnpack output dir
         self.fragments: list[tuple[str, object]] = []
         self.outside: list[str] = []           # file sources read from outside the workspace
+        self._infos: dict[str, object] = {}    # image text -> its target's info (not pulls)
 
     # images
     def layout(self, text: str, loc) -> object:
@@ -172,6 +173,7 @@ class _Planner:
         if package is not None or text in ctx.attr.images or _is_label(text):
             label = package or ctx.attr.images.get(text) or parse_label(text, ctx.package)
             info = ctx.dep(label)
+            self._infos[text] = info
             where = Location(loc.file, loc.line, loc.col) if loc else None
             self.kinds[text] = "image" if info.extra.get("image") else "kernel"
             if info.extra.get("image"):
@@ -382,6 +384,20 @@ class _Planner:
         return [pull_action(self.ctx, ref, p, f"{self.name}.volumes/{v.name}/{p.replace('/', '_')}-{safe}")
                 for p in dict.fromkeys(v.platforms)]
 
+    def sbom(self, kernel_dir):
+        """The image's SBOM, also put at its root (sbom.spdx.json) as LinuxKit does."""
+        images = {}
+        for text, art in self.layouts.items():
+            if self.kinds.get(text) != "image":
+                continue
+            info = self._infos.get(text)
+            path = ((info.extra.get("sbom") or {}).get(self.arch)) if info is not None else None
+            images[text] = (Artifact(path, source=False) if path else None, art)
+        files = next((f for what, f in self.fragments if what == "files"), None)
+        doc, frag = sbom.os_sbom(self.ctx, self.name, images, kernel_dir, files, self.platform)
+        self.fragments.append(("sbom", frag))
+        return doc
+
     # the whole plan
     def plan(self):
         ctx = self.ctx
@@ -392,6 +408,7 @@ class _Planner:
         self.entries()
         self.volumes()
         self.files()
+        self.sbom_doc = self.sbom(kernel_dir)
         comp = ctx.attr.compression
         segments = []
         for n, (what, frag) in enumerate(self.fragments):
@@ -403,7 +420,7 @@ class _Planner:
         if not has_kernel:
             outputs = {fmt: disk.plan_format(ctx, fmt, self.name, None, None,
                                              [f for _, f in self.fragments]) for fmt in ctx.attr.formats}
-            files = [a for arts in outputs.values() for a in arts]
+            files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc]
             formats = {f: [a.path for a in arts] for f, arts in outputs.items()}
             return ctx.info(files=files, formats=formats,  # `forge run` says it has nothing to boot
                             run={"runner": "QemuRun", "params": {"name": self.name, "formats": formats}})
@@ -424,8 +441,9 @@ class _Planner:
             if dm_debs and "boot-initrd" in boot:  # a UKI after it embeds the verity boot
                 boot["initrd"] = boot["boot-initrd"]
         cmdline = boot["cmdline"]
-        files = [a for arts in outputs.values() for a in arts]
-        return ctx.info(files=files, kernel=kernel.path, initrd=initrd.path, cmdline=cmdline.path,
+        files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc]
+        return ctx.info(files=files, kernel=kernel.path, sbom=self.sbom_doc.path, initrd=initrd.path,
+                        cmdline=cmdline.path,
                         formats={f: [a.path for a in arts] for f, arts in outputs.items()},
                         boot_files=[kernel, initrd, cmdline], arch=self.arch,
                         run={"runner": "QemuRun", "params": {

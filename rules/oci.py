@@ -23,7 +23,7 @@ from forge.formats.image.reference import Reference
 from forge.formats.image.spec import host_arch
 
 from . import arch as archs
-from . import compressors, stages
+from . import compressors, sbom, stages
 
 # Independent RUN stages build side by side; more would only fight for cores.
 DOCKER_POOL = pool("docker", 2)
@@ -73,7 +73,8 @@ def pinned(ctx, text: str, attr_name: str | None = None) -> Reference:
 def pull_action(ctx, ref: Reference, platform: str, name: str):
     out = ctx.declare_dir(name)
     ctx.call("OciPull", {"ref": str(ref), "platform": platform}, inputs=[], outputs=[out],
-             mnemonic="OciPull", pool="registry", description=f"OciPull {ref}")
+             mnemonic="OciPull", pool="registry", description=f"OciPull {ref}",
+             origins=[(str(ref), f"oci://{ref}", ref.digest or "")])
     return out
 
 
@@ -256,7 +257,12 @@ def container_image(ctx):
                                   build_args=dict(ctx.attr.build_args), target=ctx.attr.target,
                                   arch=a, primary=arches[0], prefix=prefix)
                for a in arches}
-    return archs.image_info(ctx, layouts)
+    bases = [ctx.dep(label) for label in ctx.attr.bases.values()]
+    inventories = {a: sbom.inherited(ctx, bases, a) for a in arches}
+    sboms = {a: sbom.image_sbom(ctx, layouts[a], a, archs.out_name(ctx.label.name, a, arches[0]),
+                                inventories[a], archs.platform(a)) for a in arches}
+    return archs.image_info(ctx, layouts, more_files=list(sboms.values()), inventory=inventories,
+                            sbom={a: s.path for a, s in sboms.items()})
 
 
 def plan_dockerfile(ctx, df_path: str, df_text: str, context: dict, *, bases: dict,
