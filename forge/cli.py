@@ -220,7 +220,10 @@ def _session(ws, args):
     return Session(ws, args.cache_dir)
 
 
-def _build(ws, args, patterns, *, tests: bool = False):
+def _build(ws, args, patterns, *, tests: bool = False, attest: bool = False):
+    """Plan and run; with `attest`, write the provenance of the targets named, and sign
+    what was built when a key is set."""
+    started = time.time()
     """Plan and run; returns (session, plan, summary, exit code)."""
     from forge.events import ProgressReporter, summary_line, write_build_events, write_profile
     t0 = time.perf_counter()
@@ -253,8 +256,9 @@ def _build(ws, args, patterns, *, tests: bool = False):
         code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
         _write_last(s, summary)
         print(summary_line(summary), file=sys.stderr)
+        statements = _provenance(ws, plan, started) if attest and code == EXIT_OK else {}
         if sign_key is not None and code == EXIT_OK:
-            _sign(ws, plan, sign_key)
+            _sign(ws, plan, sign_key, statements)
         if args.build_events:
             write_build_events(args.build_events, summary, code)
         if args.profile:
@@ -269,13 +273,24 @@ def _build(ws, args, patterns, *, tests: bool = False):
         s.records.unlock()
 
 
-def _sign(ws, plan, key) -> None:
-    from forge.signing import sign_outputs
+def _sign(ws, plan, key, statements: dict) -> None:
+    """Sign each output (OUTPUT.dsse.json: forge's own Statement, the same for the same
+    bytes, so a rebuild does not churn it) and each target's SLSA provenance
+    (NAME.provenance.dsse.json, new with every build: it records the run; for an image's
+    layout also LAYOUT.provenance.dsse.json, which oci_push attaches as a referrer)."""
+    from forge import provenance
+    from forge.signing import sign_outputs, write_envelope
     outputs = [(str(label), a.path) for label in plan.roots if label in plan.infos
                for a in plan.infos[label].files]
     written = sign_outputs(ws.root, outputs, key)
+    for label, st in statements.items():
+        write_envelope((ws.root / provenance.path_for(label)).with_suffix(""), st, key)
+        for a in plan.infos[label].files:  # beside an image too, so oci_push attaches it
+            if (ws.root / a.path / "oci-layout").is_file():
+                write_envelope(ws.root / f"{a.path}.provenance", st, key)
+    also = f", and the provenance of {len(statements)} targets" if statements else ""
     print(f"forge: signed {len(written)} outputs with key {key.keyid[:16]} "
-          f"(OUTPUT.dsse.json beside each)", file=sys.stderr)
+          f"(OUTPUT.dsse.json beside each){also}", file=sys.stderr)
 
 
 def _write_last(s, summary) -> None:
@@ -315,10 +330,7 @@ def _provenance(ws, plan, started: float) -> dict:
 def cmd_build(ws, args) -> int:
     if not args.patterns:
         return _no_targets("build")
-    started = time.time()
-    s, plan, summary, code = _build(ws, args, args.patterns)
-    if summary is not None and code == EXIT_OK:
-        _provenance(ws, plan, started)
+    s, plan, summary, code = _build(ws, args, args.patterns, attest=True)
     if code == EXIT_OK and args.load and summary is not None:
         if len(plan.roots) != 1:
             raise UsageError(f"--load needs exactly one target; {len(plan.roots)} matched")
@@ -340,19 +352,18 @@ def cmd_build(ws, args) -> int:
 
 
 def cmd_provenance(ws, args) -> int:
-    started = time.time()
-    s, plan, summary, code = _build(ws, args, [args.target])
+    s, plan, summary, code = _build(ws, args, [args.target], attest=True)
     s.close()
     if code != EXIT_OK or summary is None:
         return code
     if len(plan.roots) != 1:
         raise UsageError(f"forge provenance takes one target; {args.target} matches "
                          f"{len(plan.roots)}", hint="name one target, e.g. //images:redisos")
-    statements = _provenance(ws, plan, started)
-    if plan.roots[0] not in statements:
+    from forge.provenance import path_for
+    written = ws.root / path_for(plan.roots[0])
+    if not written.is_file():
         raise UsageError(f"{plan.roots[0]} has no output files: there is nothing to attest")
-    from forge.provenance import dumps
-    sys.stdout.write(dumps(statements[plan.roots[0]]).decode())
+    sys.stdout.write(written.read_text())
     return EXIT_OK
 
 

@@ -399,7 +399,8 @@ def test_a_pushed_image_carries_its_signature_and_verifies_from_the_registry(tmp
             f"http://{registry.host}/v2/team/app/manifests/sha256-{digest.split(':')[1]}",
             headers={"Accept": "application/vnd.oci.image.index.v1+json"})) as resp:
         index = json.loads(resp.read())
-    assert [m["artifactType"] for m in index["manifests"]] == [ENVELOPE_TYPE]
+    # the image's own envelope, and its SBOM's (container_image writes one)
+    assert [m["artifactType"] for m in index["manifests"]] == [ENVELOPE_TYPE, ENVELOPE_TYPE]
     pub = str(w.root / "release.pub")
     ok = w.forge("verify", f"{registry.host}/team/app:v1", "--key", pub)
     assert ok.code == 0, ok.err
@@ -409,7 +410,7 @@ def test_a_pushed_image_carries_its_signature_and_verifies_from_the_registry(tmp
     with urllib.request.urlopen(urllib.request.Request(
             f"http://{registry.host}/v2/team/app/manifests/sha256-{digest.split(':')[1]}",
             headers={"Accept": "application/vnd.oci.image.index.v1+json"})) as resp:
-        assert len(json.loads(resp.read())["manifests"]) == 1
+        assert len(json.loads(resp.read())["manifests"]) == 2
     # Another key does not verify it.
     assert w.forge("keygen", str(tmp_path / "other")).code == 0
     wrong = w.forge("verify", f"{registry.host}/team/app:v1", "--key", str(tmp_path / "other.pub"))
@@ -442,22 +443,21 @@ def test_a_pushed_image_carries_its_signature_and_verifies_from_the_registry(tmp
 
 @pytest.mark.real
 def test_every_statement_about_a_pushed_image_is_attached_and_verified(tmp_path, registry):
-    """The provenance (or any Statement) beside an image's layout is signed by the build
-    and attached beside the output's own envelope; verify checks and lists both."""
+    """The build signs the image target's SLSA provenance beside its layout as well as the
+    layout itself and its SBOM; oci_push attaches all three; verify checks and lists them."""
     w = _image_ws(tmp_path, "producer", registry, "one\n")
     assert w.build("//img:img").code == 0
     layout = w.root / "forge-out/img/img.stages/0"
-    from forge.signing import subjects_of
-    prov = attest.statement(subjects_of(layout, "forge-out/img/img.stages/0"),
-                            "https://slsa.dev/provenance/v1", {"buildDefinition": {}})
-    (layout.parent / "0.provenance.json").write_bytes(canonical_json(prov))
+    assert (layout.parent / "0.provenance.dsse.json").is_file()
+    assert (w.root / "forge-out/img/img.provenance.dsse.json").is_file()
     r = w.forge("run", "//img:push")
     assert r.code == 0, r.err
     assert "attached forge-out/img/img.stages/0.provenance.dsse.json" in r.err
     ok = w.forge("verify", f"{registry.host}/team/app:v1", "--key", str(w.root / "release.pub"))
     assert ok.code == 0, ok.err
     assert sorted(line.rsplit("(", 1)[1].split(")")[0] for line in ok.out.splitlines()) == [
-        "https://forge.invalid/signed-output/v1", "https://slsa.dev/provenance/v1"]
+        "https://forge.invalid/signed-output/v1", "https://slsa.dev/provenance/v1",
+        "https://spdx.dev/Document"]
 
 
 @pytest.mark.real
