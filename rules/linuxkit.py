@@ -106,9 +106,10 @@ action. `forge run` boots it under QEMU.""", attrs={
     "firmware": attr.label(doc="Boot firmware of the formats that need it: an rpi_firmware "
                            "target for rpi3."),
     "verity": attr.bool(default=False, doc="A verified root: the kernel+squashfs or "
-                        "kernel+erofs image (the only format) gets a dm-verity hash tree, "
-                        "N-cmdline its root hash, and the boot initrd opens the root through "
-                        "dm-verity (docs/supply-chain.md)."),
+                        "kernel+erofs image (the one format, with at most a uki beside it, "
+                        "which then embeds the boot initrd and this command line) gets a "
+                        "dm-verity hash tree, N-cmdline its root hash, and the boot initrd "
+                        "opens the root through dm-verity (docs/supply-chain.md)."),
     "uki_stub": attr.label(doc="A uki_stub target: systemd's EFI stub, which the `uki` format "
                            "and `efi_boot = \"uki\"` build on."),
     "efi_boot": attr.string(default="grub", values=disk.EFI_BOOTS, doc="What the EFI disks "

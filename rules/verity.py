@@ -107,11 +107,16 @@ def verity_step(ctx: ExecContext) -> None:
         raise ActionFailed(str(e)) from None
 
 
+# Where the packages keep libraries (bookworm's are not merged into usr/ yet), in the
+# loader's search order.
+_LIB_DIRS = ("lib/x86_64-linux-gnu/", "usr/lib/x86_64-linux-gnu/", "lib64/", "lib/", "usr/lib/")
+
+
 def dm_tools(debs: list) -> tuple[bytes, object]:
     """dmsetup's bytes, and a soname lookup over the libraries the packages hold."""
     from forge.formats.debian.errors import DebError
     from forge.formats.debian.package import open_data_tar
-    files: dict[str, tarfile.TarInfo | bytes] = {}
+    files: dict[str, bytes | str] = {}  # path -> contents, or a symlink's target
     dmsetup = None
     for deb in debs:
         try:
@@ -120,17 +125,16 @@ def dm_tools(debs: list) -> tuple[bytes, object]:
                     path = m.name.lstrip("./")
                     if m.isfile() and path in ("sbin/dmsetup", "usr/sbin/dmsetup"):
                         dmsetup = tf.extractfile(m).read()
-                    elif "lib" in path.split("/")[:2] and (m.isfile() or m.issym()):
+                    elif path.startswith(_LIB_DIRS) and (m.isfile() or m.issym()):
                         files[path] = tf.extractfile(m).read() if m.isfile() else m.linkname
         except (DebError, OSError) as e:
             raise ActionFailed(f"{deb}: {e}") from None
     if dmsetup is None:
         raise ActionFailed(f"none of {', '.join(str(d) for d in debs)} holds sbin/dmsetup")
-    dirs = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
 
     def find(soname: str) -> bytes | None:
-        for d in dirs:
-            path = f"{d}/{soname}"
+        for d in _LIB_DIRS:
+            path = f"{d}{soname}"
             for _ in range(8):  # symlinks inside the packages, e.g. libudev.so.1 -> .so.1.7.5
                 got = files.get(path)
                 if isinstance(got, str):

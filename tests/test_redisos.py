@@ -22,6 +22,7 @@ from boot_fixture import make_test_key
 from conftest import Workspace, require
 from registry_fixture import free_port
 from test_images import engine_ok
+from rules.disk import FORMATS as _DISK_FORMATS
 
 pytestmark = pytest.mark.real
 REPO = Path(__file__).resolve().parent.parent
@@ -167,6 +168,54 @@ def test_a_changed_byte_in_the_verified_root_is_an_io_error_not_altered_code(red
         tail = vm.console_tail(300)
     assert "through dm-verity" in tail and "Ready to accept connections" not in tail, tail
     print(tail)
+
+
+UKI_VERITY_BUILD = """
+uki_stub(name = "uki_stub")
+linuxkit_image(
+    name = "redisos_verity_uki",
+    assembly = "redisos.yml",
+    overlays = ["redisos-verity.yml"],
+    images = {"redis": "//images/redis:image"},
+    formats = ["uki", "kernel+erofs"],
+    verity = True,
+    uki_stub = ":uki_stub",
+)
+"""
+
+
+@pytest.mark.skipif("uki" not in _DISK_FORMATS, reason="this tree has no uki format (branch uki adds it)")
+def test_a_uki_beside_a_verified_root_embeds_its_root_hash_and_boots_to_pong(redisos):
+    """With verity, a UKI of the same target is the kernel, the boot initrd and the verity
+    N-cmdline: booted by UEFI with the erofs image as its only disk, it opens the root
+    through dm-verity."""
+    import pefile
+    from forge.formats.vm import machine as qemu
+    from forge.formats.vm.probe import redis_ping
+    try:
+        qemu.ovmf_firmware()
+    except Exception as e:  # QemuError: OVMF is not installed
+        require(False, str(e))
+    build = redisos.root / "images/BUILD"
+    original = build.read_text()
+    build.write_text(original + UKI_VERITY_BUILD)
+    try:
+        r = redisos.build("//images:redisos_verity_uki", timeout=900)
+    finally:
+        build.write_text(original)
+    assert r.code == 0, r.err
+    out = redisos.root / "forge-out/images"
+    pe = pefile.PE(str(out / "redisos_verity_uki.efi"))
+    sections = {s.Name.rstrip(b"\0").decode(): s.get_data()[:s.Misc_VirtualSize] for s in pe.sections}
+    cmdline = (out / "redisos_verity_uki-cmdline").read_text()
+    assert "dm-mod.create=" in cmdline and sections[".cmdline"].rstrip(b"\0").decode().strip() == cmdline.strip()
+    assert sections[".initrd"] == (out / "redisos_verity_uki-boot-initrd.img").read_bytes()
+    spec = qemu.Boot("kernel", efi=True, kernel=out / "redisos_verity_uki.efi",
+                     drive=out / "redisos_verity_uki-erofs.img")
+    with qemu.VM(spec, redisos.root.parent / "uki-run", memory=512, forwards={6379: 0}) as vm:
+        vm.wait(redis_ping("127.0.0.1", vm.host_port(6379)), timeout=300)
+        tail = vm.console_tail(300)
+    assert "through dm-verity" in tail, tail
 
 
 def test_boots_to_pong_in_three_formats(redisos):
