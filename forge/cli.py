@@ -156,19 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "help":
         return _help(parser, args.topic)
-    if args.command == "keygen":  # needs no workspace
-        try:
-            return cmd_keygen(None, args)
-        except ForgeError as e:
-            print(format_error(e), file=sys.stderr)
-            return e.exit_code
     # SIGTERM stops a build the way Ctrl-C does: running commands killed, cache valid.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     root = None
     try:
         from forge.workspace import find_workspace
-        ws = find_workspace()
-        root = ws.root
+        try:
+            ws = find_workspace()
+        except UsageError:
+            # keygen, and verify of a file or an image: a customer has forge, not a workspace
+            if not (args.command == "keygen" or args.command == "verify"
+                    and not args.subject.startswith(("//", ":"))):
+                raise
+            ws = None
+        root = ws.root if ws else None
         return _COMMANDS[args.command](ws, args)
     except ForgeError as e:
         if getattr(args, "debug", False):
@@ -534,7 +535,7 @@ def cmd_verify(ws, args) -> int:
             raise UsageError(f"{arg} has no outputs to verify")
     elif any(c in arg for c in "/:@") and not arg.startswith((".", "/")):
         from forge.verifying import registry_client
-        results = verify_image(registry_client(ws.config), arg, key)
+        results = verify_image(registry_client(ws.config if ws else {}), arg, key)
     else:
         raise UsageError(f"{arg}: no such file, and not a target label or an image reference",
                          hint="forge verify takes a FILE, a //pkg:target or registry/repo:tag")
@@ -608,4 +609,4 @@ def _print_last_rates(last: dict) -> None:
 _COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,
              "lock": cmd_lock, "query": cmd_query, "affected": cmd_affected,
              "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache,
-             "verify": cmd_verify}
+             "verify": cmd_verify, "keygen": cmd_keygen}

@@ -196,9 +196,17 @@ def test_a_signed_build_verifies_and_a_changed_byte_or_wrong_key_fails(tmp_path)
     bad = w.forge("verify", str(copy), "--key", pub, "--signature", str(envelope))
     assert bad.code == 1, bad.err
     assert "was changed after it was signed" in bad.err and "Traceback" not in bad.err
-    # The untouched copy passes.
+    # The untouched copy passes, also for a customer who has forge but no workspace.
     copy.write_bytes((w.root / "forge-out/disk.img").read_bytes())
     assert w.forge("verify", str(copy), "--key", pub, "--signature", str(envelope)).code == 0
+    customer = tmp_path / "customer"
+    customer.mkdir()
+    import shutil
+    for f in (copy, envelope, w.root / "keys/release.pub"):
+        shutil.copy(f, customer)
+    (customer / "download.img.dsse.json").write_bytes(envelope.read_bytes())
+    mine = w.forge("verify", "download.img", "--key", "release.pub", cwd=customer)
+    assert mine.code == 0 and mine.out.startswith("OK download.img: sha256:"), mine.err
     # Someone else's key.
     assert w.forge("keygen", str(tmp_path / "other")).code == 0
     wrong = w.forge("verify", "forge-out/disk.img", "--key", str(tmp_path / "other.pub"))
