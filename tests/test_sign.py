@@ -459,13 +459,28 @@ def test_every_statement_about_a_pushed_image_is_attached_and_verified(tmp_path,
     prov = attest.statement(subjects_of(layout, "forge-out/img/img.stages/0"),
                             "https://slsa.dev/provenance/v1", {"buildDefinition": {}})
     (layout.parent / "0.provenance.json").write_bytes(canonical_json(prov))
+    # As SLSA provenance is written for a target: forge-out/PKG/NAME.provenance.json, its
+    # subjects every file of the output (the manifest's blob among them, by its digest).
+    from forge.formats.sign.attest import file_sha256
+    files = sorted(p for p in layout.rglob("*") if p.is_file())
+    target_prov = attest.statement(
+        [attest.subject(p.relative_to(w.root / "forge-out").as_posix(), file_sha256(p)) for p in files],
+        "https://slsa.dev/provenance/v1", {"buildDefinition": {"externalParameters": {"target": "//img:img"}}})
+    (w.root / "forge-out/img/img.provenance.json").write_bytes(canonical_json(target_prov))
+    (w.root / "forge-out/img/unrelated.provenance.dsse.json").write_bytes(
+        dsse.encode(sign_statement(_statement(), generate())))  # names other bytes: not attached
+    r = w.build("//img:img")  # signs the image target's provenance
+    assert r.code == 0 and (w.root / "forge-out/img/img.provenance.dsse.json").exists(), r.err
     r = w.forge("run", "//img:push")
     assert r.code == 0, r.err
     assert "attached forge-out/img/img.stages/0.provenance.dsse.json" in r.err
+    assert "attached forge-out/img/img.provenance.dsse.json" in r.err
+    assert "unrelated" not in r.err
     ok = w.forge("verify", f"{registry.host}/team/app:v1", "--key", str(w.root / "release.pub"))
     assert ok.code == 0, ok.err
     assert sorted(line.rsplit("(", 1)[1].split(")")[0] for line in ok.out.splitlines()) == [
-        "https://forge.invalid/signed-output/v1", "https://slsa.dev/provenance/v1"]
+        "https://forge.invalid/signed-output/v1", "https://slsa.dev/provenance/v1",
+        "https://slsa.dev/provenance/v1"]
 
 
 @pytest.mark.real
