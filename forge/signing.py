@@ -20,7 +20,7 @@ from pathlib import Path
 
 from forge import __version__
 from forge.errors import ForgeError
-from forge.formats.common.files import atomic_write
+from forge.formats.common.files import atomic_write, canonical_json
 from forge.formats.sign import attest, dsse
 from forge.formats.sign.errors import SignError
 from forge.formats.sign.keys import PrivateKey, load_private
@@ -40,7 +40,6 @@ class SigningError(ForgeError):
 
 def sign_statement(statement: dict, key: PrivateKey) -> dict:
     """A DSSE envelope (dict) over `statement`, an in-toto Statement as a plain dict."""
-    from forge.formats.common.files import canonical_json
     return dsse.sign(canonical_json(statement), attest.PAYLOAD_TYPE, key)
 
 
@@ -114,7 +113,6 @@ def write_envelope(output: Path, statement: dict, key: PrivateKey) -> Path:
     """Sign `statement` into output.dsse.json, atomically (a reader or a Ctrl-C never leaves
     half an envelope). An envelope already there that verifies with this key over the same
     Statement is kept: a rebuild of the same bytes changes nothing."""
-    from forge.formats.common.files import canonical_json
     dest = envelope_path(output)
     body = canonical_json(statement)
     try:
