@@ -228,7 +228,8 @@ def _build(ws, args, patterns, *, tests: bool = False):
     for text in weakened_checks(ws.config):
         reporter.warning(text)
     from forge.signing import check_key_config
-    sign_key = check_key_config(ws.root, ws.config, getattr(args, "sign_key", None))
+    # Loaded now so that a missing or wrong key fails before the build, not after it.
+    args.loaded_sign_key = check_key_config(ws.root, ws.config, getattr(args, "sign_key", None))
     s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
                                  file=sys.stderr))
     try:
@@ -251,8 +252,6 @@ def _build(ws, args, patterns, *, tests: bool = False):
         code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
         _write_last(s, summary)
         print(summary_line(summary), file=sys.stderr)
-        if sign_key is not None and code == EXIT_OK:
-            _sign(ws, plan, sign_key)
         if args.build_events:
             write_build_events(args.build_events, summary, code)
         if args.profile:
@@ -267,7 +266,12 @@ def _build(ws, args, patterns, *, tests: bool = False):
         s.records.unlock()
 
 
-def _sign(ws, plan, key) -> None:
+def _sign(ws, args, plan, summary, code) -> None:
+    """After a successful build with a signing key: OUTPUT.dsse.json for each output of the
+    targets named (and the Statements written for them before this call)."""
+    key = getattr(args, "loaded_sign_key", None)
+    if key is None or summary is None or code != EXIT_OK:
+        return
     from forge.signing import sign_outputs
     outputs = [(str(label), a.path) for label in plan.roots if label in plan.infos
                for a in plan.infos[label].files]
@@ -294,6 +298,7 @@ def cmd_build(ws, args) -> int:
     if not args.patterns:
         return _no_targets("build")
     s, plan, summary, code = _build(ws, args, args.patterns)
+    _sign(ws, args, plan, summary, code)
     if code == EXIT_OK and args.load and summary is not None:
         if len(plan.roots) != 1:
             raise UsageError(f"--load needs exactly one target; {len(plan.roots)} matched")
@@ -323,6 +328,7 @@ def cmd_test(ws, args) -> int:
             write_junit(args.junit, [])
         return _no_targets("test")
     s, plan, summary, code = _build(ws, args, args.patterns)
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK or args.nobuild:
         return code
     if not plan.tests:
@@ -364,6 +370,7 @@ def _call_runner(ws, plan, label, what: str, argv: list[str]) -> int:
 
 def cmd_load(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, [args.target])
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK or summary is None:
         return code
     return _call_runner(ws, plan, plan.roots[0], "load", [args.tag] if args.tag else [])
@@ -381,6 +388,7 @@ def cmd_lock(ws, args) -> int:
 
 def cmd_run(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, [args.target])
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK:
         return code
     if len(plan.roots) != 1:
