@@ -285,7 +285,6 @@ def test_an_sbom_and_a_statement_beside_an_output_are_signed_as_attestations(tmp
     its other outputs; a Statement F.KIND.json beside F (provenance) gets F.KIND.dsse.json."""
     import hashlib
     w = signed_ws(tmp_path)
-    sha = None
     w.write({"BUILD": '''
         genrule(name = "os", outs = ["os.img", "os.spdx.json"], cmd = "echo disk > $(location os.img); echo '{\\"spdxVersion\\": \\"SPDX-2.3\\"}' > $(location os.spdx.json)")
     '''})
