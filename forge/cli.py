@@ -159,19 +159,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "help":
         return _help(parser, args.topic)
-    if args.command == "keygen":  # needs no workspace
-        try:
-            return cmd_keygen(None, args)
-        except ForgeError as e:
-            print(format_error(e), file=sys.stderr)
-            return e.exit_code
     # SIGTERM stops a build the way Ctrl-C does: running commands killed, cache valid.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     root = None
     try:
         from forge.workspace import find_workspace
-        ws = find_workspace()
-        root = ws.root
+        try:
+            ws = find_workspace()
+        except UsageError:
+            # keygen, and verify of a file or an image: a customer has forge, not a workspace
+            if not (args.command == "keygen" or args.command == "verify"
+                    and not args.subject.startswith(("//", ":"))):
+                raise
+            ws = None
+        root = ws.root if ws else None
         return _COMMANDS[args.command](ws, args)
     except ForgeError as e:
         if getattr(args, "debug", False):
@@ -233,7 +234,8 @@ def _build(ws, args, patterns, *, tests: bool = False, attest: bool = False):
     for text in weakened_checks(ws.config):
         reporter.warning(text)
     from forge.signing import check_key_config
-    sign_key = check_key_config(ws.root, ws.config, getattr(args, "sign_key", None))
+    # Loaded now so that a missing or wrong key fails before the build, not after it.
+    args.loaded_sign_key = check_key_config(ws.root, ws.config, getattr(args, "sign_key", None))
     s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
                                  file=sys.stderr))
     try:
@@ -256,9 +258,8 @@ def _build(ws, args, patterns, *, tests: bool = False, attest: bool = False):
         code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
         _write_last(s, summary)
         print(summary_line(summary), file=sys.stderr)
-        statements = _provenance(ws, plan, started) if attest and code == EXIT_OK else {}
-        if sign_key is not None and code == EXIT_OK:
-            _sign(ws, plan, sign_key, statements)
+        if attest and code == EXIT_OK:
+            _provenance(ws, plan, started)  # before _sign, which signs it
         if args.build_events:
             write_build_events(args.build_events, summary, code)
         if args.profile:
@@ -273,24 +274,18 @@ def _build(ws, args, patterns, *, tests: bool = False, attest: bool = False):
         s.records.unlock()
 
 
-def _sign(ws, plan, key, statements: dict) -> None:
-    """Sign each output (OUTPUT.dsse.json: forge's own Statement, the same for the same
-    bytes, so a rebuild does not churn it) and each target's SLSA provenance
-    (NAME.provenance.dsse.json, new with every build: it records the run; for an image's
-    layout also LAYOUT.provenance.dsse.json, which oci_push attaches as a referrer)."""
-    from forge import provenance
-    from forge.signing import sign_outputs, write_envelope
+def _sign(ws, args, plan, summary, code) -> None:
+    """After a successful build with a signing key: OUTPUT.dsse.json for each output of the
+    targets named (and the Statements written for them before this call)."""
+    key = getattr(args, "loaded_sign_key", None)
+    if key is None or summary is None or code != EXIT_OK:
+        return
+    from forge.signing import sign_outputs
     outputs = [(str(label), a.path) for label in plan.roots if label in plan.infos
                for a in plan.infos[label].files]
     written = sign_outputs(ws.root, outputs, key)
-    for label, st in statements.items():
-        write_envelope((ws.root / provenance.path_for(label)).with_suffix(""), st, key)
-        for a in plan.infos[label].files:  # beside an image too, so oci_push attaches it
-            if (ws.root / a.path / "oci-layout").is_file():
-                write_envelope(ws.root / f"{a.path}.provenance", st, key)
-    also = f", and the provenance of {len(statements)} targets" if statements else ""
     print(f"forge: signed {len(written)} outputs with key {key.keyid[:16]} "
-          f"(OUTPUT.dsse.json beside each){also}", file=sys.stderr)
+          f"(OUTPUT.dsse.json beside each)", file=sys.stderr)
 
 
 def _write_last(s, summary) -> None:
@@ -331,6 +326,7 @@ def cmd_build(ws, args) -> int:
     if not args.patterns:
         return _no_targets("build")
     s, plan, summary, code = _build(ws, args, args.patterns, attest=True)
+    _sign(ws, args, plan, summary, code)
     if code == EXIT_OK and args.load and summary is not None:
         if len(plan.roots) != 1:
             raise UsageError(f"--load needs exactly one target; {len(plan.roots)} matched")
@@ -376,6 +372,7 @@ def cmd_test(ws, args) -> int:
             write_junit(args.junit, [])
         return _no_targets("test")
     s, plan, summary, code = _build(ws, args, args.patterns)
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK or args.nobuild:
         return code
     if not plan.tests:
@@ -417,6 +414,7 @@ def _call_runner(ws, plan, label, what: str, argv: list[str]) -> int:
 
 def cmd_load(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, [args.target])
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK or summary is None:
         return code
     return _call_runner(ws, plan, plan.roots[0], "load", [args.tag] if args.tag else [])
@@ -434,6 +432,7 @@ def cmd_lock(ws, args) -> int:
 
 def cmd_run(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, [args.target])
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK:
         return code
     if len(plan.roots) != 1:
@@ -588,7 +587,7 @@ def cmd_verify(ws, args) -> int:
             raise UsageError(f"{arg} has no outputs to verify")
     elif any(c in arg for c in "/:@") and not arg.startswith((".", "/")):
         from forge.verifying import registry_client
-        results = verify_image(registry_client(ws.config), arg, key)
+        results = verify_image(registry_client(ws.config if ws else {}), arg, key)
     else:
         raise UsageError(f"{arg}: no such file, and not a target label or an image reference",
                          hint="forge verify takes a FILE, a //pkg:target or registry/repo:tag")
@@ -662,4 +661,4 @@ def _print_last_rates(last: dict) -> None:
 _COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,
              "lock": cmd_lock, "query": cmd_query, "affected": cmd_affected,
              "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache,
-             "verify": cmd_verify, "provenance": cmd_provenance}
+             "verify": cmd_verify, "keygen": cmd_keygen, "provenance": cmd_provenance}

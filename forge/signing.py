@@ -20,10 +20,11 @@ from pathlib import Path
 
 from forge import __version__
 from forge.errors import ForgeError
-from forge.formats.common.files import atomic_write
+from forge.formats.common.files import atomic_write, canonical_json
 from forge.formats.sign import attest, dsse
 from forge.formats.sign.errors import SignError
 from forge.formats.sign.keys import PrivateKey, load_private
+from forge.workspace import OUT_DIR
 
 ENVELOPE_SUFFIX = ".dsse.json"
 OUTPUT_PREDICATE = "https://forge.invalid/signed-output/v1"
@@ -39,7 +40,6 @@ class SigningError(ForgeError):
 
 def sign_statement(statement: dict, key: PrivateKey) -> dict:
     """A DSSE envelope (dict) over `statement`, an in-toto Statement as a plain dict."""
-    from forge.formats.common.files import canonical_json
     return dsse.sign(canonical_json(statement), attest.PAYLOAD_TYPE, key)
 
 
@@ -113,7 +113,6 @@ def write_envelope(output: Path, statement: dict, key: PrivateKey) -> Path:
     """Sign `statement` into output.dsse.json, atomically (a reader or a Ctrl-C never leaves
     half an envelope). An envelope already there that verifies with this key over the same
     Statement is kept: a rebuild of the same bytes changes nothing."""
-    from forge.formats.common.files import canonical_json
     dest = envelope_path(output)
     body = canonical_json(statement)
     try:
@@ -130,15 +129,19 @@ def sign_outputs(root: Path, outputs: list[tuple[str, str]], key: PrivateKey,
                  statement_for=None) -> list[Path]:
     """Sign each (label, output path relative to `root`); returns the envelopes written.
     `statement_for(label, name, subjects)` makes the Statement (default `output_statement`).
-    Besides F.dsse.json: F.KIND.dsse.json for each Statement F.KIND.json beside F (SLSA
-    provenance written there is signed so), and F.sbom.dsse.json, an SPDX attestation about
-    F, when the same target also outputs an SPDX SBOM (`*.spdx.json`)."""
+    Besides F.dsse.json: F.KIND.dsse.json for each Statement F.KIND.json beside F, and
+    forge-out/PKG/NAME.KIND.dsse.json for each Statement the build wrote for the target
+    (forge-out/PKG/NAME.KIND.json: SLSA provenance), and F.sbom.dsse.json, an SPDX
+    attestation about F, when the same target also outputs an SPDX SBOM (`*.spdx.json`)."""
     make = statement_for or output_statement
     written = []
     sboms: dict[str, list[Path]] = {}
     for label, rel in outputs:
         if rel.endswith(SPDX_SUFFIX) and (root / rel).is_file():
             sboms.setdefault(label, []).append(root / rel)
+    for label in dict.fromkeys(label for label, _ in outputs):
+        for st_path, st in target_statements(root, label):
+            written.append(write_envelope(st_path.with_suffix(""), st, key))
     for label, rel in outputs:
         path = root / rel
         if not path.exists():
@@ -155,6 +158,14 @@ def sign_outputs(root: Path, outputs: list[tuple[str, str]], key: PrivateKey,
                                                   attest.statement(subjects, SPDX_PREDICATE, doc),
                                                   key))
     return written
+
+
+def target_statements(root: Path, label: str) -> list[tuple[Path, dict]]:
+    """The in-toto Statements a build wrote for the target `label` itself, as
+    forge-out/PKG/NAME.KIND.json (SLSA provenance: NAME.provenance.json)."""
+    pkg, _, name = label.removeprefix("//").partition(":")
+    target = root / OUT_DIR / pkg / (name or pkg.rsplit("/", 1)[-1])
+    return statements_beside(target)
 
 
 def statements_beside(path: Path) -> list[tuple[Path, dict]]:

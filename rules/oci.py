@@ -10,8 +10,8 @@ from __future__ import annotations
 import posixpath
 import re
 
-from forge.api import ActionFailed, AnalysisError, ExecContext, Location, RunContext, \
-    action_function, attr, pin_resolver, pool, rule, runner
+from forge.api import OUT_PREFIX, ActionFailed, AnalysisError, ExecContext, Location, \
+    RunContext, action_function, attr, pin_resolver, pool, rule, runner
 from forge.formats.dockerfile.errors import DockerfileError
 from forge.formats.image.archive import import_archive
 from forge.formats.image.errors import ImageError, LayoutError
@@ -198,9 +198,11 @@ def push_runner(ctx: RunContext) -> int:
 
 
 def attach_envelopes(client, layout, ref: str, tag: str, digest: str) -> list[str]:
-    """Attach the signed statements beside the layout (LAYOUT.dsse.json, LAYOUT.*.dsse.json,
-    written when the build signs its outputs) whose subjects name the pushed digest, as OCI
-    1.1 referrers of the pushed manifest."""
+    """Attach the signed statements near the layout whose subjects name the pushed digest,
+    as OCI 1.1 referrers of the pushed manifest: the envelopes (*.dsse.json) in the layout's
+    directory and each one above it in forge-out/, where a signed build writes the output's
+    (LAYOUT.dsse.json, LAYOUT.*.dsse.json) and its targets' (NAME.provenance.dsse.json). The
+    subject check is what picks them, so an envelope of something else is never attached."""
     from forge.formats.registry.push import pushed_document
     from forge.formats.registry.referrers import ENVELOPE_TYPE
     from forge.formats.sign import dsse
@@ -209,8 +211,10 @@ def attach_envelopes(client, layout, ref: str, tag: str, digest: str) -> list[st
     names = []
     body, media = pushed_document(layout, tag)
     subject = {"mediaType": media, "digest": digest, "size": len(body)}
-    for path in sorted(layout.parent.glob(f"{layout.name}.dsse.json")) + \
-            sorted(layout.parent.glob(f"{layout.name}.*.dsse.json")):
+    dirs = [layout.parent]
+    while dirs[-1].parent.name and dirs[-1].name != OUT_PREFIX:
+        dirs.append(dirs[-1].parent)
+    for path in [p for d in dirs for p in sorted(d.glob("*.dsse.json"))]:
         data = path.read_bytes()
         try:  # the pusher's own file: read to pick the right ones, verified by `forge verify`
             st = parse(dsse.payload(dsse.decode(data, str(path))), str(path))

@@ -196,9 +196,17 @@ def test_a_signed_build_verifies_and_a_changed_byte_or_wrong_key_fails(tmp_path)
     bad = w.forge("verify", str(copy), "--key", pub, "--signature", str(envelope))
     assert bad.code == 1, bad.err
     assert "was changed after it was signed" in bad.err and "Traceback" not in bad.err
-    # The untouched copy passes.
+    # The untouched copy passes, also for a customer who has forge but no workspace.
     copy.write_bytes((w.root / "forge-out/disk.img").read_bytes())
     assert w.forge("verify", str(copy), "--key", pub, "--signature", str(envelope)).code == 0
+    customer = tmp_path / "customer"
+    customer.mkdir()
+    import shutil
+    for f in (copy, envelope, w.root / "keys/release.pub"):
+        shutil.copy(f, customer)
+    (customer / "download.img.dsse.json").write_bytes(envelope.read_bytes())
+    mine = w.forge("verify", "download.img", "--key", "release.pub", cwd=customer)
+    assert mine.code == 0 and mine.out.startswith("OK download.img: sha256:"), mine.err
     # Someone else's key.
     assert w.forge("keygen", str(tmp_path / "other")).code == 0
     wrong = w.forge("verify", "forge-out/disk.img", "--key", str(tmp_path / "other.pub"))
@@ -277,7 +285,6 @@ def test_an_sbom_and_a_statement_beside_an_output_are_signed_as_attestations(tmp
     its other outputs; a Statement F.KIND.json beside F (provenance) gets F.KIND.dsse.json."""
     import hashlib
     w = signed_ws(tmp_path)
-    sha = None
     w.write({"BUILD": '''
         genrule(name = "os", outs = ["os.img", "os.spdx.json"], cmd = "echo disk > $(location os.img); echo '{\\"spdxVersion\\": \\"SPDX-2.3\\"}' > $(location os.spdx.json)")
     '''})
@@ -448,16 +455,32 @@ def test_every_statement_about_a_pushed_image_is_attached_and_verified(tmp_path,
     w = _image_ws(tmp_path, "producer", registry, "one\n")
     assert w.build("//img:img").code == 0
     layout = w.root / "forge-out/img/img.stages/0"
-    assert (layout.parent / "0.provenance.dsse.json").is_file()
-    assert (w.root / "forge-out/img/img.provenance.dsse.json").is_file()
+    from forge.signing import subjects_of
+    prov = attest.statement(subjects_of(layout, "forge-out/img/img.stages/0"),
+                            "https://slsa.dev/provenance/v1", {"buildDefinition": {}})
+    (layout.parent / "0.provenance.json").write_bytes(canonical_json(prov))
+    # As SLSA provenance is written for a target: forge-out/PKG/NAME.provenance.json, its
+    # subjects every file of the output (the manifest's blob among them, by its digest).
+    from forge.formats.sign.attest import file_sha256
+    files = sorted(p for p in layout.rglob("*") if p.is_file())
+    target_prov = attest.statement(
+        [attest.subject(p.relative_to(w.root / "forge-out").as_posix(), file_sha256(p)) for p in files],
+        "https://slsa.dev/provenance/v1", {"buildDefinition": {"externalParameters": {"target": "//img:img"}}})
+    (w.root / "forge-out/img/img.provenance.json").write_bytes(canonical_json(target_prov))
+    (w.root / "forge-out/img/unrelated.provenance.dsse.json").write_bytes(
+        dsse.encode(sign_statement(_statement(), generate())))  # names other bytes: not attached
+    r = w.build("//img:img")  # signs the image target's provenance
+    assert r.code == 0 and (w.root / "forge-out/img/img.provenance.dsse.json").exists(), r.err
     r = w.forge("run", "//img:push")
     assert r.code == 0, r.err
     assert "attached forge-out/img/img.stages/0.provenance.dsse.json" in r.err
+    assert "attached forge-out/img/img.provenance.dsse.json" in r.err
+    assert "unrelated" not in r.err
     ok = w.forge("verify", f"{registry.host}/team/app:v1", "--key", str(w.root / "release.pub"))
     assert ok.code == 0, ok.err
     assert sorted(line.rsplit("(", 1)[1].split(")")[0] for line in ok.out.splitlines()) == [
         "https://forge.invalid/signed-output/v1", "https://slsa.dev/provenance/v1",
-        "https://spdx.dev/Document"]
+        "https://slsa.dev/provenance/v1", "https://spdx.dev/Document"]
 
 
 @pytest.mark.real
