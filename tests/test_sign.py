@@ -177,7 +177,9 @@ def test_a_signed_build_verifies_and_a_changed_byte_or_wrong_key_fails(tmp_path)
     w = signed_ws(tmp_path)
     r = w.build("//:disk")
     assert r.code == 0, r.err
-    assert "signed 1 outputs" in r.err
+    # the output, and the target's SLSA provenance (forge-out/disk.provenance.json)
+    assert "signed 2 outputs" in r.err
+    assert (w.root / "forge-out/disk.provenance.dsse.json").is_file()
     envelope = w.root / "forge-out/disk.img.dsse.json"
     first = envelope.read_bytes()
     # The same bytes again: the envelope stays as it was (reproducible, no churn).
