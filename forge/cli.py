@@ -65,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
     building.add_argument("--remote-instance", metavar="NAME", help="REAPI instance name")
     building.add_argument("--remote-timeout", metavar="SECONDS", type=float,
                           help="per-request timeout for the remote cache (default 60)")
+    building.add_argument("--remote-executor", metavar="URL",
+                          help="run hermetic actions on a REAPI executor, grpc(s)://host:port "
+                          "(BuildGrid); default: [remote] executor in forge.toml; empty: none")
+    building.add_argument("--remote-instance-name", metavar="NAME",
+                          help="the executor's REAPI instance (default: [remote] "
+                          "executor_instance, else --remote-instance)")
+    building.add_argument("--remote-local-fallback", action=argparse.BooleanOptionalAction,
+                          default=None, help="run an action here when the executor fails "
+                          "(default: [remote] local_fallback, true)")
 
     p = argparse.ArgumentParser(prog="forge", description="forge: builds OS images from BUILD files, "
                                 "caching every step by the content of its inputs.")
@@ -216,8 +225,14 @@ def _build(ws, args, patterns, *, tests: bool = False):
         from forge.remote.settings import from_config
         remote = from_config(ws.config, url=args.remote_cache, upload=args.remote_upload,
                              instance=args.remote_instance, timeout=args.remote_timeout)
+        from forge.remote.settings import executor_from_config
+        executor = executor_from_config(
+            ws.config, url=args.remote_executor, local_fallback=args.remote_local_fallback,
+            instance=args.remote_instance_name if args.remote_instance_name is not None
+            else args.remote_instance, timeout=args.remote_timeout)
         scheduler = s.scheduler(jobs=ws.jobs(args.jobs), keep_going=args.keep_going,
-                                reporter=reporter, offline=args.offline, remote=remote)
+                                reporter=reporter, offline=args.offline, remote=remote,
+                                executor=executor)
         offset = scheduler.epoch - t0
         summary = scheduler.run(plan.actions, plan.static_keys or None)
         reporter.close()
@@ -241,7 +256,8 @@ def _build(ws, args, patterns, *, tests: bool = False):
 def _write_last(s, summary) -> None:
     s.records.write_last([{"id": r.action.id, "label": str(r.action.owner),
                            "mnemonic": r.action.mnemonic, "description": r.action.description,
-                           "status": r.status, "key": r.key, "reasons": r.reasons}
+                           "status": r.status, "key": r.key, "reasons": r.reasons,
+                           "ran_on": r.ran_on}
                           for r in summary.results], remote=summary.remote)
 
 
@@ -434,7 +450,9 @@ def cmd_explain(ws, args) -> int:
             continue
         shown += 1
         if a["status"] == "executed":
-            print(f"{a['description']}: ran because")
+            where = a.get("ran_on", "local")
+            print(f"{a['description']}: ran" + (f" on {where}" if where.startswith("remote") else "")
+                  + " because")
             for reason in a["reasons"] or ["(no reason recorded)"]:
                 print(f"    {reason}")
         elif a["status"] == "cached" and a["reasons"]:

@@ -60,6 +60,12 @@ class Action:
     # Such an action is never looked up in nor uploaded to a shared cache; the text is the
     # warning each build prints. Not in the key: it does not change what the action makes.
     local: str = ""
+    # True: hermetic, it needs nothing of this machine but its inputs and the tools every
+    # worker has, so a remote executor may run it. `exec_properties` are the REAPI platform
+    # properties the worker must have (docker=1, ISA=x86-64). Neither enters the key: where
+    # an action runs does not change what it makes.
+    remote: bool = False
+    exec_properties: tuple[tuple[str, str], ...] = ()
 
     @property
     def id(self) -> str:
