@@ -32,6 +32,7 @@ COMMANDS = {
     "explain": "why each action of the last build ran",
     "clean": "remove outputs (--expunge: also this workspace's records)",
     "cache": "cache stats | cache gc --max-size 10G",
+    "worker": "run actions for a remote-execution server (BuildGrid's Bots API)",
     "help": "show help for forge or one command",
     "version": "print forge's version",
 }
@@ -120,6 +121,19 @@ def _parser() -> argparse.ArgumentParser:
     casub.add_parser("stats", parents=[common])
     gc = casub.add_parser("gc", parents=[common])
     gc.add_argument("--max-size", required=True, help="e.g. 10G, 500M")
+    w = sub.add_parser("worker", parents=[common], help=COMMANDS["worker"])
+    w.add_argument("--executor", required=True, metavar="URL",
+                   help="grpc://host:port or grpcs://host:port of the Bots service")
+    w.add_argument("--instance", default="", help="the instance the bot serves (e.g. main)")
+    w.add_argument("--platform", action="append", default=[], metavar="KEY=VALUE",
+                   help="a platform property the bot offers (repeatable): docker=1")
+    w.add_argument("--concurrency", type=int, default=1, metavar="N",
+                   help="leases run at once (the bot's capacity)")
+    w.add_argument("--work-dir", required=True, metavar="DIR",
+                   help="lease directories and the local CAS cache")
+    w.add_argument("--name", default="", help="the bot id (default: host name and pid)")
+    w.add_argument("--max-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="the longest an action may run, whatever it asks (default 3600)")
     h = sub.add_parser("help", help=COMMANDS["help"])
     h.add_argument("topic", nargs="?")
     sub.add_parser("version", help=COMMANDS["version"])
@@ -147,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "help":
         return _help(parser, args.topic)
+    if args.command == "worker":  # serves a remote executor: no workspace
+        try:
+            return cmd_worker(args)
+        except ForgeError as e:
+            print(format_error(e, None), file=sys.stderr)
+            return e.exit_code
     # SIGTERM stops a build the way Ctrl-C does: running commands killed, cache valid.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     root = None
@@ -532,6 +552,30 @@ def _print_last_rates(last: dict) -> None:
           f"{r.get('uploads', 0)} results"
           + (f"\n  {r['errors']} remote errors" if r.get("errors") else "")
           + ("; the remote was given up during the build" if r.get("down") else ""))
+
+
+def cmd_worker(args) -> int:
+    from forge.remote.settings import from_config
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency {args.concurrency}: a worker runs at least one lease")
+    remote = from_config({}, url=args.executor, instance=args.instance, upload=True)
+    if remote is None or not remote.grpc:
+        raise UsageError(f"--executor {args.executor!r}: the Bots API needs grpc:// or grpcs://")
+    platform: dict[str, list[str]] = {}
+    for item in args.platform:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--platform {item!r}: expected KEY=VALUE (e.g. docker=1)")
+        platform.setdefault(key, []).append(value)
+    from forge.remote.worker import Worker, WorkerConfig
+    work_dir = Path(args.work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    w = Worker(WorkerConfig(remote, work_dir, args.concurrency, platform, args.name,
+                            args.max_timeout), log=lambda text: print(text, file=sys.stderr,
+                                                                      flush=True))
+    signal.signal(signal.SIGTERM, lambda *_: w.drain())
+    signal.signal(signal.SIGINT, lambda *_: w.stop())
+    return w.run()
 
 
 _COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,

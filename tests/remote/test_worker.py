@@ -6,9 +6,14 @@ root with forge's REAPI store and calls Execution.Execute by its full name.
 
 from __future__ import annotations
 
-import pytest
+import hashlib
+import json
+import time
 
-from buildgrid_exec_fixture import exec_grid  # noqa: F401 (fixture)
+import pytest
+from google.longrunning import operations_proto_pb2 as ops_pb
+
+from buildgrid_exec_fixture import exec_grid, start_worker, wait_until  # noqa: F401 (fixture)
 from forge.remote.proto import remote_execution_pb2 as re_pb
 from forge.remote.reapi import GrpcStore
 from forge.remote.results import Digest
@@ -23,18 +28,78 @@ def store_for(grid) -> GrpcStore:
     return GrpcStore(from_config({}, url=grid.url, instance=grid.instance, upload=True))
 
 
-def test_the_grid_queues_an_action_when_no_worker_is_there(exec_grid):  # noqa: F811
-    from google.longrunning import operations_proto_pb2 as ops_pb
+def _put(store: GrpcStore, data: bytes | object) -> re_pb.Digest:
+    if not isinstance(data, bytes):
+        data = data.SerializeToString()
+    d = Digest(hashlib.sha256(data).hexdigest(), len(data))
+    store.write(d, data)
+    return d.proto()
 
-    store = store_for(exec_grid)
-    command = re_pb.Command(arguments=["/bin/true"])
-    action = re_pb.Action(command_digest=_put(store, command), input_root_digest=_put(
-        store, re_pb.Directory()), do_not_cache=True)
-    request = re_pb.ExecuteRequest(instance_name=exec_grid.instance,
-                                   action_digest=_put(store, action), skip_cache_lookup=True)
+
+def upload_action(store, argv, *, files=None, outputs=(), timeout=None, platform=None,
+                  cache=False, salt=None) -> re_pb.Digest:
+    """An Action whose input root holds `files` ({"src/a.txt": b"..."}, one level deep)."""
+    subdirs: dict[str, re_pb.Directory] = {}
+    root = re_pb.Directory()
+    for path, data in sorted((files or {}).items()):
+        parent, _, name = path.rpartition("/")
+        where = subdirs.setdefault(parent, re_pb.Directory()) if parent else root
+        where.files.add(name=name, digest=_put(store, data), is_executable=False)
+    for name, sub in sorted(subdirs.items()):
+        root.directories.add(name=name, digest=_put(store, sub))
+    command = re_pb.Command(arguments=argv, output_paths=sorted(outputs))
+    command.environment_variables.add(name="PATH", value="/usr/bin:/bin")
+    for k, v in sorted((platform or {}).items()):
+        command.platform.properties.add(name=k, value=v)
+    action = re_pb.Action(command_digest=_put(store, command), input_root_digest=_put(store, root),
+                          do_not_cache=not cache, salt=(salt or str(time.time_ns())).encode())
+    action.platform.CopyFrom(command.platform)
+    if timeout:
+        action.timeout.FromSeconds(timeout)
+    return _put(store, action)
+
+
+def execute(store, grid, action_digest, *, seconds=120) -> re_pb.ExecuteResponse:
+    request = re_pb.ExecuteRequest(instance_name=grid.instance, action_digest=action_digest,
+                                   skip_cache_lookup=True)
     call = store.channel.unary_stream(EXECUTE, request_serializer=request.SerializeToString,
                                       response_deserializer=ops_pb.Operation.FromString)
-    stream = call(request, timeout=30)
+    for op in call(request, timeout=seconds):
+        if op.done:
+            assert not op.HasField("error"), op.error
+            response = re_pb.ExecuteResponse()
+            op.response.Unpack(response)
+            return response
+    raise AssertionError("the operation stream ended before the operation was done")
+
+
+def start_execute(store, grid, action_digest, *, seconds=120):
+    """Execute without waiting: returns the stream (the operation runs on the server)."""
+    request = re_pb.ExecuteRequest(instance_name=grid.instance, action_digest=action_digest,
+                                   skip_cache_lookup=True)
+    call = store.channel.unary_stream(EXECUTE, request_serializer=request.SerializeToString,
+                                      response_deserializer=ops_pb.Operation.FromString)
+    return call(request, timeout=seconds)
+
+
+def finish(stream) -> re_pb.ExecuteResponse:
+    for op in stream:
+        if op.done:
+            response = re_pb.ExecuteResponse()
+            op.response.Unpack(response)
+            return response
+    raise AssertionError("the operation stream ended before the operation was done")
+
+
+def blob(store, d: re_pb.Digest) -> bytes:
+    return store.read_batch([Digest(d.hash, d.size_bytes)])[d.hash]
+
+
+def test_the_grid_queues_an_action_when_no_worker_is_there(exec_grid):  # noqa: F811
+    store = store_for(exec_grid)
+    # docker=2: a property no worker of these tests offers, so it stays queued.
+    digest = upload_action(store, ["/bin/true"], platform={"docker": "2"})
+    stream = start_execute(store, exec_grid, digest, seconds=30)
     first = next(stream)
     stream.cancel()
     meta = re_pb.ExecuteOperationMetadata()
@@ -43,10 +108,88 @@ def test_the_grid_queues_an_action_when_no_worker_is_there(exec_grid):  # noqa: 
     assert meta.stage in (re_pb.ExecutionStage.CACHE_CHECK, re_pb.ExecutionStage.QUEUED)
 
 
-def _put(store: GrpcStore, message) -> re_pb.Digest:
-    import hashlib
+@pytest.fixture(scope="module")
+def plain_worker(exec_grid, tmp_path_factory):  # noqa: F811
+    w = start_worker(exec_grid, tmp_path_factory.mktemp("plain") / "w", concurrency=2,
+                     name="plain-worker")
+    yield w
+    w.kill()
 
-    data = message.SerializeToString()
-    d = Digest(hashlib.sha256(data).hexdigest(), len(data))
-    store.write_batch([(d, data)])
-    return d.proto()
+
+def test_a_lease_runs_end_to_end(exec_grid, plain_worker):  # noqa: F811
+    store = store_for(exec_grid)
+    digest = upload_action(store, ["/bin/sh", "-c", "mkdir -p out/d && tr a-z A-Z < src/in.txt "
+                                   "> out/up.txt && echo nested > out/d/n && echo to-stderr >&2 "
+                                   "&& echo to-stdout"],
+                           files={"src/in.txt": b"hello worker\n"}, outputs=["out/up.txt", "out/d"])
+    r = execute(store, exec_grid, digest)
+    assert r.status.code == 0, (r.status, plain_worker.log())
+    result = r.result
+    assert result.exit_code == 0
+    assert result.execution_metadata.worker == "plain-worker"
+    files = {f.path: f for f in result.output_files}
+    assert blob(store, files["out/up.txt"].digest) == b"HELLO WORKER\n"
+    assert blob(store, result.stdout_digest) == b"to-stdout\n"
+    assert blob(store, result.stderr_digest) == b"to-stderr\n"
+    (tree_out,) = result.output_directories
+    assert tree_out.path == "out/d"
+    tree = re_pb.Tree()
+    tree.ParseFromString(blob(store, tree_out.tree_digest))
+    (n,) = tree.root.files
+    assert n.name == "n" and blob(store, n.digest) == b"nested\n"
+    # the lease's directory is gone; the inputs stay in the worker's CAS cache
+    wait_until(lambda: not any((plain_worker.work_dir / "leases").iterdir()), 10,
+               "the lease directory to be removed")
+    assert any(p.name == hashlib.sha256(b"hello worker\n").hexdigest()
+               for p in (plain_worker.work_dir / "cas").rglob("*"))
+
+
+def test_a_failing_command_and_a_timeout_are_reported(exec_grid, plain_worker):  # noqa: F811
+    store = store_for(exec_grid)
+    r = execute(store, exec_grid, upload_action(store, ["/bin/sh", "-c", "echo no >&2; exit 3"]))
+    assert r.status.code == 0 and r.result.exit_code == 3
+    assert blob(store, r.result.stderr_digest) == b"no\n"
+    r = execute(store, exec_grid, upload_action(store, ["/bin/sleep", "30"], timeout=1))
+    assert r.status.code == 4, r.status  # DEADLINE_EXCEEDED
+    assert "timeout" in r.status.message
+
+
+def test_the_result_goes_to_the_action_cache(exec_grid, plain_worker):  # noqa: F811
+    store = store_for(exec_grid)
+    digest = upload_action(store, ["/bin/sh", "-c", "echo cached > o"], outputs=["o"], cache=True)
+    r = execute(store, exec_grid, digest)
+    assert r.result.exit_code == 0
+    cached = store.get_action_result(Digest(digest.hash, digest.size_bytes))
+    assert cached is not None and blob(store, cached.output_files[0].digest) == b"cached\n"
+
+
+def test_missing_input_blob_is_a_failed_precondition(exec_grid, plain_worker):  # noqa: F811
+    store = store_for(exec_grid)
+    root = re_pb.Directory()
+    root.files.add(name="ghost", digest=re_pb.Digest(hash="0" * 64, size_bytes=5))
+    command = re_pb.Command(arguments=["/bin/cat", "ghost"])
+    action = re_pb.Action(command_digest=_put(store, command), input_root_digest=_put(store, root),
+                          do_not_cache=True, salt=str(time.time_ns()).encode())
+    r = execute(store, exec_grid, _put(store, action))
+    assert r.status.code == 9, r.status  # FAILED_PRECONDITION
+    assert "0000000000000000" in r.status.message
+
+
+def test_docker_actions_go_only_to_a_worker_that_declares_it(exec_grid, plain_worker,  # noqa: F811
+                                                             tmp_path):
+    store = store_for(exec_grid)
+    stream = start_execute(store, exec_grid, upload_action(
+        store, ["/bin/sh", "-c", "echo in-docker-worker"], platform={"docker": "1"}))
+    time.sleep(4)  # the plain worker is idle all along: it must not take this one
+    docker = start_worker(exec_grid, tmp_path / "docker", platform={"docker": "1"},
+                          name="docker-worker")
+    try:
+        r = finish(stream)
+        assert r.status.code == 0, (r.status, docker.log())
+        assert r.result.execution_metadata.worker == "docker-worker"
+        # an action without the property may go to either
+        r = execute(store, exec_grid, upload_action(store, ["/bin/true"]))
+        assert r.result.execution_metadata.worker in ("docker-worker", "plain-worker")
+    finally:
+        docker.kill()
+    assert "in-docker-worker" not in plain_worker.log()
