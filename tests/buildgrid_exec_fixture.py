@@ -80,7 +80,7 @@ instances:
     services:
       - !execution
         scheduler: *scheduler
-        operation-stream-keepalive-timeout: 5
+        operation-stream-keepalive-timeout: 1
       - !action-cache
         cache: *ac
       - !cas

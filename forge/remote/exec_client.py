@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -80,14 +81,15 @@ class RemoteExecutor:
         if self.down:
             raise Unavailable(f"remote executor {self.url} was given up earlier in this build")
         try:
+            t0 = time.perf_counter()
             blobs = rin.Blobs()
             root = rin.input_root(self._inputs(a, source_digests, generated, blobs), blobs)
             digest = rin.action(a, key, root, blobs)
+            t1 = time.perf_counter()
             self._upload(blobs)
-            try:
-                resp = self.execution.run(digest, self.cancel)
-            except RemoteError as e:
-                raise e
+            t2 = time.perf_counter()
+            resp = self.execution.run(digest, self.cancel)
+            t3 = time.perf_counter()
             if resp.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]:
                 # Blobs the CAS dropped since it told us it had them: upload all, once more.
                 self.present.clear()
@@ -95,6 +97,11 @@ class RemoteExecutor:
                 resp = self.execution.run(digest, self.cancel)
             ran = self._result(a, key, resp)
             self._ok()
+            with self._lock:  # where the time goes (bench/remote-exec)
+                self.stats["ms_inputs"] += round((t1 - t0) * 1000, 3)
+                self.stats["ms_upload"] += round((t2 - t1) * 1000, 3)
+                self.stats["ms_execute"] += round((t3 - t2) * 1000, 3)
+                self.stats["ms_outputs"] += round((time.perf_counter() - t3) * 1000, 3)
             return ran
         except (RemoteError, ShapeError) as e:
             self._failed(e)
@@ -178,6 +185,11 @@ class RemoteExecutor:
             raise RemoteError("the executor's CAS lost outputs it had just reported")
         with self._lock:
             self.stats["cached" if resp.cached_result else "executed"] += 1
+            m = result.execution_metadata
+            if not resp.cached_result and m.HasField("worker_start_timestamp"):
+                self.stats["ms_on_worker"] += _ms(m.worker_start_timestamp, m.worker_completed_timestamp)
+                self.stats["ms_command"] += _ms(m.execution_start_timestamp,
+                                                m.execution_completed_timestamp)
         self._alias(key, result)
         return Ran(outs, "", "" if resp.cached_result else worker, resp.cached_result)
 
@@ -256,6 +268,10 @@ class RemoteExecutor:
 
     def close(self) -> None:
         self.fetcher.close()
+
+
+def _ms(start, end) -> float:
+    return round(max(0.0, (end.ToNanoseconds() - start.ToNanoseconds()) / 1e6), 3)
 
 
 def _bytes(source) -> bytes:

@@ -12,7 +12,11 @@ given up, so the caller can run it here.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+
+_DEBUG = os.environ.get('FORGE_DEBUG_REX')
 
 import grpc
 
@@ -60,6 +64,8 @@ class Execution:
                                 metadata=self.store.metadata)
             try:
                 for op in call:
+                    if _DEBUG:
+                        print(f"{time.time():.3f} op {op.name} done={op.done}", file=sys.stderr)
                     name = op.name or name
                     drops = 0
                     meta = re_pb.ExecuteOperationMetadata()

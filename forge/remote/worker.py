@@ -52,7 +52,8 @@ from forge.remote.staging import (BlobCache, Outputs, StagingError, fetch, file_
 from forge.remote.transfer import RemoteError
 
 BOTS = "/google.devtools.remoteworkers.v1test2.Bots/"
-POLL = 30.0  # seconds an UpdateBotSession may wait on the server for work
+POLL = 4.0  # seconds an UpdateBotSession may wait on the server for work: BuildGrid 0.4.4's
+# notifier fails with psycopg 3, so a new lease reaches an idle bot only when its poll ends
 DEFAULT_TIMEOUT = 3600.0  # an action that names no timeout
 BACKOFF_MAX = 5.0
 GONE = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,

@@ -69,3 +69,92 @@ def test_an_action_no_worker_can_take_fails_clearly_without_fallback(tmp_path, e
     assert "no worker started it within 4 s" in r.err
     assert "platform properties" in r.err and "internal error" not in r.err
     assert not (ws.root / "forge-out/d/d.txt").exists()
+
+
+@pytest.fixture(scope="module")
+def two_workers(exec_grid, tmp_path_factory):
+    base = tmp_path_factory.mktemp("workers")
+    ws = [start_worker(exec_grid, base / f"w{i}", concurrency=8, name=f"bench-w{i}")
+          for i in range(2)]
+    yield ws
+    for w in ws:
+        w.kill()
+        exec_grid.workers.remove(w)
+
+
+def test_a_big_graph_runs_on_workers_then_comes_from_the_action_cache(tmp_path, exec_grid,
+                                                                       two_workers):
+    graph = chain_graph()
+    here = make(tmp_path, "local", graph)
+    r = here.build("//...", "-j", "2")
+    assert r.code == 0, r.err
+    expected = outs(here)
+
+    a = make(tmp_path, "a", graph)
+    r = a.build("//...", "-j", "16", *rex(exec_grid), timeout=900)
+    assert r.code == 0, r.err + "\n".join(w.log()[-2000:] for w in two_workers)
+    where = ran_on(r)
+    assert len(where) == N and all(w.startswith("remote ") and w != "remote cache"
+                                   for w in where), (set(where), r.err)
+    names = {w.name for w in two_workers}
+    assert all(any(n in w for n in names) for w in where), set(where)
+    assert "WARNING" not in r.err, r.err
+    assert outs(a) == expected
+    stats = r.event_list[-1]["remote_cache"]["executor"]
+    assert stats["executed"] == N and stats["blobs_up"] > 0
+    assert stats["blobs_saved"] > 0  # the shared sources and outputs of earlier actions
+
+    # Another checkout at another path, an empty local cache: every action is a hit.
+    b = make(tmp_path / "elsewhere" / "deeper", "b", graph)
+    r = b.build("//...", "-j", "16", *rex(exec_grid), timeout=600)
+    assert r.code == 0, r.err
+    assert [e["status"] for e in r.event_list if e["type"] == "action"] == ["remote"] * N, r.err
+    assert set(ran_on(r)) == {"remote cache"}
+    assert outs(b) == expected
+    e = b.forge("explain")
+    assert "fetched from the remote cache" in e.out
+
+
+def test_a_failing_action_fails_with_its_own_output(tmp_path, exec_grid, two_workers):
+    ws = make(tmp_path, "a", {"forge.toml": "", "f/BUILD": '''
+genrule(name = "bad", outs = ["x.txt"], cmd = "echo this went wrong >&2; exit 3")
+'''})
+    r = ws.build("//...", *rex(exec_grid))
+    assert r.code == 1, r.err
+    assert "exit code 3 on" in r.err and "this went wrong" in r.err, r.err
+    assert "running it here" not in r.err  # an action's own failure is not the farm's
+
+
+def test_explain_names_the_worker(tmp_path, exec_grid, two_workers):
+    ws = make(tmp_path, "a", {"forge.toml": "", "e/BUILD": '''
+genrule(name = "one", outs = ["one.txt"], cmd = "echo %s > $@")
+''' % time.time_ns()})
+    assert ws.build("//...", *rex(exec_grid)).code == 0
+    text = ws.forge("explain").out
+    assert "ran on remote bench-w" in text, text
+
+
+def test_the_executor_killed_mid_build_costs_a_warning(tmp_path, exec_grid, two_workers):
+    n = 40
+    salt = time.time_ns()
+    rules = "\n".join(f'genrule(name = "s{i}", outs = ["s{i}.txt"], '
+                      f'cmd = "sleep 0.5; echo {i} {salt} > $@")' for i in range(n))
+    ws = make(tmp_path, "a", {"forge.toml": "[remote]\ntimeout = 5\n", "k/BUILD": rules})
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=ws.build("//...", "-j", "4",
+                                                                *rex(exec_grid), timeout=600)))
+    t.start()
+    try:
+        wait_until(lambda: len(list((ws.root / "forge-out/k").glob("*.txt"))) >= 4, 120,
+                   "the first actions done on workers")  # more are under way
+        exec_grid.kill()
+        t.join(600)
+    finally:
+        exec_grid.start()
+    r = result["r"]
+    assert r.code == 0, r.err
+    assert "remote executor" in r.err and "running actions here" in r.err, r.err
+    where = ran_on(r)
+    assert "local" in where and any(w.startswith("remote bench-w") for w in where), where
+    for i in range(n):
+        assert (ws.root / f"forge-out/k/s{i}.txt").read_text() == f"{i} {salt}\n"
