@@ -42,6 +42,7 @@ from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 
 from forge import sandbox
+from forge.errors import UsageError
 from forge.remote.proto import bots_pb2
 from forge.remote.proto import remote_execution_pb2 as re_pb
 from forge.remote.proto import worker_pb2
@@ -55,8 +56,13 @@ BOTS = "/google.devtools.remoteworkers.v1test2.Bots/"
 POLL = 30.0  # seconds an UpdateBotSession may wait on the server for work
 DEFAULT_TIMEOUT = 3600.0  # an action that names no timeout
 BACKOFF_MAX = 5.0
-GONE = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.FAILED_PRECONDITION}
+# BuildGrid's answers for a session it no longer has (expired, closed, unknown).
+GONE = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION}
+# A first CreateBotSession refused this way is the command line's fault: retrying will not help.
+REFUSED = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+           grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+           grpc.StatusCode.UNIMPLEMENTED}
 
 
 @dataclass
@@ -112,6 +118,7 @@ class Worker:
         self.stopping = threading.Event()
         self.session: bots_pb2.BotSession | None = None
         self.counts = {"completed": 0, "failed": 0, "reconnects": 0}
+        self.connected = False  # a session was created once
 
     # --- the session ----------------------------------------------------------------------
 
@@ -141,6 +148,13 @@ class Worker:
                 delay = 0.2
             except grpc.RpcError as e:
                 code = e.code()
+                if not self.connected and code in REFUSED:
+                    self.store.close()
+                    raise UsageError(
+                        f"{self.cfg.remote.url} refused a bot session for instance "
+                        f"{self.cfg.remote.instance!r} ({code.name}: {e.details()})",
+                        hint="check --executor (a server with a Bots service), --instance and "
+                        "FORGE_REMOTE_TOKEN") from None
                 if self.session is not None and code in GONE:
                     self._lost(f"the server dropped the session ({code.name}: {e.details()})")
                     continue
@@ -167,6 +181,7 @@ class Worker:
         self.session = self._stub["CreateBotSession"](
             bots_pb2.CreateBotSessionRequest(parent=self.cfg.remote.instance, bot_session=bot),
             timeout=POLL, metadata=self._metadata())
+        self.connected = True
         self._status(f"session {self.session.name} (bot {self.bot_id}, capacity "
                      f"{self.cfg.concurrency}, platform {self._platform_text()})")
         self._take(self.session)
@@ -268,6 +283,7 @@ class Worker:
     def _execute(self, lease: Lease) -> None:
         lid = lease.proto.id
         work = self.leases_dir / uuid.uuid4().hex
+        work.mkdir()
         result, status = re_pb.ActionResult(), status_pb2.Status(code=code_pb2.OK)
         try:
             result, status = self._run_lease(lease, work)
