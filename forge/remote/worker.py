@@ -33,7 +33,6 @@ import shutil
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 
-from forge import sandbox
+from forge import leftovers, sandbox
 from forge.errors import UsageError
 from forge.remote.proto import bots_pb2
 from forge.remote.proto import remote_execution_pb2 as re_pb
@@ -110,6 +109,7 @@ class Worker:
                            ("UpdateBotSession", bots_pb2.UpdateBotSessionRequest))}
         self.cache = BlobCache(cfg.work_dir / "cas")
         self.leases_dir = cfg.work_dir / "leases"
+        self.groups = leftovers.ProcessGroups(cfg.work_dir)
         self.leases: dict[str, Lease] = {}
         self.finished: set[str] = set()  # reported leases: never started again
         self.lock = threading.Lock()
@@ -135,8 +135,10 @@ class Worker:
             if self.cfg.remote.authorization else ()
 
     def run(self) -> int:
-        # What a killed worker left: its lease directories are no one's any more.
-        shutil.rmtree(self.leases_dir, ignore_errors=True)
+        # What a killed worker left: the process groups of its commands (they run in
+        # sessions of their own, so they outlive it) and its lease directories.
+        for gone in leftovers.reap(self.cfg.work_dir) + leftovers.reap(self.leases_dir):
+            self._status(f"removed what a killed worker left: {gone}")
         self.leases_dir.mkdir(parents=True, exist_ok=True)
         delay = 0.2
         while not self.stopping.is_set():
@@ -172,6 +174,7 @@ class Worker:
             if self.draining.is_set() and not self._running() and not self._unreported():
                 break
         self._cancel_all()
+        self.groups.close()
         self._write_status("stopped")
         self.store.close()
         return 0
@@ -282,8 +285,7 @@ class Worker:
 
     def _execute(self, lease: Lease) -> None:
         lid = lease.proto.id
-        work = self.leases_dir / uuid.uuid4().hex
-        work.mkdir()
+        work = sandbox.new_scratch(self.leases_dir, "lease-" + lid)  # sb-<owner>-...: reap()able
         result, status = re_pb.ActionResult(), status_pb2.Status(code=code_pb2.OK)
         try:
             result, status = self._run_lease(lease, work)
@@ -355,7 +357,7 @@ class Worker:
         meta.execution_start_timestamp.CopyFrom(now())
         out, err = work / "stdout", work / "stderr"
         ran = sandbox.run(list(command.arguments), cwd, env, timeout=timeout, cancel=lease.cancel,
-                          log=out, err=err)
+                          log=out, err=err, groups=self.groups)
         meta.execution_completed_timestamp.CopyFrom(now())
         # A command that wrote through a hard link changed the cached blob: drop it.
         for p, was in before.items():

@@ -221,20 +221,35 @@ def test_a_worker_killed_mid_action_loses_the_lease_to_another(exec_grid, tmp_pa
 
 
 def test_a_restarted_worker_cleans_what_the_killed_one_left(exec_grid, tmp_path):  # noqa: F811
+    import os
+
     store = store_for(exec_grid)
     first = start_worker(exec_grid, tmp_path / "w", platform={"pool": "again"}, name="again")
     stream = start_execute(store, exec_grid, upload_action(
-        store, ["/bin/sh", "-c", "sleep 2; echo twice > o"], outputs=["o"],
+        store, ["/bin/sh", "-c", "sleep 6; echo twice > o"], outputs=["o"],
         platform={"pool": "again"}), seconds=180)
-    leases = tmp_path / "w" / "leases"
-    wait_until(lambda: leases.is_dir() and any(leases.iterdir()), 60,
-               "the worker to stage the lease", first.log)
-    first.kill()  # its lease directory stays behind
-    # The same bot id again: BuildGrid requeues the old session's lease at once.
+    marks = tmp_path / "w" / "procs"
+    wait_until(lambda: any(marks.glob("*/*")), 60, "the worker to start the command", first.log)
+    (mark,) = marks.glob("*/*")
+    orphan = int(mark.name.partition(".")[0])
+    first.kill()  # the command runs on in its own session; its lease directory stays
+    os.kill(orphan, 0)  # still there
+    assert any((tmp_path / "w" / "leases").iterdir())
+    # The same bot id again: BuildGrid requeues the old session's lease at once, and the
+    # new worker stops the old command and removes its directory before anything else.
     second = start_worker(exec_grid, tmp_path / "w", platform={"pool": "again"}, name="again")
     try:
+        def orphan_gone():
+            try:
+                os.kill(orphan, 0)
+            except ProcessLookupError:
+                return True
+            # a zombie until its parent (the killed worker's, already gone) is reaped by init
+            return "State:\tZ" in open(f"/proc/{orphan}/status").read()
+        wait_until(orphan_gone, 4, "the old command to be stopped", second.log)
         r = finish(stream)
         assert r.status.code == 0 and r.result.exit_code == 0, (r.status, second.log())
+        assert "removed what a killed worker left" in second.log()
         wait_until(lambda: not any((tmp_path / "w" / "leases").iterdir()), 10,
                    "the lease directories to be gone", second.log)
     finally:
