@@ -1,17 +1,19 @@
 """A real remote-execution service for tests: PostgreSQL, BuildGrid's scheduler, forge workers.
 
-BuildGrid's `!sql-scheduler` refuses sqlite, so `start_postgres(base)` runs Debian's
+BuildGrid's `!sql-scheduler` refuses sqlite, so `start_postgres()` runs Debian's
 PostgreSQL from a temporary data directory: initdb and the server as an unprivileged user
 (`nobody` when the tests run as root, since PostgreSQL will not run as root), on a free
 loopback port, trust authentication (loopback only). `start_exec_buildgrid(base, db)` applies
 BuildGrid's schema (`bgd migrate apply URI`) and starts `bgd server start` serving, for
 instance "main": Execution + Operations + Bots (`!execution`), CAS, ByteStream and the
-action cache, with a dynamic property set matching `docker`. The bot keepalive is short
+action cache, with a dynamic property set matching `docker` and `pool` (tests give their
+workers a pool of their own, so that no other worker takes their leases). The bot keepalive is short
 (KEEPALIVE seconds) so that a killed worker's lease is requeued within a test's patience.
 
-`start_worker(bg, base, ...)` starts one `forge worker` process against it. The
-session-scoped `exec_grid` fixture is the shared PostgreSQL + BuildGrid (no workers: tests
-start the ones they need, or use `exec_workers`, two plain workers shared by the session).
+`start_worker(grid, work_dir, platform=, concurrency=, name=)` starts one `forge worker`
+process against it (killed when the grid stops, if the test did not). The session-scoped
+`exec_grid` fixture is the shared PostgreSQL + BuildGrid, without workers: tests start the
+ones they need. `grid.restart()` kills bgd and starts it again on the same port and data.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ schedulers:
     storage: *cas
     action-cache: *ac
     property-set: !dynamic-property-set
-      match-property-keys: [docker]
+      # pool: tests give their workers a pool of their own, so no other worker takes their leases
+      match-property-keys: [docker, pool]
     bot-session-keepalive-timeout: {keepalive}
     session-expiry-timer-interval: 1
     max-job-attempts: 5

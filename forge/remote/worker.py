@@ -33,7 +33,6 @@ import shutil
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,8 @@ import grpc
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 
-from forge import sandbox
+from forge import leftovers, sandbox
+from forge.errors import UsageError
 from forge.remote.proto import bots_pb2
 from forge.remote.proto import remote_execution_pb2 as re_pb
 from forge.remote.proto import worker_pb2
@@ -56,8 +56,13 @@ POLL = 4.0  # seconds an UpdateBotSession may wait on the server for work: Build
 # notifier fails with psycopg 3, so a new lease reaches an idle bot only when its poll ends
 DEFAULT_TIMEOUT = 3600.0  # an action that names no timeout
 BACKOFF_MAX = 5.0
-GONE = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.FAILED_PRECONDITION}
+# BuildGrid's answers for a session it no longer has (expired, closed, unknown).
+GONE = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION}
+# A first CreateBotSession refused this way is the command line's fault: retrying will not help.
+REFUSED = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+           grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+           grpc.StatusCode.UNIMPLEMENTED}
 
 
 @dataclass
@@ -105,6 +110,7 @@ class Worker:
                            ("UpdateBotSession", bots_pb2.UpdateBotSessionRequest))}
         self.cache = BlobCache(cfg.work_dir / "cas")
         self.leases_dir = cfg.work_dir / "leases"
+        self.groups = leftovers.ProcessGroups(cfg.work_dir)
         self.leases: dict[str, Lease] = {}
         self.finished: set[str] = set()  # reported leases: never started again
         self.lock = threading.Lock()
@@ -113,6 +119,7 @@ class Worker:
         self.stopping = threading.Event()
         self.session: bots_pb2.BotSession | None = None
         self.counts = {"completed": 0, "failed": 0, "reconnects": 0}
+        self.connected = False  # a session was created once
 
     # --- the session ----------------------------------------------------------------------
 
@@ -129,8 +136,10 @@ class Worker:
             if self.cfg.remote.authorization else ()
 
     def run(self) -> int:
-        # What a killed worker left: its lease directories are no one's any more.
-        shutil.rmtree(self.leases_dir, ignore_errors=True)
+        # What a killed worker left: the process groups of its commands (they run in
+        # sessions of their own, so they outlive it) and its lease directories.
+        for gone in leftovers.reap(self.cfg.work_dir) + leftovers.reap(self.leases_dir):
+            self._status(f"removed what a killed worker left: {gone}")
         self.leases_dir.mkdir(parents=True, exist_ok=True)
         delay = 0.2
         while not self.stopping.is_set():
@@ -142,6 +151,13 @@ class Worker:
                 delay = 0.2
             except grpc.RpcError as e:
                 code = e.code()
+                if not self.connected and code in REFUSED:
+                    self.store.close()
+                    raise UsageError(
+                        f"{self.cfg.remote.url} refused a bot session for instance "
+                        f"{self.cfg.remote.instance!r} ({code.name}: {e.details()})",
+                        hint="check --executor (a server with a Bots service), --instance and "
+                        "FORGE_REMOTE_TOKEN") from None
                 if self.session is not None and code in GONE:
                     self._lost(f"the server dropped the session ({code.name}: {e.details()})")
                     continue
@@ -159,6 +175,7 @@ class Worker:
             if self.draining.is_set() and not self._running() and not self._unreported():
                 break
         self._cancel_all()
+        self.groups.close()
         self._write_status("stopped")
         self.store.close()
         return 0
@@ -168,6 +185,7 @@ class Worker:
         self.session = self._stub["CreateBotSession"](
             bots_pb2.CreateBotSessionRequest(parent=self.cfg.remote.instance, bot_session=bot),
             timeout=POLL, metadata=self._metadata())
+        self.connected = True
         self._status(f"session {self.session.name} (bot {self.bot_id}, capacity "
                      f"{self.cfg.concurrency}, platform {self._platform_text()})")
         self._take(self.session)
@@ -268,7 +286,7 @@ class Worker:
 
     def _execute(self, lease: Lease) -> None:
         lid = lease.proto.id
-        work = self.leases_dir / uuid.uuid4().hex
+        work = sandbox.new_scratch(self.leases_dir, "lease-" + lid)  # sb-<owner>-...: reap()able
         result, status = re_pb.ActionResult(), status_pb2.Status(code=code_pb2.OK)
         try:
             result, status = self._run_lease(lease, work)
@@ -340,7 +358,7 @@ class Worker:
         meta.execution_start_timestamp.CopyFrom(now())
         out, err = work / "stdout", work / "stderr"
         ran = sandbox.run(list(command.arguments), cwd, env, timeout=timeout, cancel=lease.cancel,
-                          log=out, err=err)
+                          log=out, err=err, groups=self.groups)
         meta.execution_completed_timestamp.CopyFrom(now())
         # A command that wrote through a hard link changed the cached blob: drop it.
         for p, was in before.items():

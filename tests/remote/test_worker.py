@@ -193,3 +193,113 @@ def test_docker_actions_go_only_to_a_worker_that_declares_it(exec_grid, plain_wo
     finally:
         docker.kill()
     assert "in-docker-worker" not in plain_worker.log()
+
+
+def _started(worker) -> bool:
+    return " started" in worker.log()
+
+
+def test_a_worker_killed_mid_action_loses_the_lease_to_another(exec_grid, tmp_path):  # noqa: F811
+    store = store_for(exec_grid)
+    doomed = start_worker(exec_grid, tmp_path / "doomed", platform={"pool": "kill"},
+                          name="doomed")
+    stream = start_execute(store, exec_grid, upload_action(
+        store, ["/bin/sh", "-c", "sleep 3; echo survived > o"], outputs=["o"],
+        platform={"pool": "kill"}), seconds=180)
+    wait_until(lambda: _started(doomed), 60, "the first worker to take the lease", doomed.log)
+    doomed.kill()  # SIGKILL: no goodbye, BuildGrid learns from the missing heartbeats
+    rescuer = start_worker(exec_grid, tmp_path / "rescuer", platform={"pool": "kill"},
+                           name="rescuer")
+    try:
+        r = finish(stream)
+        assert r.status.code == 0, (r.status, rescuer.log())
+        assert r.result.exit_code == 0
+        assert r.result.execution_metadata.worker == "rescuer"
+        assert blob(store, r.result.output_files[0].digest) == b"survived\n"
+    finally:
+        rescuer.kill()
+
+
+def test_a_restarted_worker_cleans_what_the_killed_one_left(exec_grid, tmp_path):  # noqa: F811
+    import os
+
+    store = store_for(exec_grid)
+    first = start_worker(exec_grid, tmp_path / "w", platform={"pool": "again"}, name="again")
+    stream = start_execute(store, exec_grid, upload_action(
+        store, ["/bin/sh", "-c", "sleep 6; echo twice > o"], outputs=["o"],
+        platform={"pool": "again"}), seconds=180)
+    marks = tmp_path / "w" / "procs"
+    wait_until(lambda: any(marks.glob("*/*")), 60, "the worker to start the command", first.log)
+    (mark,) = marks.glob("*/*")
+    orphan = int(mark.name.partition(".")[0])
+    first.kill()  # the command runs on in its own session; its lease directory stays
+    os.kill(orphan, 0)  # still there
+    assert any((tmp_path / "w" / "leases").iterdir())
+    # The same bot id again: BuildGrid requeues the old session's lease at once, and the
+    # new worker stops the old command and removes its directory before anything else.
+    second = start_worker(exec_grid, tmp_path / "w", platform={"pool": "again"}, name="again")
+    try:
+        def orphan_gone():
+            try:
+                os.kill(orphan, 0)
+            except ProcessLookupError:
+                return True
+            # a zombie until its parent (the killed worker's, already gone) is reaped by init
+            return "State:\tZ" in open(f"/proc/{orphan}/status").read()
+        wait_until(orphan_gone, 4, "the old command to be stopped", second.log)
+        r = finish(stream)
+        assert r.status.code == 0 and r.result.exit_code == 0, (r.status, second.log())
+        assert "removed what a killed worker left" in second.log()
+        wait_until(lambda: not any((tmp_path / "w" / "leases").iterdir()), 10,
+                   "the lease directories to be gone", second.log)
+    finally:
+        second.kill()
+
+
+def test_sigterm_drains_the_running_lease_then_exits(exec_grid, tmp_path):  # noqa: F811
+    store = store_for(exec_grid)
+    w = start_worker(exec_grid, tmp_path / "drain", platform={"pool": "drain"}, name="drainer")
+    stream = start_execute(store, exec_grid, upload_action(
+        store, ["/bin/sh", "-c", "sleep 3; echo finished > o"], outputs=["o"],
+        platform={"pool": "drain"}), seconds=180)
+    wait_until(lambda: _started(w), 60, "the worker to take the lease", w.log)
+    assert w.terminate(timeout=60) == 0, w.log()
+    r = finish(stream)
+    assert r.status.code == 0 and r.result.exit_code == 0, (r.status, w.log())
+    assert r.result.execution_metadata.worker == "drainer"
+    assert blob(store, r.result.output_files[0].digest) == b"finished\n"
+    assert "draining" in w.log()
+    status = json.loads((tmp_path / "drain" / "status.json").read_text())
+    assert status["state"] == "stopped" and status["completed"] == 1 and not status["running"]
+    assert not any((tmp_path / "drain" / "leases").iterdir())
+
+
+def test_a_worker_rides_out_a_server_restart(exec_grid, tmp_path):  # noqa: F811
+    store = store_for(exec_grid)
+    w = start_worker(exec_grid, tmp_path / "r", platform={"pool": "restart"}, name="steady")
+    try:
+        r = execute(store, exec_grid, upload_action(store, ["/bin/true"],
+                                                    platform={"pool": "restart"}))
+        assert r.result.exit_code == 0
+        exec_grid.restart()
+        wait_until(lambda: "server unavailable" in w.log(), 30, "the worker to notice", w.log)
+        store = store_for(exec_grid)
+        r = execute(store, exec_grid, upload_action(
+            store, ["/bin/sh", "-c", "echo after-restart"], platform={"pool": "restart"}),
+            seconds=120)
+        assert r.status.code == 0, (r.status, w.log())
+        assert r.result.execution_metadata.worker == "steady"
+        assert blob(store, r.result.stdout_digest) == b"after-restart\n"
+        assert w.proc.poll() is None
+    finally:
+        w.kill()
+
+
+def test_a_worker_for_an_unknown_instance_says_so(exec_grid, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "forge", "worker", "--executor", exec_grid.url,
+                        "--instance", "no-such-instance", "--work-dir", str(tmp_path / "w")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "no-such-instance" in r.stderr and "--instance" in r.stderr
