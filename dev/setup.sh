@@ -35,13 +35,15 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # forge's ELF reading against readelf.
 # sbsigntool and faketime: Secure Boot signing of the UKI and ESP loaders (sbsign, run
 # under faketime at SOURCE_DATE_EPOCH so the signature's time is fixed), sbverify in the tests.
+# postgresql: BuildGrid's execution scheduler needs it (it refuses sqlite); the remote-execution
+# tests run initdb/pg_ctl in a temporary directory, never the packaged cluster.
 forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd
     xorriso isolinux syslinux syslinux-common grub-common grub-pc-bin grub-efi-amd64-bin mtools
     dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full openssl
     gpg gpgv dpkg-dev apt-utils debian-archive-keyring python3-apt pigz tinyproxy curl
     squashfs-tools erofs-utils fakeroot u-boot-tools qemu-system-arm qemu-efi-aarch64
     qemu-user-static binfmt-support arch-test
-    cryptsetup-bin dmsetup binutils sbsigntool faketime)
+    cryptsetup-bin dmsetup binutils sbsigntool faketime postgresql)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do
@@ -60,6 +62,10 @@ if command -v dpkg >/dev/null 2>&1; then
         "${forge_sudo[@]}" apt-get update
         "${forge_sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
             apt-get install -y --no-install-recommends "${forge_missing[@]}"
+        # the package starts a cluster on port 5432: the tests start their own
+        if [[ " ${forge_missing[*]} " == *" postgresql "* ]]; then
+            "${forge_sudo[@]}" systemctl disable --now postgresql >/dev/null 2>&1 || true
+        fi
         # the package enables a system proxy on port 8888: the tests start their own
         if [[ " ${forge_missing[*]} " == *" tinyproxy "* ]]; then
             "${forge_sudo[@]}" systemctl disable --now tinyproxy >/dev/null 2>&1 || true

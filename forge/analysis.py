@@ -62,13 +62,16 @@ class AnalysisContext:
 
     def run(self, argv, *, inputs, outputs, mnemonic: str, env: dict | None = None,
             tools=(), pool: str | None = None, executable=(), description: str = "",
-            timeout: float | None = None, local: str = "") -> Action:
+            timeout: float | None = None, local: str = "", remote: bool = False,
+            exec_properties: dict | None = None) -> Action:
+        """`remote`, `exec_properties`: see Action (may this run on a remote worker)."""
         return self._add(Action(self.label, mnemonic, self.rule.key, tuple(dict.fromkeys(inputs)),
                                 tuple(outputs), argv=tuple(argv), env=tuple(sorted((env or {}).items())),
                                 tools=tuple(tools), pool=pool,
                                 executable=tuple(a.path for a in executable),
                                 description=description or f"{mnemonic} {self.label}",
-                                timeout=timeout, local=local))
+                                timeout=timeout, local=local, remote=remote and not local,
+                                exec_properties=tuple(sorted((exec_properties or {}).items()))))
 
     def run_shell(self, cmd: str, **kw) -> Action:
         kw["tools"] = ("bash", *kw.get("tools", ()))

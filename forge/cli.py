@@ -35,6 +35,7 @@ COMMANDS = {
     "cache": "cache stats | cache gc --max-size 10G",
     "keygen": "make a signing key pair: OUT (private, 0600) and OUT.pub",
     "verify": "check a file, a target's outputs or a pushed image against its signature",
+    "worker": "run actions for a remote-execution server (BuildGrid's Bots API)",
     "help": "show help for forge or one command",
     "version": "print forge's version",
 }
@@ -71,6 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     building.add_argument("--sign-key", metavar="KEY", help="sign each output of the targets "
                           "built into OUTPUT.dsse.json with this private key (default: [sign] "
                           "key in forge.toml; empty: do not sign)")
+    building.add_argument("--remote-executor", metavar="URL",
+                          help="run hermetic actions on a REAPI executor, grpc(s)://host:port "
+                          "(BuildGrid); default: [remote] executor in forge.toml; empty: none")
+    building.add_argument("--remote-instance-name", metavar="NAME",
+                          help="the executor's REAPI instance (default: [remote] "
+                          "executor_instance, else --remote-instance)")
+    building.add_argument("--remote-local-fallback", action=argparse.BooleanOptionalAction,
+                          default=None, help="run an action here when the executor fails "
+                          "(default: [remote] local_fallback, true)")
 
     p = argparse.ArgumentParser(prog="forge", description="forge: builds OS images from BUILD files, "
                                 "caching every step by the content of its inputs.")
@@ -132,6 +142,19 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--key", required=True, metavar="PUB", help="the signer's public key (PEM)")
     v.add_argument("--signature", metavar="FILE", help="the DSSE envelope of a FILE, when it "
                    "is not FILE.dsse.json")
+    w = sub.add_parser("worker", parents=[common], help=COMMANDS["worker"])
+    w.add_argument("--executor", required=True, metavar="URL",
+                   help="grpc://host:port or grpcs://host:port of the Bots service")
+    w.add_argument("--instance", default="", help="the instance the bot serves (e.g. main)")
+    w.add_argument("--platform", action="append", default=[], metavar="KEY=VALUE",
+                   help="a platform property the bot offers (repeatable): docker=1")
+    w.add_argument("--concurrency", type=int, default=1, metavar="N",
+                   help="leases run at once (the bot's capacity)")
+    w.add_argument("--work-dir", required=True, metavar="DIR",
+                   help="lease directories and the local CAS cache")
+    w.add_argument("--name", default="", help="the bot id (default: host name and pid)")
+    w.add_argument("--max-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="the longest an action may run, whatever it asks (default 3600)")
     h = sub.add_parser("help", help=COMMANDS["help"])
     h.add_argument("topic", nargs="?")
     sub.add_parser("version", help=COMMANDS["version"])
@@ -159,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "help":
         return _help(parser, args.topic)
+    if args.command == "worker":  # serves a remote executor: no workspace
+        try:
+            return cmd_worker(args)
+        except ForgeError as e:
+            print(format_error(e, None), file=sys.stderr)
+            return e.exit_code
     # SIGTERM stops a build the way Ctrl-C does: running commands killed, cache valid.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     root = None
@@ -250,8 +279,14 @@ def _build(ws, args, patterns, *, tests: bool = False, attest: bool = False):
         from forge.remote.settings import from_config
         remote = from_config(ws.config, url=args.remote_cache, upload=args.remote_upload,
                              instance=args.remote_instance, timeout=args.remote_timeout)
+        from forge.remote.settings import executor_from_config
+        executor = executor_from_config(
+            ws.config, url=args.remote_executor, local_fallback=args.remote_local_fallback,
+            instance=args.remote_instance_name if args.remote_instance_name is not None
+            else args.remote_instance, timeout=args.remote_timeout)
         scheduler = s.scheduler(jobs=ws.jobs(args.jobs), keep_going=args.keep_going,
-                                reporter=reporter, offline=args.offline, remote=remote)
+                                reporter=reporter, offline=args.offline, remote=remote,
+                                executor=executor)
         offset = scheduler.epoch - t0
         summary = scheduler.run(plan.actions, plan.static_keys or None)
         reporter.close()
@@ -291,7 +326,8 @@ def _sign(ws, args, plan, summary, code) -> None:
 def _write_last(s, summary) -> None:
     s.records.write_last([{"id": r.action.id, "label": str(r.action.owner),
                            "mnemonic": r.action.mnemonic, "description": r.action.description,
-                           "status": r.status, "key": r.key, "reasons": r.reasons}
+                           "status": r.status, "key": r.key, "reasons": r.reasons,
+                           "ran_on": r.ran_on}
                           for r in summary.results], remote=summary.remote)
 
 
@@ -524,7 +560,9 @@ def cmd_explain(ws, args) -> int:
             continue
         shown += 1
         if a["status"] == "executed":
-            print(f"{a['description']}: ran because")
+            where = a.get("ran_on", "local")
+            print(f"{a['description']}: ran" + (f" on {where}" if where.startswith("remote") else "")
+                  + " because")
             for reason in a["reasons"] or ["(no reason recorded)"]:
                 print(f"    {reason}")
         elif a["status"] == "cached" and a["reasons"]:
@@ -656,6 +694,30 @@ def _print_last_rates(last: dict) -> None:
           f"{r.get('uploads', 0)} results"
           + (f"\n  {r['errors']} remote errors" if r.get("errors") else "")
           + ("; the remote was given up during the build" if r.get("down") else ""))
+
+
+def cmd_worker(args) -> int:
+    from forge.remote.settings import from_config
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency {args.concurrency}: a worker runs at least one lease")
+    remote = from_config({}, url=args.executor, instance=args.instance, upload=True)
+    if remote is None or not remote.grpc:
+        raise UsageError(f"--executor {args.executor!r}: the Bots API needs grpc:// or grpcs://")
+    platform: dict[str, list[str]] = {}
+    for item in args.platform:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--platform {item!r}: expected KEY=VALUE (e.g. docker=1)")
+        platform.setdefault(key, []).append(value)
+    from forge.remote.worker import Worker, WorkerConfig
+    work_dir = Path(args.work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    w = Worker(WorkerConfig(remote, work_dir, args.concurrency, platform, args.name,
+                            args.max_timeout), log=lambda text: print(text, file=sys.stderr,
+                                                                      flush=True))
+    signal.signal(signal.SIGTERM, lambda *_: w.drain())
+    signal.signal(signal.SIGINT, lambda *_: w.stop())
+    return w.run()
 
 
 _COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,

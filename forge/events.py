@@ -89,6 +89,7 @@ def write_build_events(path: str, summary: BuildSummary, exit_code: int) -> None
                 "type": "action", "label": str(r.action.owner), "mnemonic": r.action.mnemonic,
                 "key": r.key, "status": r.status, "duration_s": round(r.duration, 6),
                 "outputs": [o.path for o in r.action.outputs],
+                **({"ran_on": r.ran_on} if r.ran_on else {}),
             }) + "\n")
         f.write(json.dumps({"type": "build_finished", "exit_code": exit_code,
                             "executed": summary.count("executed"), "cached": summary.count("cached"),

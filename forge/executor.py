@@ -38,7 +38,7 @@ class Ticket(NamedTuple):
 class LocalExecutor:
     def __init__(self, root: Path, cache: Cache, records: Records, *, rules: RuleSet | None = None,
                  salt: str = "", config: dict | None = None, offline: bool = False,
-                 reporter: Reporter | None = None, remote=None):
+                 reporter: Reporter | None = None, remote=None, executor=None):
         self.root = root
         self._root_str = str(root)
         self.cache = cache
@@ -64,6 +64,15 @@ class LocalExecutor:
         # local miss: a build whose every action is a local hit never touches it.
         self._remote_settings = None if offline else remote
         self._remote = None
+        # The remote executor (forge.remote.settings.ExecutorSettings), connected on the first
+        # remotable action that misses; its endpoint is also the remote cache when no other
+        # is configured (read-only: what runs here is not uploaded unless asked).
+        self._rex_settings = None if offline else executor
+        self._rex = None
+        self._rex_lock = threading.Lock()
+        if self._remote_settings is None and self._rex_settings is not None:
+            from dataclasses import replace
+            self._remote_settings = replace(self._rex_settings.remote, upload=False)
         self._fetched: list[tuple] = []  # (key, outputs) fetched, not yet in the local cache
 
     # --- keys and the local cache (main thread) ---------------------------------------
@@ -199,6 +208,7 @@ class LocalExecutor:
             self._link_out(outs)
             r = ActionResult(a, "remote", ticket.key, time.perf_counter() - t0, t0 - self.epoch,
                              outs)
+            r.ran_on = "remote cache"
             r.reasons = self._remember_preimage(a, ticket.preimage, reasons=True)
             return r
         except Exception as e:  # whatever goes wrong, the action can still run here
@@ -230,6 +240,14 @@ class LocalExecutor:
     def execute(self, a: Action, ticket: Ticket, worker: int) -> ActionResult:
         key = ticket.key
         t0 = time.perf_counter()
+        if a.remote and a.argv is not None and self._rex_settings is not None:
+            r = self._execute_remote(a, ticket)
+            if r is not None:
+                r.worker = worker
+                r.start, r.duration = t0 - self.epoch, time.perf_counter() - t0
+                if r.status != "failed":
+                    r.reasons = self._remember_preimage(a, ticket.preimage, reasons=True)
+                return r
         try:
             if a.argv is not None:
                 self._slots.add(worker)
@@ -252,9 +270,63 @@ class LocalExecutor:
                 d = disk_full(full_path(e, self.cache.root))
                 r = ActionResult(a, "failed", key, error=f"{d.message}\nhint: {d.hint}")
         r.worker = worker
+        r.ran_on = "local"
         r.start, r.duration = t0 - self.epoch, time.perf_counter() - t0
         if r.status == "executed":
             r.reasons = self._remember_preimage(a, ticket.preimage, reasons=True)
+        return r
+
+    # --- remote execution (worker threads) -------------------------------------------------
+
+    def _rex_client(self):
+        with self._rex_lock:
+            if self._rex is None and self._rex_settings is not None:
+                try:
+                    from forge.remote.exec_client import RemoteExecutor
+                    self._rex = RemoteExecutor(self._rex_settings, self.cache, self.root,
+                                               self.reporter.warning, self.cancel)
+                except Exception as e:  # grpc missing, a bad CA file: run here
+                    self.reporter.warning(f"remote executor {self._rex_settings.remote.url} "
+                                          f"cannot be used: {e}; running actions here")
+                    self._rex_settings = None
+            return self._rex
+
+    def _execute_remote(self, a: Action, ticket: Ticket) -> ActionResult | None:
+        """The action run by the remote executor, or None to run it here."""
+        from forge.remote.exec_client import Unavailable
+        rex = self._rex_client()
+        if rex is None:
+            return None
+        try:
+            if rex.down:
+                raise Unavailable(f"remote executor {rex.url} was given up earlier in this build")
+            ran = rex.run(a, ticket.key, ticket.preimage["inputs"], self._digests)
+        except Unavailable as e:
+            if not self._rex_settings.local_fallback:
+                return ActionResult(a, "failed", ticket.key, error=(
+                    f"remote execution on {rex.url} failed: {e}\nhint: "
+                    "--remote-local-fallback (the default) runs such actions here instead"))
+            if not rex.down:
+                self.reporter.warning(f"{a.description}: remote execution failed ({e}); "
+                                      "running it here")
+            return None
+        except Exception as e:  # a bug in the client must not fail a build that can run here
+            self.reporter.warning(f"{a.description}: remote execution failed "
+                                  f"({type(e).__name__}: {e}); running it here")
+            return None
+        if ran.outputs is None:
+            r = ActionResult(a, "failed", ticket.key, error=ran.failure)
+            r.ran_on = f"remote {ran.worker}"
+            return r
+        if ran.cached:  # from the executor's action cache: recorded like a remote-cache hit
+            self._link_out(ran.outputs)
+            r = ActionResult(a, "remote", ticket.key, outputs=ran.outputs)
+            r.ran_on = "remote cache"
+            return r
+        self.cache.put_record(ticket.key, ran.outputs)
+        self._link_out(ran.outputs)
+        r = ActionResult(a, "executed", ticket.key, outputs=ran.outputs)
+        r.ran_on = f"remote {ran.worker}"
         return r
 
     # --- the end ------------------------------------------------------------------------
@@ -270,6 +342,10 @@ class LocalExecutor:
             if not interrupted:
                 self._remote.finish()  # waits for the uploads under way
             self._remote.close()
+        rex_stats = None
+        if self._rex is not None:
+            rex_stats = self._rex.finish() if not interrupted else None
+            self._rex.close()
         if not interrupted:
             self.records.save()
             for w in self._slots:
@@ -278,7 +354,10 @@ class LocalExecutor:
                 except OSError:
                     pass
         self.scratch.groups.close()
-        return self._remote_stats()
+        stats = self._remote_stats()
+        if rex_stats is not None:
+            stats = {**(stats or {}), "executor": rex_stats}
+        return stats
 
     def _remote_stats(self) -> dict | None:
         if self._remote is None:

@@ -66,6 +66,12 @@ class Action:
     # Not in the key: the digests are already in the params or checked by the step.
     origins: tuple[tuple[str, str, str], ...] = ()
     origins_file: str = ""
+    # True: hermetic, it needs nothing of this machine but its inputs and the tools every
+    # worker has, so a remote executor may run it. `exec_properties` are the REAPI platform
+    # properties the worker must have (docker=1, ISA=x86-64). Neither enters the key: where
+    # an action runs does not change what it makes.
+    remote: bool = False
+    exec_properties: tuple[tuple[str, str], ...] = ()
 
     @property
     def id(self) -> str:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,16 +84,17 @@ def modified(scratch: Path, staged: dict[str, tuple[int, int]]) -> list[str]:
 
 def run(argv: list[str], scratch: Path, env: dict[str, str], *, timeout: float | None,
         cancel: threading.Event, log: Path | None = None,
-        groups: leftovers.ProcessGroups | None = None) -> RunResult:
+        groups: leftovers.ProcessGroups | None = None, err: Path | None = None) -> RunResult:
     """Run `argv` in `scratch` in its own process group, so Ctrl-C and timeouts can
     stop the whole tree of processes it starts. Output goes to `log` (a worker
     reuses one file: creating and deleting one per action costs measurable time).
     `groups` records the group while it runs, for the next build to stop should this
-    forge be killed."""
+    forge be killed. `err`: stderr to a file of its own (a remote worker reports both)."""
     log = log or scratch.with_name(scratch.name + ".log")
-    with open(log, "wb") as out:
+    with open(log, "wb") as out, (open(err, "wb") if err else nullcontext()) as err_out:
         proc = subprocess.Popen(argv, cwd=scratch, env=env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=err_out or subprocess.STDOUT,
+                                start_new_session=True)
         mark = groups.started(proc.pid) if groups is not None else None
         cancelled = timed_out = False
         waited = 0.0

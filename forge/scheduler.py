@@ -38,6 +38,7 @@ class ActionResult:
     worker: int = 0  # the job slot (1..jobs), jobs + 1 for the shared cache's lookups
     cancelled: bool = False
     linked: tuple | None = None  # set when the workspace already holds these outputs
+    ran_on: str = ""  # where it executed: "local", "remote <worker>", "remote cache"
 
 
 @dataclass

@@ -136,7 +136,7 @@ class Session:
         os.replace(tmp, path)
 
     def scheduler(self, *, jobs: int, keep_going: bool = False, reporter=None,
-                  offline: bool = False, remote=None):
+                  offline: bool = False, remote=None, executor=None):
         """A scheduler running this workspace's actions here (`jobs`: Workspace.jobs)."""
         from forge.executor import LocalExecutor
         from forge.scheduler import Reporter, Scheduler
@@ -144,7 +144,7 @@ class Session:
         rules = installed()
         local = LocalExecutor(self.ws.root, self.cache, self.records, rules=rules,
                               salt=self.ws.salt, config=self.ws.config, offline=offline,
-                              reporter=reporter, remote=remote)
+                              reporter=reporter, remote=remote, executor=executor)
         return Scheduler(local, jobs=jobs, keep_going=keep_going, reporter=reporter,
                          pools=rules.pools)
 

@@ -23,7 +23,8 @@ _KNOWN = {
     "": {"salt", "jobs", "cache", "registries", "debian", "qemu", "remote", "sign",
          "provenance"},
     "cache": {"dir"},
-    "remote": {"cache", "instance", "upload", "timeout", "jobs", "ca_cert"},  # forge.remote
+    "remote": {"cache", "instance", "upload", "timeout", "jobs", "ca_cert",
+               "executor", "executor_instance", "local_fallback", "queue_timeout"},  # forge.remote
     "registries": {"insecure", "mirrors", "ca_cert"},  # read by the image rules (rules/oci.py)
     "debian": {"mirror", "keyring", "insecure"},  # read by the Debian rules (rules/debian.py)
     "qemu": {"accel"},  # read by forge run and qemu_test (rules/qemu.py)

@@ -74,6 +74,9 @@ def expand_make_vars(ctx, cmd: str, srcs, outs, locations) -> str:
     "tools": attr.label_list(doc="Programs the command runs; `$(location //x:tool)` finds them."),
     "executable": attr.bool(default=False, doc="Mark the (single) output executable."),
     "message": attr.string(default="", doc="Progress message shown while it runs."),
+    "exec_properties": attr.string_dict(doc="Platform properties a remote worker must have to "
+                                        "run it (e.g. `{\"docker\": \"1\"}`); tag `no-remote` "
+                                        "keeps it on this machine."),
 })
 def genrule(ctx):
     outs = [ctx.declare(o) for o in ctx.attr.outs]
@@ -88,7 +91,9 @@ def genrule(ctx):
         raise ctx.fail("executable = True needs exactly one output", attr="executable")
     ctx.run_shell(cmd, inputs=list(dict.fromkeys(srcs + tools)), outputs=outs, mnemonic="Genrule",
                   executable=outs if ctx.attr.executable else (),
-                  description=ctx.attr.message or f"Genrule {ctx.label}")
+                  description=ctx.attr.message or f"Genrule {ctx.label}",
+                  remote="no-remote" not in ctx.attr.tags,
+                  exec_properties=dict(ctx.attr.exec_properties or {}))
     return ctx.info(files=outs, executable=outs[0] if ctx.attr.executable else None)
 
 

@@ -84,6 +84,11 @@ class RemoteCache:
         self._ok("hits")
         return outs
 
+    def fetch(self, action: Action, result: re_pb.ActionResult) -> list[OutputFile] | None:
+        """The outputs an ActionResult names, verified into the local CAS; None when the
+        remote lacks one of their blobs (also what remote execution downloads with)."""
+        return self._fetch(action, result)
+
     def _fetch(self, action: Action, result: re_pb.ActionResult) -> list[OutputFile] | None:
         want: dict[tuple[str, bool], Digest] = {}
         inline: dict[tuple[str, bool], bytes] = {}
@@ -165,7 +170,7 @@ class RemoteCache:
         small = [t for t in todo if 0 < self.store.batch_limit and t[1].size <= self.store.batch_limit // 8]
         large = [t for t in todo if t not in small]
         calls = [(self._one, k, d) for k, d in large]
-        calls += [(self._batch, group) for group in _groups(small, self.store.batch_limit)]
+        calls += [(self._batch, group) for group in batch_groups(small, self.store.batch_limit)]
         # The common case, one blob, is fetched on this thread: a hand-off to the pool
         # and back costs more than the request on a fast network.
         jobs = [self.pool.submit(*c) for c in calls[1:]]
@@ -246,7 +251,7 @@ class RemoteCache:
             jobs = [self.pool.submit(self.store.write, d, blobs[d.hash][1], self.cancel) for d in large]
             jobs += [self.pool.submit(self.store.write_batch,
                                       [(d, _bytes(blobs[d.hash][1])) for _, d in group], self.cancel)
-                     for group in _groups([(None, d) for d in small], self.store.batch_limit)]
+                     for group in batch_groups([(None, d) for d in small], self.store.batch_limit)]
             for j in jobs:
                 j.result()
             self.store.update_action_result(action_digest(key), result, self.cancel)
@@ -340,7 +345,7 @@ class _Done:
         return self._value
 
 
-def _groups(items: list, limit: int):
+def batch_groups(items: list, limit: int):
     """Split (key, Digest) pairs into batches of at most `limit` bytes in all."""
     group, total = [], 0
     for item in items:

@@ -45,7 +45,7 @@ class GrpcStore:
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options)
         else:
             self.channel = grpc.insecure_channel(target, options)
-        self._metadata = (("authorization", s.authorization),) if s.authorization else ()
+        self.metadata = self._metadata = (("authorization", s.authorization),) if s.authorization else ()
         def call(kind: str, path: str, request, response):
             return getattr(self.channel, kind)(path, request_serializer=request.SerializeToString,
                                                response_deserializer=response.FromString)
@@ -84,7 +84,7 @@ class GrpcStore:
             try:
                 return method(request, timeout=timeout or self.s.timeout, metadata=self._metadata)
             except grpc.RpcError as e:
-                raise _error(e, what, self.s) from None
+                raise rpc_error(e, what, self.s) from None
         return with_retries(attempt, what, cancel)
 
     def _check(self, cancel) -> None:
@@ -177,7 +177,7 @@ class GrpcStore:
                                         timeout=self._long(d.size), metadata=self._metadata):
                     sink.write(chunk.data)
             except grpc.RpcError as e:
-                raise _error(e, "ByteStream.Read", self.s) from None
+                raise rpc_error(e, "ByteStream.Read", self.s) from None
             return sink.finish()
         try:
             return with_retries(attempt, "ByteStream.Read", cancel)
@@ -213,7 +213,7 @@ class GrpcStore:
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.ALREADY_EXISTS:
                     return
-                raise _error(e, "ByteStream.Write", self.s) from None
+                raise rpc_error(e, "ByteStream.Write", self.s) from None
             if resp.committed_size not in (d.size, -1):
                 raise RemoteError(f"ByteStream.Write committed {resp.committed_size} of "
                                   f"{d.size} bytes", retry=True)
@@ -231,7 +231,7 @@ class _NotFound(RemoteError):
     pass
 
 
-def _error(e: grpc.RpcError, what: str, s: RemoteSettings) -> RemoteError:
+def rpc_error(e: grpc.RpcError, what: str, s: RemoteSettings) -> RemoteError:
     code = e.code()
     detail = e.details() or code.name
     if code == grpc.StatusCode.NOT_FOUND:

@@ -8,6 +8,13 @@ by `--remote-cache`, `--remote-upload`, `--remote-instance` and `--remote-timeou
     timeout = 60                                  # seconds per request
     jobs = 16                                     # concurrent transfers
     ca_cert = "/etc/ssl/private-ca.pem"           # extra CA for https/grpcs
+    executor = "grpcs://farm.example:8980"        # REAPI Execution service (remote execution)
+    executor_instance = "main"                    # its instance (default: instance)
+    local_fallback = true                         # the farm failing costs a local run
+    queue_timeout = 120                           # seconds an action may wait for a worker
+
+`executor_from_config` reads the executor part (`--remote-executor`,
+`--remote-instance-name`, `--remote-local-fallback`): same TLS and credentials.
 
 Credentials never live in forge.toml (it is committed): a bearer token comes from the
 environment variable FORGE_REMOTE_TOKEN, a user name and password from the URL
@@ -108,3 +115,36 @@ def _netrc(host: str, env) -> tuple[str | None, str | None]:
     if not auth:
         return None, None
     return auth[0], auth[2]
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """Where actions run remotely; `remote` is the endpoint (also its CAS and cache)."""
+
+    remote: RemoteSettings
+    local_fallback: bool = True
+    queue_timeout: float = 120.0  # an action no worker takes in that time runs locally
+
+
+def executor_from_config(config: dict, *, url: str | None = None, instance: str | None = None,
+                         local_fallback: bool | None = None, timeout: float | None = None,
+                         env: dict | None = None) -> ExecutorSettings | None:
+    """The remote executor, or None when none is configured (or `--remote-executor=`)."""
+    table = config.get("remote", {})
+    url = table.get("executor") if url is None else url
+    if not url:
+        return None
+    if not url.lower().startswith(("grpc://", "grpcs://")):
+        raise UsageError(f"remote executor '{url}' is not a grpc:// or grpcs:// URL",
+                         hint="remote execution speaks REAPI over gRPC: "
+                         "--remote-executor grpc://host:port (BuildGrid)")
+    if instance is None:
+        instance = table.get("executor_instance", table.get("instance", ""))
+    remote = from_config({"remote": {**table, "cache": url}}, url=url, upload=True,
+                         instance=str(instance), timeout=timeout, env=env)
+    try:
+        queue_timeout = float(table.get("queue_timeout", 120))
+    except (TypeError, ValueError):
+        raise UsageError("[remote] queue_timeout in forge.toml must be a number") from None
+    fallback = bool(table.get("local_fallback", True)) if local_fallback is None else local_fallback
+    return ExecutorSettings(remote, fallback, queue_timeout)
