@@ -67,6 +67,22 @@ def check_file_names(ctx, formats: list, name: str) -> None:
                                "in a second linuxkit_image (its name names the files)")
 
 
+def check_secure_boot(ctx, formats: list) -> None:
+    """`efi_boot = "uki"` and `secure_boot_key` act on the EFI formats: on a target without
+    one they would silently do nothing."""
+    efi = [f for f in formats if f in diskimage.EFI_FORMATS]
+    if _efi_boot(ctx) == "uki" and not efi:
+        raise ctx.fail("efi_boot = \"uki\" puts the UKI on an EFI disk, and this target builds "
+                       "none", attr="efi_boot",
+                       hint="add one of " + ", ".join(diskimage.EFI_FORMATS) + " to formats, "
+                       "or drop efi_boot (the uki format alone writes N.efi)")
+    if getattr(ctx.attr, "secure_boot_key", None) and not efi and "uki" not in formats:
+        raise ctx.fail("secure_boot_key signs EFI binaries, and this target builds none",
+                       attr="secure_boot_key",
+                       hint="add uki or one of " + ", ".join(diskimage.EFI_FORMATS)
+                       + " to formats, or drop the key")
+
+
 def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list,
                 arch: str = "") -> list:
     """Plan the action for `fmt`; its output artifacts. `arch`: the image's architecture
