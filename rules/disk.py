@@ -201,10 +201,11 @@ def _uki(ctx, name: str, boot: dict):
 
 
 def _key_and_cert(ctx: ExecContext, paths: list):
-    """secure_boot_key's two files as (key, certificate), told apart by their PEM headers."""
+    """secure_boot_key's two files as (key, certificate), told apart by their PEM headers
+    (the order given when neither is a key)."""
     a, b = paths
-    first = a.read_bytes()
-    return (a, b) if b"PRIVATE KEY-----" in first else (b, a)
+    swapped = b"PRIVATE KEY-----" not in a.read_bytes() and b"PRIVATE KEY-----" in b.read_bytes()
+    return (b, a) if swapped else (a, b)  # neither a key: the order given, for the message
 
 
 @action_function("LkUki", version=1)

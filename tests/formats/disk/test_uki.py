@@ -287,3 +287,17 @@ def test_secure_boot_vars_on_a_bios_or_kernel_boot_is_an_analysis_error(ws):
     assert r.code == 2, r.err
     assert "Secure Boot needs a UEFI boot; raw-bios boots by BIOS" in r.err, r.err
     assert "raw-efi" in r.err and "Traceback" not in r.err
+
+
+@pytest.mark.real
+def test_a_key_that_is_not_pem_fails_the_build_naming_the_file(built):
+    key = built.root / "db.key"
+    good = key.read_bytes()
+    key.write_text("not a key\n")
+    try:
+        r = built.build("//:signed", timeout=600)
+        assert r.code == 1, r.err
+        assert "the Secure Boot key db.key is not a PEM private key" in r.err, r.err
+        assert "Traceback" not in r.err
+    finally:
+        key.write_bytes(good)
