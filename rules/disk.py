@@ -67,6 +67,22 @@ def check_file_names(ctx, formats: list, name: str) -> None:
                                "in a second linuxkit_image (its name names the files)")
 
 
+def check_secure_boot(ctx, formats: list) -> None:
+    """`efi_boot = "uki"` and `secure_boot_key` act on the EFI formats: on a target without
+    one they would silently do nothing."""
+    efi = [f for f in formats if f in diskimage.EFI_FORMATS]
+    if _efi_boot(ctx) == "uki" and not efi:
+        raise ctx.fail("efi_boot = \"uki\" puts the UKI on an EFI disk, and this target builds "
+                       "none", attr="efi_boot",
+                       hint="add one of " + ", ".join(diskimage.EFI_FORMATS) + " to formats, "
+                       "or drop efi_boot (the uki format alone writes N.efi)")
+    if getattr(ctx.attr, "secure_boot_key", None) and not efi and "uki" not in formats:
+        raise ctx.fail("secure_boot_key signs EFI binaries, and this target builds none",
+                       attr="secure_boot_key",
+                       hint="add uki or one of " + ", ".join(diskimage.EFI_FORMATS)
+                       + " to formats, or drop the key")
+
+
 def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list,
                 arch: str = "", dm_debs: list | None = None) -> list:
     """Plan the action for `fmt`; its output artifacts. `arch`: the image's architecture
@@ -186,10 +202,11 @@ def _uki(ctx, name: str, boot: dict):
 
 
 def _key_and_cert(ctx: ExecContext, paths: list):
-    """secure_boot_key's two files as (key, certificate), told apart by their PEM headers."""
+    """secure_boot_key's two files as (key, certificate), told apart by their PEM headers
+    (the order given when neither is a key)."""
     a, b = paths
-    first = a.read_bytes()
-    return (a, b) if b"PRIVATE KEY-----" in first else (b, a)
+    swapped = b"PRIVATE KEY-----" not in a.read_bytes() and b"PRIVATE KEY-----" in b.read_bytes()
+    return (b, a) if swapped else (a, b)  # neither a key: the order given, for the message
 
 
 @action_function("LkUki", version=1)

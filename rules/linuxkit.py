@@ -128,6 +128,7 @@ def linuxkit_image(ctx):
                            hint=did_you_mean(fmt, disk.FORMATS)
                            or f"formats are: {', '.join(disk.FORMATS)}")
     disk.check_file_names(ctx, ctx.attr.formats, ctx.label.name)
+    disk.check_secure_boot(ctx, ctx.attr.formats)
     arch = archs.arch_of(ctx)
     other = [f for f in ctx.attr.formats if f not in disk.ANY_ARCH]
     if arch != "amd64" and other:

@@ -218,8 +218,8 @@ def qemu_test_runner(ctx: RunContext) -> int:
 @runner("QemuRun")
 def qemu_run(ctx: RunContext) -> int:
     """`forge run //images:x [--format F] [-p HOST:GUEST]... [--accel kvm|tcg] [-m MiB]
-    [--cpus N] [--drive disk]`: the serial console on this terminal; Ctrl-C (or powering
-    off) stops it."""
+    [--cpus N] [--drive disk] [--secure-boot CERT]`: the serial console on this terminal;
+    Ctrl-C (or powering off) stops it."""
     import tempfile
     from forge.api import UsageError
     from forge.formats.disk.errors import DiskImageError
@@ -233,12 +233,13 @@ def qemu_run(ctx: RunContext) -> int:
     ap.add_argument("-m", "--memory", type=int, default=512)
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--drive", choices=DRIVES, default="default")
+    ap.add_argument("--secure-boot", metavar="CERT")
     try:
         args = ap.parse_args(ctx.args)
     except SystemExit:
         raise UsageError(f"cannot read the run options {' '.join(ctx.args)}",
                          hint="forge run IMAGE [--format F] [-p HOST:GUEST]... [--accel kvm|tcg] "
-                         "[-m MiB] [--cpus N] [--drive disk]") from None
+                         "[-m MiB] [--cpus N] [--drive disk] [--secure-boot CERT]") from None
     if args.format is None:  # e.g. only rpi3, or an assembly without a kernel: only tar
         raise UsageError(f"the image builds no format forge run can boot (it builds: "
                          f"{', '.join(formats)})",
@@ -255,10 +256,19 @@ def qemu_run(ctx: RunContext) -> int:
         forwards[int(guest or host)] = int(host)
     if args.drive == "disk" and not args.format.startswith("iso-"):
         raise UsageError(f"--drive disk boots an ISO as a disk; {args.format} is not an ISO")
+    if args.secure_boot and not _efi(args.format):
+        raise UsageError(f"--secure-boot needs a UEFI boot; {args.format} is not an EFI format",
+                         hint="--format " + " or ".join(f for f in formats if _efi(f) and f in BOOTABLE)
+                         if any(_efi(f) for f in formats) else "build one of the -efi formats")
     with tempfile.TemporaryDirectory(prefix="forge-qemu-") as rundir:
         try:
             spec = boot_spec(args.format, [ctx.root / f for f in formats[args.format]], rundir,
                              args.drive, ctx.params.get("arch", "amd64"))
+            if args.secure_boot:  # an absolute path, or one from the workspace's root
+                from forge.formats.vm import secureboot
+                store = secureboot.enrolled_vars(ctx.root / args.secure_boot,
+                                                 Path(rundir) / "secure-boot-vars.fd", spec.arch)
+                spec = secureboot.enforcing(spec, store)
             vm = qemu.VM(spec, rundir, accel=args.accel or ctx.config.get("qemu", {}).get("accel"),
                          memory=args.memory, cpus=args.cpus, forwards=forwards, interactive=True)
             vm.argv()  # a missing QEMU or firmware is said now, not as a crash

@@ -449,5 +449,10 @@ def test_secure_boot_signed_uki_boots_to_pong_and_unsigned_is_refused(redisos):
                           "//images:secure_boot_refuses_unsigned", timeout=1200)
         assert r.code == 0, r.out + r.err
         assert r.out.count("PASSED") == 2, r.out
+        r = redisos.forge("run", "//images:redisos", "--format", "iso-bios",
+                          "--secure-boot", "images/db.crt", timeout=300)
+        assert r.code == 2, r.out + r.err
+        assert "--secure-boot needs a UEFI boot; iso-bios is not an EFI format" in r.err, r.err
+        assert "--format raw-efi" in r.err
     finally:
         build.write_text(original)

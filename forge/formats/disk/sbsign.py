@@ -23,20 +23,23 @@ def tools() -> list[str]:
     return sorted(str(find_tool(t)) for t in TOOLS)
 
 
-def check_key(key: bytes, cert: bytes) -> None:
-    """A PEM private key and a PEM certificate, or a DiskImageError saying which is wrong."""
+def check_key(key: bytes, cert: bytes, names: tuple[str, str] = ("key", "certificate")) -> None:
+    """A PEM private key and a PEM certificate, or a DiskImageError saying which is wrong;
+    `names` name the two files in the message."""
     if b"PRIVATE KEY-----" not in key:
-        raise DiskImageError("the Secure Boot key is not a PEM private key "
-                             "(-----BEGIN PRIVATE KEY-----)")
+        raise DiskImageError(f"the Secure Boot key {names[0]} is not a PEM private key "
+                             "(-----BEGIN PRIVATE KEY-----): secure_boot_key names a PEM key "
+                             "and its PEM certificate")
     if b"-----BEGIN CERTIFICATE-----" not in cert:
-        raise DiskImageError("the Secure Boot certificate is not a PEM certificate "
-                             "(-----BEGIN CERTIFICATE-----)")
+        raise DiskImageError(f"the Secure Boot certificate {names[1]} is not a PEM certificate "
+                             "(-----BEGIN CERTIFICATE-----): convert a DER one with "
+                             "`openssl x509 -inform der -in F -out F.crt`")
 
 
 def sign(binary: Path, out: Path, *, key: Path, cert: Path, epoch: int,
          env: dict[str, str]) -> Path:
     """Write `binary` signed with `key`/`cert` to `out` (which may be `binary`)."""
-    check_key(Path(key).read_bytes(), Path(cert).read_bytes())
+    check_key(Path(key).read_bytes(), Path(cert).read_bytes(), (Path(key).name, Path(cert).name))
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
     tmp = Path(out).with_name(Path(out).name + ".signed")
     # faketime -f without "@": an absolute time with the clock stopped, read as UTC.

@@ -115,7 +115,8 @@ def build(stub: bytes, *, kernel: bytes, initrd: bytes, cmdline: str, osrel: str
     for name, data in new:
         raw = _align(len(data), falign)
         headers += _SECTION_HEADER.pack(name, len(data), va, raw, len(out), 0, 0, 0, 0, _DATA_READ)
-        out += data + bytes(raw - len(data))
+        out += data  # extended in place: the kernel and initrd are copied once
+        out += bytes(raw - len(data))
         initialized += raw
         va = _align(va + len(data), salign)
     out[table_end:table_end + len(headers)] = headers
@@ -137,9 +138,12 @@ def pe_checksum(data: bytes | bytearray) -> int:
     """The PE image checksum (the CheckSum field must be zero in `data`): the 16-bit
     one's-complement sum of the file plus its length, as imagehlp's CheckSumMappedFile."""
     words = array.array("H")
-    words.frombytes(bytes(data) + (b"\0" if len(data) % 2 else b""))
+    with memoryview(data) as view:
+        words.frombytes(view[:len(data) & ~1])
     if struct.pack("=H", 1) != b"\1\0":
         words.byteswap()
+    if len(data) % 2:
+        words.append(data[-1])  # the odd last byte, as the low byte of a zero-padded word
     total = sum(words)
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)

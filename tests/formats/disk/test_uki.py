@@ -35,10 +35,12 @@ BUILD = """\
 uki_stub(name = "stub")
 kernel(name = "k", package = "linux-image-cloud-amd64", modules = [])
 container_image(name = "init", srcs = ["Dockerfile", "init.sh", "busybox.bin"])
-linuxkit_image(name = "signed", assembly = "u.yml", formats = ["uki", "raw-efi"],
+linuxkit_image(name = "signed", assembly = "u.yml", formats = ["uki", "raw-efi", "iso-efi"],
                uki_stub = ":stub", efi_boot = "uki", secure_boot_key = ["db.key", "db.crt"])
 linuxkit_image(name = "plain", assembly = "u.yml", formats = ["uki", "raw-efi"],
                uki_stub = ":stub", efi_boot = "uki")
+linuxkit_image(name = "grub", assembly = "u.yml", formats = ["raw-efi"],
+               secure_boot_key = ["db.key", "db.crt"])
 """
 FILES = {
     "forge.toml": "",
@@ -80,9 +82,9 @@ def keys(tmp_path_factory) -> tuple[Path, Path]:
 def built(tmp_path_factory, keys) -> Workspace:
     ws = _workspace(tmp_path_factory.mktemp("uki") / "one", *keys)
     t = time.monotonic()
-    r = ws.build("//:signed", "//:plain", "//:k", timeout=900)
+    r = ws.build("//:signed", "//:plain", "//:grub", "//:k", timeout=900)
     assert r.code == 0, r.err
-    print(f"forge build //:signed //:plain (uki, raw-efi): {time.monotonic() - t:.1f} s")
+    print(f"forge build //:signed //:plain //:grub (uki, raw-efi, iso-efi): {time.monotonic() - t:.1f} s")
     return ws
 
 
@@ -120,12 +122,31 @@ def test_the_signed_uki_verifies_with_the_certificate_and_the_plain_one_does_not
     assert _sections(out / "signed.efi")[".linux"] == _sections(out / "plain.efi")[".linux"]
 
 
+def _esp_file(disk: Path, path: str, out: Path) -> Path:
+    """A file of partition 1 (at 1 MiB, forge.formats.disk.fat) of a raw disk, by mtools."""
+    subprocess.run(["mcopy", "-n", "-i", f"{disk}@@1M", f"::{path}", out], check=True,
+                   capture_output=True, env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"})
+    return out
+
+
+@pytest.mark.real
+def test_efi_boot_uki_puts_the_signed_uki_on_the_esp_and_grub_is_signed_without_it(
+        built, keys, tmp_path):
+    out = built.root / "forge-out"
+    loader = _esp_file(out / "signed-efi.img", "EFI/BOOT/BOOTX64.EFI", tmp_path / "uki.efi")
+    assert loader.read_bytes() == (out / "signed.efi").read_bytes()
+    grub = _esp_file(out / "grub-efi.img", "EFI/BOOT/BOOTX64.EFI", tmp_path / "grub.efi")
+    assert b"GRUB" in grub.read_bytes() and ".linux" not in _sections(grub)
+    ok = subprocess.run(["sbverify", "--cert", keys[1], grub], capture_output=True)
+    assert ok.returncode == 0, ok.stderr
+
+
 @pytest.mark.real
 def test_a_clean_rebuild_elsewhere_is_byte_identical(built, keys, tmp_path):
     other = _workspace(tmp_path / "elsewhere" / "two", *keys)
     r = other.build("//:signed", timeout=900)
     assert r.code == 0, r.err
-    for name in ("signed.efi", "signed-efi.img"):
+    for name in ("signed.efi", "signed-efi.img", "signed-efi.iso"):
         assert (other.root / "forge-out" / name).read_bytes() == \
             (built.root / "forge-out" / name).read_bytes(), name
 
@@ -162,6 +183,22 @@ def test_secure_boot_boots_the_signed_uki(built, keys, tmp_path):
     tail = _secure_boot(built.root / "forge-out/signed-efi.img", keys[1], tmp_path, MARKER, 240)
     assert "Secure boot enabled" in tail or "secureboot" in tail or MARKER in tail
     print(f"Secure Boot, signed UKI: {time.monotonic() - t:.1f} s to {MARKER}")
+
+
+@pytest.mark.real
+def test_secure_boot_boots_the_signed_uki_of_an_efi_iso_as_a_disk(built, keys, tmp_path):
+    # As a disk (a USB stick holding the hybrid ISO): as a CD, UEFI takes the El Torito
+    # image's size from a 16-bit count of sectors (32 MiB), less than an ESP holding a UKI.
+    try:
+        iso = built.root / "forge-out/signed-efi.iso"
+        spec = secureboot.enforcing(qemu.disk_boot(iso, efi=True, image_format="raw"),
+                                    secureboot.enrolled_vars(keys[1], tmp_path / "vars.fd"))
+        with qemu.VM(spec, tmp_path, memory=512) as vm:
+            vm.wait(console_regex(MARKER), timeout=240)
+    except QemuError as e:
+        if "is not installed" in str(e) or "no UEFI firmware" in str(e):
+            require(False, str(e))
+        raise
 
 
 @pytest.mark.real
@@ -250,3 +287,17 @@ def test_secure_boot_vars_on_a_bios_or_kernel_boot_is_an_analysis_error(ws):
     assert r.code == 2, r.err
     assert "Secure Boot needs a UEFI boot; raw-bios boots by BIOS" in r.err, r.err
     assert "raw-efi" in r.err and "Traceback" not in r.err
+
+
+@pytest.mark.real
+def test_a_key_that_is_not_pem_fails_the_build_naming_the_file(built):
+    key = built.root / "db.key"
+    good = key.read_bytes()
+    key.write_text("not a key\n")
+    try:
+        r = built.build("//:signed", timeout=600)
+        assert r.code == 1, r.err
+        assert "the Secure Boot key db.key is not a PEM private key" in r.err, r.err
+        assert "Traceback" not in r.err
+    finally:
+        key.write_bytes(good)

@@ -286,3 +286,27 @@ def test_a_running_vm_is_killed_on_ctrl_c(cloud_kernel, tmp_path):  # noqa: F811
             assert vm.proc.poll() is None and os.getpgid(pid) == pid  # its own group
             raise KeyboardInterrupt
     assert _gone(pid) and vm.proc.returncode is not None
+
+
+def test_secure_boot_argv_uses_the_secboot_firmware_with_smm(tmp_path):
+    from forge.formats.vm import secureboot
+    try:
+        code = secureboot.secure_firmware()
+    except QemuError as e:
+        require(False, str(e))
+    boot = secureboot.enforcing(qemu.disk_boot(Path("d.img"), efi=True), tmp_path / "v.fd")
+    argv = qemu.qemu_argv(boot, accel="tcg", efi_vars=tmp_path / "copy.fd")
+    assert argv[argv.index("-machine") + 1] == "q35,smm=on" and argv.count("-machine") == 1
+    assert "driver=cfi.pflash01,property=secure,value=on" in argv
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={code}" in argv
+    with pytest.raises(QemuError, match="needs a UEFI boot"):
+        secureboot.enforcing(qemu.disk_boot(Path("d.img")), tmp_path / "v.fd")
+
+
+def test_enrolled_vars_refuses_what_is_not_a_certificate(tmp_path):
+    from forge.formats.vm import secureboot
+    (tmp_path / "x.crt").write_text("not a certificate")
+    with pytest.raises(QemuError, match="is not a PEM certificate"):
+        secureboot.enrolled_vars(tmp_path / "x.crt", tmp_path / "v.fd")
+    with pytest.raises(QemuError, match="No such file"):
+        secureboot.enrolled_vars(tmp_path / "missing.crt", tmp_path / "v.fd")
