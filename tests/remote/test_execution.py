@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from pathlib import Path
 
 import pytest
 
-from buildgrid_fixture import buildgrid, start_buildgrid  # noqa: F401 (fixture)
+from buildgrid_fixture import buildgrid  # noqa: F401 (fixture)
 from test_http import N_ACTIONS, count, make, outputs
 
 from forge.cache import Cache

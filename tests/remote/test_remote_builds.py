@@ -4,7 +4,6 @@ Where each action ran comes from the build events (`ran_on`), which name the wor
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
