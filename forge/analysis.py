@@ -63,7 +63,7 @@ class AnalysisContext:
     def run(self, argv, *, inputs, outputs, mnemonic: str, env: dict | None = None,
             tools=(), pool: str | None = None, executable=(), description: str = "",
             timeout: float | None = None, local: str = "", remote: bool = False,
-            exec_properties: dict | None = None) -> Action:
+            exec_properties: dict | None = None, do_not_cache: bool = False) -> Action:
         """`remote`, `exec_properties`: see Action (may this run on a remote worker)."""
         return self._add(Action(self.label, mnemonic, self.rule.key, tuple(dict.fromkeys(inputs)),
                                 tuple(outputs), argv=tuple(argv), env=tuple(sorted((env or {}).items())),
@@ -71,7 +71,8 @@ class AnalysisContext:
                                 executable=tuple(a.path for a in executable),
                                 description=description or f"{mnemonic} {self.label}",
                                 timeout=timeout, local=local, remote=remote and not local,
-                                exec_properties=tuple(sorted((exec_properties or {}).items()))))
+                                exec_properties=tuple(sorted((exec_properties or {}).items())),
+                                do_not_cache=do_not_cache))
 
     def run_shell(self, cmd: str, **kw) -> Action:
         kw["tools"] = ("bash", *kw.get("tools", ()))

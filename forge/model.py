@@ -72,6 +72,9 @@ class Action:
     # an action runs does not change what it makes.
     remote: bool = False
     exec_properties: tuple[tuple[str, str], ...] = ()
+    # Executed remotely, its result stays out of the executor's action cache (REAPI
+    # do_not_cache): for actions whose result must be made afresh each time it is asked.
+    do_not_cache: bool = False
 
     @property
     def id(self) -> str:

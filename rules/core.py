@@ -76,7 +76,8 @@ def expand_make_vars(ctx, cmd: str, srcs, outs, locations) -> str:
     "message": attr.string(default="", doc="Progress message shown while it runs."),
     "exec_properties": attr.string_dict(doc="Platform properties a remote worker must have to "
                                         "run it (e.g. `{\"docker\": \"1\"}`); tag `no-remote` "
-                                        "keeps it on this machine."),
+                                        "keeps it on this machine, `no-remote-cache` keeps its "
+                                        "result out of the executor's action cache."),
 })
 def genrule(ctx):
     outs = [ctx.declare(o) for o in ctx.attr.outs]
@@ -93,7 +94,8 @@ def genrule(ctx):
                   executable=outs if ctx.attr.executable else (),
                   description=ctx.attr.message or f"Genrule {ctx.label}",
                   remote="no-remote" not in ctx.attr.tags,
-                  exec_properties=dict(ctx.attr.exec_properties or {}))
+                  exec_properties=dict(ctx.attr.exec_properties or {}),
+                  do_not_cache="no-remote-cache" in ctx.attr.tags)
     return ctx.info(files=outs, executable=outs[0] if ctx.attr.executable else None)
 
 

@@ -108,7 +108,10 @@ class Postgres:
 
     @property
     def uri(self) -> str:
-        return f"postgresql://bgd@127.0.0.1:{self.port}/postgres"
+        # psycopg2 by name: SQLAlchemy 2.1 picks psycopg 3 for postgresql://, and BuildGrid's
+        # LISTEN/NOTIFY (how a bot learns of a lease, a client of its result) needs psycopg2;
+        # with psycopg 3 it fails and everything waits for the next poll timeout (~10 s).
+        return f"postgresql+psycopg2://bgd@127.0.0.1:{self.port}/postgres"
 
     def stop(self) -> None:
         subprocess.run([*self.as_user, pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate",

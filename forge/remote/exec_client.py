@@ -84,7 +84,7 @@ class RemoteExecutor:
             t0 = time.perf_counter()
             blobs = rin.Blobs()
             root = rin.input_root(self._inputs(a, source_digests, generated, blobs), blobs)
-            digest = rin.action(a, key, root, blobs)
+            digest = rin.action(a, key, root, blobs, do_not_cache=a.do_not_cache)
             t1 = time.perf_counter()
             self._upload(blobs)
             t2 = time.perf_counter()
@@ -190,7 +190,8 @@ class RemoteExecutor:
                 self.stats["ms_on_worker"] += _ms(m.worker_start_timestamp, m.worker_completed_timestamp)
                 self.stats["ms_command"] += _ms(m.execution_start_timestamp,
                                                 m.execution_completed_timestamp)
-        self._alias(key, result)
+        if not a.do_not_cache:
+            self._alias(key, result)
         return Ran(outs, "", "" if resp.cached_result else worker, resp.cached_result)
 
     def _alias(self, key: str, result: re_pb.ActionResult) -> None:

@@ -3,8 +3,9 @@
 `Execute` answers with a stream of `google.longrunning.Operation`s whose metadata says
 the stage (CACHE_CHECK, QUEUED, EXECUTING, COMPLETED); the last one is `done` and packs
 an `ExecuteResponse`. The stream is read in slices of `SLICE` seconds: when a slice
-ends, or the connection drops, forge asks again with `WaitExecution(name)`; a server that
-forgot the operation (it restarted) gets the `Execute` again, which is safe because an
+ends, or the connection drops, forge asks again with `WaitExecution(name)` (for as long
+as `[remote] timeout` while the server does not answer); a server that forgot the
+operation gets the `Execute` again, which is safe because an
 action is a pure function of its digest. An action no worker takes within the queue
 timeout (no worker has the platform properties it needs, or the farm is saturated) is
 given up, so the caller can run it here.
@@ -12,11 +13,7 @@ given up, so the caller can run it here.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-
-_DEBUG = os.environ.get('FORGE_DEBUG_REX')
 
 import grpc
 
@@ -26,7 +23,6 @@ from forge.remote.results import Digest
 from forge.remote.transfer import RemoteError
 
 SLICE = 10.0  # seconds per streaming call: how often an idle wait looks at Ctrl-C
-DROPS = 5  # dropped streams in a row before the executor counts as down
 _STAGES = re_pb.ExecutionStage.Value
 WAITING = {_STAGES.Value(n) for n in ("UNKNOWN", "QUEUED", "CACHE_CHECK")}
 
@@ -54,6 +50,7 @@ class Execution:
                                        skip_cache_lookup=skip_cache, digest_function=SHA256)
         name = None
         drops = 0
+        dropped_at = 0.0  # when the executor stopped answering
         stage = _STAGES.Value("UNKNOWN")
         queued_since = time.monotonic()
         while True:
@@ -64,8 +61,6 @@ class Execution:
                                 metadata=self.store.metadata)
             try:
                 for op in call:
-                    if _DEBUG:
-                        print(f"{time.time():.3f} op {op.name} done={op.done}", file=sys.stderr)
                     name = op.name or name
                     drops = 0
                     meta = re_pb.ExecuteOperationMetadata()
@@ -88,9 +83,13 @@ class Execution:
                 elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                               grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                               grpc.StatusCode.ABORTED):
+                    # Dropped: ask again until it has not answered for the remote timeout
+                    # (a restarting BuildGrid keeps its operations in its database).
+                    if drops == 0:
+                        dropped_at = time.monotonic()
                     drops += 1
-                    if drops > DROPS:
-                        raise RemoteError(f"the executor dropped the action {drops} times "
+                    if time.monotonic() - dropped_at > s.timeout:
+                        raise RemoteError(f"the executor stopped answering for {s.timeout:g} s "
                                           f"({code.name}: {e.details()})", down=True) from None
                     time.sleep(min(2.0, 0.1 * 2 ** drops))
                     continue

@@ -52,8 +52,8 @@ from forge.remote.staging import (BlobCache, Outputs, StagingError, fetch, file_
 from forge.remote.transfer import RemoteError
 
 BOTS = "/google.devtools.remoteworkers.v1test2.Bots/"
-POLL = 4.0  # seconds an UpdateBotSession may wait on the server for work: BuildGrid 0.4.4's
-# notifier fails with psycopg 3, so a new lease reaches an idle bot only when its poll ends
+POLL = 30.0  # seconds an UpdateBotSession may wait on the server for work
+HEARTBEAT = 30.0  # seconds between keepalives at most, while every slot is busy
 DEFAULT_TIMEOUT = 3600.0  # an action that names no timeout
 BACKOFF_MAX = 5.0
 # BuildGrid's answers for a session it no longer has (expired, closed, unknown).
@@ -216,12 +216,35 @@ class Worker:
                 self.leases.pop(lid, None)
                 self.finished.add(lid)
         self._take(answer)
+        # At capacity the server answers at once (it has nothing to wait for), so the next
+        # call is a heartbeat: sent when a lease finishes, or well before the session expires.
+        if self._busy():
+            self.wake.wait(self._heartbeat(answer))
+
+    def _busy(self) -> bool:
+        with self.lock:
+            running = sum(not lease.done for lease in self.leases.values())
+            unreported = any(lease.done for lease in self.leases.values())
+        return not unreported and (running >= self.cfg.concurrency or self.draining.is_set())
+
+    @staticmethod
+    def _heartbeat(answer: bots_pb2.BotSession) -> float:
+        if not answer.HasField("expire_time"):
+            return HEARTBEAT
+        left = answer.expire_time.ToNanoseconds() / 1e9 - time.time()
+        return min(HEARTBEAT, max(0.5, left / 3))
 
     def _take(self, answer: bots_pb2.BotSession) -> None:
         with self.lock:
-            self.session.CopyFrom(answer)
+            # Copies first: `answer` may be self.session itself (CreateBotSession's answer),
+            # whose leases are cleared below.
+            offered = {}
+            for lease in answer.leases:
+                offered[lease.id] = bots_pb2.Lease()
+                offered[lease.id].CopyFrom(lease)
+            if answer is not self.session:
+                self.session.CopyFrom(answer)
             del self.session.leases[:]
-            offered = {lease.id: lease for lease in answer.leases}
             for lid, held in list(self.leases.items()):
                 if lid not in offered and not held.done:
                     # The server took it back (cancelled, or given to another bot).
@@ -345,6 +368,8 @@ class Worker:
             st = p.stat()
             before[p] = (st.st_size, st.st_mtime_ns)
         meta.input_fetch_completed_timestamp.CopyFrom(now())
+        if os.environ.get("FORGE_WORKER_TRACE"):
+            self._status(f"lease {lease.proto.id} staged")
         cwd = inside(root, command.working_directory or ".")
         cwd.mkdir(parents=True, exist_ok=True)
         outputs = self._declared(command)
@@ -402,7 +427,9 @@ class Worker:
         return ", ".join(f"{k}={v}" for k in sorted(props) for v in props[k])
 
     def _status(self, text: str) -> None:
-        self.log(f"forge worker {self.bot_id}: {text}")
+        t = time.time()
+        stamp = time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}"
+        self.log(f"{stamp} forge worker {self.bot_id}: {text}")
 
     def _write_status(self, state: str) -> None:
         with self.lock:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from pathlib import Path
 
 import pytest
 
-from buildgrid_fixture import buildgrid, start_buildgrid  # noqa: F401 (fixture)
+from buildgrid_fixture import buildgrid  # noqa: F401 (fixture)
 from test_http import N_ACTIONS, count, make, outputs
 
 from forge.cache import Cache
@@ -50,8 +49,31 @@ def test_command_carries_argv_env_outputs_and_properties():
                                                                    ("docker", "1")]
     assert msg.timeout.seconds == 90 and msg.timeout.nanos == 500_000_000
     assert msg.salt.endswith(b"k" * 32)
+    assert not msg.do_not_cache
     # Another key (other host tools) is another Action: never a shared result.
     assert rin.action(a, "j" * 32, root, rin.Blobs()) != d
+    blobs = rin.Blobs()
+    d = rin.action(a, "k" * 32, root, blobs, do_not_cache=True)
+    assert re_pb.Action.FromString(blobs.items[d.hash][1]).do_not_cache
+
+
+def test_genrule_declares_remote_properties_and_tags(tmp_path):
+    from conftest import Workspace
+    from forge.session import Session
+    from forge.workspace import find_workspace
+    ws = Workspace(tmp_path / "ws", tmp_path / "cache")
+    ws.write({"forge.toml": "", "p/BUILD": '''
+genrule(name = "plain", outs = ["a"], cmd = "echo > $@")
+genrule(name = "docker", outs = ["b"], cmd = "echo > $@", exec_properties = {"docker": "1"})
+genrule(name = "here", outs = ["c"], cmd = "echo > $@", tags = ["no-remote"])
+genrule(name = "fresh", outs = ["d"], cmd = "echo > $@", tags = ["no-remote-cache"])
+'''})
+    plan = Session(find_workspace(ws.root), cache_dir=str(ws.cache)).plan(["//p:all"])
+    by = {str(a.owner): a for a in plan.actions}
+    assert by["//p:plain"].remote and by["//p:plain"].exec_properties == ()
+    assert by["//p:docker"].exec_properties == (("docker", "1"),)
+    assert not by["//p:here"].remote
+    assert by["//p:fresh"].remote and by["//p:fresh"].do_not_cache
 
 
 def test_input_root_is_uploaded_once_and_reads_back(tmp_path, buildgrid):

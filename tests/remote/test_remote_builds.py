@@ -4,7 +4,6 @@ Where each action ran comes from the build events (`ran_on`), which name the wor
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -158,3 +157,30 @@ def test_the_executor_killed_mid_build_costs_a_warning(tmp_path, exec_grid, two_
     assert "local" in where and any(w.startswith("remote bench-w") for w in where), where
     for i in range(n):
         assert (ws.root / f"forge-out/k/s{i}.txt").read_text() == f"{i} {salt}\n"
+
+
+def test_a_dropped_stream_is_followed_again(tmp_path, exec_grid, two_workers):
+    """BuildGrid restarted while a worker runs the action: its operation lives in
+    PostgreSQL, WaitExecution finds it again, the action is not run here."""
+    salt = time.time_ns()
+    ws = make(tmp_path, "a", {"forge.toml": "[remote]\ntimeout = 90\n", "r/BUILD": f'''
+genrule(name = "slow", outs = ["slow.txt"], cmd = "sleep 8; echo {salt} > $@")
+'''})
+    def started():
+        return sum(w.log().count(" started") for w in two_workers)
+    before = started()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=ws.build("//...", *rex(exec_grid),
+                                                                timeout=300)))
+    t.start()
+    try:
+        wait_until(lambda: started() > before, 60, "a worker to take the action")
+        time.sleep(1)
+        exec_grid.restart()
+    finally:
+        t.join(300)
+    r = result["r"]
+    assert r.code == 0, r.err
+    assert ran_on(r)[0].startswith("remote bench-w"), (ran_on(r), r.err)
+    assert "running it here" not in r.err, r.err
+    assert (ws.root / "forge-out/r/slow.txt").read_text() == f"{salt}\n"
