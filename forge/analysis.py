@@ -76,12 +76,15 @@ class AnalysisContext:
 
     def call(self, function: str, params, *, inputs, outputs, mnemonic: str,
              pool: str | None = None, description: str = "", executable=(), tools=(),
-             local: str = "") -> Action:
-        """`local`: see Action.local (why the step depends on this machine)."""
+             local: str = "", origins=(), origins_file: Artifact | None = None) -> Action:
+        """`local`: see Action.local (why the step depends on this machine); `origins`
+        and `origins_file`: see Action.origins (where what it fetches comes from)."""
         return self._add(Action(self.label, mnemonic, self.rule.key, tuple(dict.fromkeys(inputs)),
                                 tuple(outputs), function=function, params=params, pool=pool, tools=tuple(tools),
                                 executable=tuple(a.path for a in executable),
-                                description=description or f"{mnemonic} {self.label}", local=local))
+                                description=description or f"{mnemonic} {self.label}", local=local,
+                                origins=tuple(tuple(o) for o in origins),
+                                origins_file=origins_file.path if origins_file else ""))
 
     def _add(self, action: Action) -> Action:
         if not action.outputs:

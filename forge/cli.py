@@ -30,9 +30,12 @@ COMMANDS = {
     "affected": "the targets a git change touches: forge build $(forge affected --base origin/main)",
     "graph": "draw a target's dependency graph (dot, svg, mermaid)",
     "explain": "why each action of the last build ran",
+    "provenance": "build a target and print its SLSA provenance (an in-toto Statement)",
     "clean": "remove outputs (--expunge: also this workspace's records)",
     "cache": "cache stats | cache gc --max-size 10G",
     "worker": "run actions for a remote-execution server (BuildGrid's Bots API)",
+    "keygen": "make a signing key pair: OUT (private, 0600) and OUT.pub",
+    "verify": "check a file, a target's outputs or a pushed image against its signature",
     "help": "show help for forge or one command",
     "version": "print forge's version",
 }
@@ -66,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     building.add_argument("--remote-instance", metavar="NAME", help="REAPI instance name")
     building.add_argument("--remote-timeout", metavar="SECONDS", type=float,
                           help="per-request timeout for the remote cache (default 60)")
+    building.add_argument("--sign-key", metavar="KEY", help="sign each output of the targets "
+                          "built into OUTPUT.dsse.json with this private key (default: [sign] "
+                          "key in forge.toml; empty: do not sign)")
 
     p = argparse.ArgumentParser(prog="forge", description="forge: builds OS images from BUILD files, "
                                 "caching every step by the content of its inputs.")
@@ -103,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("graph", parents=[common], help=COMMANDS["graph"])
     g.add_argument("target")
     g.add_argument("--format", choices=("dot", "svg", "mermaid"), default="dot")
+    pv = sub.add_parser("provenance", parents=[common, building], help=COMMANDS["provenance"])
+    pv.add_argument("target")
     e = sub.add_parser("explain", parents=[common], help=COMMANDS["explain"])
     e.add_argument("patterns", nargs="*", metavar="TARGET")
     c = sub.add_parser("clean", parents=[common], help=COMMANDS["clean"])
@@ -125,6 +133,19 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--name", default="", help="the bot id (default: host name and pid)")
     w.add_argument("--max-timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="the longest an action may run, whatever it asks (default 3600)")
+    kg = sub.add_parser("keygen", help=COMMANDS["keygen"])
+    kg.add_argument("out", metavar="OUT", help="where the private key goes; the public one "
+                    "goes to OUT.pub")
+    kg.add_argument("--type", choices=("ecdsa", "ed25519"), default="ecdsa",
+                    help="ECDSA P-256 (default) or Ed25519")
+    kg.add_argument("--force", action="store_true", help="replace an existing OUT")
+    v = sub.add_parser("verify", parents=[common], help=COMMANDS["verify"])
+    v.add_argument("subject", metavar="TARGET|FILE|IMAGE", help="a file or directory (its "
+                   "envelope FILE.dsse.json beside it), a target label (its outputs), or an "
+                   "image reference in a registry (its attached signatures)")
+    v.add_argument("--key", required=True, metavar="PUB", help="the signer's public key (PEM)")
+    v.add_argument("--signature", metavar="FILE", help="the DSSE envelope of a FILE, when it "
+                   "is not FILE.dsse.json")
     h = sub.add_parser("help", help=COMMANDS["help"])
     h.add_argument("topic", nargs="?")
     sub.add_parser("version", help=COMMANDS["version"])
@@ -163,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     root = None
     try:
         from forge.workspace import find_workspace
-        ws = find_workspace()
-        root = ws.root
+        try:
+            ws = find_workspace()
+        except UsageError:
+            # keygen, and verify of a file or an image: a customer has forge, not a workspace
+            if not (args.command == "keygen" or args.command == "verify"
+                    and not args.subject.startswith(("//", ":"))):
+                raise
+            ws = None
+        root = ws.root if ws else None
         return _COMMANDS[args.command](ws, args)
     except ForgeError as e:
         if getattr(args, "debug", False):
@@ -213,7 +241,10 @@ def _session(ws, args):
     return Session(ws, args.cache_dir)
 
 
-def _build(ws, args, patterns, *, tests: bool = False):
+def _build(ws, args, patterns, *, tests: bool = False, attest: bool = False):
+    """Plan and run; with `attest`, write the provenance of the targets named, and sign
+    what was built when a key is set."""
+    started = time.time()
     """Plan and run; returns (session, plan, summary, exit code)."""
     from forge.events import ProgressReporter, summary_line, write_build_events, write_profile
     t0 = time.perf_counter()
@@ -222,6 +253,9 @@ def _build(ws, args, patterns, *, tests: bool = False):
     from forge.workspace import weakened_checks
     for text in weakened_checks(ws.config):
         reporter.warning(text)
+    from forge.signing import check_key_config
+    # Loaded now so that a missing or wrong key fails before the build, not after it.
+    args.loaded_sign_key = check_key_config(ws.root, ws.config, getattr(args, "sign_key", None))
     s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
                                  file=sys.stderr))
     try:
@@ -244,6 +278,8 @@ def _build(ws, args, patterns, *, tests: bool = False):
         code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
         _write_last(s, summary)
         print(summary_line(summary), file=sys.stderr)
+        if attest and code == EXIT_OK:
+            _provenance(ws, plan, started)  # before _sign, which signs it
         if args.build_events:
             write_build_events(args.build_events, summary, code)
         if args.profile:
@@ -256,6 +292,20 @@ def _build(ws, args, patterns, *, tests: bool = False):
         reporter.close()
         s.records.save()
         s.records.unlock()
+
+
+def _sign(ws, args, plan, summary, code) -> None:
+    """After a successful build with a signing key: OUTPUT.dsse.json for each output of the
+    targets named (and the Statements written for them before this call)."""
+    key = getattr(args, "loaded_sign_key", None)
+    if key is None or summary is None or code != EXIT_OK:
+        return
+    from forge.signing import sign_outputs
+    outputs = [(str(label), a.path) for label in plan.roots if label in plan.infos
+               for a in plan.infos[label].files]
+    written = sign_outputs(ws.root, outputs, key)
+    print(f"forge: signed {len(written)} outputs with key {key.keyid[:16]} "
+          f"(OUTPUT.dsse.json beside each)", file=sys.stderr)
 
 
 def _write_last(s, summary) -> None:
@@ -272,10 +322,31 @@ def _no_targets(what: str) -> int:
     return EXIT_OK
 
 
+def _provenance(ws, plan, started: float) -> dict:
+    """Write NAME.provenance.json beside the outputs of each target built; returns the
+    statements by label."""
+    from forge import provenance
+    from forge.formats.common.files import atomic_write
+    invocation, finished, out = provenance.new_invocation_id(), time.time(), {}
+    for label in plan.roots:
+        info = plan.infos.get(label)
+        files = [a.path for a in (info.files if info else ()) if not a.source]
+        if not files:
+            continue
+        st = provenance.statement_for(ws.root, ws.config, plan.actions, label, files,
+                                      invocation_id=invocation, started=started, finished=finished)
+        dest = ws.root / provenance.path_for(label)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(dest, provenance.dumps(st))
+        out[label] = st
+    return out
+
+
 def cmd_build(ws, args) -> int:
     if not args.patterns:
         return _no_targets("build")
-    s, plan, summary, code = _build(ws, args, args.patterns)
+    s, plan, summary, code = _build(ws, args, args.patterns, attest=True)
+    _sign(ws, args, plan, summary, code)
     if code == EXIT_OK and args.load and summary is not None:
         if len(plan.roots) != 1:
             raise UsageError(f"--load needs exactly one target; {len(plan.roots)} matched")
@@ -296,6 +367,22 @@ def cmd_build(ws, args) -> int:
     return code
 
 
+def cmd_provenance(ws, args) -> int:
+    s, plan, summary, code = _build(ws, args, [args.target], attest=True)
+    s.close()
+    if code != EXIT_OK or summary is None:
+        return code
+    if len(plan.roots) != 1:
+        raise UsageError(f"forge provenance takes one target; {args.target} matches "
+                         f"{len(plan.roots)}", hint="name one target, e.g. //images:redisos")
+    from forge.provenance import path_for
+    written = ws.root / path_for(plan.roots[0])
+    if not written.is_file():
+        raise UsageError(f"{plan.roots[0]} has no output files: there is nothing to attest")
+    sys.stdout.write(written.read_text())
+    return EXIT_OK
+
+
 def cmd_test(ws, args) -> int:
     import threading
 
@@ -305,6 +392,7 @@ def cmd_test(ws, args) -> int:
             write_junit(args.junit, [])
         return _no_targets("test")
     s, plan, summary, code = _build(ws, args, args.patterns)
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK or args.nobuild:
         return code
     if not plan.tests:
@@ -346,6 +434,7 @@ def _call_runner(ws, plan, label, what: str, argv: list[str]) -> int:
 
 def cmd_load(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, [args.target])
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK or summary is None:
         return code
     return _call_runner(ws, plan, plan.roots[0], "load", [args.tag] if args.tag else [])
@@ -363,6 +452,7 @@ def cmd_lock(ws, args) -> int:
 
 def cmd_run(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, [args.target])
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK:
         return code
     if len(plan.roots) != 1:
@@ -475,6 +565,58 @@ def cmd_explain(ws, args) -> int:
     return EXIT_OK
 
 
+# --- keygen, verify ---------------------------------------------------------------------
+
+def cmd_keygen(ws, args) -> int:
+    from forge.formats.common.files import atomic_write
+    from forge.formats.sign.keys import generate
+    out = Path(args.out)
+    pub = out.with_name(out.name + ".pub")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists: forge keygen does not replace a key",
+                         hint="choose another name, or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise UsageError(f"cannot write {out}: the directory {out.parent} does not exist")
+    key = generate(args.type)
+    atomic_write(out, key.pem, mode=0o600)
+    atomic_write(pub, key.public.pem, mode=0o644)
+    print(f"forge: wrote {out} (private, {args.type}, mode 0600) and {pub}; key id "
+          f"{key.keyid}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_verify(ws, args) -> int:
+    from forge.verifying import public_key, verify_image, verify_path
+    key = public_key(args.key)
+    arg = args.subject
+    if os.path.lexists(arg):
+        results = [verify_path(Path(arg), key, Path(args.signature) if args.signature else None)]
+    elif arg.startswith("//") or arg.startswith(":"):
+        if args.signature:
+            raise UsageError("--signature goes with a FILE, not a target (whose outputs have "
+                             "their own envelopes)")
+        s = _session(ws, args)
+        plan = s.plan([arg])
+        results = []
+        for label in plan.roots:
+            files = plan.infos[label].files if label in plan.infos else []
+            for a in files:
+                results.append(verify_path(ws.root / a.path, key,
+                                           shown=os.path.relpath(ws.root / a.path)))
+        if not results:
+            raise UsageError(f"{arg} has no outputs to verify")
+    elif any(c in arg for c in "/:@") and not arg.startswith((".", "/")):
+        from forge.verifying import registry_client
+        results = verify_image(registry_client(ws.config if ws else {}), arg, key)
+    else:
+        raise UsageError(f"{arg}: no such file, and not a target label or an image reference",
+                         hint="forge verify takes a FILE, a //pkg:target or registry/repo:tag")
+    for r in results:
+        print(r)
+    print(f"forge: {len(results)} verified", file=sys.stderr)
+    return EXIT_OK
+
+
 # --- clean, cache -----------------------------------------------------------------------
 
 def cmd_clean(ws, args) -> int:
@@ -562,4 +704,5 @@ def cmd_worker(args) -> int:
 
 _COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,
              "lock": cmd_lock, "query": cmd_query, "affected": cmd_affected,
-             "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache}
+             "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache,
+             "verify": cmd_verify, "keygen": cmd_keygen, "provenance": cmd_provenance}

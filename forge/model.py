@@ -60,6 +60,12 @@ class Action:
     # Such an action is never looked up in nor uploaded to a shared cache; the text is the
     # warning each build prints. Not in the key: it does not change what the action makes.
     local: str = ""
+    # Where what the action fetched from outside came from, for provenance
+    # (forge.provenance): (name, uri, "sha256:<hex>") known when planning, and the path of
+    # an output the step writes listing more ({"origins": [{"name", "uri", "digest"}]}).
+    # Not in the key: the digests are already in the params or checked by the step.
+    origins: tuple[tuple[str, str, str], ...] = ()
+    origins_file: str = ""
 
     @property
     def id(self) -> str:

@@ -23,7 +23,7 @@ from forge.records import Records
 from forge.ruleset import installed
 from forge.workspace import CONFIG_NAME, Workspace
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: Action.origins
 
 
 # Plans read in this process, by file: a resident forge (forge/server.py) reuses them

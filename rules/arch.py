@@ -89,14 +89,15 @@ def index_action(ctx, layouts: dict, name: str):
     return out
 
 
-def image_info(ctx, layouts: dict, tag: str | None = None, **extra):
+def image_info(ctx, layouts: dict, tag: str | None = None, more_files=(), **extra):
     """The info of an image target that built `layouts` ({arch: layout}, primary first);
-    `tag`: its own name (a LinuxKit package's), which forge load and oci_push default to."""
+    `tag`: its own name (a LinuxKit package's), which forge load and oci_push default to;
+    `more_files`: its other outputs (SBOMs)."""
     arches = list(layouts)
     primary = layouts[arches[0]]
     image = primary if len(layouts) == 1 else index_action(ctx, layouts, ctx.label.name)
     local = layouts.get(host_arch(), primary)  # what a Docker engine here loads and runs
-    files = [image] + [v for v in layouts.values() if v is not image]
+    files = [image] + [v for v in layouts.values() if v is not image] + list(more_files)
     return ctx.info(files=files, image=image.path,
                     images={a: v.path for a, v in layouts.items()}, arch=arches[0],
                     load={"runner": "DockerLoad", "params": {"layout": local.path,

@@ -114,7 +114,7 @@ def http_file(ctx):
     name = ctx.attr.downloaded_file_path or urls[0].rstrip("/").rsplit("/", 1)[-1] or "downloaded"
     out = ctx.declare(name)
     ctx.call("HttpFetch", {"urls": urls, "sha256": sha}, inputs=[], outputs=[out],
-             mnemonic="HttpFetch", pool="network",
+             mnemonic="HttpFetch", pool="network", origins=[(name, urls[0], f"sha256:{sha}")],
              executable=[out] if ctx.attr.executable else ())
     return ctx.info(files=[out], executable=out if ctx.attr.executable else None)
 

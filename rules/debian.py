@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from forge.api import ActionFailed, ExecContext, action_function, attr, pool, rule
+from forge.api import ActionFailed, Artifact, ExecContext, action_function, attr, pool, rule
 from forge.formats.debian import errors as debian_errors
 from forge.formats.debian import keyring as debian_keyring
 from forge.formats.image.layer_write import normalise
@@ -17,7 +17,7 @@ from forge.formats.image.layout import add_blob, image_config_defaults, write_im
 from forge.formats.image.spec import DEBIAN_TO_OCI, host_arch
 
 from . import arch as archs
-from . import compressors, debtrust, stages
+from . import compressors, debtrust, sbom, stages
 from .debtrust import mirror_for
 
 # Downloads overlap the other run's unpacking; more would only fight for 2 cores.
@@ -63,9 +63,12 @@ def debian_rootfs(ctx):
     elif trust.workspace_keyring:
         inputs = [ctx.source_file(trust.workspace_keyring)]
         base["keyring"] = inputs[0].path
-    layouts = {}
+    layouts, inventories, sboms = {}, {}, {}
     for arch in arches:
-        out = ctx.declare_dir(archs.out_name(ctx.label.name, arch, arches[0]))
+        stem = archs.out_name(ctx.label.name, arch, arches[0])
+        out = ctx.declare_dir(stem)
+        debs = ctx.declare(stem + ".debs.json")  # what apt installed: the SBOM's packages
+        origins = ctx.declare(stem + ".origins.json")  # and where from: the provenance's
         tools = ["mmdebstrap"]
         if arch != host_arch() and ctx.attr.variant != "extract":
             # maintainer scripts run under qemu-user: the emulator is part of the result
@@ -76,11 +79,16 @@ def debian_rootfs(ctx):
                                hint=stages.EMULATION_HINT + "; or use variant = \"extract\", "
                                "which unpacks packages and runs none of their scripts")
             tools += ["arch-test", emulator]
-        ctx.call("Mmdebstrap", {**base, "architecture": arch}, inputs=inputs, outputs=[out],
+        ctx.call("Mmdebstrap", {**base, "architecture": arch}, inputs=inputs, outputs=[out, debs, origins],
+                 origins_file=origins,
                  mnemonic="DebianRootfs", pool="mmdebstrap", tools=tools,
                  description=f"DebianRootfs {ctx.label} ({ctx.attr.suite}, {arch})")
         layouts[arch] = out
-    return archs.image_info(ctx, layouts)
+        inventories[arch] = [debs.path]
+        sboms[arch] = sbom.image_sbom(ctx, out, arch, stem, [debs.path], archs.platform(arch))
+    return archs.image_info(ctx, layouts, more_files=[*sboms.values(),
+                                                      *(Artifact(p, source=False) for v in inventories.values() for p in v)],
+                            inventory=inventories, sbom={a: s.path for a, s in sboms.items()})
 
 
 ARCH_TO_OCI = DEBIAN_TO_OCI
@@ -111,7 +119,7 @@ def _own_namespaces(argv: list[str]) -> list[str]:
             "--mount-proc", *argv]
 
 
-@action_function("Mmdebstrap", version=4)  # 4: the compressor in the key
+@action_function("Mmdebstrap", version=5)  # 5: N.debs.json, what apt installed
 def run_mmdebstrap(ctx: ExecContext) -> None:
     p = ctx.params
     compressors.check(ctx, "gzip")
@@ -135,6 +143,18 @@ def run_mmdebstrap(ctx: ExecContext) -> None:
     argv.append("--customize-hook=chroot \"$1\" sh -c 'for d in /var/cache/apt/archives/partial "
                 "/var/lib/apt/lists/partial; do if [ -d $d ]; then chown _apt:root $d; "
                 "chmod 700 $d; fi; done'")
+    # The .deb files apt installed, kept for the inventory (the SBOM's packages): those
+    # extracted first (the only ones of the extract variant, which runs no customize
+    # hook) and those installed after; the cleanup phase still empties apt's cache in
+    # the tree itself.
+    debs_dir = ctx.path("debs").resolve()
+    debs_dir.mkdir()
+    lists_dir = ctx.path("lists").resolve()
+    lists_dir.mkdir()
+    argv += ["--skip=essential/unlink",
+             f"--extract-hook=sync-out /var/lib/apt/lists {lists_dir}",
+             f"--extract-hook=sync-out /var/cache/apt/archives {debs_dir}",
+             f"--customize-hook=sync-out /var/cache/apt/archives {debs_dir}"]
     argv += [p["suite"], str(raw), mirror_for(ctx.config)]
     try:
         ctx.run(_own_namespaces(argv))
@@ -153,6 +173,54 @@ def run_mmdebstrap(ctx: ExecContext) -> None:
         diff_ids=[info.diff_id], platform=f"linux/{arch}", cmd=p["cmd"],
         env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
     write_image(out, config, [info], platform=("linux", arch))
+    packages = _write_inventory(ctx, debs_dir, ctx.path(ctx.outputs[1]))
+    _write_origins(ctx, packages, lists_dir, ctx.path(ctx.outputs[2]))
+
+
+def _write_inventory(ctx: ExecContext, debs_dir: Path, dest: Path) -> list[dict]:
+    from forge.formats.common.files import canonical_json
+    from forge.formats.debian.errors import DebError
+    from forge.formats.debian.inventory import inventory
+    try:
+        packages = inventory(sorted(debs_dir.glob("*.deb")))
+    except DebError as e:
+        raise ActionFailed(f"a package apt installed cannot be read: {e}") from None
+    p = ctx.params
+    dest.write_bytes(canonical_json({"distro": "debian", "suite": p["suite"],
+                                     "components": p["components"], "architecture": p["architecture"],
+                                     "packages": packages}))
+    shutil.rmtree(debs_dir, ignore_errors=True)
+    return packages
+
+
+def _write_origins(ctx: ExecContext, packages: list[dict], lists_dir: Path, dest: Path) -> None:
+    """Where the packages and the indexes apt verified them by came from (the mirror of
+    this build: a file of its own, so the inventory stays the same from any mirror). apt
+    keeps an index decompressed, as the Release it verified lists it too."""
+    import hashlib
+    from forge.formats.common.files import canonical_json
+    from forge.formats.debian.inventory import pool_path
+    p = ctx.params
+    mirror = mirror_for(ctx.config).rstrip("/")
+    comps = p["components"]
+    out = []
+    for rec in packages:
+        out.append({"name": f"{rec['package']}_{rec['version']}_{rec['architecture']}.deb",
+                    "uri": f"{mirror}/{pool_path(rec, comps[0] if comps else 'main')}",
+                    "digest": {"sha256": rec["sha256"]}})
+    suite = p["suite"]
+    wanted = {f"_dists_{suite}_InRelease": f"dists/{suite}/InRelease",
+              f"_dists_{suite}_Release": f"dists/{suite}/Release"}
+    for c in comps:
+        wanted[f"_dists_{suite}_{c}_binary-{p['architecture']}_Packages"] = \
+            f"dists/{suite}/{c}/binary-{p['architecture']}/Packages"
+    for f in sorted(lists_dir.iterdir()):
+        rel = next((v for k, v in wanted.items() if f.name.endswith(k)), None)
+        if rel and f.is_file():
+            out.append({"name": rel, "uri": f"{mirror}/{rel}",
+                        "digest": {"sha256": hashlib.sha256(f.read_bytes()).hexdigest()}})
+    shutil.rmtree(lists_dir, ignore_errors=True)
+    dest.write_bytes(canonical_json({"origins": out}))
 
 
 def register(rule_set) -> None:

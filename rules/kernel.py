@@ -8,6 +8,8 @@ Output of `kernel`, a directory in LinuxKit's layout:
     kernel.tar     lib/modules/<version>/... (only the kept modules), reproducible
     modules.load   the kept modules in load order, one path per line (for the init)
     version        the kernel release, e.g. 6.1.0-50-cloud-amd64
+    package.json   from a package: what it was (forge.formats.debian.inventory, without
+                   its file list), for the image's SBOM
     dtb/<vendor>/  with `dtbs`: the package's device trees of those vendors
                    (usr/lib/linux-image-<version>/<vendor>/*.dtb; arm64's linux-image-arm64
                    has them, the cloud kernel has no broadcom ones)
@@ -28,7 +30,7 @@ from forge.formats.linux.fragments import FragmentWriter
 
 from . import arch as archs
 from . import debtrust
-from .debtrust import mirror_for
+from .debtrust import mirror_for, mirror_or_none
 
 DOC_SUITE = "Debian suite whose package index is used."
 COMPONENTS = ("main", "contrib", "non-free", "non-free-firmware")
@@ -113,7 +115,11 @@ def fetch_action(ctx, pin: dict, name: str):
     ctx.call("DebFetch", {"filename": pin["Filename"], "sha256": pin["SHA256"],
                           "size": pin["Size"], **pin["_trust"].params()},
              inputs=[], outputs=[out], mnemonic="DebFetch",
-             pool="network", description=f"DebFetch {pin['Package']} {pin['Version']}")
+             pool="network", description=f"DebFetch {pin['Package']} {pin['Version']}",
+             # the mirror of this machine, as the step downloads from it (not in the key)
+             origins=[(pin["Filename"].rsplit("/", 1)[-1],
+                       f"{(mirror_or_none(ctx.config) or '').rstrip('/')}/{pin['Filename']}",
+                       f"sha256:{pin['SHA256']}")])
     return out
 
 
@@ -203,7 +209,8 @@ def _kernel(ctx):
         is_deb, arch = ctx.attr.url.endswith(".deb"), None
         src = ctx.declare(f"{ctx.label.name}.download{'.deb' if is_deb else ''}")
         ctx.call("HttpFetch", {"urls": [ctx.attr.url], "sha256": sha}, inputs=[], outputs=[src],
-                 mnemonic="HttpFetch", pool="network")
+                 mnemonic="HttpFetch", pool="network",
+                 origins=[(src.path.rsplit("/", 1)[-1], ctx.attr.url, f"sha256:{sha}")])
         if not is_deb:  # a bare kernel image: no modules come with it
             if ctx.attr.modules:
                 raise ctx.fail("modules need a kernel package or image; this URL is a bare kernel",
@@ -252,7 +259,7 @@ def _vendor(name: str) -> str | None:
     return parts[3] if len(parts) > 4 else None
 
 
-@action_function("KernelFromDeb", version=1)
+@action_function("KernelFromDeb", version=2)  # 2: package.json
 def kernel_from_deb(ctx: ExecContext) -> None:
     image = None
     mods: dict[str, tuple[str, dict, bytes]] = {}
@@ -279,6 +286,10 @@ def kernel_from_deb(ctx: ExecContext) -> None:
                            "(usr/lib/linux-image-*/<vendor>/*.dtb); Debian's cloud kernels ship "
                            "few: use linux-image-arm64 for the Raspberry Pi")
     _write_kernel(ctx, image, version, mods)
+    from forge.formats.common.files import canonical_json
+    from forge.formats.debian.inventory import record
+    rec = {k: v for k, v in record(ctx.path(ctx.inputs[0])).items() if k != "files"}
+    (ctx.path(ctx.outputs[0]) / "package.json").write_bytes(canonical_json(rec))
     for rel, data in sorted(dtbs.items()):
         dest = ctx.path(ctx.outputs[0]) / "dtb" / rel
         dest.parent.mkdir(parents=True, exist_ok=True)

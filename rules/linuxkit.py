@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import tarfile
 
-from forge.api import (ActionFailed, AnalysisError, ExecContext, LoadError, Location,
+from forge.api import (ActionFailed, AnalysisError, Artifact, ExecContext, LoadError, Location,
                        action_function, attr, did_you_mean, parse_label, rule)
 from forge.formats.linuxkit.errors import AssemblyError, Loc
 from forge.formats.linuxkit import assembly as asmlib
@@ -31,7 +31,7 @@ from forge.formats.linuxkit.runtime import runtime_config
 from forge.formats.linux.fragments import FragmentWriter
 
 from . import arch as archs
-from . import compressors, disk
+from . import compressors, disk, sbom, verity
 from .lkpkg import package_for
 from .oci import pinned, pull_action
 
@@ -105,6 +105,21 @@ action. `forge run` boots it under QEMU.""", attrs={
                                 "tag (linuxkit/foo:<hash>) is that target, not a pull."),
     "firmware": attr.label(doc="Boot firmware of the formats that need it: an rpi_firmware "
                            "target for rpi3."),
+    "verity": attr.bool(default=False, doc="A verified root: the kernel+squashfs or "
+                        "kernel+erofs image (the one format, with at most a uki beside it, "
+                        "which then embeds the boot initrd and this command line) gets a "
+                        "dm-verity hash tree, N-cmdline its root hash, and the boot initrd "
+                        "opens the root through dm-verity (docs/supply-chain.md)."),
+    "uki_stub": attr.label(doc="A uki_stub target: systemd's EFI stub, which the `uki` format "
+                           "and `efi_boot = \"uki\"` build on."),
+    "efi_boot": attr.string(default="grub", values=disk.EFI_BOOTS, doc="What the EFI disks "
+                            "(iso-efi, iso-efi-initrd, raw-efi, qcow2-efi) start as "
+                            "EFI/BOOT/BOOTX64.EFI: grub, or uki (the unified kernel image, "
+                            "needs uki_stub)."),
+    "secure_boot_key": attr.label_list(doc="A Secure Boot db key: a PEM private key and its "
+                                       "PEM certificate (two files, e.g. [\"db.key\", "
+                                       "\"db.crt\"]). forge signs the UKI and every EFI "
+                                       "binary it puts on an ESP with it (sbsign)."),
 })
 def linuxkit_image(ctx):
     for fmt in ctx.attr.formats:
@@ -120,6 +135,8 @@ def linuxkit_image(ctx):
                        f"{', '.join(disk.ANY_ARCH)}", attr="formats",
                        hint="drop it: disk images for arm64 need GRUB's arm64-efi modules, which "
                        "forge does not fetch yet")
+    if ctx.attr.verity:
+        verity.check(ctx, list(ctx.attr.formats), arch, tuple(disk.FORMATS))
     arts = [a for lb in _assembly_labels(ctx.attr) for a in ctx.dep(lb).files]
     asm = _parse([(a.path, ctx.read_source(a)) for a in arts])
     if asm.kernel is None or not asm.kernel.image:
@@ -146,6 +163,7 @@ class _Planner:
         self.unpacked: dict[str, object] = {}  # layout path -> LkUnpack output dir
         self.fragments: list[tuple[str, object]] = []
         self.outside: list[str] = []           # file sources read from outside the workspace
+        self._infos: dict[str, object] = {}    # image text -> its target's info (not pulls)
 
     # images
     def layout(self, text: str, loc) -> object:
@@ -156,6 +174,7 @@ class _Planner:
         if package is not None or text in ctx.attr.images or _is_label(text):
             label = package or ctx.attr.images.get(text) or parse_label(text, ctx.package)
             info = ctx.dep(label)
+            self._infos[text] = info
             where = Location(loc.file, loc.line, loc.col) if loc else None
             self.kinds[text] = "image" if info.extra.get("image") else "kernel"
             if info.extra.get("image"):
@@ -366,6 +385,20 @@ class _Planner:
         return [pull_action(self.ctx, ref, p, f"{self.name}.volumes/{v.name}/{p.replace('/', '_')}-{safe}")
                 for p in dict.fromkeys(v.platforms)]
 
+    def sbom(self, kernel_dir):
+        """The image's SBOM, also put at its root (sbom.spdx.json) as LinuxKit does."""
+        images = {}
+        for text, art in self.layouts.items():
+            if self.kinds.get(text) != "image":
+                continue
+            info = self._infos.get(text)
+            path = ((info.extra.get("sbom") or {}).get(self.arch)) if info is not None else None
+            images[text] = (Artifact(path, source=False) if path else None, art)
+        files = next((f for what, f in self.fragments if what == "files"), None)
+        doc, frag = sbom.os_sbom(self.ctx, self.name, images, kernel_dir, files, self.platform)
+        self.fragments.append(("sbom", frag))
+        return doc
+
     # the whole plan
     def plan(self):
         ctx = self.ctx
@@ -376,6 +409,7 @@ class _Planner:
         self.entries()
         self.volumes()
         self.files()
+        self.sbom_doc = self.sbom(kernel_dir)
         comp = ctx.attr.compression
         segments = []
         for n, (what, frag) in enumerate(self.fragments):
@@ -387,22 +421,30 @@ class _Planner:
         if not has_kernel:
             outputs = {fmt: disk.plan_format(ctx, fmt, self.name, None, None,
                                              [f for _, f in self.fragments]) for fmt in ctx.attr.formats}
-            files = [a for arts in outputs.values() for a in arts]
+            files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc]
             formats = {f: [a.path for a in arts] for f, arts in outputs.items()}
             return ctx.info(files=files, formats=formats,  # `forge run` says it has nothing to boot
                             run={"runner": "QemuRun", "params": {"name": self.name, "formats": formats}})
         initrd = ctx.declare(f"{self.name}-initrd.img")
         ctx.call("LkInitrd", {}, inputs=[kernel_dir, *segments], outputs=[initrd], mnemonic="LkInitrd")
-        kernel, cmdline = ctx.declare(f"{self.name}-kernel"), ctx.declare(f"{self.name}-cmdline")
+        # With verity, N-cmdline is LkVerity's (the root hash added to this one).
+        kernel = ctx.declare(f"{self.name}-kernel")
+        cmdline = ctx.declare(f"{self.name}.verity/cmdline" if ctx.attr.verity else f"{self.name}-cmdline")
         ctx.call("LkBootFiles", {"cmdline": self.asm.kernel.cmdline}, inputs=[kernel_dir],
                  outputs=[kernel, cmdline], mnemonic="LkBootFiles")
         boot = {"kernel": kernel, "initrd": initrd, "cmdline": cmdline}
+        dm_debs = verity.fetch_debs(ctx, self.name) if ctx.attr.verity else None
         outputs = {}
-        for fmt in ctx.attr.formats:
+        for fmt in verity.order(ctx.attr.formats) if dm_debs else ctx.attr.formats:
             outputs[fmt] = disk.plan_format(ctx, fmt, self.name, boot, kernel_dir,
-                                            [f for _, f in self.fragments], arch=self.arch)
-        files = [a for arts in outputs.values() for a in arts]
-        return ctx.info(files=files, kernel=kernel.path, initrd=initrd.path, cmdline=cmdline.path,
+                                            [f for _, f in self.fragments], arch=self.arch,
+                                            dm_debs=dm_debs)
+            if dm_debs and "boot-initrd" in boot:  # a UKI after it embeds the verity boot
+                boot["initrd"] = boot["boot-initrd"]
+        cmdline = boot["cmdline"]
+        files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc]
+        return ctx.info(files=files, kernel=kernel.path, sbom=self.sbom_doc.path, initrd=initrd.path,
+                        cmdline=cmdline.path,
                         formats={f: [a.path for a in arts] for f, arts in outputs.items()},
                         boot_files=[kernel, initrd, cmdline], arch=self.arch,
                         run={"runner": "QemuRun", "params": {

@@ -147,7 +147,7 @@ def test_segments_unpack_with_cpio(lk):
     names = [s.name for s in segs]
     assert names == ["000-kernel.cpio.gz", "001-init-0.cpio.gz", "002-onboot-setup.cpio.gz",
                      "003-services-web.cpio.gz", "004-services-other.cpio.gz",
-                     "005-volumes-data.cpio.gz", "006-files.cpio.gz"]
+                     "005-volumes-data.cpio.gz", "006-files.cpio.gz", "007-sbom.cpio.gz"]
     listing = {}
     for s in segs:
         p = subprocess.run(["cpio", "-itv", "--quiet"], input=gzip.decompress(s.read_bytes()),
@@ -201,9 +201,12 @@ def test_changing_one_service_reruns_only_its_fragment(lk):
     r = lk.build("//:os")
     assert r.code == 0, r.err
     # etc/meta.json holds the assembly (`metadata: json`), so the files fragment changes too
+    # and so does the SBOM, which lists the files, and its segment
     assert _executed(r) == [("LkBundle", "services-000-web.tar"), ("LkFiles", "files.tar"),
-                            ("LkInitrd", "os-initrd.img"), ("LkSegment", "003-services-web.cpio.gz"),
-                            ("LkSegment", "006-files.cpio.gz"), ("LkTar", "os.tar")]
+                            ("LkInitrd", "os-initrd.img"), ("LkSbom", "os.sbom.spdx.json"),
+                            ("LkSegment", "003-services-web.cpio.gz"),
+                            ("LkSegment", "006-files.cpio.gz"), ("LkSegment", "007-sbom.cpio.gz"),
+                            ("LkTar", "os.tar")]
     assert lk.build("//:os").event_list[-1]["executed"] == 0
 
 

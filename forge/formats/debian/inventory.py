@@ -1,0 +1,73 @@
+"""What a set of installed `.deb` files was: the record an SBOM is written from.
+
+One record per package, read from the `.deb` itself (so it is the package apt verified
+and installed, whatever the tree later became):
+
+    {"package", "version", "architecture", "source", "source_version", "sha256", "size",
+     "maintainer", "homepage", "license" (SPDX expression or null), "license_refs"
+     ({LicenseRef: Debian name}), "files" (sorted paths, no leading "./")}
+
+`source` is the `Source:` field without its version (or the package's own name), as the
+purl's `upstream` qualifier and SPDX want it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from forge.formats.debian import copyright as copyright_format
+from forge.formats.debian.package import control_fields, open_data_tar
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record(deb: str | os.PathLike) -> dict:
+    deb = Path(deb)
+    fields = control_fields(deb)
+    name = fields.get("Package", "")
+    src = fields.get("Source", "").strip()
+    source, _, rest = src.partition(" ")
+    source_version = rest.strip("() ") or fields.get("Version", "")
+    files, text = [], None
+    wanted = {f"usr/share/doc/{name}/copyright", f"./usr/share/doc/{name}/copyright"}
+    with open_data_tar(deb) as tf:
+        for m in tf:
+            path = m.name[2:] if m.name.startswith("./") else m.name
+            path = path.rstrip("/")
+            if not path or m.isdir():
+                continue
+            files.append(path)
+            if m.name in wanted and m.isfile():
+                text = tf.extractfile(m).read().decode("utf-8", "replace")
+    expr, refs = copyright_format.licenses(text) if text is not None else (None, {})
+    return {"package": name, "version": fields.get("Version", ""),
+            "architecture": fields.get("Architecture", ""), "source": source or name,
+            "source_version": source_version, "sha256": _sha256(deb), "size": deb.stat().st_size,
+            "maintainer": fields.get("Maintainer", ""), "homepage": fields.get("Homepage", ""),
+            "license": expr, "license_refs": refs, "files": sorted(files)}
+
+
+def inventory(debs: list[str | os.PathLike]) -> list[dict]:
+    """The records of `debs`, sorted by package name (one per name: the last wins)."""
+    out = {}
+    for d in debs:
+        r = record(d)
+        out[r["package"]] = r
+    return [out[k] for k in sorted(out)]
+
+
+def pool_path(rec: dict, component: str = "main") -> str:
+    """The package's path in a Debian archive (`pool/main/r/redis/redis-server_...deb`),
+    by the archive's naming convention: the version without its epoch."""
+    src = rec["source"]
+    prefix = src[:4] if src.startswith("lib") and len(src) > 3 else src[:1]
+    version = rec["version"].split(":", 1)[-1]
+    return f"pool/{component}/{prefix}/{src}/{rec['package']}_{version}_{rec['architecture']}.deb"

@@ -1,0 +1,231 @@
+"""SBOMs: Debian copyright files to SPDX licences, the inventory of real .deb files, the
+SPDX writer (each document checked by spdx-tools' own validator), attestations in an OCI
+layout, and RedisOS's SBOM built from a real mirror, validated with `pyspdxtools -i`."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import require
+from package_builders import make_deb
+from test_redisos import redisos  # noqa: F401  (the module's RedisOS build, a fixture)
+
+from forge.formats.common.files import canonical_json
+from forge.formats.debian import copyright as cr
+from forge.formats.debian.inventory import inventory, pool_path, record
+from forge.formats.image.layout import add_blob, write_index_document
+from forge.formats.sbom.attestations import spdx_documents
+from forge.formats.sbom.spdx import Document, created, deb_purl, dumps, spdx_id
+
+MACHINE = """\
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: hello
+
+Files: *
+Copyright: 2020 Someone
+License: GPL-2+ or Artistic
+ The licence text.
+
+Files: lib/*
+Copyright: 2021 Other
+License: Expat
+
+Files: contrib/*
+Copyright: 2022 Third
+License: GPL-2+ with OpenSSL exception
+"""
+
+
+def validate(doc: dict, tmp: Path) -> list[str]:
+    """spdx-tools' messages for `doc` (empty: valid SPDX 2.3)."""
+    pytest.importorskip("spdx_tools", reason="spdx-tools is a test dependency (pip install -e .[test])")
+    from spdx_tools.spdx.parser.parse_anything import parse_file
+    from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+    path = tmp / "doc.spdx.json"
+    path.write_bytes(dumps(doc))
+    return [m.validation_message for m in validate_full_spdx_document(parse_file(str(path)))]
+
+
+# --- copyright files --------------------------------------------------------------------
+
+def test_machine_readable_copyright_gives_spdx_expressions_and_refs():
+    expr, refs = cr.licenses(MACHINE)
+    assert expr == ("(GPL-2.0-or-later OR Artistic-1.0) AND MIT AND "
+                    "LicenseRef-GPL-2-with-OpenSSL-exception")
+    assert refs == {"LicenseRef-GPL-2-with-OpenSSL-exception": "GPL-2+ with OpenSSL exception"}
+
+
+def test_free_form_copyright_is_unknown_not_guessed():
+    assert cr.licenses("This package was debianized by someone.\nLicense: GPL\n") == (None, {})
+
+
+def test_commas_mean_and():
+    assert cr.spdx_expression("BSD-3-clause, and Zlib")[0] == "BSD-3-Clause AND Zlib"
+
+
+# --- the inventory of real packages -----------------------------------------------------
+
+def _deb(tmp: Path, name="hello", version="1:2.0-1", copyright_text=MACHINE) -> Path:
+    require(shutil.which("dpkg-deb") is not None, "dpkg-deb is not installed (dpkg)")
+    import tempfile
+    return make_deb(Path(tempfile.mkdtemp(dir=tmp)), name, version, files={
+        f"usr/share/doc/{name}/copyright": copyright_text.encode(),
+        "usr/bin/hello": b"#!/bin/sh\necho hello\n", "lib/x86_64-linux-gnu/libhello.so.1": b"\x7fELF"})
+
+
+def test_record_of_a_deb(tmp_path):
+    deb = _deb(tmp_path)
+    rec = record(deb)
+    assert (rec["package"], rec["version"], rec["architecture"], rec["source"]) == \
+        ("hello", "1:2.0-1", "amd64", "hello")
+    assert rec["sha256"] == hashlib.sha256(deb.read_bytes()).hexdigest()
+    assert rec["size"] == deb.stat().st_size
+    assert rec["license"].startswith("(GPL-2.0-or-later OR Artistic-1.0)")
+    assert "usr/bin/hello" in rec["files"] and "lib/x86_64-linux-gnu/libhello.so.1" in rec["files"]
+    assert pool_path(rec) == "pool/main/h/hello/hello_2.0-1_amd64.deb"
+    assert deb_purl(rec) == "pkg:deb/debian/hello@1%3A2.0-1?arch=amd64"
+
+
+def test_inventory_is_sorted_and_repeatable(tmp_path):
+    a, b = _deb(tmp_path, "zed", "1.0"), _deb(tmp_path, "abc", "2.0")
+    one, two = inventory([a, b]), inventory([b, a])
+    assert [r["package"] for r in one] == ["abc", "zed"]
+    assert canonical_json(one) == canonical_json(two)
+
+
+# --- the SPDX writer --------------------------------------------------------------------
+
+def _doc(tmp: Path) -> Document:
+    rec = record(_deb(tmp))
+    doc = Document("//t:img")
+    root = doc.image("//t:img", "sha256:" + "a" * 64)
+    doc.describes.append(root)
+    pkg = doc.deb(rec)
+    doc.relate(root, "CONTAINS", pkg)
+    doc.relate(pkg, "CONTAINS", doc.file("usr/bin/hello", b"#!/bin/sh\necho hello\n"))
+    return doc
+
+
+def test_document_is_valid_spdx_and_reproducible(tmp_path):
+    d1 = _doc(tmp_path).to_dict(created(315532800), ["Tool: forge-test"])
+    d2 = _doc(tmp_path).to_dict(created(315532800), ["Tool: forge-test"])
+    assert dumps(d1) == dumps(d2)
+    assert d1["creationInfo"]["created"] == "1980-01-01T00:00:00Z"
+    assert validate(d1, tmp_path) == []
+    pkg = next(p for p in d1["packages"] if p["name"] == "hello")
+    assert pkg["externalRefs"][0]["referenceLocator"].startswith("pkg:deb/debian/hello@")
+    assert pkg["filesAnalyzed"] is True  # it contains a file: SPDX then wants a verification code
+    refs = {x["licenseId"] for x in d1["hasExtractedLicensingInfos"]}
+    assert "LicenseRef-GPL-2-with-OpenSSL-exception" in refs
+
+
+def test_the_validator_is_not_vacuous(tmp_path):
+    d = _doc(tmp_path).to_dict(created(0), ["Tool: t"])
+    d["hasExtractedLicensingInfos"] = []  # the LicenseRefs used are then undefined
+    assert validate(d, tmp_path)
+
+
+def test_namespace_follows_the_content(tmp_path):
+    doc = _doc(tmp_path)
+    before = doc.to_dict(created(0), ["Tool: t"])["documentNamespace"]
+    doc.file("etc/motd", b"hi\n")
+    assert doc.to_dict(created(0), ["Tool: t"])["documentNamespace"] != before
+
+
+def test_merge_keeps_one_element_per_package(tmp_path):
+    inner = _doc(tmp_path).to_dict(created(0), ["Tool: t"])
+    outer = Document("//t:os")
+    root = outer.package(spdx_id("os", "//t:os"), "//t:os", purpose="OPERATING-SYSTEM")
+    outer.describes.append(root)
+    outer.merge(inner, root)
+    outer.merge(inner, root)
+    d = outer.to_dict(created(0), ["Tool: t"])
+    assert [p["name"] for p in d["packages"]].count("hello") == 1
+    image_id = inner["documentDescribes"][0]
+    assert {"spdxElementId": root, "relationshipType": "CONTAINS",
+            "relatedSpdxElement": image_id} in d["relationships"]
+    assert validate(d, tmp_path) == []
+
+
+# --- attestations -----------------------------------------------------------------------
+
+def test_spdx_attestations_of_a_layout_are_found_and_checked(tmp_path):
+    layout = tmp_path / "layout"
+    image_digest = "sha256:" + "b" * 64
+    predicate = _doc(tmp_path).to_dict(created(0), ["Tool: buildkit"])
+    statement = canonical_json({"_type": "https://in-toto.io/Statement/v1",
+                                "predicateType": "https://spdx.dev/Document",
+                                "subject": [{"name": "img", "digest": {"sha256": "b" * 64}}],
+                                "predicate": predicate})
+    st = add_blob(layout, statement, "application/vnd.in-toto+json")
+    cfg = add_blob(layout, b"{}", "application/vnd.oci.image.config.v1+json")
+    layer = {**st.to_dict(), "annotations": {"in-toto.io/predicate-type": "https://spdx.dev/Document"}}
+    manifest = canonical_json({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "config": cfg.to_dict(), "layers": [layer]})
+    m = add_blob(layout, manifest, "application/vnd.oci.image.manifest.v1+json")
+    write_index_document(layout, {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                  "manifests": [{**m.to_dict(), "platform": {"os": "unknown", "architecture": "unknown"},
+                                                 "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                                                                 "vnd.docker.reference.digest": image_digest}}]})
+    assert spdx_documents(layout, image_digest) == [predicate]
+    assert spdx_documents(layout, "sha256:" + "c" * 64) == []
+    blob = layout / "blobs" / "sha256" / st.digest.split(":")[1]
+    blob.write_bytes(blob.read_bytes().replace(b"forge", b"f0rge"))
+    from forge.formats.image.errors import LayoutError
+    with pytest.raises(LayoutError, match="does not hash to its name"):
+        spdx_documents(layout, image_digest)
+
+
+# --- RedisOS, built for real ------------------------------------------------------------
+
+@pytest.mark.real
+def test_redisos_sbom_is_valid_and_complete(redisos):
+    w = redisos
+    out = w.root / "forge-out" / "images"
+    path = out / "redisos.sbom.spdx.json"
+    tool = Path(sys.executable).with_name("pyspdxtools")
+    require(tool.exists(), "pyspdxtools is not installed (pip install -e .[test])")
+    p = subprocess.run([str(tool), "-i", str(path)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "invalid" not in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
+    doc = json.loads(path.read_text())
+    names = {p["name"]: p for p in doc["packages"]}
+    # the redis image holds redis-server and the libraries it links; the init, busybox and runc
+    for name in ("redis-server", "libc6", "libssl3", "busybox-static", "runc"):
+        assert name in names, sorted(names)
+    assert "bash" not in names  # only in the build stage's tree
+    kernel = next(p for n, p in names.items() if n.startswith("linux-image-"))
+    purl = kernel["externalRefs"][0]["referenceLocator"]
+    assert purl.startswith(f"pkg:deb/debian/{kernel['name']}@") and "arch=amd64" in purl
+    files = {f["fileName"]: f for f in doc["files"]}
+    assert any(n.endswith("/virtio_net.ko") for n in files)
+    assert "./etc/hostname" in files
+    assert files["./etc/hostname"]["checksums"][1]["checksumValue"] == hashlib.sha256(b"redisos\n").hexdigest()
+    # every package's sha256 is its .deb's, as debian_rootfs recorded it
+    debs = json.loads((out / "base" / "redis-build.debs.json").read_text())["packages"]
+    by_name = {r["package"]: r for r in debs}
+    assert names["redis-server"]["checksums"][0]["checksumValue"] == by_name["redis-server"]["sha256"]
+    # and the same document is at the image's root, in the initrd
+    seg = next((out / "redisos.initrd").glob("*-sbom.cpio.gz"))
+    assert _newc_files(gzip.decompress(seg.read_bytes()))["sbom.spdx.json"] == path.read_bytes()
+
+
+def _newc_files(data: bytes) -> dict[str, bytes]:
+    files, pos = {}, 0
+    while pos + 110 <= len(data) and data[pos:pos + 6] == b"070701":
+        fields = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        size, namesize = fields[6], fields[11]
+        name = data[pos + 110:pos + 110 + namesize - 1].decode()
+        pos = (pos + 110 + namesize + 3) & ~3
+        files[name] = data[pos:pos + size]
+        pos = (pos + size + 3) & ~3
+        if name == "TRAILER!!!":
+            break
+    return files
