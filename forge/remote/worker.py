@@ -56,6 +56,7 @@ POLL = 30.0  # seconds an UpdateBotSession may wait on the server for work
 HEARTBEAT = 30.0  # seconds between keepalives at most, while every slot is busy
 DEFAULT_TIMEOUT = 3600.0  # an action that names no timeout
 BACKOFF_MAX = 5.0
+OUTAGE = 120.0  # seconds a finished lease's upload waits for a server that went away
 # BuildGrid's answers for a session it no longer has (expired, closed, unknown).
 GONE = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS,
         grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION}
@@ -401,7 +402,7 @@ class Worker:
         result.exit_code = ran.returncode if not (ran.timed_out or ran.cancelled) else -1
         result.stdout_digest.CopyFrom(collected.add_bytes(out.read_bytes()))
         result.stderr_digest.CopyFrom(collected.add_bytes(err.read_bytes()))
-        collected.upload(self.store, lease.cancel)
+        self._patiently(lambda: collected.upload(self.store, lease.cancel), lease.cancel)
         meta.output_upload_completed_timestamp.CopyFrom(now())
         meta.worker_completed_timestamp.CopyFrom(now())
         result.execution_metadata.CopyFrom(meta)
@@ -412,6 +413,21 @@ class Worker:
         if ran.cancelled:
             return result, status_pb2.Status(code=code_pb2.CANCELLED, message="cancelled")
         return result, status_pb2.Status(code=code_pb2.OK)
+
+    def _patiently(self, call, cancel: threading.Event):
+        """`call()` again while the server is away (a restart), for up to OUTAGE seconds:
+        the outputs are made, so waiting beats running the action again elsewhere."""
+        end = time.monotonic() + OUTAGE
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except RemoteError as e:
+                if not (e.retry or e.down) or time.monotonic() > end or cancel.is_set():
+                    raise
+                self._status(f"waiting for the server to take the outputs back: {e}")
+                cancel.wait(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
 
     @staticmethod
     def _declared(command: re_pb.Command) -> list[tuple[str, bool | None]]:

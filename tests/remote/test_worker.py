@@ -295,6 +295,31 @@ def test_a_worker_rides_out_a_server_restart(exec_grid, tmp_path):  # noqa: F811
         w.kill()
 
 
+def test_a_lease_running_while_the_server_restarts_still_finishes(exec_grid, tmp_path):  # noqa: F811
+    wait_execution = "/build.bazel.remote.execution.v2.Execution/WaitExecution"
+    store = store_for(exec_grid)
+    w = start_worker(exec_grid, tmp_path / "m", platform={"pool": "mid"}, name="midway")
+    try:
+        stream = start_execute(store, exec_grid, upload_action(
+            store, ["/bin/sh", "-c", "sleep 4; echo across-restart"], platform={"pool": "mid"}),
+            seconds=180)
+        name = next(stream).name
+        wait_until(lambda: _started(w), 60, "the worker to take the lease", w.log)
+        exec_grid.restart()  # the client's stream breaks; the operation lives in PostgreSQL
+        store = store_for(exec_grid)
+        request = re_pb.WaitExecutionRequest(name=name)
+        call = store.channel.unary_stream(wait_execution,
+                                          request_serializer=request.SerializeToString,
+                                          response_deserializer=ops_pb.Operation.FromString)
+        r = finish(call(request, timeout=120))
+        assert r.status.code == 0 and r.result.exit_code == 0, (r.status, w.log())
+        assert r.result.execution_metadata.worker == "midway"
+        assert blob(store, r.result.stdout_digest) == b"across-restart\n"
+        assert w.proc.poll() is None
+    finally:
+        w.kill()
+
+
 def test_a_worker_for_an_unknown_instance_says_so(exec_grid, tmp_path):  # noqa: F811
     import subprocess
     import sys
