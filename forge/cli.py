@@ -205,7 +205,12 @@ def _build(ws, args, patterns, *, tests: bool = False):
     s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
                                  file=sys.stderr))
     try:
-        plan = s.plan(patterns, offline=args.offline, dry=args.nobuild)
+        from forge import uptodate
+        check = None if args.nobuild else uptodate.begin(ws, s)
+        if check is not None and check.plan is not None:
+            plan = check.plan  # the watch saw nothing that could change it
+        else:
+            plan = s.plan(patterns, offline=args.offline, dry=args.nobuild)
         t1 = time.perf_counter()
         for text in dict.fromkeys(a.local for a in plan.actions if a.local):
             reporter.warning(text)  # from the plan, so a cached plan warns too
@@ -213,19 +218,28 @@ def _build(ws, args, patterns, *, tests: bool = False):
             print(f"forge: {len(plan.roots)} targets loaded and analysed, "
                   f"{len(plan.actions)} actions planned", file=sys.stderr)
             return s, plan, None, EXIT_OK
-        from forge.remote.settings import from_config
-        remote = from_config(ws.config, url=args.remote_cache, upload=args.remote_upload,
-                             instance=args.remote_instance, timeout=args.remote_timeout)
-        scheduler = s.scheduler(jobs=ws.jobs(args.jobs), keep_going=args.keep_going,
-                                reporter=reporter, offline=args.offline, remote=remote)
-        offset = scheduler.epoch - t0
-        summary = scheduler.run(plan.actions, plan.static_keys or None)
+        if check is not None and check.noop is not None:
+            summary, offset = check.noop, 0.0  # nothing changed since the last build
+            for r in summary.results:
+                reporter.finished(r)
+        else:
+            from forge.remote.settings import from_config
+            remote = from_config(ws.config, url=args.remote_cache, upload=args.remote_upload,
+                                 instance=args.remote_instance, timeout=args.remote_timeout)
+            scheduler = s.scheduler(jobs=ws.jobs(args.jobs), keep_going=args.keep_going,
+                                    reporter=reporter, offline=args.offline, remote=remote)
+            offset = scheduler.epoch - t0
+            summary = scheduler.run(plan.actions, plan.static_keys or None,
+                                    known=check.known if check is not None else None)
         reporter.close()
         code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
+        if check is not None:
+            uptodate.remember(ws, s, plan, summary, code)
         _write_last(s, summary)
         print(summary_line(summary), file=sys.stderr)
         if args.build_events:
-            write_build_events(args.build_events, summary, code)
+            write_build_events(args.build_events, summary, code,
+                               checked=None if check is None else check.why)
         if args.profile:
             for r in summary.results:
                 r.start += offset

@@ -38,6 +38,7 @@ class ActionResult:
     worker: int = 0  # the job slot (1..jobs), jobs + 1 for the shared cache's lookups
     cancelled: bool = False
     linked: tuple | None = None  # set when the workspace already holds these outputs
+    watched: bool = False  # known up to date from what the watch saw (forge/uptodate.py)
 
 
 @dataclass
@@ -116,7 +117,10 @@ class Scheduler:
     def epoch(self) -> float:
         return self.executor.epoch
 
-    def run(self, actions: list[Action], statics: list[str] | None = None) -> BuildSummary:
+    def run(self, actions: list[Action], statics: list[str] | None = None,
+            known: Mapping[int, ActionResult] | None = None) -> BuildSummary:
+        """`known`: results, by index, of actions known to be up to date (forge/uptodate.py):
+        recorded as they are, never prepared."""
         # Everything is indexed by position: hashing frozen dataclasses or rebuilding
         # ids per lookup dominates a no-op build of 10,000 actions otherwise.
         n = len(actions)
@@ -129,16 +133,23 @@ class Scheduler:
             waiting[i] = len(ups)
             for u in ups:
                 dependents[u].append(i)
-        ready = deque(i for i in range(n) if waiting[i] == 0)
+        results: list[ActionResult | None] = [None] * n
+        for i, r in (known or {}).items():
+            results[i] = r
+            ex.record(r)
+            for d in dependents[i]:
+                waiting[d] -= 1
+        ready = deque(i for i in range(n) if waiting[i] == 0 and results[i] is None)
         runnable: deque = deque()  # missed every cache: waiting for a worker
         tickets: dict[int, Any] = {}
-        results: list[ActionResult | None] = [None] * n
         running: set[int] = set()
         looking = 0  # lookups under way
         in_pool: Counter = Counter()
         free_workers = list(range(self.jobs, 0, -1))
         stop = False
         self.reporter.set_total(n)
+        for r in (known or {}).values():
+            self.reporter.finished(r)
         workers = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="forge-worker")
 
         def complete(i: int, r: ActionResult) -> None:

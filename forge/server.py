@@ -32,9 +32,13 @@ def code_fingerprint(state: Path) -> list[tuple[str, int]]:
     return out + installed().code_fingerprint(state)
 
 
-def serve(sock_path: str) -> None:
-    from forge import cli
+def serve(sock_path: str, root: str | None = None) -> None:
+    from forge import cli, uptodate, watch
     from forge.ruleset import installed
+    watch.ENABLED = True
+    if root and os.environ.get("FORGE_WATCH", "1") != "0":
+        from forge.workspace import OUT_DIR
+        watch.watcher(Path(root), Path(root) / OUT_DIR)  # from now on, changes are seen
     installed().load()  # the point of a server: everything imported once
     import gc
     gc.freeze()  # what is imported lives for good: keep collections from walking it
@@ -63,6 +67,12 @@ def serve(sock_path: str) -> None:
             if code_fingerprint(state) != started:
                 conn.sendall(b'{"restart": true}\n')
                 break
+            argv = list(msg["argv"])
+            if argv[:1] in (["build"], ["test"]):
+                uptodate.REQUEST = (tuple(argv), msg["cwd"], tuple(sorted(msg["env"].items())))
+            else:
+                uptodate.forget()  # clean, cache gc, lock...: what was known may be gone
+                uptodate.REQUEST = None
             code = _run(cli, conn, msg, fds, main_thread)
             try:
                 conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
@@ -133,4 +143,4 @@ def _run(cli, conn, msg: dict, fds: list[int], main_thread: int) -> int:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
