@@ -117,9 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_PARSER: list = [None]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _parser()
+    parser = _PARSER[0] or _PARSER.__setitem__(0, _parser()) or _PARSER[0]  # reused when served
     if not argv:
         parser.print_help()
         return EXIT_OK
@@ -212,7 +215,9 @@ def _build(ws, args, patterns, *, tests: bool = False):
         else:
             plan = s.plan(patterns, offline=args.offline, dry=args.nobuild)
         t1 = time.perf_counter()
-        for text in dict.fromkeys(a.local for a in plan.actions if a.local):
+        local = (plan.actions[i] for i in check.always) if check is not None and \
+            check.plan is not None else plan.actions
+        for text in dict.fromkeys(a.local for a in local if a.local):
             reporter.warning(text)  # from the plan, so a cached plan warns too
         if args.nobuild:
             print(f"forge: {len(plan.roots)} targets loaded and analysed, "
@@ -220,8 +225,6 @@ def _build(ws, args, patterns, *, tests: bool = False):
             return s, plan, None, EXIT_OK
         if check is not None and check.noop is not None:
             summary, offset = check.noop, 0.0  # nothing changed since the last build
-            for r in summary.results:
-                reporter.finished(r)
         else:
             from forge.remote.settings import from_config
             remote = from_config(ws.config, url=args.remote_cache, upload=args.remote_upload,
@@ -230,7 +233,8 @@ def _build(ws, args, patterns, *, tests: bool = False):
                                     reporter=reporter, offline=args.offline, remote=remote)
             offset = scheduler.epoch - t0
             summary = scheduler.run(plan.actions, plan.static_keys or None,
-                                    known=check.known if check is not None else None)
+                                    known=check.known if check is not None else None,
+                                    graph=check.graph if check is not None else None)
         reporter.close()
         code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
         if check is not None:
@@ -253,6 +257,9 @@ def _build(ws, args, patterns, *, tests: bool = False):
 
 
 def _write_last(s, summary) -> None:
+    from forge import uptodate
+    if uptodate.write_last(s.ws, s.records, summary):
+        return
     s.records.write_last([{"id": r.action.id, "label": str(r.action.owner),
                            "mnemonic": r.action.mnemonic, "description": r.action.description,
                            "status": r.status, "key": r.key, "reasons": r.reasons}
@@ -275,11 +282,7 @@ def cmd_build(ws, args) -> int:
             raise UsageError(f"--load needs exactly one target; {len(plan.roots)} matched")
         code = _call_runner(ws, plan, plan.roots[0], "load", [args.load])
     if summary is not None and code == EXIT_OK:
-        shown = {}
-        for label in plan.roots:
-            info = plan.infos.get(label)
-            if info is not None:
-                shown.update(dict.fromkeys((*info.files, *((info.executable,) if info.executable else ()))))
+        shown = _shown(plan)
         if len(shown) <= MAX_PRINTED:
             for a in shown:
                 print(os.path.relpath(ws.root / a.path))
@@ -288,6 +291,20 @@ def cmd_build(ws, args) -> int:
                   f"{os.path.relpath(ws.out_dir)}/", file=sys.stderr)
     s.close()
     return code
+
+
+_SHOWN: list = [None, None]  # (plan, its outputs): a served no-op reuses the plan object
+
+
+def _shown(plan) -> dict:
+    if _SHOWN[0] is not plan:
+        shown: dict = {}
+        for label in plan.roots:
+            info = plan.infos.get(label)
+            if info is not None:
+                shown.update(dict.fromkeys((*info.files, *((info.executable,) if info.executable else ()))))
+        _SHOWN[:] = [plan, shown]
+    return _SHOWN[1]
 
 
 def cmd_test(ws, args) -> int:

@@ -11,6 +11,7 @@ Rule authors reach these through forge.api; the engine imports them from here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable
 
 from forge.labels import Label
@@ -61,7 +62,7 @@ class Action:
     # warning each build prints. Not in the key: it does not change what the action makes.
     local: str = ""
 
-    @property
+    @cached_property  # asked for every action of every build: computed once per action
     def id(self) -> str:
         """Stable identity across builds (explain compares builds by it)."""
         return f"{self.owner}#{self.mnemonic}#{self.outputs[0].path if self.outputs else ''}"

@@ -36,6 +36,8 @@ def serve(sock_path: str, root: str | None = None) -> None:
     from forge import cli, uptodate, watch
     from forge.ruleset import installed
     watch.ENABLED = True
+    from forge import digest
+    digest.MEMO = True  # records read once, then reused while their files are unchanged
     if root and os.environ.get("FORGE_WATCH", "1") != "0":
         from forge.workspace import OUT_DIR
         watch.watcher(Path(root), Path(root) / OUT_DIR)  # from now on, changes are seen

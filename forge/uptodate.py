@@ -14,43 +14,54 @@ watch sees those files. Any other command forgets what is known.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+from forge.digest import file_sig
 from forge.plan import Plan
-from forge.scheduler import DONE, ActionResult, BuildSummary
+from forge.scheduler import DONE, ActionResult, BuildSummary, dependency_graph
 from forge.watch import Changes, watcher
 
 _MEMO: dict[str, "Known"] = {}  # workspace root -> what its last build left up to date
+_PREVIOUS: dict[str, "Known"] = {}  # the memo the build under way started from
+_LAST: dict[str, tuple] = {}  # last.json -> (its stat, the plan) when it holds that no-op
 REQUEST: tuple | None = None  # the server's current command (argv, cwd, env), hashable
+_INSIDE: dict[tuple, str | None] = {}  # (cache dir, root) -> the cache's path in the root
 _GIT = (".git/HEAD", ".git/refs/", ".git/packed-refs")
 
 
 class Known:
     def __init__(self, request, plan: Plan, plan_inputs, summary: BuildSummary, code: int,
-                 tools: dict[str, str]):
+                 tools: dict[str, str], previous: "Known | None" = None):
         self.request, self.plan, self.code, self.tools = request, plan, code, tools
-        self.inputs, self.dirs = set(plan_inputs[0]), set(plan_inputs[1])
+        self.tools_checked = False  # set when a build started from it found them unchanged
         self.remote = summary.remote
-        acts = plan.actions
-        self.results: list[ActionResult | None] = [
+        # A no-op's summary is already in the form the next no-op reports.
+        self._noop = summary if previous is not None and summary is previous._noop else None
+        self.results: list[ActionResult | None] = summary.results if self._noop else [
             r if r.status in DONE else None for r in summary.results]
-        self.producer: dict[str, int] = {}
+        self.complete = self._noop is not None or all(r is not None for r in self.results)
+        if previous is not None and previous.plan is plan:  # the graph is the plan's: kept
+            for name in ("inputs", "dirs", "producer", "readers", "graph", "always",
+                         "frags"):
+                setattr(self, name, getattr(previous, name))
+            return
+        self.inputs, self.dirs = set(plan_inputs[0]), set(plan_inputs[1])
+        acts = plan.actions
+        self.frags: list[tuple[str, str] | None] = [None] * len(acts)  # last.json's lines
+        self.producer = {o.path: i for i, a in enumerate(acts) for o in a.outputs}
         self.readers: dict[str, list[int]] = {}
-        self.dependents: list[list[int]] = [[] for _ in acts]
-        self.always = [i for i, a in enumerate(acts) if a.local]
         for i, a in enumerate(acts):
-            for o in a.outputs:
-                self.producer[o.path] = i
-        for i, a in enumerate(acts):
-            ups = set()
             for x in a.inputs:
                 if x.source:
                     self.readers.setdefault(x.path, []).append(i)
-                elif x.path in self.producer:
-                    ups.add(self.producer[x.path])
-            for u in ups:
-                self.dependents[u].append(i)
+        self.graph = dependency_graph(acts)  # the scheduler's, kept with the plan
+        self.always = [i for i, a in enumerate(acts) if a.local]
+
+    @property
+    def dependents(self) -> list[list[int]]:
+        return self.graph[0]
 
     def replans(self, ch: Changes) -> str:
         """Why these changes need the full check ("" when they do not)."""
@@ -104,7 +115,19 @@ class Known:
         return out
 
     def noop(self) -> BuildSummary:
-        return BuildSummary(self.noop_results(), remote=self.remote)
+        if self._noop is None:
+            self._noop = BuildSummary(self.noop_results(), remote=self.remote)
+        return self._noop
+
+    def last_line(self, i: int, r: ActionResult) -> str:
+        """Action `i`'s entry of last.json, for a result known up to date."""
+        f = self.frags[i]
+        if f is None or f[0] != r.key:
+            a = r.action
+            f = self.frags[i] = (r.key, json.dumps({
+                "id": a.id, "label": str(a.owner), "mnemonic": a.mnemonic,
+                "description": a.description, "status": "cached", "key": r.key, "reasons": []}))
+        return f[1]
 
 
 class Check:
@@ -113,6 +136,8 @@ class Check:
     def __init__(self, plan: Plan | None = None, known: dict[int, ActionResult] | None = None,
                  noop: BuildSummary | None = None, why: str = ""):
         self.plan, self.known, self.noop, self.why = plan, known, noop, why
+        self.graph: tuple | None = None  # the plan's dependency graph, when kept
+        self.always: list[int] = []  # the plan's actions reading files outside the workspace
 
 
 def begin(ws, session) -> Check | None:
@@ -122,14 +147,19 @@ def begin(ws, session) -> Check | None:
         return None
     ch = w.drain()
     memo = _MEMO.pop(str(ws.root), None)  # taken: a failed build must not leave it behind
+    _PREVIOUS.pop(str(ws.root), None)
+    if memo is not None:
+        _PREVIOUS[str(ws.root)] = memo  # its graph serves the next memo of the same plan
     if memo is not None and memo.request != REQUEST:
         memo = None
     if ch.full or memo is None:
         return Check(why=ch.why or "nothing known for this command yet")
     _ignore_cache(ws, session, ch)
+    _own_writes(memo, session.records.state, str(ws.root), ch)
     why = memo.replans(ch) or _tools_changed(session, memo)
     if why:
         return Check(why=why)
+    memo.tools_checked = True
     stale, inside = memo.stale(ch.paths)
     session.plan_inputs = (memo.inputs, memo.dirs)
     cache, root = session.records.stat_cache, str(ws.root)
@@ -138,18 +168,27 @@ def begin(ws, session) -> Check | None:
             cache.dirty = True
     for i in inside:  # the state's stat covers a tree's root only: re-link it from the cache
         session.records.state.pop(memo.plan.actions[i].id, None)
-    if not stale and memo.code == 0 and all(r is not None for r in memo.results):
-        return Check(memo.plan, noop=memo.noop(), why="watch")
-    noop = memo.noop_results()
-    known = {i: r for i, r in enumerate(noop) if r is not None and i not in stale}
-    return Check(memo.plan, known=known, why="watch")
+    if not stale and memo.code == 0 and memo.complete:
+        c = Check(memo.plan, noop=memo.noop(), why="watch")
+    else:
+        noop = memo.noop().results if memo.complete else memo.noop_results()
+        c = Check(memo.plan, known={i: r for i, r in enumerate(noop)
+                                    if r is not None and i not in stale}, why="watch")
+    c.always, c.graph = memo.always, memo.graph
+    return c
 
 
 def _ignore_cache(ws, session, ch: Changes) -> None:
     """A cache directory inside the workspace changes with every build: not a source."""
-    try:
-        rel = Path(session.cache.root).resolve().relative_to(Path(ws.root).resolve()).as_posix()
-    except ValueError:
+    where = (str(session.cache.root), str(ws.root))
+    rel = _INSIDE.get(where, False)
+    if rel is False:
+        try:
+            rel = Path(where[0]).resolve().relative_to(Path(where[1]).resolve()).as_posix()
+        except ValueError:
+            rel = None
+        _INSIDE[where] = rel
+    if rel is None:
         return
     for s in (ch.paths, ch.structural):
         s.difference_update([p for p in s if p == rel or p.startswith(rel + "/")])
@@ -168,42 +207,39 @@ def _tools_changed(session, memo: Known) -> str:
 
 
 def remember(ws, session, plan: Plan, summary: BuildSummary | None, code: int) -> None:
-    """After a served build: keep what it left up to date, minus what changed meanwhile."""
+    """After a served build: keep what it left up to date."""
     w = watcher(ws.root, ws.out_dir)
     if w is None or summary is None or summary.interrupted or REQUEST is None:
         return
     inputs = getattr(session, "plan_inputs", None)
     if inputs is None or len(summary.results) != len(plan.actions):
         return  # not from the plan cache (a lockfile placeholder): nothing to keep
-    from forge.keys import ToolIds
-    ids = ToolIds(session.records.stat_cache)
-    try:
-        tools = {t: ids(t) for t in dict.fromkeys(t for a in plan.actions for t in a.tools)}
-    except Exception:  # a tool gone since: the next build finds out by itself
-        return
-    memo = Known(REQUEST, plan, inputs, summary, code, tools)
-    # What this build wrote raised events too: an output still as recorded is its own
-    # write and is dropped; anything else (a source edited meanwhile) stays for next time.
-    ch = w.drain()
-    if ch.full:
-        return
-    _ignore_cache(ws, session, ch)
-    state = session.records.state
-    root = str(ws.root)
-    keep, keep_structural = set(), set()
+    previous = _PREVIOUS.get(str(ws.root))
+    if previous is not None and previous.plan is plan and previous.tools_checked:
+        tools = previous.tools  # begin() just checked them
+    else:
+        from forge.keys import ToolIds
+        ids = ToolIds(session.records.stat_cache)
+        try:
+            tools = {t: ids(t) for t in dict.fromkeys(t for a in plan.actions for t in a.tools)}
+        except Exception:  # a tool gone since: the next build finds out by itself
+            return
+    # What this build wrote raised events that the next one drains: _own_writes drops them.
+    _MEMO[str(ws.root)] = Known(REQUEST, plan, inputs, summary, code, tools, previous)
+
+
+def _own_writes(memo: Known, state: dict, root: str, ch: Changes) -> None:
+    """Drop the outputs that are as the last build recorded them: its own writes."""
+    drop = []
     for p in ch.paths:
         i = memo.producer.get(p)
-        if i is not None and p not in memo.readers and p not in memo.inputs:
-            st = state.get(plan.actions[i].id)
-            if st is not None and _as_recorded(root, p, st[1]):
-                continue
-        elif not (memo.stale({p})[0] - set(memo.always) or memo.replans(Changes(False, {p}, ch.structural & {p}))):
-            continue  # read by nothing, written by nothing: a temporary file, a new directory
-        keep.add(p)
-        if p in ch.structural:
-            keep_structural.add(p)
-    w.put_back(keep, keep_structural)
-    _MEMO[str(ws.root)] = memo
+        if i is None or p in memo.readers or p in memo.inputs:
+            continue
+        st = state.get(memo.plan.actions[i].id)
+        if st is not None and _as_recorded(root, p, st[1]):
+            drop.append(p)
+    ch.paths.difference_update(drop)
+    ch.structural.difference_update(drop)
 
 
 def _as_recorded(root: str, path: str, linked) -> bool:
@@ -217,5 +253,31 @@ def _as_recorded(root: str, path: str, linked) -> bool:
     return False
 
 
+def write_last(ws, records, summary: BuildSummary) -> bool:
+    """Write last.json from what is known (False: not served, the caller writes it). A
+    no-op's last.json is the previous no-op's: left as it is."""
+    memo = _MEMO.get(str(ws.root))
+    if memo is None or memo.results is None or len(summary.results) != len(memo.frags):
+        return False
+    path = records.dir / "last.json"
+    noop = summary is memo._noop or all(r.watched for r in summary.results)
+    seen = _LAST.get(str(path))
+    if noop and seen is not None and seen[1] is memo.plan and seen[0] == file_sig(path):
+        return True
+    lines = []
+    for i, r in enumerate(summary.results):
+        if r.watched:
+            lines.append(memo.last_line(i, r))
+        else:
+            a = r.action
+            lines.append(json.dumps({"id": a.id, "label": str(a.owner), "mnemonic": a.mnemonic,
+                                     "description": a.description, "status": r.status,
+                                     "key": r.key, "reasons": r.reasons}))
+    records.write_last_lines(lines, summary.remote)
+    _LAST[str(path)] = (file_sig(path), memo.plan) if noop else None
+    return True
+
+
 def forget() -> None:
     _MEMO.clear()
+    _PREVIOUS.clear()

@@ -115,11 +115,10 @@ class Watcher:
         with self._cond:
             self._token += 1
             token = f"{os.getpid()}.{self._token}"
-        tmp = self.barrier.with_name(f"{BARRIER}.{os.getpid()}")
         try:
             self.barrier.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(token)
-            os.replace(tmp, self.barrier)  # a rename: never read half-written
+            with open(self.barrier, "w") as f:  # read when closed: a partial read never matches
+                f.write(token)
         except OSError as e:
             self.lost(f"cannot write {self.barrier} ({e})")
             token = None
@@ -131,8 +130,6 @@ class Watcher:
                 self._lose("the watch stopped")
             out = Changes(bool(self._full), self._paths, self._structural, self._full)
             self._paths, self._structural, self._full = set(), set(), ""
-        out.paths.discard(os.path.relpath(tmp, self.root))
-        out.structural.discard(os.path.relpath(tmp, self.root))
         return out
 
     def put_back(self, paths: set[str], structural: set[str]) -> None:
