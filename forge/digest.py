@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from pathlib import Path
 
 import xxhash
@@ -69,7 +70,32 @@ def load_pickle(path: Path, default):
     return value
 
 
+# The resident server sets a list: records are then written after it answered the
+# command (run_deferred), off the client's wait. Before the next command, so in order.
+DEFERRED: list | None = None
+
+
+def later(job) -> None:
+    if DEFERRED is None:
+        job()
+    else:
+        DEFERRED.append(job)
+
+
+def run_deferred() -> None:
+    while DEFERRED:
+        job = DEFERRED.pop(0)
+        try:
+            job()
+        except OSError as e:  # a record not written costs time, never correctness
+            print(f"forge server: writing a record failed: {e}", file=sys.stderr)
+
+
 def save_pickle(path: Path, value) -> None:
+    later(lambda: _save_pickle(path, value))
+
+
+def _save_pickle(path: Path, value) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     with open(tmp, "wb") as f:
         pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)

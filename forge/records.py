@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from forge.digest import StatCache, load_pickle, save_pickle
+from forge.digest import StatCache, later, load_pickle, save_pickle
 
 STATE_VERSION = 2
 
@@ -95,12 +95,20 @@ class Records:
         tmp.write_text(json.dumps({"time": time.time(), "actions": actions, "remote": remote}))
         os.replace(tmp, self.dir / "last.json")
 
-    def write_last_lines(self, actions: list[str], remote: dict | None = None) -> None:
-        """`actions`: each action's entry, as JSON already (forge/uptodate.py keeps them)."""
-        tmp = self.dir / f".last.{os.getpid()}"
-        tmp.write_text(f'{{"time": {json.dumps(time.time())}, "actions": [{", ".join(actions)}], '
-                       f'"remote": {json.dumps(remote)}}}')
-        os.replace(tmp, self.dir / "last.json")
+    def write_last_lines(self, actions: list[str], remote: dict | None = None,
+                         on_written=None) -> None:
+        """`actions`: each action's entry, as JSON already (forge/uptodate.py keeps them).
+        Served, written once the command was answered (forge.digest.later)."""
+        text = (f'{{"time": {json.dumps(time.time())}, "actions": [{", ".join(actions)}], '
+                f'"remote": {json.dumps(remote)}}}')
+
+        def write():
+            tmp = self.dir / f".last.{os.getpid()}"
+            tmp.write_text(text)
+            os.replace(tmp, self.dir / "last.json")
+            if on_written is not None:
+                on_written()
+        later(write)
 
     def read_last(self) -> dict | None:
         try:

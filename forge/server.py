@@ -38,6 +38,7 @@ def serve(sock_path: str, root: str | None = None) -> None:
     watch.ENABLED = True
     from forge import digest
     digest.MEMO = True  # records read once, then reused while their files are unchanged
+    digest.DEFERRED = []  # and written after the command was answered
     if root and os.environ.get("FORGE_WATCH", "1") != "0":
         from forge.workspace import OUT_DIR
         watch.watcher(Path(root), Path(root) / OUT_DIR)  # from now on, changes are seen
@@ -80,6 +81,8 @@ def serve(sock_path: str, root: str | None = None) -> None:
                 conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
             except OSError:
                 pass
+            digest.run_deferred()
+    digest.run_deferred()
     srv.close()
     for f in (sock_path, sock_path[:-5] + ".pid"):
         try:

@@ -273,8 +273,12 @@ def write_last(ws, records, summary: BuildSummary) -> bool:
             lines.append(json.dumps({"id": a.id, "label": str(a.owner), "mnemonic": a.mnemonic,
                                      "description": a.description, "status": r.status,
                                      "key": r.key, "reasons": r.reasons}))
-    records.write_last_lines(lines, summary.remote)
-    _LAST[str(path)] = (file_sig(path), memo.plan) if noop else None
+    _LAST.pop(str(path), None)
+
+    def written():
+        if noop:
+            _LAST[str(path)] = (file_sig(path), memo.plan)
+    records.write_last_lines(lines, summary.remote, on_written=written)
     return True
 
 
