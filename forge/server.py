@@ -39,6 +39,8 @@ def serve(sock_path: str, root: str | None = None) -> None:
     from forge import digest
     digest.MEMO = True  # records read once, then reused while their files are unchanged
     digest.DEFERRED = []  # and written after the command was answered
+    from forge import cache
+    cache.KEEP_OPEN = True
     if root and os.environ.get("FORGE_WATCH", "1") != "0":
         from forge.workspace import OUT_DIR
         watch.watcher(Path(root), Path(root) / OUT_DIR)  # from now on, changes are seen

@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from forge.digest import file_sig
+from forge.digest import file_sig, later
 from forge.plan import Plan
 from forge.scheduler import DONE, ActionResult, BuildSummary, dependency_graph
 from forge.watch import Changes, watcher
@@ -41,7 +41,8 @@ class Known:
         self._noop = summary if previous is not None and summary is previous._noop else None
         self.results: list[ActionResult | None] = summary.results if self._noop else [
             r if r.status in DONE else None for r in summary.results]
-        self.complete = self._noop is not None or all(r is not None for r in self.results)
+        self.complete = self._noop is not None or \
+            sum(summary.count(s) for s in DONE) == len(summary.results)
         if previous is not None and previous.plan is plan:  # the graph is the plan's: kept
             for name in ("inputs", "dirs", "producer", "readers", "graph", "always",
                          "frags"):
@@ -207,10 +208,16 @@ def _tools_changed(session, memo: Known) -> str:
 
 
 def remember(ws, session, plan: Plan, summary: BuildSummary | None, code: int) -> None:
-    """After a served build: keep what it left up to date."""
+    """After a served build: keep what it left up to date (once the command was answered:
+    the server runs it before the next one)."""
     w = watcher(ws.root, ws.out_dir)
     if w is None or summary is None or summary.interrupted or REQUEST is None:
         return
+    request = REQUEST
+    later(lambda: _remember(ws, session, plan, summary, code, request))
+
+
+def _remember(ws, session, plan: Plan, summary: BuildSummary, code: int, request) -> None:
     inputs = getattr(session, "plan_inputs", None)
     if inputs is None or len(summary.results) != len(plan.actions):
         return  # not from the plan cache (a lockfile placeholder): nothing to keep
@@ -225,7 +232,7 @@ def remember(ws, session, plan: Plan, summary: BuildSummary | None, code: int) -
         except Exception:  # a tool gone since: the next build finds out by itself
             return
     # What this build wrote raised events that the next one drains: _own_writes drops them.
-    _MEMO[str(ws.root)] = Known(REQUEST, plan, inputs, summary, code, tools, previous)
+    _MEMO[str(ws.root)] = Known(request, plan, inputs, summary, code, tools, previous)
 
 
 def _own_writes(memo: Known, state: dict, root: str, ch: Changes) -> None:
@@ -256,14 +263,25 @@ def _as_recorded(root: str, path: str, linked) -> bool:
 def write_last(ws, records, summary: BuildSummary) -> bool:
     """Write last.json from what is known (False: not served, the caller writes it). A
     no-op's last.json is the previous no-op's: left as it is."""
-    memo = _MEMO.get(str(ws.root))
-    if memo is None or memo.results is None or len(summary.results) != len(memo.frags):
+    if watcher(ws.root, ws.out_dir) is None or REQUEST is None:
         return False
+    later(lambda: _write_last(ws, records, summary))
+    return True
+
+
+def _write_last(ws, records, summary: BuildSummary) -> None:
+    memo = _MEMO.get(str(ws.root))
+    if memo is None or len(summary.results) != len(memo.frags):
+        records.write_last([{"id": r.action.id, "label": str(r.action.owner),
+                             "mnemonic": r.action.mnemonic, "description": r.action.description,
+                             "status": r.status, "key": r.key, "reasons": r.reasons}
+                            for r in summary.results], remote=summary.remote)
+        return
     path = records.dir / "last.json"
-    noop = summary is memo._noop or all(r.watched for r in summary.results)
+    noop = summary is memo._noop  # the one way a no-op is answered from memory
     seen = _LAST.get(str(path))
     if noop and seen is not None and seen[1] is memo.plan and seen[0] == file_sig(path):
-        return True
+        return
     lines = []
     for i, r in enumerate(summary.results):
         if r.watched:
@@ -279,7 +297,6 @@ def write_last(ws, records, summary: BuildSummary) -> bool:
         if noop:
             _LAST[str(path)] = (file_sig(path), memo.plan)
     records.write_last_lines(lines, summary.remote, on_written=written)
-    return True
 
 
 def forget() -> None:
