@@ -39,6 +39,19 @@ class OutputFile:
     tree: bool = False  # a directory output: digest names its manifest (forge.trees)
 
 
+# The resident server keeps each action cache open (opening one costs more than a no-op
+# build's lookups); reopened when its database file was replaced or removed.
+KEEP_OPEN = False
+_OPEN: dict[str, tuple] = {}
+
+
+def _db_inode(where: str) -> int | None:
+    try:
+        return os.stat(os.path.join(where, "cache.db")).st_ino
+    except OSError:
+        return None
+
+
 class Cache:
     def __init__(self, root: Path):
         self.root = root
@@ -51,16 +64,24 @@ class Cache:
     @property
     def ac(self):
         if self._ac is None:
+            where = str(self.root / "ac")
+            kept = _OPEN.get(where) if KEEP_OPEN else None
+            if kept is not None and kept[0] == _db_inode(where):
+                self._ac = kept[1]
+                return self._ac
             import diskcache
             # diskcache silently evicts at 1 GiB by default: forge does its own gc.
-            self._ac = diskcache.Cache(str(self.root / "ac"), size_limit=2 ** 62,
+            self._ac = diskcache.Cache(where, size_limit=2 ** 62,
                                        eviction_policy="none", cull_limit=0,
                                        disk_min_file_size=2 ** 30)
+            if KEEP_OPEN:
+                _OPEN[where] = (_db_inode(where), self._ac)
         return self._ac
 
     def close(self) -> None:
         if self._ac is not None:
-            self._ac.close()
+            if not KEEP_OPEN:
+                self._ac.close()
             self._ac = None
 
     # --- blobs ----------------------------------------------------------------------

@@ -161,9 +161,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_PARSER: list = [None]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _parser()
+    parser = _PARSER[0] or _PARSER.__setitem__(0, _parser()) or _PARSER[0]  # reused when served
     if not argv:
         parser.print_help()
         return EXIT_OK
@@ -251,10 +254,9 @@ def _session(ws, args):
 
 
 def _build(ws, args, patterns, *, tests: bool = False, attest: bool = False):
-    """Plan and run; with `attest`, write the provenance of the targets named, and sign
-    what was built when a key is set."""
+    """Plan and run; with `attest`, write the provenance of the targets named (which
+    `_sign` then signs when a key is set). Returns (session, plan, summary, exit code)."""
     started = time.time()
-    """Plan and run; returns (session, plan, summary, exit code)."""
     from forge.events import ProgressReporter, summary_line, write_build_events, write_profile
     t0 = time.perf_counter()
     s = _session(ws, args)
@@ -268,35 +270,49 @@ def _build(ws, args, patterns, *, tests: bool = False, attest: bool = False):
     s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
                                  file=sys.stderr))
     try:
-        plan = s.plan(patterns, offline=args.offline, dry=args.nobuild)
+        from forge import uptodate
+        check = None if args.nobuild else uptodate.begin(ws, s)
+        if check is not None and check.plan is not None:
+            plan = check.plan  # the watch saw nothing that could change it
+        else:
+            plan = s.plan(patterns, offline=args.offline, dry=args.nobuild)
         t1 = time.perf_counter()
-        for text in dict.fromkeys(a.local for a in plan.actions if a.local):
+        local = (plan.actions[i] for i in check.always) if check is not None and \
+            check.plan is not None else plan.actions
+        for text in dict.fromkeys(a.local for a in local if a.local):
             reporter.warning(text)  # from the plan, so a cached plan warns too
         if args.nobuild:
             print(f"forge: {len(plan.roots)} targets loaded and analysed, "
                   f"{len(plan.actions)} actions planned", file=sys.stderr)
             return s, plan, None, EXIT_OK
-        from forge.remote.settings import from_config
-        remote = from_config(ws.config, url=args.remote_cache, upload=args.remote_upload,
-                             instance=args.remote_instance, timeout=args.remote_timeout)
-        from forge.remote.settings import executor_from_config
-        executor = executor_from_config(
-            ws.config, url=args.remote_executor, local_fallback=args.remote_local_fallback,
-            instance=args.remote_instance_name if args.remote_instance_name is not None
-            else args.remote_instance, timeout=args.remote_timeout)
-        scheduler = s.scheduler(jobs=ws.jobs(args.jobs), keep_going=args.keep_going,
-                                reporter=reporter, offline=args.offline, remote=remote,
-                                executor=executor)
-        offset = scheduler.epoch - t0
-        summary = scheduler.run(plan.actions, plan.static_keys or None)
+        if check is not None and check.noop is not None:
+            summary, offset = check.noop, 0.0  # nothing changed since the last build
+        else:
+            from forge.remote.settings import executor_from_config, from_config
+            remote = from_config(ws.config, url=args.remote_cache, upload=args.remote_upload,
+                                 instance=args.remote_instance, timeout=args.remote_timeout)
+            executor = executor_from_config(
+                ws.config, url=args.remote_executor, local_fallback=args.remote_local_fallback,
+                instance=args.remote_instance_name if args.remote_instance_name is not None
+                else args.remote_instance, timeout=args.remote_timeout)
+            scheduler = s.scheduler(jobs=ws.jobs(args.jobs), keep_going=args.keep_going,
+                                    reporter=reporter, offline=args.offline, remote=remote,
+                                    executor=executor)
+            offset = scheduler.epoch - t0
+            summary = scheduler.run(plan.actions, plan.static_keys or None,
+                                    known=check.known if check is not None else None,
+                                    graph=check.graph if check is not None else None)
         reporter.close()
         code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
+        if check is not None:
+            uptodate.remember(ws, s, plan, summary, code)
         _write_last(s, summary)
         print(summary_line(summary), file=sys.stderr)
         if attest and code == EXIT_OK:
             _provenance(ws, plan, started)  # before _sign, which signs it
         if args.build_events:
-            write_build_events(args.build_events, summary, code)
+            write_build_events(args.build_events, summary, code,
+                               checked=None if check is None else check.why)
         if args.profile:
             for r in summary.results:
                 r.start += offset
@@ -324,6 +340,9 @@ def _sign(ws, args, plan, summary, code) -> None:
 
 
 def _write_last(s, summary) -> None:
+    from forge import uptodate
+    if uptodate.write_last(s.ws, s.records, summary):
+        return
     s.records.write_last([{"id": r.action.id, "label": str(r.action.owner),
                            "mnemonic": r.action.mnemonic, "description": r.action.description,
                            "status": r.status, "key": r.key, "reasons": r.reasons,
@@ -368,11 +387,7 @@ def cmd_build(ws, args) -> int:
             raise UsageError(f"--load needs exactly one target; {len(plan.roots)} matched")
         code = _call_runner(ws, plan, plan.roots[0], "load", [args.load])
     if summary is not None and code == EXIT_OK:
-        shown = {}
-        for label in plan.roots:
-            info = plan.infos.get(label)
-            if info is not None:
-                shown.update(dict.fromkeys((*info.files, *((info.executable,) if info.executable else ()))))
+        shown = _shown(plan)
         if len(shown) <= MAX_PRINTED:
             for a in shown:
                 print(os.path.relpath(ws.root / a.path))
@@ -397,6 +412,20 @@ def cmd_provenance(ws, args) -> int:
         raise UsageError(f"{plan.roots[0]} has no output files: there is nothing to attest")
     sys.stdout.write(written.read_text())
     return EXIT_OK
+
+
+_SHOWN: list = [None, None]  # (plan, its outputs): a served no-op reuses the plan object
+
+
+def _shown(plan) -> dict:
+    if _SHOWN[0] is not plan:
+        shown: dict = {}
+        for label in plan.roots:
+            info = plan.infos.get(label)
+            if info is not None:
+                shown.update(dict.fromkeys((*info.files, *((info.executable,) if info.executable else ()))))
+        _SHOWN[:] = [plan, shown]
+    return _SHOWN[1]
 
 
 def cmd_test(ws, args) -> int:

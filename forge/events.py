@@ -82,7 +82,10 @@ def summary_line(summary: BuildSummary) -> str:
     return f"forge: {n} {word}: {', '.join(parts)}{tail}"
 
 
-def write_build_events(path: str, summary: BuildSummary, exit_code: int) -> None:
+def write_build_events(path: str, summary: BuildSummary, exit_code: int,
+                       checked: str | None = None) -> None:
+    """`checked`: how a served build knew what to check ("watch": from what the watch saw;
+    otherwise why everything was checked), absent in-process."""
     with open(path, "w") as f:
         for r in summary.results:
             f.write(json.dumps({
@@ -90,10 +93,12 @@ def write_build_events(path: str, summary: BuildSummary, exit_code: int) -> None
                 "key": r.key, "status": r.status, "duration_s": round(r.duration, 6),
                 "outputs": [o.path for o in r.action.outputs],
                 **({"ran_on": r.ran_on} if r.ran_on else {}),
+                **({"checked": "watch"} if r.watched else {}),
             }) + "\n")
         f.write(json.dumps({"type": "build_finished", "exit_code": exit_code,
                             "executed": summary.count("executed"), "cached": summary.count("cached"),
                             "failed": summary.count("failed"),
+                            **({"checked": checked} if checked is not None else {}),
                             **({"remote": summary.count("remote"), "remote_cache": summary.remote}
                                if summary.remote else {})}) + "\n")
 

@@ -175,6 +175,13 @@ class LocalExecutor:
                 pass
         self.records.set_state(r.action.id, (r.key, tuple(linked)))
 
+    def record_known(self, results) -> None:
+        """`record` for results known up to date and linked (forge/uptodate.py), at once."""
+        d = self._digests
+        for r in results:
+            for o in r.outputs:
+                d[o.path] = o
+
     def _remember_preimage(self, a: Action, pre: dict, reasons: bool) -> list[str]:
         old = self.records.preimages.get(a.id)
         why = explain_diff(old, pre) if reasons else []

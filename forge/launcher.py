@@ -62,7 +62,7 @@ def _via_server(argv: list[str]) -> int | None:
         s.connect(path)
     except OSError:
         s.close()
-        _spawn(path)
+        _spawn(path, root)
         return None  # this command runs here; the next one finds the server
     msg = json.dumps({"argv": argv, "cwd": cwd, "env": dict(os.environ)}).encode() + b"\n"
     socket.send_fds(s, [msg], [0, 1, 2])
@@ -81,11 +81,11 @@ def _via_server(argv: list[str]) -> int | None:
     return None if answer.get("restart") else int(answer["exit"])
 
 
-def _spawn(path: str) -> None:
+def _spawn(path: str, root: str) -> None:
     import subprocess
     try:
         with open(path[:-5] + ".log", "ab") as log:
-            subprocess.Popen([sys.executable, "-m", "forge.server", path],
+            subprocess.Popen([sys.executable, "-m", "forge.server", path, root],
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                              start_new_session=True, cwd="/")
     except OSError:

@@ -11,6 +11,7 @@ Rule authors reach these through forge.api; the engine imports them from here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable
 
 from forge.labels import Label
@@ -76,7 +77,7 @@ class Action:
     # do_not_cache): for actions whose result must be made afresh each time it is asked.
     do_not_cache: bool = False
 
-    @property
+    @cached_property  # asked for every action of every build: computed once per action
     def id(self) -> str:
         """Stable identity across builds (explain compares builds by it)."""
         return f"{self.owner}#{self.mnemonic}#{self.outputs[0].path if self.outputs else ''}"

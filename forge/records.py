@@ -17,12 +17,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import pickle
 import threading
 import time
 from pathlib import Path
 
-from forge.digest import StatCache
+from forge.digest import StatCache, later, load_pickle, save_pickle
 
 STATE_VERSION = 2
 
@@ -38,13 +37,9 @@ class Records:
         self._lock_fd: int | None = None
         self._pre_writes: dict[str, dict] = {}
         self._pre_lock = threading.Lock()
-        try:
-            with open(directory / "state.pickle", "rb") as f:
-                version, state = pickle.load(f)
-            if version == STATE_VERSION:
-                self.state = state
-        except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError):
-            pass
+        loaded = load_pickle(directory / "state.pickle", None)
+        if isinstance(loaded, tuple) and len(loaded) == 2 and loaded[0] == STATE_VERSION:
+            self.state = loaded[1]
 
     def lock(self, wait_message) -> None:
         """One build per workspace at a time; a second one waits."""
@@ -83,10 +78,7 @@ class Records:
     def save(self) -> None:
         self.stat_cache.save()
         if self._state_dirty:
-            tmp = self.dir / f".state.{os.getpid()}"
-            with open(tmp, "wb") as f:
-                pickle.dump((STATE_VERSION, self.state), f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, self.dir / "state.pickle")
+            save_pickle(self.dir / "state.pickle", (STATE_VERSION, self.state))
             self._state_dirty = False
         if self._pre_writes:
             with self._pre_lock:
@@ -102,6 +94,21 @@ class Records:
         tmp = self.dir / f".last.{os.getpid()}"
         tmp.write_text(json.dumps({"time": time.time(), "actions": actions, "remote": remote}))
         os.replace(tmp, self.dir / "last.json")
+
+    def write_last_lines(self, actions: list[str], remote: dict | None = None,
+                         on_written=None) -> None:
+        """`actions`: each action's entry, as JSON already (forge/uptodate.py keeps them).
+        Served, written once the command was answered (forge.digest.later)."""
+        text = (f'{{"time": {json.dumps(time.time())}, "actions": [{", ".join(actions)}], '
+                f'"remote": {json.dumps(remote)}}}')
+
+        def write():
+            tmp = self.dir / f".last.{os.getpid()}"
+            tmp.write_text(text)
+            os.replace(tmp, self.dir / "last.json")
+            if on_written is not None:
+                on_written()
+        later(write)
 
     def read_last(self) -> dict | None:
         try:

@@ -39,6 +39,7 @@ class ActionResult:
     cancelled: bool = False
     linked: tuple | None = None  # set when the workspace already holds these outputs
     ran_on: str = ""  # where it executed: "local", "remote <worker>", "remote cache"
+    watched: bool = False  # known up to date from what the watch saw (forge/uptodate.py)
 
 
 @dataclass
@@ -48,11 +49,15 @@ class BuildSummary:
     remote: dict | None = None  # the remote cache's counters (ActionExecutor.finish)
 
     def count(self, status: str) -> int:
-        return sum(1 for r in self.results if r.status == status)
+        counts = self.__dict__.get("_counts")
+        if counts is None or counts[0] != len(self.results):  # once: 10,000 results each time
+            counts = self.__dict__["_counts"] = (len(self.results),
+                                                 Counter(r.status for r in self.results))
+        return counts[1][status]
 
     @property
     def ok(self) -> bool:
-        return not self.interrupted and all(r.status in DONE for r in self.results)
+        return not self.interrupted and sum(self.count(s) for s in DONE) == len(self.results)
 
 
 class Reporter:
@@ -100,6 +105,21 @@ class ActionExecutor(Protocol):
         connections. Returns the shared cache's counters, if one was used."""
 
 
+def dependency_graph(actions: list[Action]) -> tuple[list[list[int]], list[int]]:
+    """For each action (by index), the actions using its outputs, and how many actions
+    produce its inputs."""
+    n = len(actions)
+    producer = {o.path: i for i, a in enumerate(actions) for o in a.outputs}
+    waiting = [0] * n
+    dependents: list[list[int]] = [[] for _ in range(n)]
+    for i, a in enumerate(actions):
+        ups = {producer[x.path] for x in a.inputs if not x.source and x.path in producer}
+        waiting[i] = len(ups)
+        for u in ups:
+            dependents[u].append(i)
+    return dependents, waiting
+
+
 class Scheduler:
     def __init__(self, executor: ActionExecutor, *, jobs: int, keep_going: bool = False,
                  reporter: Reporter | None = None, pools: Mapping[str, int] | None = None):
@@ -117,29 +137,40 @@ class Scheduler:
     def epoch(self) -> float:
         return self.executor.epoch
 
-    def run(self, actions: list[Action], statics: list[str] | None = None) -> BuildSummary:
+    def run(self, actions: list[Action], statics: list[str] | None = None,
+            known: Mapping[int, ActionResult] | None = None,
+            graph: tuple[list[list[int]], list[int]] | None = None) -> BuildSummary:
+        """`known`: results, by index, of actions known to be up to date (forge/uptodate.py):
+        recorded as they are, never prepared. `graph`: (dependents, number of producers)
+        by index, as `dependency_graph` makes them, when the caller kept them."""
         # Everything is indexed by position: hashing frozen dataclasses or rebuilding
         # ids per lookup dominates a no-op build of 10,000 actions otherwise.
         n = len(actions)
         ex = self.executor
-        producer = {o.path: i for i, a in enumerate(actions) for o in a.outputs}
-        waiting = [0] * n
-        dependents: list[list[int]] = [[] for _ in range(n)]
-        for i, a in enumerate(actions):
-            ups = {producer[x.path] for x in a.inputs if not x.source and x.path in producer}
-            waiting[i] = len(ups)
-            for u in ups:
-                dependents[u].append(i)
-        ready = deque(i for i in range(n) if waiting[i] == 0)
+        dependents, waiting = graph or dependency_graph(actions)
+        waiting = list(waiting)
+        results: list[ActionResult | None] = [None] * n
+        if known:
+            record_known = getattr(ex, "record_known", None)
+            if record_known is not None:
+                record_known(known.values())
+            for i, r in known.items():
+                results[i] = r
+                if record_known is None:
+                    ex.record(r)
+                for d in dependents[i]:
+                    waiting[d] -= 1
+        ready = deque(i for i in range(n) if waiting[i] == 0 and results[i] is None)
         runnable: deque = deque()  # missed every cache: waiting for a worker
         tickets: dict[int, Any] = {}
-        results: list[ActionResult | None] = [None] * n
         running: set[int] = set()
         looking = 0  # lookups under way
         in_pool: Counter = Counter()
         free_workers = list(range(self.jobs, 0, -1))
         stop = False
         self.reporter.set_total(n)
+        for r in (known or {}).values():
+            self.reporter.finished(r)
         workers = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="forge-worker")
 
         def complete(i: int, r: ActionResult) -> None:

@@ -32,9 +32,18 @@ def code_fingerprint(state: Path) -> list[tuple[str, int]]:
     return out + installed().code_fingerprint(state)
 
 
-def serve(sock_path: str) -> None:
-    from forge import cli
+def serve(sock_path: str, root: str | None = None) -> None:
+    from forge import cli, uptodate, watch
     from forge.ruleset import installed
+    watch.ENABLED = True
+    from forge import digest
+    digest.MEMO = True  # records read once, then reused while their files are unchanged
+    digest.DEFERRED = []  # and written after the command was answered
+    from forge import cache
+    cache.KEEP_OPEN = True
+    if root and os.environ.get("FORGE_WATCH", "1") != "0":
+        from forge.workspace import OUT_DIR
+        watch.watcher(Path(root), Path(root) / OUT_DIR)  # from now on, changes are seen
     installed().load()  # the point of a server: everything imported once
     import gc
     gc.freeze()  # what is imported lives for good: keep collections from walking it
@@ -63,11 +72,19 @@ def serve(sock_path: str) -> None:
             if code_fingerprint(state) != started:
                 conn.sendall(b'{"restart": true}\n')
                 break
+            argv = list(msg["argv"])
+            if argv[:1] in (["build"], ["test"]):
+                uptodate.REQUEST = (tuple(argv), msg["cwd"], tuple(sorted(msg["env"].items())))
+            else:
+                uptodate.forget()  # clean, cache gc, lock...: what was known may be gone
+                uptodate.REQUEST = None
             code = _run(cli, conn, msg, fds, main_thread)
             try:
                 conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
             except OSError:
                 pass
+            digest.run_deferred()
+    digest.run_deferred()
     srv.close()
     for f in (sock_path, sock_path[:-5] + ".pid"):
         try:
@@ -133,4 +150,4 @@ def _run(cli, conn, msg: dict, fds: list[int], main_thread: int) -> int:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

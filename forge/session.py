@@ -36,6 +36,7 @@ class Session:
         self.ws = ws
         self.cache = Cache(ws.cache_dir(cache_dir))
         self.records = Records(ws.records_dir(self.cache.root))
+        self.plan_inputs: tuple[dict, dict] | None = None  # the plan's BUILD files and dirs
 
     def cwd_package(self, cwd: Path | None = None) -> str:
         cwd = (cwd or Path.cwd()).absolute()
@@ -86,6 +87,7 @@ class Session:
             plan = Plan(plan.roots, {}, {r: plan.infos[r] for r in plan.roots}, plan.actions,
                         plan.tests, [static_digest(a, rules.functions) for a in plan.actions])
             self._save_plan(path, fingerprint, plan, an.loader.inputs, an.loader.dirs)
+            self.plan_inputs = (an.loader.inputs, an.loader.dirs)
         return plan
 
     def _cached_plan(self, path: Path, fingerprint: str):
@@ -126,6 +128,7 @@ class Session:
                     return None
             except OSError:
                 return None
+        self.plan_inputs = (inputs, dirs)  # what forge/uptodate.py watches for a new plan
         return plan
 
     def _save_plan(self, path, fingerprint, plan, inputs, dirs) -> None:
