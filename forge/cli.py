@@ -308,8 +308,8 @@ def _build(ws, args, patterns, *, tests: bool = False, attest: bool = False):
             uptodate.remember(ws, s, plan, summary, code)
         _write_last(s, summary)
         print(summary_line(summary), file=sys.stderr)
-        if attest and code == EXIT_OK:
-            _provenance(ws, plan, started)  # before _sign, which signs it
+        if attest and code == EXIT_OK and (check is None or check.noop is None):
+            _provenance(ws, plan, summary, started)  # before _sign, which signs it
         if args.build_events:
             write_build_events(args.build_events, summary, code,
                                checked=None if check is None else check.why)
@@ -357,24 +357,29 @@ def _no_targets(what: str) -> int:
     return EXIT_OK
 
 
-def _provenance(ws, plan, started: float) -> dict:
-    """Write NAME.provenance.json beside the outputs of each target built; returns the
-    statements by label."""
+def _provenance(ws, plan, summary, started: float) -> None:
+    """Write NAME.provenance.json beside the outputs of each target built. A target none of
+    whose actions ran in this build keeps the provenance it has: it still describes the
+    build that made those bytes (and a no-op build of many targets stays cheap)."""
     from forge import provenance
     from forge.formats.common.files import atomic_write
-    invocation, finished, out = provenance.new_invocation_id(), time.time(), {}
+    ran = {r.action.id for r in summary.results if r.status != "cached"}
+    invocation, finished, build = provenance.new_invocation_id(), time.time(), None
     for label in plan.roots:
         info = plan.infos.get(label)
         files = [a.path for a in (info.files if info else ()) if not a.source]
         if not files:
             continue
-        st = provenance.statement_for(ws.root, ws.config, plan.actions, label, files,
-                                      invocation_id=invocation, started=started, finished=finished)
         dest = ws.root / provenance.path_for(label)
+        if build is None:
+            build = provenance.Build(ws.root, ws.config, plan.actions)
+        needed = build.needed(files)
+        if dest.is_file() and not any(a.id in ran for a in needed):
+            continue
+        st = build.statement(label, files, invocation_id=invocation, started=started,
+                             finished=finished, needed=needed)
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(dest, provenance.dumps(st))
-        out[label] = st
-    return out
 
 
 def cmd_build(ws, args) -> int:

@@ -67,9 +67,11 @@ def subjects(root: Path, paths: list[str]) -> list[dict]:
     return out
 
 
-def actions_for(actions: list[Action], paths: list[str]) -> list[Action]:
+def actions_for(actions: list[Action], paths: list[str],
+                producers: dict[str, Action] | None = None) -> list[Action]:
     """The actions that produce `paths`, and those theirs need, transitively."""
-    producers = {o.path: a for a in actions for o in a.outputs}
+    if producers is None:
+        producers = producers_of(actions)
     seen: dict[str, Action] = {}
     stack = list(paths)
     while stack:
@@ -79,6 +81,10 @@ def actions_for(actions: list[Action], paths: list[str]) -> list[Action]:
         seen[a.id] = a
         stack.extend(i.path for i in a.inputs if not i.source)
     return [seen[k] for k in sorted(seen)]
+
+
+def producers_of(actions: list[Action]) -> dict[str, Action]:
+    return {o.path: a for a in actions for o in a.outputs}
 
 
 def _digest(text: str) -> dict:
@@ -136,27 +142,47 @@ def builder_id(config: dict) -> str:
     return (config.get("provenance") or {}).get("builder_id") or slsa.DEFAULT_BUILDER
 
 
+class Build:
+    """What every target's provenance of one build shares, found once: the graph's
+    producers, the workspace's git state (a `git status` per target would cost seconds in a
+    large repository), the digests of forge.toml and forge.lock."""
+
+    def __init__(self, root: Path, config: dict, actions: list[Action]):
+        self.root, self.config = root, config
+        self.producers = producers_of(actions)
+        self.source = source(root)
+        self.configs = {n: d for n in (CONFIG_NAME, LOCK_NAME) if (d := _file_digest(root, n))}
+
+    def needed(self, files: list[str]) -> list[Action]:
+        return actions_for([], files, self.producers)
+
+    def statement(self, label: Label, files: list[str], *, invocation_id: str,
+                  started: float, finished: float, needed: list[Action] | None = None) -> dict:
+        needed = self.needed(files) if needed is None else needed
+        src = self.source
+        external = {"target": str(label), "configFiles": self.configs}
+        if src:
+            external["source"] = src
+        deps = dependencies(self.root, needed)
+        if src:
+            deps.append(slsa.descriptor(uri=src.get("uri", ""), name="workspace",
+                                        digest={"gitCommit": src["gitCommit"]}))
+        internal = {"rules": sorted({a.rule for a in needed}),
+                    "steps": sorted({f"{a.function or a.mnemonic}" for a in needed})}
+        return slsa.statement(subjects=subjects(self.root, files), external=external,
+                              internal=internal, dependencies=deps,
+                              builder_id=builder_id(self.config),
+                              builder_version={"forge": forge.__version__},
+                              invocation_id=invocation_id, started=started, finished=finished)
+
+
 def statement_for(root: Path, config: dict, actions: list[Action], label: Label,
                   files: list[str], *, invocation_id: str, started: float,
                   finished: float) -> dict:
     """The provenance of target `label` whose outputs are `files` (workspace-relative
     paths, built), from the plan's `actions`."""
-    needed = actions_for(actions, files)
-    src = source(root)
-    configs = {n: d for n in (CONFIG_NAME, LOCK_NAME) if (d := _file_digest(root, n))}
-    external = {"target": str(label), "configFiles": configs}
-    if src:
-        external["source"] = src
-    deps = dependencies(root, needed)
-    if src:
-        deps.append(slsa.descriptor(uri=src.get("uri", ""), name="workspace",
-                                    digest={"gitCommit": src["gitCommit"]}))
-    internal = {"rules": sorted({a.rule for a in needed}),
-                "steps": sorted({f"{a.function or a.mnemonic}" for a in needed})}
-    return slsa.statement(subjects=subjects(root, files), external=external, internal=internal,
-                          dependencies=deps, builder_id=builder_id(config),
-                          builder_version={"forge": forge.__version__},
-                          invocation_id=invocation_id, started=started, finished=finished)
+    return Build(root, config, actions).statement(label, files, invocation_id=invocation_id,
+                                                  started=started, finished=finished)
 
 
 def path_for(label: Label) -> str:
