@@ -255,23 +255,26 @@ def _no_targets(what: str) -> int:
     return EXIT_OK
 
 
-def _provenance(ws, plan, started: float) -> dict:
+def _provenance(ws, s, plan, started: float) -> dict:
     """Write NAME.provenance.json beside the outputs of each target built; returns the
     statements by label."""
     from forge import provenance
     from forge.formats.common.files import atomic_write
     invocation, finished, out = provenance.new_invocation_id(), time.time(), {}
+    memo = provenance.DigestMemo(s.records.dir / "output-sha256.json")
     for label in plan.roots:
         info = plan.infos.get(label)
         files = [a.path for a in (info.files if info else ()) if not a.source]
         if not files:
             continue
         st = provenance.statement_for(ws.root, ws.config, plan.actions, label, files,
-                                      invocation_id=invocation, started=started, finished=finished)
+                                      invocation_id=invocation, started=started, finished=finished,
+                                      memo=memo)
         dest = ws.root / provenance.path_for(label)
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(dest, provenance.dumps(st))
         out[label] = st
+    memo.save()
     return out
 
 
@@ -281,7 +284,7 @@ def cmd_build(ws, args) -> int:
     started = time.time()
     s, plan, summary, code = _build(ws, args, args.patterns)
     if summary is not None and code == EXIT_OK:
-        _provenance(ws, plan, started)
+        _provenance(ws, s, plan, started)
     if code == EXIT_OK and args.load and summary is not None:
         if len(plan.roots) != 1:
             raise UsageError(f"--load needs exactly one target; {len(plan.roots)} matched")
@@ -303,17 +306,24 @@ def cmd_build(ws, args) -> int:
 
 
 def cmd_provenance(ws, args) -> int:
+    if args.target.endswith(("...", ":all", ":*")):
+        raise UsageError(f"forge provenance takes one target, and {args.target} is a pattern",
+                         hint="name one target, e.g. //images:redisos; `forge build` writes the "
+                         "provenance of every target it is given")
     started = time.time()
     s, plan, summary, code = _build(ws, args, [args.target])
-    s.close()
-    if code != EXIT_OK or summary is None:
-        return code
-    if len(plan.roots) != 1:
-        raise UsageError(f"forge provenance takes one target; {args.target} matches "
-                         f"{len(plan.roots)}", hint="name one target, e.g. //images:redisos")
-    statements = _provenance(ws, plan, started)
+    try:
+        if code != EXIT_OK or summary is None:
+            return code
+        if len(plan.roots) != 1:
+            raise UsageError(f"forge provenance takes one target; {args.target} matches "
+                             f"{len(plan.roots)}", hint="name one target, e.g. //images:redisos")
+        statements = _provenance(ws, s, plan, started)
+    finally:
+        s.close()
     if plan.roots[0] not in statements:
-        raise UsageError(f"{plan.roots[0]} has no output files: there is nothing to attest")
+        raise UsageError(f"{plan.roots[0]} has no output files: there is nothing to attest",
+                         hint="name a target that builds files: a filegroup of sources has none")
     from forge.provenance import dumps
     sys.stdout.write(dumps(statements[plan.roots[0]]).decode())
     return EXIT_OK

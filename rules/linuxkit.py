@@ -89,7 +89,8 @@ def _image_uses(asm: asmlib.Assembly) -> list[tuple[str, Loc | None]]:
 LinuxKit assembly (LinuxKit's YAML, unchanged). `image:` values may be registry references
 (pinned in forge.lock), forge labels, or names mapped to targets by `images`. Each image is
 unpacked once, each entry is its own cached fragment and initrd segment, each format its own
-action. `forge run` boots it under QEMU.""", attrs={
+action. `forge run` boots it under QEMU. Its SBOM is `NAME.sbom.spdx.json`, also at the
+image's root as `/sbom.spdx.json` (docs/supply-chain.md).""", attrs={
     "assembly": attr.label(mandatory=True, doc="The assembly YAML file."),
     "overlays": attr.label_list(doc="More assembly files merged after it, as `linuxkit build "
                                 "a.yml b.yml` does (kernel keys replaced, lists appended)."),

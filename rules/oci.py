@@ -196,7 +196,8 @@ def push_runner(ctx: RunContext) -> int:
 target needs is its own cached action, keyed on its parent image's digest, its instructions
 after build-arg substitution and the digests of exactly the context files it copies.
 Stages without RUN are assembled in Python with no Docker engine; stages with RUN run on
-the engine.""", attrs={
+the engine. `NAME.sbom.spdx.json`, its SBOM, lists the packages of its bases it holds files
+of (docs/supply-chain.md).""", attrs={
     "dockerfile": attr.label(default="Dockerfile", doc="The Dockerfile (a source file)."),
     "srcs": attr.label_list(doc="The build context: files COPY and ADD may read, at their "
                             "paths relative to this package."),

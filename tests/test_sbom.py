@@ -184,7 +184,47 @@ def test_spdx_attestations_of_a_layout_are_found_and_checked(tmp_path):
         spdx_documents(layout, image_digest)
 
 
-# --- RedisOS, built for real ------------------------------------------------------------
+# --- a Debian tree and RedisOS, built for real ------------------------------------------
+
+@pytest.mark.real
+@pytest.mark.parametrize("variant,expect", [
+    ("extract", {"busybox-static", "runc", "libc6", "libseccomp2"}),  # and the dependencies
+    # the essential set, installed before the rest (mmdebstrap's essential phase)
+    ("minbase", {"busybox-static", "runc", "libc6", "base-files", "dpkg", "bash"}),
+])
+def test_debian_rootfs_lists_every_package_it_installed(ws, variant, expect):
+    require(shutil.which("mmdebstrap") is not None, "mmdebstrap is not installed (dev/setup.sh)")
+    ws.write({"BUILD": f'debian_rootfs(name = "t", suite = "bookworm", variant = "{variant}", '
+                       'packages = ["busybox-static", "runc"])\n'})
+    r = ws.build("//:t", timeout=900)
+    assert r.code == 0, r.err
+    out = ws.root / "forge-out"
+    debs = json.loads((out / "t.debs.json").read_text())["packages"]
+    names = {d["package"] for d in debs}
+    assert expect <= names
+    sbom = out / "t.sbom.spdx.json"
+    doc = json.loads(sbom.read_text())
+    assert validate(doc, ws.root.parent) == []
+    pkgs = {p["name"]: p for p in doc["packages"] if p["name"] in names}
+    assert set(pkgs) == names  # the tree holds every package apt installed
+    image = doc["documentDescribes"][0]
+    contained = {r["relatedSpdxElement"] for r in doc["relationships"]
+                 if r["spdxElementId"] == image and r["relationshipType"] == "CONTAINS"}
+    assert {p["SPDXID"] for p in pkgs.values()} <= contained
+    index = json.loads((out / "t" / "index.json").read_text())
+    assert next(p for p in doc["packages"] if p["SPDXID"] == image)["versionInfo"] == \
+        index["manifests"][0]["digest"]
+    origins = json.loads((out / "t.origins.json").read_text())["origins"]
+    assert {d["sha256"] for d in debs} <= {o["digest"]["sha256"] for o in origins}
+    assert any(o["name"] == "dists/bookworm/InRelease" for o in origins)
+    # apt's cache, where the .debs were taken from, is empty in the image as before
+    from forge.formats.image.layout import read_image
+    import tarfile
+    img = read_image(out / "t", None)
+    with tarfile.open(img.layers[0][1]) as tf:
+        assert not [n for n in tf.getnames() if n.endswith(".deb")]
+
+
 
 @pytest.mark.real
 def test_redisos_sbom_is_valid_and_complete(redisos):
@@ -212,6 +252,11 @@ def test_redisos_sbom_is_valid_and_complete(redisos):
     debs = json.loads((out / "base" / "redis-build.debs.json").read_text())["packages"]
     by_name = {r["package"]: r for r in debs}
     assert names["redis-server"]["checksums"][0]["checksumValue"] == by_name["redis-server"]["sha256"]
+    # the redis image's own SBOM, merged above, is a valid document too
+    own = out / "redis" / "image.sbom.spdx.json"
+    p = subprocess.run([str(tool), "-i", str(own)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "invalid" not in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
+    assert "redis-server" in {p["name"] for p in json.loads(own.read_text())["packages"]}
     # and the same document is at the image's root, in the initrd
     seg = next((out / "redisos.initrd").glob("*-sbom.cpio.gz"))
     assert _newc_files(gzip.decompress(seg.read_bytes()))["sbom.spdx.json"] == path.read_bytes()
