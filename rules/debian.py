@@ -87,7 +87,7 @@ def debian_rootfs(ctx):
         layouts[arch] = out
         inventories[arch] = [debs.path]
         sboms[arch] = sbom.image_sbom(ctx, out, arch, stem, [debs.path], archs.platform(arch))
-    return archs.image_info(ctx, layouts, more_files=[*sboms.values(),
+    return archs.image_info(ctx, layouts, more_files=[*sboms.values(), *map(sbom.cdx_of, sboms.values()),
                                                       *(Artifact(p, source=False) for v in inventories.values() for p in v)],
                             inventory=inventories, sbom={a: s.path for a, s in sboms.items()})
 

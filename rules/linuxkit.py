@@ -405,7 +405,7 @@ class _Planner:
         if not has_kernel:
             outputs = {fmt: disk.plan_format(ctx, fmt, self.name, None, None,
                                              [f for _, f in self.fragments]) for fmt in ctx.attr.formats}
-            files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc]
+            files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc, sbom.cdx_of(self.sbom_doc)]
             formats = {f: [a.path for a in arts] for f, arts in outputs.items()}
             return ctx.info(files=files, formats=formats,  # `forge run` says it has nothing to boot
                             run={"runner": "QemuRun", "params": {"name": self.name, "formats": formats}})
@@ -419,7 +419,7 @@ class _Planner:
         for fmt in ctx.attr.formats:
             outputs[fmt] = disk.plan_format(ctx, fmt, self.name, boot, kernel_dir,
                                             [f for _, f in self.fragments], arch=self.arch)
-        files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc]
+        files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc, sbom.cdx_of(self.sbom_doc)]
         return ctx.info(files=files, kernel=kernel.path, sbom=self.sbom_doc.path, initrd=initrd.path, cmdline=cmdline.path,
                         formats={f: [a.path for a in arts] for f, arts in outputs.items()},
                         boot_files=[kernel, initrd, cmdline], arch=self.arch,

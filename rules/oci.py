@@ -228,7 +228,8 @@ def container_image(ctx):
     inventories = {a: sbom.inherited(ctx, bases, a) for a in arches}
     sboms = {a: sbom.image_sbom(ctx, layouts[a], a, archs.out_name(ctx.label.name, a, arches[0]),
                                 inventories[a], archs.platform(a)) for a in arches}
-    return archs.image_info(ctx, layouts, more_files=list(sboms.values()), inventory=inventories,
+    return archs.image_info(ctx, layouts, more_files=[*sboms.values(), *map(sbom.cdx_of, sboms.values())],
+                            inventory=inventories,
                             sbom={a: s.path for a, s in sboms.items()})
 
 

@@ -155,6 +155,29 @@ def test_merge_keeps_one_element_per_package(tmp_path):
     assert validate(d, tmp_path) == []
 
 
+def cdx_errors(doc: dict) -> str | None:
+    """cyclonedx-python-lib's strict JSON-schema check of a CycloneDX 1.6 document."""
+    pytest.importorskip("cyclonedx", reason="cyclonedx-python-lib is a test dependency")
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+    err = JsonStrictValidator(SchemaVersion.V1_6).validate_str(json.dumps(doc))
+    return None if err is None else str(err.data.message)
+
+
+def test_cyclonedx_twin_is_valid_and_reproducible(tmp_path):
+    from forge.formats.sbom.cyclonedx import from_spdx
+    spdx = _doc(tmp_path).to_dict(created(0), ["Tool: t"])
+    one, two = from_spdx(spdx, "0.1.0"), from_spdx(_doc(tmp_path).to_dict(created(0), ["Tool: t"]), "0.1.0")
+    assert dumps(one) == dumps(two)
+    assert cdx_errors(one) is None
+    hello = next(c for c in one["components"] if c["name"] == "hello")
+    assert hello["purl"].startswith("pkg:deb/debian/hello@") and hello["licenses"][0]["expression"]
+    assert one["metadata"]["component"]["type"] == "container"
+    assert {"ref": one["metadata"]["component"]["bom-ref"], "dependsOn": [hello["bom-ref"]]} in one["dependencies"]
+    one["components"][0]["type"] = "no-such-type"
+    assert cdx_errors(one)  # the check is not vacuous
+
+
 # --- attestations -----------------------------------------------------------------------
 
 def test_spdx_attestations_of_a_layout_are_found_and_checked(tmp_path):
@@ -252,6 +275,10 @@ def test_redisos_sbom_is_valid_and_complete(redisos):
     debs = json.loads((out / "base" / "redis-build.debs.json").read_text())["packages"]
     by_name = {r["package"]: r for r in debs}
     assert names["redis-server"]["checksums"][0]["checksumValue"] == by_name["redis-server"]["sha256"]
+    # the CycloneDX twin lists the same packages
+    cdx = json.loads((out / "redisos.cdx.json").read_text())
+    assert cdx_errors(cdx) is None
+    assert {c["name"] for c in cdx["components"] if c["type"] != "file"} == set(names) - {"//images:redisos"}
     # the redis image's own SBOM, merged above, is a valid document too
     own = out / "redis" / "image.sbom.spdx.json"
     p = subprocess.run([str(tool), "-i", str(own)], capture_output=True, text=True, timeout=300)
