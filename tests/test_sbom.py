@@ -301,3 +301,57 @@ def _newc_files(data: bytes) -> dict[str, bytes]:
         if name == "TRAILER!!!":
             break
     return files
+
+
+def test_an_imported_images_spdx_attestation_is_merged_into_the_os_sbom(ws, tmp_path):
+    """An OCI tarball whose index carries an SPDX attestation beside the image (as BuildKit
+    exports it), used by a linuxkit_image: the OS's SBOM holds the attested packages."""
+    import io
+    import tarfile
+    from forge.formats.image.layer_write import layer_from_dir
+    from forge.formats.image.layout import image_config_defaults, load_index, write_image
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/hello").write_text("hi\n")
+    layout = tmp_path / "layout"
+    with open(tmp_path / "layer.tar.gz", "wb") as f:
+        info = layer_from_dir(tree, f, mtime=0)
+    add_blob(layout, tmp_path / "layer.tar.gz", info.media_type)
+    image = write_image(layout, image_config_defaults(diff_ids=[info.diff_id]), [info])
+    attested = _doc(tmp_path)
+    predicate = attested.to_dict(created(0), ["Tool: buildkit"])
+    st = add_blob(layout, canonical_json({"_type": "https://in-toto.io/Statement/v1",
+                                          "predicateType": "https://spdx.dev/Document",
+                                          "subject": [{"name": "img", "digest": {"sha256": image.digest[7:]}}],
+                                          "predicate": predicate}), "application/vnd.in-toto+json")
+    # BuildKit's attestation config: in-toto layers are uncompressed, their diff_ids themselves
+    cfg = add_blob(layout, canonical_json({"architecture": "unknown", "os": "unknown", "config": {},
+                                           "rootfs": {"type": "layers", "diff_ids": [st.digest]}}),
+                   "application/vnd.oci.image.config.v1+json")
+    m = add_blob(layout, canonical_json({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": cfg.to_dict(), "layers": [{**st.to_dict(), "annotations": {
+            "in-toto.io/predicate-type": "https://spdx.dev/Document"}}]}),
+        "application/vnd.oci.image.manifest.v1+json")
+    index = load_index(layout)
+    index["manifests"].append({**m.to_dict(), "platform": {"os": "unknown", "architecture": "unknown"},
+                               "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                                               "vnd.docker.reference.digest": image.digest}})
+    write_index_document(layout, index)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for p in sorted(layout.rglob("*")):
+            tf.add(p, arcname=p.relative_to(layout).as_posix(), recursive=False)
+    (ws.root / "img.tar").write_bytes(buf.getvalue())
+    ws.write({"BUILD": 'oci_archive(name = "img", src = "img.tar")\n'
+                       'linuxkit_image(name = "os", assembly = "os.yml", formats = ["tar"])\n',
+              "os.yml": 'onboot:\n  - name: hello\n    image: //:img\n    command: ["/bin/true"]\n'})
+    r = ws.build("//:os")
+    assert r.code == 0, r.err
+    doc = json.loads((ws.root / "forge-out/os.sbom.spdx.json").read_text())
+    assert validate(doc, tmp_path) == []
+    names = {p["name"] for p in doc["packages"]}
+    assert "hello" in names  # from the attestation
+    img = next(p for p in doc["packages"] if p.get("versionInfo") == image.digest)
+    assert {"spdxElementId": img["SPDXID"], "relationshipType": "CONTAINS",
+            "relatedSpdxElement": predicate["documentDescribes"][0]} in doc["relationships"]
