@@ -103,8 +103,12 @@ def test_inventory_is_sorted_and_repeatable(tmp_path):
 
 # --- the SPDX writer --------------------------------------------------------------------
 
+_RECORDS: dict[str, dict] = {}
+
+
 def _doc(tmp: Path) -> Document:
-    rec = record(_deb(tmp))
+    # one package per test: dpkg-deb stamps the time, and two would differ in sha256
+    rec = _RECORDS.get(str(tmp)) or _RECORDS.setdefault(str(tmp), record(_deb(tmp)))
     doc = Document("//t:img")
     root = doc.image("//t:img", "sha256:" + "a" * 64)
     doc.describes.append(root)
