@@ -30,12 +30,18 @@ forge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # qemu-system-arm and qemu-efi-aarch64: booting arm64 images (TCG; AAVMF for UEFI);
 # qemu-user-static, binfmt-support and arch-test: building for arm64 on another machine
 # (RUN steps and mmdebstrap's maintainer scripts run under qemu-user through binfmt_misc).
+# cryptsetup-bin: veritysetup, the dm-verity hash tree of `verity = True`; dmsetup and
+# binutils (readelf): the verity tests put the host's dmsetup in a boot initrd and check
+# forge's ELF reading against readelf.
+# sbsigntool and faketime: Secure Boot signing of the UKI and ESP loaders (sbsign, run
+# under faketime at SOURCE_DATE_EPOCH so the signature's time is fixed), sbverify in the tests.
 forge_apt_packages=(ninja-build graphviz git docker.io mmdebstrap docker-registry skopeo cpio zstd
     xorriso isolinux syslinux syslinux-common grub-common grub-pc-bin grub-efi-amd64-bin mtools
     dosfstools fdisk qemu-system-x86 qemu-utils ovmf busybox-static runc nginx-full openssl
     gpg gpgv dpkg-dev apt-utils debian-archive-keyring python3-apt pigz tinyproxy curl
     squashfs-tools erofs-utils fakeroot u-boot-tools qemu-system-arm qemu-efi-aarch64
-    qemu-user-static binfmt-support arch-test)
+    qemu-user-static binfmt-support arch-test
+    cryptsetup-bin dmsetup binutils sbsigntool faketime)
 if command -v dpkg >/dev/null 2>&1; then
     forge_missing=()
     for forge_pkg in "${forge_apt_packages[@]}"; do

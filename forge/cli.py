@@ -33,6 +33,8 @@ COMMANDS = {
     "provenance": "build a target and print its SLSA provenance (an in-toto Statement)",
     "clean": "remove outputs (--expunge: also this workspace's records)",
     "cache": "cache stats | cache gc --max-size 10G",
+    "keygen": "make a signing key pair: OUT (private, 0600) and OUT.pub",
+    "verify": "check a file, a target's outputs or a pushed image against its signature",
     "help": "show help for forge or one command",
     "version": "print forge's version",
 }
@@ -66,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     building.add_argument("--remote-instance", metavar="NAME", help="REAPI instance name")
     building.add_argument("--remote-timeout", metavar="SECONDS", type=float,
                           help="per-request timeout for the remote cache (default 60)")
+    building.add_argument("--sign-key", metavar="KEY", help="sign each output of the targets "
+                          "built into OUTPUT.dsse.json with this private key (default: [sign] "
+                          "key in forge.toml; empty: do not sign)")
 
     p = argparse.ArgumentParser(prog="forge", description="forge: builds OS images from BUILD files, "
                                 "caching every step by the content of its inputs.")
@@ -114,6 +119,19 @@ def _parser() -> argparse.ArgumentParser:
     casub.add_parser("stats", parents=[common])
     gc = casub.add_parser("gc", parents=[common])
     gc.add_argument("--max-size", required=True, help="e.g. 10G, 500M")
+    kg = sub.add_parser("keygen", help=COMMANDS["keygen"])
+    kg.add_argument("out", metavar="OUT", help="where the private key goes; the public one "
+                    "goes to OUT.pub")
+    kg.add_argument("--type", choices=("ecdsa", "ed25519"), default="ecdsa",
+                    help="ECDSA P-256 (default) or Ed25519")
+    kg.add_argument("--force", action="store_true", help="replace an existing OUT")
+    v = sub.add_parser("verify", parents=[common], help=COMMANDS["verify"])
+    v.add_argument("subject", metavar="TARGET|FILE|IMAGE", help="a file or directory (its "
+                   "envelope FILE.dsse.json beside it), a target label (its outputs), or an "
+                   "image reference in a registry (its attached signatures)")
+    v.add_argument("--key", required=True, metavar="PUB", help="the signer's public key (PEM)")
+    v.add_argument("--signature", metavar="FILE", help="the DSSE envelope of a FILE, when it "
+                   "is not FILE.dsse.json")
     h = sub.add_parser("help", help=COMMANDS["help"])
     h.add_argument("topic", nargs="?")
     sub.add_parser("version", help=COMMANDS["version"])
@@ -146,8 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     root = None
     try:
         from forge.workspace import find_workspace
-        ws = find_workspace()
-        root = ws.root
+        try:
+            ws = find_workspace()
+        except UsageError:
+            # keygen, and verify of a file or an image: a customer has forge, not a workspace
+            if not (args.command == "keygen" or args.command == "verify"
+                    and not args.subject.startswith(("//", ":"))):
+                raise
+            ws = None
+        root = ws.root if ws else None
         return _COMMANDS[args.command](ws, args)
     except ForgeError as e:
         if getattr(args, "debug", False):
@@ -196,7 +221,10 @@ def _session(ws, args):
     return Session(ws, args.cache_dir)
 
 
-def _build(ws, args, patterns, *, tests: bool = False):
+def _build(ws, args, patterns, *, tests: bool = False, attest: bool = False):
+    """Plan and run; with `attest`, write the provenance of the targets named, and sign
+    what was built when a key is set."""
+    started = time.time()
     """Plan and run; returns (session, plan, summary, exit code)."""
     from forge.events import ProgressReporter, summary_line, write_build_events, write_profile
     t0 = time.perf_counter()
@@ -205,6 +233,9 @@ def _build(ws, args, patterns, *, tests: bool = False):
     from forge.workspace import weakened_checks
     for text in weakened_checks(ws.config):
         reporter.warning(text)
+    from forge.signing import check_key_config
+    # Loaded now so that a missing or wrong key fails before the build, not after it.
+    args.loaded_sign_key = check_key_config(ws.root, ws.config, getattr(args, "sign_key", None))
     s.records.lock(lambda: print("forge: another forge is building this workspace; waiting",
                                  file=sys.stderr))
     try:
@@ -227,6 +258,8 @@ def _build(ws, args, patterns, *, tests: bool = False):
         code = EXIT_INTERRUPTED if summary.interrupted else EXIT_OK if summary.ok else EXIT_BUILD_FAILED
         _write_last(s, summary)
         print(summary_line(summary), file=sys.stderr)
+        if attest and code == EXIT_OK:
+            _provenance(ws, s, plan, started)  # before _sign, which signs it
         if args.build_events:
             write_build_events(args.build_events, summary, code)
         if args.profile:
@@ -239,6 +272,20 @@ def _build(ws, args, patterns, *, tests: bool = False):
         reporter.close()
         s.records.save()
         s.records.unlock()
+
+
+def _sign(ws, args, plan, summary, code) -> None:
+    """After a successful build with a signing key: OUTPUT.dsse.json for each output of the
+    targets named (and the Statements written for them before this call)."""
+    key = getattr(args, "loaded_sign_key", None)
+    if key is None or summary is None or code != EXIT_OK:
+        return
+    from forge.signing import sign_outputs
+    outputs = [(str(label), a.path) for label in plan.roots if label in plan.infos
+               for a in plan.infos[label].files]
+    written = sign_outputs(ws.root, outputs, key)
+    print(f"forge: signed {len(written)} outputs with key {key.keyid[:16]} "
+          f"(OUTPUT.dsse.json beside each)", file=sys.stderr)
 
 
 def _write_last(s, summary) -> None:
@@ -281,10 +328,8 @@ def _provenance(ws, s, plan, started: float) -> dict:
 def cmd_build(ws, args) -> int:
     if not args.patterns:
         return _no_targets("build")
-    started = time.time()
-    s, plan, summary, code = _build(ws, args, args.patterns)
-    if summary is not None and code == EXIT_OK:
-        _provenance(ws, s, plan, started)
+    s, plan, summary, code = _build(ws, args, args.patterns, attest=True)
+    _sign(ws, args, plan, summary, code)
     if code == EXIT_OK and args.load and summary is not None:
         if len(plan.roots) != 1:
             raise UsageError(f"--load needs exactly one target; {len(plan.roots)} matched")
@@ -310,22 +355,19 @@ def cmd_provenance(ws, args) -> int:
         raise UsageError(f"forge provenance takes one target, and {args.target} is a pattern",
                          hint="name one target, e.g. //images:redisos; `forge build` writes the "
                          "provenance of every target it is given")
-    started = time.time()
-    s, plan, summary, code = _build(ws, args, [args.target])
-    try:
-        if code != EXIT_OK or summary is None:
-            return code
-        if len(plan.roots) != 1:
-            raise UsageError(f"forge provenance takes one target; {args.target} matches "
-                             f"{len(plan.roots)}", hint="name one target, e.g. //images:redisos")
-        statements = _provenance(ws, s, plan, started)
-    finally:
-        s.close()
-    if plan.roots[0] not in statements:
+    s, plan, summary, code = _build(ws, args, [args.target], attest=True)
+    s.close()
+    if code != EXIT_OK or summary is None:
+        return code
+    if len(plan.roots) != 1:
+        raise UsageError(f"forge provenance takes one target; {args.target} matches "
+                         f"{len(plan.roots)}", hint="name one target, e.g. //images:redisos")
+    from forge.provenance import path_for
+    written = ws.root / path_for(plan.roots[0])
+    if not written.is_file():
         raise UsageError(f"{plan.roots[0]} has no output files: there is nothing to attest",
                          hint="name a target that builds files: a filegroup of sources has none")
-    from forge.provenance import dumps
-    sys.stdout.write(dumps(statements[plan.roots[0]]).decode())
+    sys.stdout.write(written.read_text())
     return EXIT_OK
 
 
@@ -338,6 +380,7 @@ def cmd_test(ws, args) -> int:
             write_junit(args.junit, [])
         return _no_targets("test")
     s, plan, summary, code = _build(ws, args, args.patterns)
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK or args.nobuild:
         return code
     if not plan.tests:
@@ -379,6 +422,7 @@ def _call_runner(ws, plan, label, what: str, argv: list[str]) -> int:
 
 def cmd_load(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, [args.target])
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK or summary is None:
         return code
     return _call_runner(ws, plan, plan.roots[0], "load", [args.tag] if args.tag else [])
@@ -396,6 +440,7 @@ def cmd_lock(ws, args) -> int:
 
 def cmd_run(ws, args) -> int:
     s, plan, summary, code = _build(ws, args, [args.target])
+    _sign(ws, args, plan, summary, code)
     if code != EXIT_OK:
         return code
     if len(plan.roots) != 1:
@@ -508,6 +553,58 @@ def cmd_explain(ws, args) -> int:
     return EXIT_OK
 
 
+# --- keygen, verify ---------------------------------------------------------------------
+
+def cmd_keygen(ws, args) -> int:
+    from forge.formats.common.files import atomic_write
+    from forge.formats.sign.keys import generate
+    out = Path(args.out)
+    pub = out.with_name(out.name + ".pub")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists: forge keygen does not replace a key",
+                         hint="choose another name, or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise UsageError(f"cannot write {out}: the directory {out.parent} does not exist")
+    key = generate(args.type)
+    atomic_write(out, key.pem, mode=0o600)
+    atomic_write(pub, key.public.pem, mode=0o644)
+    print(f"forge: wrote {out} (private, {args.type}, mode 0600) and {pub}; key id "
+          f"{key.keyid}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_verify(ws, args) -> int:
+    from forge.verifying import public_key, verify_image, verify_path
+    key = public_key(args.key)
+    arg = args.subject
+    if os.path.lexists(arg):
+        results = [verify_path(Path(arg), key, Path(args.signature) if args.signature else None)]
+    elif arg.startswith("//") or arg.startswith(":"):
+        if args.signature:
+            raise UsageError("--signature goes with a FILE, not a target (whose outputs have "
+                             "their own envelopes)")
+        s = _session(ws, args)
+        plan = s.plan([arg])
+        results = []
+        for label in plan.roots:
+            files = plan.infos[label].files if label in plan.infos else []
+            for a in files:
+                results.append(verify_path(ws.root / a.path, key,
+                                           shown=os.path.relpath(ws.root / a.path)))
+        if not results:
+            raise UsageError(f"{arg} has no outputs to verify")
+    elif any(c in arg for c in "/:@") and not arg.startswith((".", "/")):
+        from forge.verifying import registry_client
+        results = verify_image(registry_client(ws.config if ws else {}), arg, key)
+    else:
+        raise UsageError(f"{arg}: no such file, and not a target label or an image reference",
+                         hint="forge verify takes a FILE, a //pkg:target or registry/repo:tag")
+    for r in results:
+        print(r)
+    print(f"forge: {len(results)} verified", file=sys.stderr)
+    return EXIT_OK
+
+
 # --- clean, cache -----------------------------------------------------------------------
 
 def cmd_clean(ws, args) -> int:
@@ -572,4 +669,4 @@ def _print_last_rates(last: dict) -> None:
 _COMMANDS = {"build": cmd_build, "test": cmd_test, "run": cmd_run, "load": cmd_load,
              "lock": cmd_lock, "query": cmd_query, "affected": cmd_affected,
              "graph": cmd_graph, "explain": cmd_explain, "clean": cmd_clean, "cache": cmd_cache,
-             "provenance": cmd_provenance}
+             "verify": cmd_verify, "keygen": cmd_keygen, "provenance": cmd_provenance}

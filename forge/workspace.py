@@ -20,12 +20,14 @@ SKIP_DIRS = frozenset({OUT_DIR, ".git", ".hg", ".svn", "node_modules", "__pycach
 
 # Known keys of forge.toml, so that a typo is an error and not silently ignored.
 _KNOWN = {
-    "": {"salt", "jobs", "cache", "registries", "debian", "qemu", "remote", "provenance"},
+    "": {"salt", "jobs", "cache", "registries", "debian", "qemu", "remote", "sign",
+         "provenance"},
     "cache": {"dir"},
     "remote": {"cache", "instance", "upload", "timeout", "jobs", "ca_cert"},  # forge.remote
     "registries": {"insecure", "mirrors", "ca_cert"},  # read by the image rules (rules/oci.py)
     "debian": {"mirror", "keyring", "insecure"},  # read by the Debian rules (rules/debian.py)
     "qemu": {"accel"},  # read by forge run and qemu_test (rules/qemu.py)
+    "sign": {"key"},  # read by forge.signing after a build
     "provenance": {"builder_id"},  # forge.provenance
 }
 

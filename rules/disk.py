@@ -18,13 +18,16 @@ from forge.api import ActionFailed, ExecContext, action_function, attr, rule
 from forge.formats.disk.errors import DiskImageError
 from forge.formats.disk import convert as diskconvert
 from forge.formats.disk import images as diskimage
+from forge.formats.disk.tools import tool_env
 from forge.formats.disk import rootfs
 from forge.formats.linux import bootinitrd
 from forge.formats.linux.errors import BootInitrdError
 from forge.formats.disk import rpi3
 from forge.formats.disk import kernel_tar
+from forge.formats.disk import sbsign
+from forge.formats.disk import uki
 from forge.formats.linux.fragments import FragmentWriter
-from rules import compressors
+from rules import compressors, verity
 
 from .kernel import DOC_KEYRING, fetch_action, pinned_deb
 
@@ -38,6 +41,7 @@ FORMATS = {
     **rootfs.FORMATS,
     **diskconvert.FORMATS,
     "rpi3": (rpi3.OUTPUT,),  # LinuxKit's name, the same as tar's: one of them per target
+    "uki": (uki.OUTPUT,),
 }
 
 
@@ -64,15 +68,18 @@ def check_file_names(ctx, formats: list, name: str) -> None:
 
 
 def plan_format(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list,
-                arch: str = "") -> list:
+                arch: str = "", dm_debs: list | None = None) -> list:
     """Plan the action for `fmt`; its output artifacts. `arch`: the image's architecture
-    (Debian's or OCI's name, "" if unknown)."""
+    (Debian's or OCI's name, "" if unknown). `dm_debs`: the image has a verified root
+    (rules/verity.py): the debs of dmsetup for its boot initrd."""
     if fmt == "kernel+initrd":
         return [boot["kernel"], boot["initrd"], boot["cmdline"]]
     if fmt in rootfs.FORMATS:
-        return _plan_root_image(ctx, fmt, name, boot, kernel_dir, fragments)
+        return _plan_root_image(ctx, fmt, name, boot, kernel_dir, fragments, dm_debs)
     if fmt == "rpi3":
         return _plan_rpi3(ctx, name, boot, kernel_dir, arch)
+    if fmt == "uki":
+        return [_uki(ctx, name, boot)]
     outs = [ctx.declare(n.format(name=name)) for n in FORMATS[fmt]]
     if fmt == "tar":
         if boot is None:  # no kernel: the root filesystem alone, as `linuxkit build` makes it
@@ -111,27 +118,158 @@ def _disk(ctx, fmt: str, name: str, boot: dict, wanted: str | None = None) -> li
     outs = [ctx.declare(n) for n in diskimage.output_names(fmt, name)]
     if any(outs[0] in a.outputs for a in ctx.actions):
         return outs
-    ctx.call("LkDisk", {"format": fmt, "name": name},
-             inputs=[boot["kernel"], boot["initrd"], boot["cmdline"]], outputs=outs,
-             mnemonic="LkDisk", tools=_tools(ctx, fmt, diskimage.tools, wanted),
+    params = {"format": fmt, "name": name}
+    inputs = [boot["kernel"], boot["initrd"], boot["cmdline"]]
+    tools = _tools(ctx, fmt, diskimage.tools, wanted)
+    if fmt in diskimage.EFI_FORMATS:
+        if _efi_boot(ctx) == "uki":  # the UKI is the ESP's loader, signed with it if a key is given
+            params["efi_boot"] = "uki"
+            inputs.append(_uki(ctx, name, boot))
+        elif _secure_boot_key(ctx):  # GRUB, signed
+            params["sign"] = True
+            inputs += _secure_boot_key(ctx)
+            tools = sorted(tools + _sign_tools(ctx, fmt))
+    ctx.call("LkDisk", params, inputs=inputs, outputs=outs, mnemonic="LkDisk", tools=tools,
              description=f"LkDisk {ctx.label} [{fmt}]")
     return outs
 
 
-def _plan_root_image(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list) -> list:
+# --- uki: a unified kernel image, signed for Secure Boot with secure_boot_key -------------
+
+EFI_BOOTS = ("grub", "uki")
+UKI_STUB_HINT = ('add `uki_stub(name = "uki_stub")` to the BUILD file and '
+                 '`uki_stub = ":uki_stub"` to this target')
+
+
+def _efi_boot(ctx) -> str:
+    return getattr(ctx.attr, "efi_boot", None) or "grub"
+
+
+def _secure_boot_key(ctx) -> list:
+    """The (key, certificate) artifacts of `secure_boot_key`, in the order given; [] if unset."""
+    if not getattr(ctx.attr, "secure_boot_key", None):
+        return []
+    files = ctx.files("secure_boot_key")
+    if len(files) != 2:
+        raise ctx.fail(f"secure_boot_key must name two files, a PEM private key and its PEM "
+                       f"certificate; it names {len(files)}", attr="secure_boot_key",
+                       hint='secure_boot_key = ["db.key", "db.crt"]')
+    return files
+
+
+def _sign_tools(ctx, fmt: str) -> list[str]:
+    try:
+        return sbsign.tools()
+    except DiskImageError as e:
+        raise ctx.fail(f"format {fmt} with secure_boot_key cannot be signed here: {e}",
+                       attr="secure_boot_key",
+                       hint="install the package (dev/setup.sh lists them all), or drop the key") from None
+
+
+def _uki(ctx, name: str, boot: dict):
+    """The LkUki action, planned once: the uki format and EFI disks booting it share it."""
+    out = ctx.declare(uki.OUTPUT.format(name=name))
+    if any(out in a.outputs for a in ctx.actions):
+        return out
+    stub = ctx.deps("uki_stub") if getattr(ctx.attr, "uki_stub", None) else []
+    if not stub or stub[0].extra.get("uki_stub") is None:
+        raise ctx.fail("a unified kernel image needs systemd's EFI stub"
+                       + (f"; {ctx.attr.uki_stub} is not a uki_stub target" if stub else ""),
+                       attr="uki_stub" if stub else "formats", hint=UKI_STUB_HINT)
+    stub_file = next(a for a in stub[0].files if a.path == stub[0].extra["uki_stub"])
+    key = _secure_boot_key(ctx)
+    ctx.call("LkUki", {"name": name, "signed": bool(key)},
+             inputs=[boot["kernel"], boot["initrd"], boot["cmdline"], stub_file, *key],
+             outputs=[out], mnemonic="LkUki", tools=_sign_tools(ctx, "uki") if key else [],
+             description=f"LkUki {ctx.label}" + (" [signed]" if key else ""))
+    return out
+
+
+def _key_and_cert(ctx: ExecContext, paths: list):
+    """secure_boot_key's two files as (key, certificate), told apart by their PEM headers."""
+    a, b = paths
+    first = a.read_bytes()
+    return (a, b) if b"PRIVATE KEY-----" in first else (b, a)
+
+
+@action_function("LkUki", version=1)
+def uki_step(ctx: ExecContext) -> None:
+    kernel, initrd, cmdline, stub = (ctx.path(i) for i in ctx.inputs[:4])
+    out = ctx.path(ctx.outputs[0])
+    try:
+        out.write_bytes(uki.build(stub.read_bytes(), kernel=kernel.read_bytes(),
+                                  initrd=initrd.read_bytes(),
+                                  cmdline=cmdline.read_text().strip("\n"),
+                                  osrel=uki.os_release(ctx.params["name"])))
+        if ctx.params["signed"]:
+            key, cert = _key_and_cert(ctx, [ctx.path(i) for i in ctx.inputs[4:6]])
+            work = ctx.path(".work")
+            work.mkdir()
+            sbsign.sign(out, out, key=key, cert=cert, epoch=ctx.source_date_epoch,
+                        env=tool_env(work, ctx.source_date_epoch))
+    except DiskImageError as e:
+        out.unlink(missing_ok=True)
+        raise ActionFailed(str(e)) from None
+
+
+@rule("uki_stub", version=1, doc="""systemd's EFI stub (linuxx64.efi.stub) from Debian's
+systemd-boot-efi package, pinned in forge.lock: the executable a `uki` (unified kernel
+image) of linuxkit_image is built on. `deb` takes another .deb.""", attrs={
+    "suite": attr.string(default="bookworm", doc="Debian suite of systemd-boot-efi."),
+    "deb": attr.label(doc="A deb_package (or .deb) of systemd-boot-efi; default: fetched "
+                      "from `suite`."),
+    "keyring": attr.string(default="", doc=DOC_KEYRING),
+})
+def uki_stub(ctx):
+    if ctx.attr.deb:
+        files = ctx.files("deb")
+        if len(files) != 1:
+            raise ctx.fail(f"deb must name one .deb file; it names {len(files)}", attr="deb")
+        deb = files[0]
+    else:
+        pin = pinned_deb(ctx, "deb", "systemd-boot-efi", arch="amd64")
+        deb = fetch_action(ctx, pin, f"{ctx.label.name}.debs/systemd-boot-efi.deb")
+    out = ctx.declare(f"{ctx.label.name}/linuxx64.efi.stub")
+    ctx.call("UkiStub", {"path": uki.STUB_PATH}, inputs=[deb], outputs=[out], mnemonic="UkiStub")
+    return ctx.info(files=[out], uki_stub=out.path)
+
+
+@action_function("UkiStub", version=1)
+def uki_stub_step(ctx: ExecContext) -> None:
+    from forge.formats.debian.errors import DebError
+    from forge.formats.debian.package import open_data_tar
+    deb, want = ctx.inputs[0], ctx.params["path"]
+    try:
+        with open_data_tar(ctx.path(deb)) as tf:
+            for m in tf:
+                if m.isfile() and m.name.lstrip("./") == want:
+                    ctx.path(ctx.outputs[0]).write_bytes(tf.extractfile(m).read())
+                    return
+    except (DebError, OSError) as e:
+        raise ActionFailed(f"{deb}: {e}") from None
+    raise ActionFailed(f"{deb} has no {want}: not systemd-boot-efi for amd64")
+
+
+def _plan_root_image(ctx, fmt: str, name: str, boot: dict, kernel_dir, fragments: list,
+                     dm_debs: list | None = None) -> list:
     """The image of the whole root tree, on the shared fragments; and, once per target,
-    the boot initrd that mounts it (forge.formats.linux.bootinitrd says why)."""
+    the boot initrd that mounts it (forge.formats.linux.bootinitrd says why). With
+    `dm_debs`, the image gets its hash tree and N-cmdline its root hash (rules/verity.py)."""
     try:
         tools = rootfs.tools(fmt)
     except DiskImageError as e:
         raise ctx.fail(f"format {fmt} cannot be built here: {e}", attr="formats",
                        hint="install the package (dev/setup.sh lists them all), or drop the format") from None
-    image = ctx.declare(rootfs.FORMATS[fmt][1].format(name=name))
+    final = rootfs.FORMATS[fmt][1].format(name=name)
+    image = ctx.declare(f"{name}.verity/{final}" if dm_debs else final)
     ctx.call("LkRootImage", {"format": fmt, "name": name}, inputs=fragments, outputs=[image],
              mnemonic="LkRootImage", tools=tools, description=f"LkRootImage {ctx.label} [{fmt}]")
+    if dm_debs:
+        image = verity.plan(ctx, fmt, name, image, boot, final)
     if "boot-initrd" not in boot:
         boot["boot-initrd"] = ctx.declare(rootfs.BOOT_INITRD.format(name=name))
-        ctx.call("LkBootInitrd", {}, inputs=[kernel_dir, *fragments],
+        extra = {"dm_debs": len(dm_debs)} if dm_debs else {}  # without: the key stays as it was
+        ctx.call("LkBootInitrd", extra, inputs=[kernel_dir, *(dm_debs or []), *fragments],
                  outputs=[boot["boot-initrd"]], mnemonic="LkBootInitrd")
     return [boot["kernel"], image, boot["cmdline"], boot["boot-initrd"]]
 
@@ -151,10 +289,12 @@ def root_image_step(ctx: ExecContext) -> None:
 @action_function("LkBootInitrd", version=1)
 def boot_initrd_step(ctx: ExecContext) -> None:
     kernel_tar = ctx.path(ctx.inputs[0]) / "kernel.tar"
+    n = ctx.params.get("dm_debs", 0)
+    dmsetup, find = verity.dm_tools([ctx.path(i) for i in ctx.inputs[1:1 + n]]) if n else (None, None)
     try:
-        busybox = bootinitrd.find_busybox([ctx.path(i) for i in ctx.inputs[1:]])
+        busybox = bootinitrd.find_busybox([ctx.path(i) for i in ctx.inputs[1 + n:]])
         bootinitrd.build(ctx.path(ctx.outputs[0]), kernel_tar=kernel_tar, busybox=busybox,
-                         epoch=ctx.source_date_epoch)
+                         epoch=ctx.source_date_epoch, dmsetup=dmsetup, find_library=find)
     except BootInitrdError as e:
         raise ActionFailed(str(e)) from None
 
@@ -166,10 +306,14 @@ def disk_step(ctx: ExecContext) -> None:
     outdir = ctx.path(ctx.outputs[0]).parent
     work = ctx.path(".work")
     work.mkdir()
+    loader = ctx.path(ctx.inputs[3]) if p.get("efi_boot") == "uki" else None
     try:
+        key = (_key_and_cert(ctx, [ctx.path(i) for i in ctx.inputs[3:5]])
+               if p.get("sign") else None)
         made = diskimage.build(p["format"], kernel=kernel, initrd=initrd,
                                cmdline=cmdline.read_text(), name=p["name"], outdir=outdir,
-                               workdir=work, epoch=ctx.source_date_epoch)
+                               workdir=work, epoch=ctx.source_date_epoch, efi_loader=loader,
+                               sign_key=key)
     except DiskImageError as e:
         raise ActionFailed(str(e)) from None
     missing = {str(ctx.path(o)) for o in ctx.outputs} - {str(m) for m in made}
@@ -328,4 +472,5 @@ def rpi_firmware_step(ctx: ExecContext) -> None:
 def register(rule_set) -> None:
     """The `forge.rules` entry point: hands this module's declarations to the rule set."""
     rule_set.add(disk_step, convert_step, kernel_tar_step, tar_step, root_image_step,
-                 boot_initrd_step, rpi3_step, rpi_firmware, rpi_firmware_step)
+                 boot_initrd_step, rpi3_step, rpi_firmware, rpi_firmware_step, uki_step,
+                 uki_stub, uki_stub_step)

@@ -7,10 +7,13 @@ the engine receives one only when it lacks it, and results come back normalised
 from __future__ import annotations
 
 import contextlib
-import io
+import hashlib
+import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from forge.api import ActionFailed, RunContext, UsageError, runner
@@ -96,9 +99,10 @@ def ensure_loaded(c, layout: Path) -> str:
         except Exception as e:
             if _lost(e):
                 raise
-        buf = io.BytesIO()
-        export_docker_archive(layout, buf, [tag], platform=platform)
-        c.images.load(buf.getvalue())
+        with tempfile.TemporaryFile() as buf:  # streamed: a base image need not fit in memory
+            export_docker_archive(layout, buf, [tag], platform=platform)
+            buf.seek(0)
+            c.images.load(buf)
     return tag
 
 
@@ -159,6 +163,36 @@ def save(c, image_id: str, dest: Path) -> None:
     with engine_lost(f"saving the image {image_id} from the engine"), open(dest, "wb") as f:
         for chunk in c.images.get(image_id).save(named=False):
             f.write(chunk)
+
+
+def local_layers(c, image_id: str) -> tuple[bytes, list[Path]] | None:
+    """(config bytes, each layer's overlay directory, bottom to top) of `image_id` when the
+    engine keeps its layers in overlay2 on this machine and forge may read them: its
+    layers are then read in place instead of through `docker save`, which would stream
+    the whole base image too. None otherwise (a remote engine, another storage driver, no
+    permission), or when `FORGE_ENGINE_EXPORT=save` asks for the engine's own export."""
+    if os.environ.get("FORGE_ENGINE_EXPORT") == "save":
+        return None
+    with engine_lost(f"inspecting the image {image_id}"):
+        info = c.api.inspect_image(image_id)
+        root = c.info().get("DockerRootDir") or "/var/lib/docker"
+    driver = info.get("GraphDriver") or {}
+    data = driver.get("Data") or {}
+    if driver.get("Name") != "overlay2" or not data.get("UpperDir"):
+        return None
+    dirs = [Path(d) for d in [data["UpperDir"]] + (data.get("LowerDir") or "").split(":") if d]
+    hexid = image_id.split(":", 1)[-1]
+    try:
+        config = (Path(root) / "image/overlay2/imagedb/content/sha256" / hexid).read_bytes()
+        if not all(os.access(d, os.R_OK | os.X_OK) and d.is_dir() for d in dirs):
+            return None
+    except OSError:
+        return None
+    # the engine names the image by its config's digest: what was read is that config
+    if hashlib.sha256(config).hexdigest() != hexid or \
+            len(json.loads(config).get("rootfs", {}).get("diff_ids", [])) != len(dirs):
+        return None
+    return config, dirs[::-1]
 
 
 def remove(c, image_id: str) -> None:

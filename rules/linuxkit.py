@@ -31,7 +31,7 @@ from forge.formats.linuxkit.runtime import runtime_config
 from forge.formats.linux.fragments import FragmentWriter
 
 from . import arch as archs
-from . import compressors, disk, sbom
+from . import compressors, disk, sbom, verity
 from .lkpkg import package_for
 from .oci import pinned, pull_action
 
@@ -106,6 +106,21 @@ image's root as `/sbom.spdx.json` (docs/supply-chain.md).""", attrs={
                                 "tag (linuxkit/foo:<hash>) is that target, not a pull."),
     "firmware": attr.label(doc="Boot firmware of the formats that need it: an rpi_firmware "
                            "target for rpi3."),
+    "verity": attr.bool(default=False, doc="A verified root: the kernel+squashfs or "
+                        "kernel+erofs image (the one format, with at most a uki beside it, "
+                        "which then embeds the boot initrd and this command line) gets a "
+                        "dm-verity hash tree, N-cmdline its root hash, and the boot initrd "
+                        "opens the root through dm-verity (docs/supply-chain.md)."),
+    "uki_stub": attr.label(doc="A uki_stub target: systemd's EFI stub, which the `uki` format "
+                           "and `efi_boot = \"uki\"` build on."),
+    "efi_boot": attr.string(default="grub", values=disk.EFI_BOOTS, doc="What the EFI disks "
+                            "(iso-efi, iso-efi-initrd, raw-efi, qcow2-efi) start as "
+                            "EFI/BOOT/BOOTX64.EFI: grub, or uki (the unified kernel image, "
+                            "needs uki_stub)."),
+    "secure_boot_key": attr.label_list(doc="A Secure Boot db key: a PEM private key and its "
+                                       "PEM certificate (two files, e.g. [\"db.key\", "
+                                       "\"db.crt\"]). forge signs the UKI and every EFI "
+                                       "binary it puts on an ESP with it (sbsign)."),
 })
 def linuxkit_image(ctx):
     for fmt in ctx.attr.formats:
@@ -121,6 +136,8 @@ def linuxkit_image(ctx):
                        f"{', '.join(disk.ANY_ARCH)}", attr="formats",
                        hint="drop it: disk images for arm64 need GRUB's arm64-efi modules, which "
                        "forge does not fetch yet")
+    if ctx.attr.verity:
+        verity.check(ctx, list(ctx.attr.formats), arch, tuple(disk.FORMATS))
     arts = [a for lb in _assembly_labels(ctx.attr) for a in ctx.dep(lb).files]
     asm = _parse([(a.path, ctx.read_source(a)) for a in arts])
     if asm.kernel is None or not asm.kernel.image:
@@ -411,16 +428,24 @@ class _Planner:
                             run={"runner": "QemuRun", "params": {"name": self.name, "formats": formats}})
         initrd = ctx.declare(f"{self.name}-initrd.img")
         ctx.call("LkInitrd", {}, inputs=[kernel_dir, *segments], outputs=[initrd], mnemonic="LkInitrd")
-        kernel, cmdline = ctx.declare(f"{self.name}-kernel"), ctx.declare(f"{self.name}-cmdline")
+        # With verity, N-cmdline is LkVerity's (the root hash added to this one).
+        kernel = ctx.declare(f"{self.name}-kernel")
+        cmdline = ctx.declare(f"{self.name}.verity/cmdline" if ctx.attr.verity else f"{self.name}-cmdline")
         ctx.call("LkBootFiles", {"cmdline": self.asm.kernel.cmdline}, inputs=[kernel_dir],
                  outputs=[kernel, cmdline], mnemonic="LkBootFiles")
         boot = {"kernel": kernel, "initrd": initrd, "cmdline": cmdline}
+        dm_debs = verity.fetch_debs(ctx, self.name) if ctx.attr.verity else None
         outputs = {}
-        for fmt in ctx.attr.formats:
+        for fmt in verity.order(ctx.attr.formats) if dm_debs else ctx.attr.formats:
             outputs[fmt] = disk.plan_format(ctx, fmt, self.name, boot, kernel_dir,
-                                            [f for _, f in self.fragments], arch=self.arch)
+                                            [f for _, f in self.fragments], arch=self.arch,
+                                            dm_debs=dm_debs)
+            if dm_debs and "boot-initrd" in boot:  # a UKI after it embeds the verity boot
+                boot["initrd"] = boot["boot-initrd"]
+        cmdline = boot["cmdline"]
         files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc, sbom.cdx_of(self.sbom_doc)]
-        return ctx.info(files=files, kernel=kernel.path, sbom=self.sbom_doc.path, initrd=initrd.path, cmdline=cmdline.path,
+        return ctx.info(files=files, kernel=kernel.path, sbom=self.sbom_doc.path, initrd=initrd.path,
+                        cmdline=cmdline.path,
                         formats={f: [a.path for a in arts] for f, arts in outputs.items()},
                         boot_files=[kernel, initrd, cmdline], arch=self.arch,
                         run={"runner": "QemuRun", "params": {

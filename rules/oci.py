@@ -10,8 +10,8 @@ from __future__ import annotations
 import posixpath
 import re
 
-from forge.api import ActionFailed, AnalysisError, ExecContext, Location, RunContext, \
-    action_function, attr, pin_resolver, pool, rule, runner
+from forge.api import OUT_PREFIX, ActionFailed, AnalysisError, ExecContext, Location, \
+    RunContext, action_function, attr, pin_resolver, pool, rule, runner
 from forge.formats.dockerfile.errors import DockerfileError
 from forge.formats.image.archive import import_archive
 from forge.formats.image.errors import ImageError, LayoutError
@@ -174,20 +174,58 @@ def oci_push(ctx):
 
 @runner("OciPush")
 def push_runner(ctx: RunContext) -> int:
+    import os
     import sys
     from forge.formats.registry.errors import RegistryError
     client = registry_client(ctx.config)
     p = ctx.params
     tags = list(ctx.args) or p["tags"]
+    attached: set[str] = set()
     for tag in tags:
         ref = f"{p['repository']}:{tag}"
         try:
             digest = client.push(ctx.root / p["layout"], ref)
+            if digest not in attached:
+                attached.add(digest)
+                for name in attach_envelopes(client, ctx.root / p["layout"], ref, tag, digest):
+                    print(f"forge: attached {os.path.relpath(name, ctx.root)} to {ref}",
+                          file=sys.stderr)
         except (RegistryError, ImageError) as e:
             raise ActionFailed(f"push to {ref} failed: {e}") from None
         print(f"{ref}@{digest}")
     print(f"forge: pushed {len(tags)} tag(s)", file=sys.stderr)
     return 0
+
+
+def attach_envelopes(client, layout, ref: str, tag: str, digest: str) -> list[str]:
+    """Attach the signed statements near the layout whose subjects name the pushed digest,
+    as OCI 1.1 referrers of the pushed manifest: the envelopes (*.dsse.json) in the layout's
+    directory and each one above it in forge-out/, where a signed build writes the output's
+    (LAYOUT.dsse.json, LAYOUT.*.dsse.json) and its targets' (NAME.provenance.dsse.json). The
+    subject check is what picks them, so an envelope of something else is never attached."""
+    from forge.formats.registry.push import pushed_document
+    from forge.formats.registry.referrers import ENVELOPE_TYPE
+    from forge.formats.sign import dsse
+    from forge.formats.sign.attest import parse
+    from forge.formats.sign.errors import SignError
+    names = []
+    body, media = pushed_document(layout, tag)
+    subject = {"mediaType": media, "digest": digest, "size": len(body)}
+    dirs = [layout.parent]
+    while dirs[-1].parent.name and dirs[-1].name != OUT_PREFIX:
+        dirs.append(dirs[-1].parent)
+    for path in [p for d in dirs for p in sorted(d.glob("*.dsse.json"))]:
+        data = path.read_bytes()
+        try:  # the pusher's own file: read to pick the right ones, verified by `forge verify`
+            st = parse(dsse.payload(dsse.decode(data, str(path))), str(path))
+        except SignError:
+            continue
+        if not any(s["digest"].get("sha256") == digest.split(":", 1)[1] for s in st["subject"]):
+            continue
+        client.attach(ref, subject, ENVELOPE_TYPE, [(ENVELOPE_TYPE, data, {})],
+                      {"in-toto.io/predicate-type": str(st.get("predicateType", ""))})
+        names.append(str(path))
+    return names
 
 
 # --- container_image ----------------------------------------------------------------------

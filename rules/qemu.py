@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 from forge.api import ActionFailed, RunContext, attr, build_helper, pool, rule, runner
 
@@ -82,6 +83,9 @@ boot tests run side by side.""", attrs={
                          doc="How the image is attached: default (an ISO as a CD, a disk image "
                          "as a virtio disk) or disk (an ISO as a virtio disk, as a USB stick "
                          "holding it would be)."),
+    "secure_boot_vars": attr.label(doc="A PEM certificate: boot with Secure Boot enforcing "
+                                   "(OVMF's secboot build), this certificate enrolled as PK, "
+                                   "KEK and db and no Microsoft keys. EFI formats only."),
 })
 def qemu_test(ctx):
     formats = _image_formats(ctx, "image")
@@ -106,11 +110,29 @@ def qemu_test(ctx):
                        attr="drive", hint="drop drive, or boot one of the iso-* formats")
     info = ctx.deps("image")[0]
     files = [a for a in info.files if a.path in formats[fmt]]
-    return ctx.info(files=files, test={"runner": "QemuTest", "params": {
+    params = {
         "format": fmt, "arch": info.extra.get("arch", "amd64"), "files": formats[fmt],
         "forward": {str(g): g for g in forward.values()},
         "probe": probe, "timeout": timeout, "memory": ctx.attr.memory, "cpus": ctx.attr.cpus,
-        "drive": ctx.attr.drive}})
+        "drive": ctx.attr.drive}
+    if ctx.attr.secure_boot_vars:
+        if not _efi(fmt):
+            raise ctx.fail(f"Secure Boot needs a UEFI boot; {fmt} boots by "
+                           f"{'-kernel' if fmt.startswith('kernel+') else 'BIOS'}",
+                           attr="secure_boot_vars",
+                           hint="boot one of the EFI formats: " + ", ".join(
+                               f for f in BOOTABLE if _efi(f)))
+        certs = ctx.files("secure_boot_vars")
+        if len(certs) != 1:
+            raise ctx.fail(f"secure_boot_vars must name one PEM certificate; it names "
+                           f"{len(certs)} files", attr="secure_boot_vars")
+        files.append(certs[0])
+        params["secure_boot_cert"] = certs[0].path
+    return ctx.info(files=files, test={"runner": "QemuTest", "params": params})
+
+
+def _efi(fmt: str) -> bool:
+    return fmt.endswith("-efi") or fmt.startswith("iso-efi")
 
 
 def boot_spec(fmt: str, paths: list, rundir=None, drive: str = "default", arch: str = "amd64"):
@@ -118,7 +140,7 @@ def boot_spec(fmt: str, paths: list, rundir=None, drive: str = "default", arch: 
     machine of `arch`; `rundir` is the VM's own directory (gcp's disk is unpacked there);
     `drive` "disk" attaches an ISO as a disk."""
     from forge.formats.vm import machine as qemu
-    efi = fmt.endswith("-efi") or fmt.startswith("iso-efi")
+    efi = _efi(fmt)
     if fmt == "kernel+initrd":
         kernel, initrd, cmdline = paths
         return qemu.kernel_boot(kernel, initrd, cmdline.read_text(), arch=arch)
@@ -171,7 +193,12 @@ def qemu_test_runner(ctx: RunContext) -> int:
         try:
             spec = boot_spec(p["format"], [ctx.root / f for f in p["files"]], rundir,
                              p.get("drive", "default"), p.get("arch", "amd64"))
-        except DiskImageError as e:
+            if p.get("secure_boot_cert"):
+                from forge.formats.vm import secureboot
+                store = secureboot.enrolled_vars(ctx.root / p["secure_boot_cert"],
+                                                 Path(rundir) / "secure-boot-vars.fd", spec.arch)
+                spec = secureboot.enforcing(spec, store)
+        except (DiskImageError, QemuError) as e:
             raise ActionFailed(str(e)) from None
         vm = qemu.VM(spec, rundir, accel=accel, memory=p["memory"], cpus=p["cpus"],
                      forwards={int(g): 0 for g in p["forward"].values()})

@@ -21,7 +21,7 @@ from forge.api import ActionFailed, ExecContext, action_function
 from forge.formats.common.treepath import UnsafePathError, resolve_on_disk
 from forge.formats.image.errors import UnsafeLayerError
 from forge.formats.image.layer_read import apply_layers, safe_extract
-from forge.formats.image.layer_write import layer_from_dir, normalise
+from forge.formats.image.layer_write import layer_from_dir, layer_from_overlay_diff, normalise
 from forge.formats.image.archive import import_archive
 from forge.formats.image.layout import add_blob, image_config_defaults, read_image, write_image
 
@@ -456,23 +456,33 @@ def docker_stage(ctx: ExecContext) -> None:
         platform = p["platform"]
     image_id = dockerengine.build(c, context, "\n".join(lines) + "\n", p["args"], step_lines,
                                   p["dockerfile"], platform=platform, network=p.get("network"))
-    saved = ctx.path(".saved.tar")
-    dockerengine.save(c, image_id, saved)
-    tmp_layout = ctx.path(".engine-layout")
-    import_archive(saved, tmp_layout)
-    saved.unlink()
-    img = read_image(tmp_layout, None)
-    if img.config["rootfs"]["diff_ids"][:len(parent_diff_ids)] != parent_diff_ids:
+    local = dockerengine.local_layers(c, image_id)
+    if local is not None:  # read in place: the base's layers are not streamed out again
+        engine_config, dirs = json.loads(local[0]), local[1]
+        new_layers = [(lambda fh, d=d: layer_from_overlay_diff(
+            d, fh, mtime=ctx.source_date_epoch, compress=True)) for d in dirs[len(parent_diff_ids):]]
+    else:
+        saved = ctx.path(".saved.tar")
+        dockerengine.save(c, image_id, saved)
+        tmp_layout = ctx.path(".engine-layout")
+        import_archive(saved, tmp_layout)
+        saved.unlink()
+        img = read_image(tmp_layout, None)
+        engine_config = img.config
+        new_layers = [(lambda fh, b=blob: normalise(b, fh, mtime=ctx.source_date_epoch,
+                                                     compress=True))
+                      for _, blob in img.layers[len(parent_diff_ids):]]
+    if engine_config["rootfs"]["diff_ids"][:len(parent_diff_ids)] != parent_diff_ids:
         raise ActionFailed("the engine's result does not start with the parent's layers")
-    config = copy.deepcopy(img.config) | {"rootfs": {"type": "layers",
-                                                     "diff_ids": list(parent_diff_ids)}}
+    config = copy.deepcopy(engine_config) | {"rootfs": {"type": "layers",
+                                                        "diff_ids": list(parent_diff_ids)}}
     # the engine may record its own platform for an emulated build: the stage's is the truth
     config["os"], config["architecture"] = p["platform"].split("/")[:2]
-    history = [h for h in img.config.get("history", [])]
-    for n, (desc, blob) in enumerate(img.layers[len(parent_diff_ids):]):
+    history = [h for h in engine_config.get("history", [])]
+    for n, write_layer in enumerate(new_layers):
         tmp = ctx.path(f".norm-{n}")
         with open(tmp, "wb") as fh:
-            info = normalise(blob, fh, mtime=ctx.source_date_epoch, compress=True)
+            info = write_layer(fh)
         add_blob(out, tmp, info.media_type)
         tmp.unlink()
         descs.append(info.descriptor())

@@ -10,6 +10,9 @@
   one with another /init and extra files (e.g. a service and its kernel modules).
 
     from boot_fixture import MARKER, boot_initrd, cloud_kernel  # noqa: F401 (fixtures)
+
+- `make_test_key(dir)`: a fresh Secure Boot db key and certificate (openssl), for the
+  signing and Secure Boot boot tests.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import gzip
 import hashlib
 import json
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,3 +146,13 @@ def cloud_kernel() -> Kernel:
 @pytest.fixture(scope="session")
 def boot_initrd(tmp_path_factory) -> Path:
     return busybox_initrd(tmp_path_factory.mktemp("initrd") / "initrd.img")
+
+
+def make_test_key(where: Path) -> tuple[Path, Path]:
+    """A fresh self-signed RSA key and certificate, as a Secure Boot db key."""
+    where.mkdir(parents=True, exist_ok=True)
+    key, cert = where / "db.key", where / "db.crt"
+    subprocess.run(["openssl", "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-subj", "/CN=forge test db/", "-days", "3650", "-keyout", key,
+                    "-out", cert], check=True, capture_output=True)
+    return key, cert

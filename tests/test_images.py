@@ -217,3 +217,41 @@ def test_copy_from_follows_symlinks_inside_the_image(iws):
     assert set(files) == {"lib/libc.so.6", "bin/sh", "etc/debian_version"}
     assert files["bin/sh"][:4] == b"\x7fELF" and len(files["bin/sh"]) > 50_000
     assert files["etc/debian_version"].startswith(b"12")
+
+
+def test_layers_read_in_place_equal_the_engines_export(iws, tmp_path):
+    """The engine's overlay2 layers are read in place (no `docker save` of the whole
+    image); the layers must be byte for byte those of the engine's own export, for what
+    a RUN can leave behind: deletions below the base (whiteouts), a directory removed and
+    made again (opaque), hardlinks, a fifo, a device node, other owners, changed modes."""
+    require(engine_ok(), "no Docker engine answers (start dockerd)")
+    iws.write({
+        "odd/Dockerfile": """\
+            FROM debian
+            RUN rm -rf /etc/apt/sources.list.d /usr/share/doc/bash && rm /etc/issue \\
+                && rm -rf /var/log && mkdir /var/log && echo new > /var/log/fresh \\
+                && mkdir -p /x/y && echo a > /x/y/f && ln /x/y/f /x/link && ln -s y/f /x/sym \\
+                && mkfifo /x/fifo && mknod /x/null c 1 3 && chown 1234:5678 /x/y/f \\
+                && chmod 4750 /x/y && echo more >> /etc/hostname.orig && chmod 700 /root
+            RUN rm /x/link && echo b > /x/y/g
+            """,
+        "odd/BUILD": 'container_image(name = "odd", bases = {"debian": "//base:bookworm"})\n',
+    })
+
+    def layers(mode: str) -> list[bytes]:
+        shutil.rmtree(iws.root / "forge-out", ignore_errors=True)
+        cache = tmp_path / f"cache-{mode}"  # the base, and nothing of this stage
+        shutil.copytree(iws.cache, cache, symlinks=True)
+        r = iws.build("//odd", "--cache-dir", str(cache), env={"FORGE_ENGINE_EXPORT": mode})
+        assert r.code == 0, r.err
+        from forge.formats.image.layout import read_image
+        img = read_image(iws.root / "forge-out/odd/odd.stages/0")
+        return [blob.read_bytes() for _, blob in img.layers]
+
+    here, saved = layers("local"), layers("save")
+    assert len(here) == len(saved) and here == saved
+    import io
+    import tarfile
+    with tarfile.open(fileobj=io.BytesIO(here[-2])) as tf:  # the first RUN's layer
+        names = set(tf.getnames())
+    assert {"etc/.wh.issue", "var/log/.wh..wh..opq", "x/fifo", "x/null"} <= names

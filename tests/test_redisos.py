@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import select
 import shutil
 import socket
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from boot_fixture import make_test_key
 from conftest import Workspace, require
 from registry_fixture import free_port
 from test_images import engine_ok
+from rules.disk import FORMATS as _DISK_FORMATS
 
 pytestmark = pytest.mark.real
 REPO = Path(__file__).resolve().parent.parent
@@ -65,6 +68,10 @@ BOOTED = {
     "dynamic-vhd": "180s",
     "vmdk": "180s",
 }
+# A verified root (verity = True, docs/supply-chain.md): each root-image format that can
+# have one, from its own linuxkit_image (N-cmdline is that image's), on the same assembly
+# with the kernel that keeps dm_verity (examples/images/redisos-verity.yml).
+VERITY = {"kernel+erofs": "180s", "kernel+squashfs": "180s"}
 # Formats that write the same file as one above (dynamic-vhd and vhd: N.vhd) are built by
 # a second image of the same assembly.
 SECOND = {"dynamic-vhd"}
@@ -92,6 +99,22 @@ linuxkit_image(
     probe = redis_ping(),
     timeout = timeout,
 ) for key, timeout in {sorted(BOOTED.items())!r}]
+[linuxkit_image(
+    name = "redisos_verity_" + fmt.split("+")[1],
+    assembly = "redisos.yml",
+    overlays = ["redisos-verity.yml"],
+    images = {{"redis": "//images/redis:image"}},
+    formats = [fmt],
+    verity = True,
+) for fmt in {sorted(VERITY)!r}]
+[qemu_test(
+    name = "boot_verity_" + fmt.split("+")[1],
+    image = ":redisos_verity_" + fmt.split("+")[1],
+    format = fmt,
+    forward = {{6379: 6379}},
+    probe = redis_ping(),
+    timeout = timeout,
+) for fmt, timeout in {sorted(VERITY.items())!r}]
 """
 
 
@@ -100,6 +123,99 @@ def test_each_format_boots_to_pong(redisos, fmt):
     r = redisos.forge("test", f"//images:boot_{fmt.replace('/', '_')}", timeout=900)
     assert r.code == 0, r.out + r.err
     assert "PASSED" in r.out, r.out
+
+
+@pytest.mark.parametrize("fmt", sorted(VERITY))
+def test_a_verified_root_boots_to_pong(redisos, fmt):
+    r = redisos.forge("test", f"//images:boot_verity_{fmt.split('+')[1]}", timeout=900)
+    assert r.code == 0, r.out + r.err
+    assert "PASSED" in r.out, r.out
+    cmdline = (redisos.root / f"forge-out/images/redisos_verity_{fmt.split('+')[1]}-cmdline").read_text()
+    assert re.search(r'dm-mod\.create="vroot,,,ro,0 \d+ verity 1 /dev/vda /dev/vda 4096 4096 \d+ \d+ '
+                     r'sha256 [0-9a-f]{64} [0-9a-f]{64}" root=/dev/dm-0$', cmdline), cmdline
+
+
+def test_a_changed_byte_in_the_verified_root_is_an_io_error_not_altered_code(redisos, tmp_path):
+    """The erofs image (uncompressed, so a file's blocks are where dump.erofs says) with
+    one byte of redis-server's first block changed: the kernel refuses that block, the
+    service cannot start, and Redis never answers."""
+    from forge.formats.vm import machine as qemu
+    from forge.formats.vm.errors import BootTimeout
+    from forge.formats.vm.probe import console_regex, redis_ping
+    require(shutil.which("dump.erofs") is not None, "dump.erofs is not installed (erofs-utils)")
+    r = redisos.build("//images:redisos_verity_erofs", timeout=900)
+    assert r.code == 0, r.err
+    out = redisos.root / "forge-out/images"
+    image = out / "redisos_verity_erofs-erofs.img"
+    found = subprocess.run(["dump.erofs", "--path=/containers/services/redis/lower/usr/bin/redis-server",
+                            "-e", image], capture_output=True, text=True, check=True).stdout
+    start = int(re.search(r"^\s*0:\s*0\.\.\s*\d+\s*\|\s*\d+\s*:\s*(\d+)\.\.", found, re.M).group(1))
+    changed = tmp_path / "changed.img"
+    shutil.copyfile(image, changed)
+    with open(changed, "r+b") as f:
+        f.seek(start + 1000)
+        byte = f.read(1)
+        f.seek(start + 1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    spec = qemu.kernel_boot(out / "redisos_verity_erofs-kernel",
+                            out / "redisos_verity_erofs-boot-initrd.img",
+                            (out / "redisos_verity_erofs-cmdline").read_text(), drive=changed)
+    with qemu.VM(spec, tmp_path / "run", forwards={6379: 0}) as vm:
+        vm.wait(console_regex(rf"device-mapper: verity: 254:0: data block {start // 4096} is corrupted"),
+                timeout=240)
+        with pytest.raises(BootTimeout):  # the service has failed: nothing answers
+            vm.wait(redis_ping("127.0.0.1", vm.host_port(6379)), timeout=20)
+        tail = vm.console_tail(300)
+    assert "through dm-verity" in tail and "Ready to accept connections" not in tail, tail
+    print(tail)
+
+
+UKI_VERITY_BUILD = """
+uki_stub(name = "uki_stub")
+linuxkit_image(
+    name = "redisos_verity_uki",
+    assembly = "redisos.yml",
+    overlays = ["redisos-verity.yml"],
+    images = {"redis": "//images/redis:image"},
+    formats = ["uki", "kernel+erofs"],
+    verity = True,
+    uki_stub = ":uki_stub",
+)
+"""
+
+
+@pytest.mark.skipif("uki" not in _DISK_FORMATS, reason="this tree has no uki format (branch uki adds it)")
+def test_a_uki_beside_a_verified_root_embeds_its_root_hash_and_boots_to_pong(redisos):
+    """With verity, a UKI of the same target is the kernel, the boot initrd and the verity
+    N-cmdline: booted by UEFI with the erofs image as its only disk, it opens the root
+    through dm-verity."""
+    import pefile
+    from forge.formats.vm import machine as qemu
+    from forge.formats.vm.probe import redis_ping
+    try:
+        qemu.ovmf_firmware()
+    except Exception as e:  # QemuError: OVMF is not installed
+        require(False, str(e))
+    build = redisos.root / "images/BUILD"
+    original = build.read_text()
+    build.write_text(original + UKI_VERITY_BUILD)
+    try:
+        r = redisos.build("//images:redisos_verity_uki", timeout=900)
+    finally:
+        build.write_text(original)
+    assert r.code == 0, r.err
+    out = redisos.root / "forge-out/images"
+    pe = pefile.PE(str(out / "redisos_verity_uki.efi"))
+    sections = {s.Name.rstrip(b"\0").decode(): s.get_data()[:s.Misc_VirtualSize] for s in pe.sections}
+    cmdline = (out / "redisos_verity_uki-cmdline").read_text()
+    assert "dm-mod.create=" in cmdline and sections[".cmdline"].rstrip(b"\0").decode().strip() == cmdline.strip()
+    assert sections[".initrd"] == (out / "redisos_verity_uki-boot-initrd.img").read_bytes()
+    spec = qemu.Boot("kernel", efi=True, kernel=out / "redisos_verity_uki.efi",
+                     drive=out / "redisos_verity_uki-erofs.img")
+    with qemu.VM(spec, redisos.root.parent / "uki-run", memory=512, forwards={6379: 0}) as vm:
+        vm.wait(redis_ping("127.0.0.1", vm.host_port(6379)), timeout=300)
+        tail = vm.console_tail(300)
+    assert "through dm-verity" in tail, tail
 
 
 def test_boots_to_pong_in_three_formats(redisos):
@@ -284,5 +400,54 @@ qemu_test(
         r = redisos.forge("test", "//images:lkruntime_boot", timeout=900)
         assert r.code == 0, r.out + r.err
         assert "PASSED" in r.out, r.out
+    finally:
+        build.write_text(original)
+
+
+# Secure Boot: RedisOS as a unified kernel image on the ESP of raw-efi (efi_boot = "uki"),
+# signed with a test db key made here; OVMF enforcing Secure Boot with its certificate
+# enrolled boots it to PONG and refuses the same image unsigned.
+SECURE_BOOT_BUILD = '''
+uki_stub(name = "uki_stub")
+[linuxkit_image(
+    name = name,
+    assembly = "redisos.yml",
+    images = {"redis": "//images/redis:image"},
+    formats = ["raw-efi"],
+    efi_boot = "uki",
+    uki_stub = ":uki_stub",
+    secure_boot_key = key,
+) for name, key in [("redisos_sb", ["db.key", "db.crt"]), ("redisos_sb_unsigned", [])]]
+qemu_test(
+    name = "secure_boot_pong",
+    image = ":redisos_sb",
+    format = "raw-efi",
+    forward = {6379: 6379},
+    probe = redis_ping(),
+    secure_boot_vars = "db.crt",
+    timeout = "300s",
+)
+qemu_test(
+    name = "secure_boot_refuses_unsigned",
+    image = ":redisos_sb_unsigned",
+    format = "raw-efi",
+    probe = console_regex("BdsDxe: failed to load Boot.*(Access Denied|Security Violation)"),
+    secure_boot_vars = "db.crt",
+    timeout = "240s",
+)
+'''
+
+
+def test_secure_boot_signed_uki_boots_to_pong_and_unsigned_is_refused(redisos):
+    require(shutil.which("sbsign") is not None, "sbsign is not installed (sbsigntool)")
+    make_test_key(redisos.root / "images")
+    build = redisos.root / "images/BUILD"
+    original = build.read_text()
+    build.write_text(original + SECURE_BOOT_BUILD)
+    try:
+        r = redisos.forge("test", "//images:secure_boot_pong",
+                          "//images:secure_boot_refuses_unsigned", timeout=1200)
+        assert r.code == 0, r.out + r.err
+        assert r.out.count("PASSED") == 2, r.out
     finally:
         build.write_text(original)

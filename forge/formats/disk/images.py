@@ -46,7 +46,7 @@ from forge.formats.disk.errors import DiskImageError
 from forge.formats.disk import fat
 from forge.formats.disk.tools import data_file, find_tool, run, tool_env
 
-__all__ = ["FORMATS", "build", "tools", "output_names"]
+__all__ = ["EFI_FORMATS", "FORMATS", "build", "tools", "output_names"]
 
 # format -> output file names, templates of the assembly name {name}
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -58,6 +58,10 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "qcow2-bios": ("{name}.qcow2",),
     "qcow2-efi": ("{name}-efi.qcow2",),
 }
+
+# The formats with an EFI System Partition, whose /EFI/BOOT/BOOTX64.EFI is GRUB, or the
+# EFI executable given as `efi_loader` (a unified kernel image: forge.formats.disk.uki).
+EFI_FORMATS = ("iso-efi", "iso-efi-initrd", "raw-efi", "qcow2-efi")
 
 ISOLINUX = "/usr/lib/ISOLINUX/isolinux.bin"
 ISOHDPFX = "/usr/lib/ISOLINUX/isohdpfx.bin"
@@ -104,11 +108,17 @@ def tools(fmt: str) -> list[str]:
 
 
 def build(fmt: str, *, kernel: Path, initrd: Path, cmdline: str, name: str, outdir: Path,
-          workdir: Path, epoch: int) -> list[Path]:
+          workdir: Path, epoch: int, efi_loader: Path | None = None,
+          sign_key: tuple[Path, Path] | None = None) -> list[Path]:
     """Write `fmt`'s image(s) of `kernel` + `initrd` booting with `cmdline` into `outdir`
     (file names from FORMATS) and return their paths. `workdir` is scratch space (empty,
-    private); `epoch` is SOURCE_DATE_EPOCH."""
+    private); `epoch` is SOURCE_DATE_EPOCH. On the EFI formats, `efi_loader` replaces GRUB
+    as BOOTX64.EFI (taken as it is: a UKI is signed when it is made), and `sign_key`
+    (key, certificate) signs GRUB for Secure Boot."""
     _check_format(fmt)
+    if (efi_loader or sign_key) and fmt not in EFI_FORMATS:
+        raise DiskImageError(f"{fmt} has no EFI System Partition to put a signed or "
+                             "unified EFI loader on")
     if "\n" in cmdline or "\r" in cmdline:
         raise DiskImageError("the kernel command line must be one line")
     if not name or "/" in name or name in (".", ".."):
@@ -127,16 +137,34 @@ def build(fmt: str, *, kernel: Path, initrd: Path, cmdline: str, name: str, outd
     cmdfile.write_text(cmdline + "\n")
     boot = [("boot/kernel", kernel), ("boot/initrd.img", initrd), ("boot/cmdline", cmdfile)]
     out = outdir / output_names(fmt, name)[0]
+    loader = _Loader(efi_loader, sign_key, epoch)
     try:
-        _build(fmt, out, boot, cmdline, name, workdir, epoch, env)
+        _build(fmt, out, boot, cmdline, name, workdir, epoch, env, loader)
     except BaseException:
         out.unlink(missing_ok=True)  # never leave a partial image behind
         raise
     return [out]
 
 
+class _Loader:
+    """What BOOTX64.EFI is: GRUB made from a config (signed if a key is given), or a given
+    executable."""
+
+    def __init__(self, given: Path | None, key: tuple[Path, Path] | None, epoch: int):
+        self.given, self.key, self.epoch = given, key, epoch
+
+    def make(self, out: Path, config: str, workdir: Path, env: dict[str, str], **kw) -> Path:
+        if self.given is not None:
+            return Path(self.given)
+        grub = fat.grub_efi(out, config, workdir, env, **kw)
+        if self.key is not None:
+            from forge.formats.disk import sbsign
+            sbsign.sign(grub, grub, key=self.key[0], cert=self.key[1], epoch=self.epoch, env=env)
+        return grub
+
+
 def _build(fmt: str, out: Path, boot: list[tuple[str, Path]], cmdline: str, name: str,
-           workdir: Path, epoch: int, env: dict[str, str]) -> None:
+           workdir: Path, epoch: int, env: dict[str, str], loader: _Loader) -> None:
     if fmt == "iso-bios":
         cfg = workdir / "isolinux.cfg"
         cfg.write_text(_syslinux_cfg(cmdline))
@@ -148,7 +176,7 @@ def _build(fmt: str, out: Path, boot: list[tuple[str, Path]], cmdline: str, name
                   "-boot-load-size", "4", "-boot-info-table",
                   "-isohybrid-mbr", data_file(ISOHDPFX)])
     elif fmt.startswith("iso-efi"):
-        _efi_iso(out, fmt, boot, cmdline, name, workdir, epoch, env)
+        _efi_iso(out, fmt, boot, cmdline, name, workdir, epoch, env, loader)
     else:
         raw_fmt = fmt.replace("qcow2-", "raw-")
         efi = raw_fmt == "raw-efi"
@@ -156,7 +184,7 @@ def _build(fmt: str, out: Path, boot: list[tuple[str, Path]], cmdline: str, name
         files = list(boot)
         if efi:
             files.append(("EFI/BOOT/BOOTX64.EFI",
-                          fat.grub_efi(workdir / "BOOTX64.EFI", _grub_cfg(cmdline), workdir, env)))
+                          loader.make(workdir / "BOOTX64.EFI", _grub_cfg(cmdline), workdir, env)))
         else:
             cfg = workdir / "syslinux.cfg"
             cfg.write_text(_syslinux_cfg(cmdline))
@@ -171,7 +199,7 @@ def _build(fmt: str, out: Path, boot: list[tuple[str, Path]], cmdline: str, name
 
 
 def _efi_iso(out: Path, fmt: str, boot: list[tuple[str, Path]], cmdline: str, name: str,
-             workdir: Path, epoch: int, env: dict[str, str]) -> None:
+             workdir: Path, epoch: int, env: dict[str, str], loader: _Loader) -> None:
     top = "boot/" if fmt == "iso-efi" else ""  # iso-efi-initrd: LinuxKit's layout, at the root
     h = hashlib.sha256()
     for _, src in boot:
@@ -183,8 +211,7 @@ def _efi_iso(out: Path, fmt: str, boot: list[tuple[str, Path]], cmdline: str, na
     files = [(top + dest.removeprefix("boot/"), src) for dest, src in boot] + [(marker, idfile)]
     cfg = _grub_cfg(cmdline, kernel=f"/{top}kernel", initrd=f"/{top}initrd.img",
                     search=f"/{marker}")
-    efi = fat.grub_efi(workdir / "BOOTX64.EFI", cfg, workdir, env,
-                       modules=_ISO_GRUB_MODULES)
+    efi = loader.make(workdir / "BOOTX64.EFI", cfg, workdir, env, modules=_ISO_GRUB_MODULES)
     fenv = dict(env, SOURCE_DATE_EPOCH=str(fat.fat_epoch(epoch)))
     img = fat.fat_image(workdir / "efiboot.img", [("EFI/BOOT/BOOTX64.EFI", efi)],
                         label="EFIBOOT", serial=fat.ids(name, fmt, "fat").int & 0xFFFFFFFF,

@@ -28,6 +28,8 @@ PACKAGES = {
     "fakeroot": "fakeroot", "tar": "tar",
     "mksquashfs": "squashfs-tools", "mkfs.erofs": "erofs-utils",
     "mkimage": "u-boot-tools",
+    "veritysetup": "cryptsetup-bin",
+    "sbsign": "sbsigntool", "faketime": "faketime",
 }
 # Boot-loader data files -> their Debian package.
 DATA_PACKAGES = {

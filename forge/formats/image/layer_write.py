@@ -276,3 +276,64 @@ def layer_from_dir(src_dir: Path, out_fileobj: BinaryIO, *, prefix: str = "", ui
                 info.mode = mode_override
             entries[f"{base}/{rel}" if base else rel] = e
     return _write_tar(entries, out_fileobj, compress=compress)
+
+
+OVERLAY_OPAQUE = "trusted.overlay.opaque"  # overlayfs marks a directory that hides what is below
+CAPABILITY = "security.capability"  # the one extended attribute Docker's layer tars carry
+
+
+@layer_errors
+def layer_from_overlay_diff(diff_dir: Path, out_fileobj: BinaryIO, *, mtime: int,
+                            compress: bool = True) -> LayerInfo:
+    """The layer an overlayfs upper directory holds (a Docker engine's `overlay2/<id>/diff`),
+    written as `normalise` writes the engine's own tar of it: ownership and modes as on
+    disk, overlay whiteouts (0/0 character devices, opaque directories) as `.wh.` entries
+    the way Docker converts them, `security.capability` kept, sockets left out."""
+    entries: dict[str, _Entry] = {}
+    inodes: dict[tuple[int, int], _Data] = {}
+    for top, dirnames, filenames in os.walk(diff_dir):
+        for name in dirnames + filenames:
+            path = os.path.join(top, name)
+            rel = os.path.relpath(path, diff_dir).replace(os.sep, "/")
+            st = os.lstat(path)
+            info = tarfile.TarInfo()
+            info.mode, info.uid, info.gid, info.mtime = stat.S_IMODE(st.st_mode), st.st_uid, \
+                st.st_gid, mtime
+            e = _Entry(info)
+            if stat.S_ISDIR(st.st_mode):
+                info.type = tarfile.DIRTYPE
+                if _xattr(path, OVERLAY_OPAQUE) == b"y":
+                    wo = tarfile.TarInfo()
+                    wo.type, wo.mode, wo.uid, wo.gid, wo.mtime = tarfile.REGTYPE, \
+                        info.mode & 0o777, st.st_uid, st.st_gid, mtime
+                    entries[f"{rel}/{OPAQUE_WHITEOUT}"] = _Entry(wo)
+            elif stat.S_ISLNK(st.st_mode):
+                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                e.data = inodes.get(key) or _Data(st.st_size, lambda p=path: open(p, "rb"))
+                inodes[key] = e.data
+            elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # an overlay whiteout
+                info.type, info.mode = tarfile.REGTYPE, 0o600
+                parent, _, base = rel.rpartition("/")
+                rel = f"{parent}/{WHITEOUT_PREFIX}{base}" if parent else WHITEOUT_PREFIX + base
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+                info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            elif stat.S_ISFIFO(st.st_mode):
+                info.type = tarfile.FIFOTYPE
+            else:
+                continue
+            cap = _xattr(path, CAPABILITY) if not stat.S_ISLNK(st.st_mode) else None
+            if cap is not None:  # decoded as tarfile decodes it when reading, for `normalise`'s bytes
+                info.pax_headers = {f"SCHILY.xattr.{CAPABILITY}":
+                                    cap.decode("utf-8", "surrogateescape")}
+            entries[rel] = e
+    return _write_tar(entries, out_fileobj, compress=compress)
+
+
+def _xattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:  # ENODATA, or a filesystem without extended attributes
+        return None

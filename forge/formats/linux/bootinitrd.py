@@ -17,6 +17,15 @@ the root's etc/forge/modules.load the modules it already loaded (the reference i
 would log each one as failing), and switch_roots to the root's /init (else /sbin/init).
 A module the tar lacks is assumed built in; if the root still does not mount, /init
 says which modules to keep and powers the machine off.
+
+A verified root (forge.formats.disk.verity): when the command line carries
+`dm-mod.create="<name>,<uuid>,<minor>,<flags>,<table>"` (one device, one table line),
+/init creates that device with `dmsetup create --readonly` before it mounts `root=`
+(/dev/dm-0). Busybox has no device-mapper applet and Debian's kernel no dm-init, so such
+an initrd also holds Debian's dmsetup at /sbin/dmsetup, its libraries in /lib (found
+through their DT_NEEDED, run with LD_LIBRARY_PATH, there is no ld.so.cache) and its
+loader at the path it names; and the dm_verity module (with dm_mod and dm_bufio) when
+the kernel target keeps it.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import struct
 import tarfile
 from pathlib import Path
 
+from forge.formats.linux import elf
 from forge.formats.linux import modules as kmod
 from forge.formats.linux.cpio import CpioWriter
 from forge.formats.linux.errors import BootInitrdError, ModuleError
@@ -32,7 +42,7 @@ from forge.formats.linux.errors import BootInitrdError, ModuleError
 __all__ = ["MODULES", "INIT", "build", "find_busybox"]
 
 # What mounting a root image from a virtio disk with a writable overlay needs.
-MODULES = ("virtio_pci", "virtio_blk", "squashfs", "erofs", "isofs", "overlay")
+MODULES = ("virtio_pci", "virtio_blk", "squashfs", "erofs", "isofs", "overlay", "dm_verity")
 BUSYBOX = ("bin/busybox", "usr/bin/busybox", "sbin/busybox")
 
 INIT = r"""#!/bin/busybox sh
@@ -56,8 +66,25 @@ done
 while read -r ko; do
 	$bb insmod "/$ko" || log "cannot load $ko"
 done </modules.load
-i=0
-while [ ! -b "$root" ] && [ $i -lt 100 ]; do $bb sleep 0.1; i=$((i + 1)); done
+wait_dev() {
+	i=0
+	while [ ! -b "$1" ] && [ $i -lt 100 ]; do $bb sleep 0.1; i=$((i + 1)); done
+}
+dm=$($bb sed -n 's/.*dm-mod[.]create="\([^"]*\)".*/\1/p' /proc/cmdline)
+if [ -n "$dm" ]; then
+	[ -x /sbin/dmsetup ] || fail "the command line has dm-mod.create= and this boot initrd has no dmsetup (build the image with verity = True)"
+	name=${dm%%,*} rest=${dm#*,}
+	uuid=${rest%%,*} rest=${rest#*,}
+	rest=${rest#*,} table=${rest#*,}
+	set -- $table
+	wait_dev "$5"
+	[ -b "$5" ] || fail "no drive $5 for the device-mapper table (is virtio_blk in the kernel or its modules?)"
+	LD_LIBRARY_PATH=/lib DM_DISABLE_UDEV=1 /sbin/dmsetup create --readonly --noudevsync \
+		${uuid:+--uuid "$uuid"} "$name" --table "$table" ||
+		fail "cannot create the device-mapper device $name (keep dm_verity in the kernel target's modules)"
+	log "root: $name is $5 through dm-$3 (root hash ${12})"
+fi
+wait_dev "$root"
 [ -b "$root" ] || fail "no root drive $root (is virtio_blk in the kernel or its modules?)"
 mounted=
 for t in ${fstype:-squashfs erofs iso9660}; do
@@ -146,9 +173,13 @@ def _modules(kernel_tar: Path | None) -> list[tuple[str, bytes]]:
     return [(index[n][0], data[index[n][0]]) for n in order]
 
 
-def build(out: Path, *, kernel_tar: Path | None, busybox: bytes, epoch: int) -> list[str]:
-    """Write the boot initrd to `out`; the names of the modules it loads."""
+def build(out: Path, *, kernel_tar: Path | None, busybox: bytes, epoch: int,
+          dmsetup: bytes | None = None, find_library=None) -> list[str]:
+    """Write the boot initrd to `out`; the names of the modules it loads. With `dmsetup`
+    (Debian's executable), it and what it needs, looked up by soname with `find_library`."""
     mods = _modules(kernel_tar)
+    libs = elf.closure(dmsetup, find_library, "dmsetup") if dmsetup is not None else {}
+    loader = elf.interpreter(dmsetup, "dmsetup") if dmsetup is not None else None
     with open(out, "wb") as f, CpioWriter(f, mtime=epoch) as w:
         for d in ("bin", "dev", "proc", "sys", "lower", "rw", "root"):
             w.add_dir(d, 0o755)
@@ -156,13 +187,27 @@ def build(out: Path, *, kernel_tar: Path | None, busybox: bytes, epoch: int) -> 
         w.add_file("bin/busybox", busybox, 0o755)
         w.add_file("init", INIT.encode(), 0o755)
         w.add_file("modules.load", "".join(f"{p}\n" for p, _ in mods).encode(), 0o644)
-        made = set()
+        made = {"bin", "dev", "proc", "sys", "lower", "rw", "root"}
+        if dmsetup is not None:
+            for d in ("sbin", "lib"):
+                w.add_dir(d, 0o755)
+                made.add(d)
+            w.add_file("sbin/dmsetup", dmsetup, 0o755)
+            for soname, blob in sorted(libs.items()):
+                w.add_file(f"lib/{soname}", blob, 0o755)
+            if loader and loader.lstrip("/") != f"lib/{loader.rsplit('/', 1)[-1]}":
+                _add_parents(w, loader.lstrip("/"), made)
+                w.add_file(loader.lstrip("/"), libs[loader.rsplit("/", 1)[-1]], 0o755)
         for path, blob in mods:
-            parts = path.split("/")
-            for k in range(1, len(parts)):
-                d = "/".join(parts[:k])
-                if d not in made:
-                    w.add_dir(d, 0o755)
-                    made.add(d)
+            _add_parents(w, path, made)
             w.add_file(path, blob, 0o644)
     return [kmod.module_name(p, {}) for p, _ in mods]
+
+
+def _add_parents(w: CpioWriter, path: str, made: set) -> None:
+    parts = path.split("/")
+    for k in range(1, len(parts)):
+        d = "/".join(parts[:k])
+        if d not in made:
+            w.add_dir(d, 0o755)
+            made.add(d)

@@ -16,6 +16,7 @@ from typing import Mapping
 from forge.formats.image.reference import Reference
 from forge.formats.registry.pull import Progress, PullResult, Puller, Resolved
 from forge.formats.registry.push import Pusher
+from forge.formats.registry.referrers import Referrers
 from forge.formats.registry.transport import Transport
 
 
@@ -36,6 +37,7 @@ class RegistryClient:
             ca_bundle=ca_bundle, env=env)
         self._puller = Puller(self.transport, max_workers)
         self._pusher = Pusher(self.transport, max_workers)
+        self._referrers = Referrers(self.transport)
 
     @property
     def requests(self) -> Counter[str]:
@@ -57,3 +59,15 @@ class RegistryClient:
         reports. The layout's entry named `ref.tag` (`org.opencontainers.image.ref.name`)
         is pushed, else its only entry; several unnamed entries are pushed as one index."""
         return self._pusher.push(layout_dir, ref)
+
+    def attach(self, ref: Reference | str, subject: dict, artifact_type: str,
+               blobs: list[tuple[str, bytes, dict]], annotations: dict | None = None) -> str:
+        """Attach an artifact (OCI 1.1 referrer) to the manifest `subject` describes; with
+        the tag-schema fallback on registries without the referrers API. Returns its digest."""
+        return self._referrers.attach(ref, subject, artifact_type, blobs, annotations)
+
+    def referrers(self, ref: Reference | str, digest: str,
+                  artifact_type: str | None = None) -> list[tuple[dict, list[bytes]]]:
+        """The artifacts attached to `digest`: each descriptor with its verified blobs."""
+        return [(d, self._referrers.blobs(ref, d))
+                for d in self._referrers.list(ref, digest, artifact_type)]

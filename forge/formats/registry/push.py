@@ -23,6 +23,32 @@ from forge.formats.registry.errors import RegistryError, UnsupportedError, Verif
 from forge.formats.registry.transport import Transport
 
 
+def pushed_document(layout: Path, tag: str | None) -> tuple[bytes, str]:
+    """The manifest or index that pushing `layout` under `tag` sends, and its media type:
+    the entry named `tag`, else the only entry, else one index of the unnamed entries. Its
+    digest is the pushed image's (what a signature over the layout must name)."""
+    try:
+        index = json.loads((layout / "index.json").read_bytes())
+        descs = list(index["manifests"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LayoutError(f"{layout} is not an OCI image layout (index.json: {e}): build or "
+                          "pull an image into it first") from None
+    named = [d for d in descs if (d.get("annotations") or {}).get(REF_NAME) == tag]
+    if len(named) == 1 or len(descs) == 1:
+        desc = named[0] if len(named) == 1 else descs[0]
+        body = read_blob(layout, desc)
+        return body, desc.get("mediaType") or json.loads(body).get("mediaType") or OCI_MANIFEST
+    if not descs:
+        raise LayoutError(f"{layout}/index.json lists no manifests: nothing to push")
+    children = []
+    for d in descs:
+        d = dict(d)
+        ann = {k: v for k, v in (d.pop("annotations", None) or {}).items() if k != REF_NAME}
+        children.append({**d, **({"annotations": ann} if ann else {})})
+    return canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                           "manifests": children}), OCI_INDEX
+
+
 class Pusher:
     """Images from a layout to a registry through one `Transport`."""
 
@@ -35,29 +61,8 @@ class Pusher:
         is pushed, else its only entry; several unnamed entries are pushed as one index."""
         ref = Reference.of(ref)
         layout = Path(layout_dir)
-        try:
-            index = json.loads((layout / "index.json").read_bytes())
-            descs = list(index["manifests"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LayoutError(f"{layout} is not an OCI image layout (index.json: {e}): build or "
-                              "pull an image into it first") from None
-        named = [d for d in descs if (d.get("annotations") or {}).get(REF_NAME) == ref.tag]
+        body, media = pushed_document(layout, ref.tag)
         ep = self.t.endpoint(ref.registry, ref.registry)
-        if len(named) == 1 or len(descs) == 1:
-            desc = named[0] if len(named) == 1 else descs[0]
-            body = read_blob(layout, desc)
-            media = desc.get("mediaType") or json.loads(body).get("mediaType") or OCI_MANIFEST
-        elif descs:
-            children = []
-            for d in descs:
-                d = dict(d)
-                ann = {k: v for k, v in (d.pop("annotations", None) or {}).items() if k != REF_NAME}
-                children.append({**d, **({"annotations": ann} if ann else {})})
-            media = OCI_INDEX
-            body = canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                                   "manifests": children})
-        else:
-            raise LayoutError(f"{layout}/index.json lists no manifests: nothing to push")
         if ref.digest and digest_of(body) != ref.digest:
             raise VerificationError(f"the image in {layout} has digest {digest_of(body)}, not the "
                                     f"{ref.digest} named by {ref}")

@@ -84,6 +84,9 @@ class Boot:
     image_format: str = "raw"  # of a disk, QEMU's name: "raw" | "qcow2" | "vpc" (VHD) | "vmdk"
     drive: Path | None = None  # a kernel boot's root image: a read-only virtio disk
     arch: str = "amd64"        # the guest's architecture (Debian's name)
+    # Secure Boot enforcing: OVMF's secboot build, with this variable store (keys enrolled,
+    # see forge.formats.vm.secureboot) as the VM's starting copy.
+    secure_vars: Path | None = None
 
 
 def kernel_boot(kernel: Path, initrd: Path | None, cmdline: str, *,
@@ -151,7 +154,14 @@ def qemu_argv(boot: Boot, *, accel: str, memory: int = 256, cpus: int = 1,
         if efi_vars is None:
             raise QemuError("a UEFI boot needs efi_vars: a private copy of OVMF's variables")
         code, _ = ovmf_firmware(boot.arch)
-        argv += ([] if m.machine else ["-machine", "q35"]) + [
+        if boot.secure_vars is not None:
+            from forge.formats.vm.secureboot import secure_firmware
+            code = secure_firmware(boot.arch)
+            # SMM keeps the variable store out of the guest's reach, which the secboot
+            # build requires; without it OVMF stops before it starts anything.
+            argv += ["-machine", "q35,smm=on", "-global",
+                     "driver=cfi.pflash01,property=secure,value=on"]
+        argv += ([] if m.machine or boot.secure_vars else ["-machine", "q35"]) + [
                  "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(code)}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={_opt(efi_vars)}"]
     if boot.kind == "kernel":
@@ -330,7 +340,8 @@ class VM:
         self.rundir.mkdir(parents=True, exist_ok=True)
         argv = self.argv()
         if self.boot.efi:
-            shutil.copyfile(ovmf_firmware(self.boot.arch)[1], self.rundir / "OVMF_VARS.fd")
+            shutil.copyfile(self.boot.secure_vars or ovmf_firmware(self.boot.arch)[1],
+                            self.rundir / "OVMF_VARS.fd")
         if self.interactive:
             self.proc = subprocess.Popen(argv)
         else:
