@@ -309,7 +309,7 @@ def _build(ws, args, patterns, *, tests: bool = False, attest: bool = False):
         _write_last(s, summary)
         print(summary_line(summary), file=sys.stderr)
         if attest and code == EXIT_OK and (check is None or check.noop is None):
-            _provenance(ws, plan, summary, started)  # before _sign, which signs it
+            _provenance(ws, s, plan, summary, started)  # before _sign, which signs it
         if args.build_events:
             write_build_events(args.build_events, summary, code,
                                checked=None if check is None else check.why)
@@ -357,14 +357,14 @@ def _no_targets(what: str) -> int:
     return EXIT_OK
 
 
-def _provenance(ws, plan, summary, started: float) -> None:
+def _provenance(ws, s, plan, summary, started: float) -> None:
     """Write NAME.provenance.json beside the outputs of each target built. A target none of
     whose actions ran in this build keeps the provenance it has: it still describes the
     build that made those bytes (and a no-op build of many targets stays cheap)."""
     from forge import provenance
     from forge.formats.common.files import atomic_write
     ran = {r.action.id for r in summary.results if r.status != "cached"}
-    invocation, finished, build = provenance.new_invocation_id(), time.time(), None
+    invocation, finished, build, memo = provenance.new_invocation_id(), time.time(), None, None
     for label in plan.roots:
         info = plan.infos.get(label)
         files = [a.path for a in (info.files if info else ()) if not a.source]
@@ -373,13 +373,16 @@ def _provenance(ws, plan, summary, started: float) -> None:
         dest = ws.root / provenance.path_for(label)
         if build is None:
             build = provenance.Build(ws.root, ws.config, plan.actions)
+            memo = provenance.DigestMemo(s.records.dir / "output-sha256.json")
         needed = build.needed(files)
         if dest.is_file() and not any(a.id in ran for a in needed):
             continue
         st = build.statement(label, files, invocation_id=invocation, started=started,
-                             finished=finished, needed=needed)
+                             finished=finished, needed=needed, memo=memo)
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(dest, provenance.dumps(st))
+    if build is not None:
+        memo.save()
 
 
 def cmd_build(ws, args) -> int:
@@ -404,6 +407,10 @@ def cmd_build(ws, args) -> int:
 
 
 def cmd_provenance(ws, args) -> int:
+    if args.target.endswith(("...", ":all", ":*")):
+        raise UsageError(f"forge provenance takes one target, and {args.target} is a pattern",
+                         hint="name one target, e.g. //images:redisos; `forge build` writes the "
+                         "provenance of every target it is given")
     s, plan, summary, code = _build(ws, args, [args.target], attest=True)
     s.close()
     if code != EXIT_OK or summary is None:
@@ -414,7 +421,8 @@ def cmd_provenance(ws, args) -> int:
     from forge.provenance import path_for
     written = ws.root / path_for(plan.roots[0])
     if not written.is_file():
-        raise UsageError(f"{plan.roots[0]} has no output files: there is nothing to attest")
+        raise UsageError(f"{plan.roots[0]} has no output files: there is nothing to attest",
+                         hint="name a target that builds files: a filegroup of sources has none")
     sys.stdout.write(written.read_text())
     return EXIT_OK
 

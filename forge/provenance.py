@@ -48,9 +48,42 @@ def _subject_name(rel: str) -> str:
     return rel[len(prefix):] if rel.startswith(prefix) else rel
 
 
-def subjects(root: Path, paths: list[str]) -> list[dict]:
+class DigestMemo:
+    """sha256 of output files by (size, mtime, inode), kept between builds: outputs are
+    links into the cache that a no-op build leaves alone, and hashing an OS image's
+    formats again each time would cost more than the rest of the no-op build."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.entries, self.changed = path, {}, False
+        if path is not None:
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def sha256(self, p: Path, rel: str) -> str:
+        st = p.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        got = self.entries.get(rel)
+        if isinstance(got, list) and got[:3] == stamp:
+            return got[3]
+        digest = _sha256(p)
+        self.entries[rel] = [*stamp, digest]
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(self.entries, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def subjects(root: Path, paths: list[str], memo: DigestMemo | None = None) -> list[dict]:
     """Each file of `paths` (workspace-relative; a directory stands for every file below
     it), named by its path under forge-out/, by sha256."""
+    memo = memo or DigestMemo(None)
     out = []
     for rel in dict.fromkeys(paths):
         full = root / rel
@@ -60,10 +93,12 @@ def subjects(root: Path, paths: list[str]) -> list[dict]:
                 for f in sorted(files):
                     p = Path(dirpath, f)
                     if p.is_file():
-                        out.append(slsa.descriptor(name=_subject_name(p.relative_to(root).as_posix()),
-                                                   digest={"sha256": _sha256(p)}))
+                        name = p.relative_to(root).as_posix()
+                        out.append(slsa.descriptor(name=_subject_name(name),
+                                                   digest={"sha256": memo.sha256(p, name)}))
         elif full.is_file():
-            out.append(slsa.descriptor(name=_subject_name(rel), digest={"sha256": _sha256(full)}))
+            out.append(slsa.descriptor(name=_subject_name(rel),
+                                       digest={"sha256": memo.sha256(full, rel)}))
     return out
 
 
@@ -157,7 +192,8 @@ class Build:
         return actions_for([], files, self.producers)
 
     def statement(self, label: Label, files: list[str], *, invocation_id: str,
-                  started: float, finished: float, needed: list[Action] | None = None) -> dict:
+                  started: float, finished: float, needed: list[Action] | None = None,
+                  memo: DigestMemo | None = None) -> dict:
         needed = self.needed(files) if needed is None else needed
         src = self.source
         external = {"target": str(label), "configFiles": self.configs}
@@ -169,7 +205,7 @@ class Build:
                                         digest={"gitCommit": src["gitCommit"]}))
         internal = {"rules": sorted({a.rule for a in needed}),
                     "steps": sorted({f"{a.function or a.mnemonic}" for a in needed})}
-        return slsa.statement(subjects=subjects(self.root, files), external=external,
+        return slsa.statement(subjects=subjects(self.root, files, memo), external=external,
                               internal=internal, dependencies=deps,
                               builder_id=builder_id(self.config),
                               builder_version={"forge": forge.__version__},
@@ -178,11 +214,11 @@ class Build:
 
 def statement_for(root: Path, config: dict, actions: list[Action], label: Label,
                   files: list[str], *, invocation_id: str, started: float,
-                  finished: float) -> dict:
+                  finished: float, memo: DigestMemo | None = None) -> dict:
     """The provenance of target `label` whose outputs are `files` (workspace-relative
     paths, built), from the plan's `actions`."""
     return Build(root, config, actions).statement(label, files, invocation_id=invocation_id,
-                                                  started=started, finished=finished)
+                                                  started=started, finished=finished, memo=memo)
 
 
 def path_for(label: Label) -> str:

@@ -35,7 +35,8 @@ this machine's apt sources name; it is not part of the key (pin versions, or cha
 workspace salt, to force a rebuild when the archive moves). apt, run by mmdebstrap,
 verifies the suite's signature as it always does: with `keyring` (or `[debian] keyring`)
 if one is named, else with this machine's apt keyrings; the trusted keys are part of the
-key.""", attrs={
+key. Beside the image: `NAME.debs.json` (the packages apt installed), `NAME.origins.json`
+(where from) and `NAME.sbom.spdx.json` (docs/supply-chain.md).""", attrs={
     "suite": attr.string(mandatory=True, doc="Debian suite, e.g. bookworm."),
     "variant": attr.string(default="minbase", values=VARIANTS, doc="mmdebstrap's --variant."),
     "packages": attr.string_list(doc="Extra packages; `name=version` pins a version."),
@@ -86,7 +87,7 @@ def debian_rootfs(ctx):
         layouts[arch] = out
         inventories[arch] = [debs.path]
         sboms[arch] = sbom.image_sbom(ctx, out, arch, stem, [debs.path], archs.platform(arch))
-    return archs.image_info(ctx, layouts, more_files=[*sboms.values(),
+    return archs.image_info(ctx, layouts, more_files=[*sboms.values(), *map(sbom.cdx_of, sboms.values()),
                                                       *(Artifact(p, source=False) for v in inventories.values() for p in v)],
                             inventory=inventories, sbom={a: s.path for a, s in sboms.items()})
 

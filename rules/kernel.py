@@ -266,11 +266,17 @@ def kernel_from_deb(ctx: ExecContext) -> None:
     version = None
     vendors = ctx.params.get("dtbs", [])
     dtbs: dict[str, bytes] = {}
+    from forge.formats.debian.inventory import copyright_path, record_of
+    from forge.formats.debian.package import control_fields
+    fields = control_fields(ctx.path(ctx.inputs[0]))
+    wanted, copyright_text = copyright_path(fields.get("Package", "")), None
     # One pass in archive order: the data tar is xz, and going back would decompress again.
     with open_data_tar(ctx.path(ctx.inputs[0])) as tf:
         for m in tf:
             name = m.name.lstrip("./")
-            if m.isfile() and name.startswith("boot/vmlinuz-"):
+            if m.isfile() and name == wanted:
+                copyright_text = tf.extractfile(m).read().decode("utf-8", "replace")
+            elif m.isfile() and name.startswith("boot/vmlinuz-"):
                 image = tf.extractfile(m).read()
                 version = name[len("boot/vmlinuz-"):]
             elif vendors and m.isfile() and name.endswith(".dtb") and \
@@ -287,8 +293,7 @@ def kernel_from_deb(ctx: ExecContext) -> None:
                            "few: use linux-image-arm64 for the Raspberry Pi")
     _write_kernel(ctx, image, version, mods)
     from forge.formats.common.files import canonical_json
-    from forge.formats.debian.inventory import record
-    rec = {k: v for k, v in record(ctx.path(ctx.inputs[0])).items() if k != "files"}
+    rec = record_of(ctx.path(ctx.inputs[0]), fields, copyright_text)
     (ctx.path(ctx.outputs[0]) / "package.json").write_bytes(canonical_json(rec))
     for rel, data in sorted(dtbs.items()):
         dest = ctx.path(ctx.outputs[0]) / "dtb" / rel

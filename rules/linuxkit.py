@@ -89,7 +89,8 @@ def _image_uses(asm: asmlib.Assembly) -> list[tuple[str, Loc | None]]:
 LinuxKit assembly (LinuxKit's YAML, unchanged). `image:` values may be registry references
 (pinned in forge.lock), forge labels, or names mapped to targets by `images`. Each image is
 unpacked once, each entry is its own cached fragment and initrd segment, each format its own
-action. `forge run` boots it under QEMU.""", attrs={
+action. `forge run` boots it under QEMU. Its SBOM is `NAME.sbom.spdx.json`, also at the
+image's root as `/sbom.spdx.json` (docs/supply-chain.md).""", attrs={
     "assembly": attr.label(mandatory=True, doc="The assembly YAML file."),
     "overlays": attr.label_list(doc="More assembly files merged after it, as `linuxkit build "
                                 "a.yml b.yml` does (kernel keys replaced, lists appended)."),
@@ -422,7 +423,7 @@ class _Planner:
         if not has_kernel:
             outputs = {fmt: disk.plan_format(ctx, fmt, self.name, None, None,
                                              [f for _, f in self.fragments]) for fmt in ctx.attr.formats}
-            files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc]
+            files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc, sbom.cdx_of(self.sbom_doc)]
             formats = {f: [a.path for a in arts] for f, arts in outputs.items()}
             return ctx.info(files=files, formats=formats,  # `forge run` says it has nothing to boot
                             run={"runner": "QemuRun", "params": {"name": self.name, "formats": formats}})
@@ -443,7 +444,7 @@ class _Planner:
             if dm_debs and "boot-initrd" in boot:  # a UKI after it embeds the verity boot
                 boot["initrd"] = boot["boot-initrd"]
         cmdline = boot["cmdline"]
-        files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc]
+        files = [a for arts in outputs.values() for a in arts] + [self.sbom_doc, sbom.cdx_of(self.sbom_doc)]
         return ctx.info(files=files, kernel=kernel.path, sbom=self.sbom_doc.path, initrd=initrd.path,
                         cmdline=cmdline.path,
                         formats={f: [a.path for a in arts] for f, arts in outputs.items()},

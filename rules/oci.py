@@ -234,7 +234,8 @@ def attach_envelopes(client, layout, ref: str, tag: str, digest: str) -> list[st
 target needs is its own cached action, keyed on its parent image's digest, its instructions
 after build-arg substitution and the digests of exactly the context files it copies.
 Stages without RUN are assembled in Python with no Docker engine; stages with RUN run on
-the engine.""", attrs={
+the engine. `NAME.sbom.spdx.json`, its SBOM, lists the packages of its bases it holds files
+of (docs/supply-chain.md).""", attrs={
     "dockerfile": attr.label(default="Dockerfile", doc="The Dockerfile (a source file)."),
     "srcs": attr.label_list(doc="The build context: files COPY and ADD may read, at their "
                             "paths relative to this package."),
@@ -265,7 +266,8 @@ def container_image(ctx):
     inventories = {a: sbom.inherited(ctx, bases, a) for a in arches}
     sboms = {a: sbom.image_sbom(ctx, layouts[a], a, archs.out_name(ctx.label.name, a, arches[0]),
                                 inventories[a], archs.platform(a)) for a in arches}
-    return archs.image_info(ctx, layouts, more_files=list(sboms.values()), inventory=inventories,
+    return archs.image_info(ctx, layouts, more_files=[*sboms.values(), *map(sbom.cdx_of, sboms.values())],
+                            inventory=inventories,
                             sbom={a: s.path for a, s in sboms.items()})
 
 

@@ -23,10 +23,11 @@ from forge.formats.common.files import atomic_write
 from forge.formats.image.errors import LayoutError
 from forge.formats.image.layout import read_image
 from forge.formats.image.layer_read import open_random
-from forge.formats.sbom import attestations
+from forge.formats.sbom import attestations, cyclonedx
 from forge.formats.sbom.spdx import Document, created, dumps, spdx_id
 
 SUFFIX = ".sbom.spdx.json"
+CDX_SUFFIX = ".cdx.json"  # the same SBOM in CycloneDX 1.6
 DISTRO = "debian"
 
 
@@ -47,13 +48,19 @@ def inherited(ctx, infos: list, arch: str) -> list[str]:
     return out
 
 
+def cdx_of(sbom: Artifact) -> Artifact:
+    """The CycloneDX twin of an SBOM output."""
+    return Artifact(sbom.path[:-len(SUFFIX)] + CDX_SUFFIX, source=False)
+
+
 def image_sbom(ctx, layout: Artifact, arch: str, stem: str, inventories: list[str],
                platform: str) -> Artifact:
     """Plan the SBOM of one architecture's image `layout`."""
     out = ctx.declare(stem + SUFFIX)
     ctx.call("ImageSbom", {"name": str(ctx.label), "platform": platform,
                            "inventories": list(inventories)},
-             inputs=[layout, *(Artifact(p, source=False) for p in inventories)], outputs=[out],
+             inputs=[layout, *(Artifact(p, source=False) for p in inventories)],
+             outputs=[out, ctx.declare(stem + CDX_SUFFIX)],
              mnemonic="ImageSbom", description=f"ImageSbom {ctx.label} ({arch})")
     return out
 
@@ -105,8 +112,17 @@ def image_sbom_step(ctx: ExecContext) -> None:
                 doc.relate(root, "CONTAINS", doc.deb(rec, DISTRO))
     for other in attested:
         doc.merge(other, root)
-    atomic_write(ctx.path(ctx.outputs[0]),
-                 dumps(doc.to_dict(created(ctx.source_date_epoch), creators())))
+    _write(ctx, doc)
+
+
+def _write(ctx: ExecContext, doc: Document) -> bytes:
+    """Both formats: SPDX as outputs[0], CycloneDX as the last output."""
+    import forge
+    spdx = doc.to_dict(created(ctx.source_date_epoch), creators())
+    data = dumps(spdx)
+    atomic_write(ctx.path(ctx.outputs[0]), data)
+    atomic_write(ctx.path(ctx.outputs[-1]), dumps(cyclonedx.from_spdx(spdx, forge.__version__)))
+    return data
 
 
 # --- linuxkit_image ---------------------------------------------------------------------
@@ -127,7 +143,8 @@ def os_sbom(ctx, name: str, images: dict, kernel_dir: Artifact | None, files_fra
               "files": files_frag.path if files_frag else None}
     inputs += [a for a in (kernel_dir, files_frag) if a is not None]
     out, frag = ctx.declare(name + SUFFIX), ctx.declare(f"{name}.rootfs/sbom.tar")
-    ctx.call("LkSbom", params, inputs=inputs, outputs=[out, frag], mnemonic="LkSbom",
+    ctx.call("LkSbom", params, inputs=inputs, outputs=[out, frag, ctx.declare(name + CDX_SUFFIX)],
+             mnemonic="LkSbom",
              description=f"LkSbom {ctx.label}")
     return out, frag
 
@@ -182,8 +199,7 @@ def os_sbom_step(ctx: ExecContext) -> None:
         _kernel(doc, ctx.path(p["kernel"]), root)
     if p["files"]:
         _files(doc, ctx.path(p["files"]), root)
-    data = dumps(doc.to_dict(created(ctx.source_date_epoch), creators()))
-    atomic_write(ctx.path(ctx.outputs[0]), data)
+    data = _write(ctx, doc)
     with open(ctx.path(ctx.outputs[1]), "wb") as f, FragmentWriter(f, mtime=ctx.source_date_epoch) as w:
         w.file("sbom.spdx.json", data, 0o444)
 

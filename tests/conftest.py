@@ -68,7 +68,8 @@ class Workspace:
         e.pop("FORGE_CACHE_DIR", None)
         e.update(env or {})
         argv = [sys.executable, "-m", "forge", *args]
-        if args and args[0] in ("build", "test", "query", "explain", "clean", "cache", "graph", "run") \
+        if args and args[0] in ("build", "test", "query", "explain", "clean", "cache", "graph", "run",
+                                "load", "provenance") \
                 and "--cache-dir" not in args:
             at = 4 if args[0] == "cache" and len(args) > 1 else 3  # after the (sub)command
             argv[at + 1:at + 1] = ["--cache-dir", str(self.cache)]

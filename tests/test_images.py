@@ -105,7 +105,7 @@ def layer_files(layout: Path) -> dict[str, bytes]:
 def test_debian_rootfs_is_reproducible(iws, tmp_path):
     """A second build with an empty cache gives the same layer and manifest digests."""
     r = iws.build("//base:bookworm")
-    assert r.code == 0 and r.err.strip().endswith("0 executed, 1 cached")
+    assert r.code == 0 and r.err.strip().endswith("0 executed, 2 cached")  # the tree, its SBOM
     first = json.loads((iws.root / "forge-out/base/bookworm/index.json").read_text())
     fresh = Workspace(tmp_path / "fresh", tmp_path / "fresh-cache")
     fresh.root.mkdir()
@@ -115,6 +115,10 @@ def test_debian_rootfs_is_reproducible(iws, tmp_path):
     assert r.code == 0, r.err
     second = json.loads((fresh.root / "forge-out/base/bookworm/index.json").read_text())
     assert first["manifests"][0]["digest"] == second["manifests"][0]["digest"]
+    # and so are the package list and the SBOM, in another directory with another cache
+    for name in ("bookworm.debs.json", "bookworm.sbom.spdx.json"):
+        assert (iws.root / "forge-out/base" / name).read_bytes() == \
+            (fresh.root / "forge-out/base" / name).read_bytes(), name
 
 
 def test_three_stages_rerun_only_what_changed(iws):
@@ -125,7 +129,7 @@ def test_three_stages_rerun_only_what_changed(iws):
     s = statuses(r)
     # One action per stage, and one per COPY of a stage without RUN.
     assert s == {"bookworm": "cached", "build": "executed", "final.layers/0": "executed",
-                 "final.layers/1": "executed", "final": "executed"}
+                 "final.layers/1": "executed", "final": "executed", "app.sbom.spdx.json": "executed"}
     assert "unused" not in s  # a stage the target does not need never runs
     files = layer_files(iws.root / "forge-out/app/app.stages/final")
     assert files["data/stamp"] == b"hi\n" and files["data/build.txt"] == b"from build\n"
@@ -134,12 +138,14 @@ def test_three_stages_rerun_only_what_changed(iws):
     (iws.root / "app/conf/app.conf").write_text("setting=2\n")
     r = iws.build("//app")
     assert statuses(r) == {"bookworm": "cached", "build": "cached", "final.layers/0": "cached",
-                           "final.layers/1": "executed", "final": "executed"}
+                           "final.layers/1": "executed", "final": "executed",
+                           "app.sbom.spdx.json": "executed"}
     # A file the first stage copies: everything after it reruns.
     (iws.root / "app/build.txt").write_text("changed\n")
     r = iws.build("//app")
     assert statuses(r) == {"bookworm": "cached", "build": "executed", "final.layers/0": "executed",
-                           "final.layers/1": "cached", "final": "executed"}
+                           "final.layers/1": "cached", "final": "executed",
+                           "app.sbom.spdx.json": "executed"}
     # A build arg used by the first stage.
     app = (iws.root / "app/BUILD").read_text().replace('"hi"', '"hey"')
     (iws.root / "app/BUILD").write_text(app)

@@ -160,6 +160,7 @@ def test_forge_provenance_of_a_pattern_is_a_usage_error(gws):
                             'genrule(name = "b", outs = ["b.txt"], cmd = "echo b > $@")\n'})
     r = gws.forge("provenance", "//sub/...", "--cache-dir", str(gws.cache))
     assert r.code == 2 and "takes one target" in r.err, r.err
+    assert not (gws.root / "forge-out/sub").exists()  # refused before building anything
 
 
 # --- RedisOS ----------------------------------------------------------------------------
@@ -192,3 +193,20 @@ def test_redisos_provenance_lists_what_came_from_the_mirror(redisos):
     for d in by_size[:3]:
         data = client.get(d["uri"])
         assert hashlib.sha256(data).hexdigest() == d["digest"]["sha256"], d["uri"]
+
+
+def test_digest_memo_rehashes_a_changed_file(tmp_path):
+    import os
+    from forge.provenance import DigestMemo, subjects
+    (tmp_path / "forge-out").mkdir()
+    f = tmp_path / "forge-out" / "a.bin"
+    f.write_bytes(b"one")
+    memo = DigestMemo(tmp_path / "memo.json")
+    first = subjects(tmp_path, ["forge-out/a.bin"], memo)
+    memo.save()
+    f.write_bytes(b"two")  # same size, same inode
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    again = subjects(tmp_path, ["forge-out/a.bin"], DigestMemo(tmp_path / "memo.json"))
+    assert first[0]["digest"]["sha256"] == hashlib.sha256(b"one").hexdigest()
+    assert again[0]["digest"]["sha256"] == hashlib.sha256(b"two").hexdigest()

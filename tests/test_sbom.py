@@ -103,8 +103,12 @@ def test_inventory_is_sorted_and_repeatable(tmp_path):
 
 # --- the SPDX writer --------------------------------------------------------------------
 
+_RECORDS: dict[str, dict] = {}
+
+
 def _doc(tmp: Path) -> Document:
-    rec = record(_deb(tmp))
+    # one package per test: dpkg-deb stamps the time, and two would differ in sha256
+    rec = _RECORDS.get(str(tmp)) or _RECORDS.setdefault(str(tmp), record(_deb(tmp)))
     doc = Document("//t:img")
     root = doc.image("//t:img", "sha256:" + "a" * 64)
     doc.describes.append(root)
@@ -155,6 +159,29 @@ def test_merge_keeps_one_element_per_package(tmp_path):
     assert validate(d, tmp_path) == []
 
 
+def cdx_errors(doc: dict) -> str | None:
+    """cyclonedx-python-lib's strict JSON-schema check of a CycloneDX 1.6 document."""
+    pytest.importorskip("cyclonedx", reason="cyclonedx-python-lib is a test dependency")
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+    err = JsonStrictValidator(SchemaVersion.V1_6).validate_str(json.dumps(doc))
+    return None if err is None else str(err.data.message)
+
+
+def test_cyclonedx_twin_is_valid_and_reproducible(tmp_path):
+    from forge.formats.sbom.cyclonedx import from_spdx
+    spdx = _doc(tmp_path).to_dict(created(0), ["Tool: t"])
+    one, two = from_spdx(spdx, "0.1.0"), from_spdx(_doc(tmp_path).to_dict(created(0), ["Tool: t"]), "0.1.0")
+    assert dumps(one) == dumps(two)
+    assert cdx_errors(one) is None
+    hello = next(c for c in one["components"] if c["name"] == "hello")
+    assert hello["purl"].startswith("pkg:deb/debian/hello@") and hello["licenses"][0]["expression"]
+    assert one["metadata"]["component"]["type"] == "container"
+    assert {"ref": one["metadata"]["component"]["bom-ref"], "dependsOn": [hello["bom-ref"]]} in one["dependencies"]
+    one["components"][0]["type"] = "no-such-type"
+    assert cdx_errors(one)  # the check is not vacuous
+
+
 # --- attestations -----------------------------------------------------------------------
 
 def test_spdx_attestations_of_a_layout_are_found_and_checked(tmp_path):
@@ -184,7 +211,47 @@ def test_spdx_attestations_of_a_layout_are_found_and_checked(tmp_path):
         spdx_documents(layout, image_digest)
 
 
-# --- RedisOS, built for real ------------------------------------------------------------
+# --- a Debian tree and RedisOS, built for real ------------------------------------------
+
+@pytest.mark.real
+@pytest.mark.parametrize("variant,expect", [
+    ("extract", {"busybox-static", "runc", "libc6", "libseccomp2"}),  # and the dependencies
+    # the essential set, installed before the rest (mmdebstrap's essential phase)
+    ("minbase", {"busybox-static", "runc", "libc6", "base-files", "dpkg", "bash"}),
+])
+def test_debian_rootfs_lists_every_package_it_installed(ws, variant, expect):
+    require(shutil.which("mmdebstrap") is not None, "mmdebstrap is not installed (dev/setup.sh)")
+    ws.write({"BUILD": f'debian_rootfs(name = "t", suite = "bookworm", variant = "{variant}", '
+                       'packages = ["busybox-static", "runc"])\n'})
+    r = ws.build("//:t", timeout=900)
+    assert r.code == 0, r.err
+    out = ws.root / "forge-out"
+    debs = json.loads((out / "t.debs.json").read_text())["packages"]
+    names = {d["package"] for d in debs}
+    assert expect <= names
+    sbom = out / "t.sbom.spdx.json"
+    doc = json.loads(sbom.read_text())
+    assert validate(doc, ws.root.parent) == []
+    pkgs = {p["name"]: p for p in doc["packages"] if p["name"] in names}
+    assert set(pkgs) == names  # the tree holds every package apt installed
+    image = doc["documentDescribes"][0]
+    contained = {r["relatedSpdxElement"] for r in doc["relationships"]
+                 if r["spdxElementId"] == image and r["relationshipType"] == "CONTAINS"}
+    assert {p["SPDXID"] for p in pkgs.values()} <= contained
+    index = json.loads((out / "t" / "index.json").read_text())
+    assert next(p for p in doc["packages"] if p["SPDXID"] == image)["versionInfo"] == \
+        index["manifests"][0]["digest"]
+    origins = json.loads((out / "t.origins.json").read_text())["origins"]
+    assert {d["sha256"] for d in debs} <= {o["digest"]["sha256"] for o in origins}
+    assert any(o["name"] == "dists/bookworm/InRelease" for o in origins)
+    # apt's cache, where the .debs were taken from, is empty in the image as before
+    from forge.formats.image.layout import read_image
+    import tarfile
+    img = read_image(out / "t", None)
+    with tarfile.open(img.layers[0][1]) as tf:
+        assert not [n for n in tf.getnames() if n.endswith(".deb")]
+
+
 
 @pytest.mark.real
 def test_redisos_sbom_is_valid_and_complete(redisos):
@@ -212,6 +279,15 @@ def test_redisos_sbom_is_valid_and_complete(redisos):
     debs = json.loads((out / "base" / "redis-build.debs.json").read_text())["packages"]
     by_name = {r["package"]: r for r in debs}
     assert names["redis-server"]["checksums"][0]["checksumValue"] == by_name["redis-server"]["sha256"]
+    # the CycloneDX twin lists the same packages
+    cdx = json.loads((out / "redisos.cdx.json").read_text())
+    assert cdx_errors(cdx) is None
+    assert {c["name"] for c in cdx["components"] if c["type"] != "file"} == set(names) - {"//images:redisos"}
+    # the redis image's own SBOM, merged above, is a valid document too
+    own = out / "redis" / "image.sbom.spdx.json"
+    p = subprocess.run([str(tool), "-i", str(own)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "invalid" not in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
+    assert "redis-server" in {p["name"] for p in json.loads(own.read_text())["packages"]}
     # and the same document is at the image's root, in the initrd
     seg = next((out / "redisos.initrd").glob("*-sbom.cpio.gz"))
     assert _newc_files(gzip.decompress(seg.read_bytes()))["sbom.spdx.json"] == path.read_bytes()
@@ -229,3 +305,57 @@ def _newc_files(data: bytes) -> dict[str, bytes]:
         if name == "TRAILER!!!":
             break
     return files
+
+
+def test_an_imported_images_spdx_attestation_is_merged_into_the_os_sbom(ws, tmp_path):
+    """An OCI tarball whose index carries an SPDX attestation beside the image (as BuildKit
+    exports it), used by a linuxkit_image: the OS's SBOM holds the attested packages."""
+    import io
+    import tarfile
+    from forge.formats.image.layer_write import layer_from_dir
+    from forge.formats.image.layout import image_config_defaults, load_index, write_image
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/hello").write_text("hi\n")
+    layout = tmp_path / "layout"
+    with open(tmp_path / "layer.tar.gz", "wb") as f:
+        info = layer_from_dir(tree, f, mtime=0)
+    add_blob(layout, tmp_path / "layer.tar.gz", info.media_type)
+    image = write_image(layout, image_config_defaults(diff_ids=[info.diff_id]), [info])
+    attested = _doc(tmp_path)
+    predicate = attested.to_dict(created(0), ["Tool: buildkit"])
+    st = add_blob(layout, canonical_json({"_type": "https://in-toto.io/Statement/v1",
+                                          "predicateType": "https://spdx.dev/Document",
+                                          "subject": [{"name": "img", "digest": {"sha256": image.digest[7:]}}],
+                                          "predicate": predicate}), "application/vnd.in-toto+json")
+    # BuildKit's attestation config: in-toto layers are uncompressed, their diff_ids themselves
+    cfg = add_blob(layout, canonical_json({"architecture": "unknown", "os": "unknown", "config": {},
+                                           "rootfs": {"type": "layers", "diff_ids": [st.digest]}}),
+                   "application/vnd.oci.image.config.v1+json")
+    m = add_blob(layout, canonical_json({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": cfg.to_dict(), "layers": [{**st.to_dict(), "annotations": {
+            "in-toto.io/predicate-type": "https://spdx.dev/Document"}}]}),
+        "application/vnd.oci.image.manifest.v1+json")
+    index = load_index(layout)
+    index["manifests"].append({**m.to_dict(), "platform": {"os": "unknown", "architecture": "unknown"},
+                               "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                                               "vnd.docker.reference.digest": image.digest}})
+    write_index_document(layout, index)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for p in sorted(layout.rglob("*")):
+            tf.add(p, arcname=p.relative_to(layout).as_posix(), recursive=False)
+    (ws.root / "img.tar").write_bytes(buf.getvalue())
+    ws.write({"BUILD": 'oci_archive(name = "img", src = "img.tar")\n'
+                       'linuxkit_image(name = "os", assembly = "os.yml", formats = ["tar"])\n',
+              "os.yml": 'onboot:\n  - name: hello\n    image: //:img\n    command: ["/bin/true"]\n'})
+    r = ws.build("//:os")
+    assert r.code == 0, r.err
+    doc = json.loads((ws.root / "forge-out/os.sbom.spdx.json").read_text())
+    assert validate(doc, tmp_path) == []
+    names = {p["name"] for p in doc["packages"]}
+    assert "hello" in names  # from the attestation
+    img = next(p for p in doc["packages"] if p.get("versionInfo") == image.digest)
+    assert {"spdxElementId": img["SPDXID"], "relationshipType": "CONTAINS",
+            "relatedSpdxElement": predicate["documentDescribes"][0]} in doc["relationships"]

@@ -29,15 +29,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def copyright_path(package: str) -> str:
+    return f"usr/share/doc/{package}/copyright"
+
+
 def record(deb: str | os.PathLike) -> dict:
     deb = Path(deb)
     fields = control_fields(deb)
-    name = fields.get("Package", "")
-    src = fields.get("Source", "").strip()
-    source, _, rest = src.partition(" ")
-    source_version = rest.strip("() ") or fields.get("Version", "")
     files, text = [], None
-    wanted = {f"usr/share/doc/{name}/copyright", f"./usr/share/doc/{name}/copyright"}
+    wanted = copyright_path(fields.get("Package", ""))
     with open_data_tar(deb) as tf:
         for m in tf:
             path = m.name[2:] if m.name.startswith("./") else m.name
@@ -45,14 +45,25 @@ def record(deb: str | os.PathLike) -> dict:
             if not path or m.isdir():
                 continue
             files.append(path)
-            if m.name in wanted and m.isfile():
+            if path == wanted and m.isfile():
                 text = tf.extractfile(m).read().decode("utf-8", "replace")
-    expr, refs = copyright_format.licenses(text) if text is not None else (None, {})
+    return {**record_of(deb, fields, text), "files": sorted(files)}
+
+
+def record_of(deb: Path, fields: dict, copyright_text: str | None) -> dict:
+    """The record without its file list, from what a caller that reads the data tar
+    anyway (the kernel's step) found there: one decompression instead of two."""
+    name = fields.get("Package", "")
+    src = fields.get("Source", "").strip()
+    source, _, rest = src.partition(" ")
+    source_version = rest.strip("() ") or fields.get("Version", "")
+    expr, refs = (copyright_format.licenses(copyright_text) if copyright_text is not None
+                  else (None, {}))
     return {"package": name, "version": fields.get("Version", ""),
             "architecture": fields.get("Architecture", ""), "source": source or name,
             "source_version": source_version, "sha256": _sha256(deb), "size": deb.stat().st_size,
             "maintainer": fields.get("Maintainer", ""), "homepage": fields.get("Homepage", ""),
-            "license": expr, "license_refs": refs, "files": sorted(files)}
+            "license": expr, "license_refs": refs}
 
 
 def inventory(debs: list[str | os.PathLike]) -> list[dict]:
