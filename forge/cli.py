@@ -645,6 +645,15 @@ def cmd_keygen(ws, args) -> int:
     return EXIT_OK
 
 
+def _registry_ref(arg: str) -> bool:
+    """Whether `arg` names an image in a registry: its first component is a host (has a
+    dot or a port, or is localhost), as Docker decides it. A missing file such as
+    forge-out/x, or a Docker Hub short name, is not sent to a registry by accident."""
+    first, slash, _ = arg.partition("/")
+    return bool(slash) and ("." in first or ":" in first or first == "localhost") \
+        and not os.path.isdir(first)
+
+
 def cmd_verify(ws, args) -> int:
     from forge.verifying import public_key, verify_image, verify_path
     key = public_key(args.key)
@@ -665,12 +674,13 @@ def cmd_verify(ws, args) -> int:
                                            shown=os.path.relpath(ws.root / a.path)))
         if not results:
             raise UsageError(f"{arg} has no outputs to verify")
-    elif any(c in arg for c in "/:@") and not arg.startswith((".", "/")):
+    elif _registry_ref(arg):
         from forge.verifying import registry_client
         results = verify_image(registry_client(ws.config if ws else {}), arg, key)
     else:
         raise UsageError(f"{arg}: no such file, and not a target label or an image reference",
-                         hint="forge verify takes a FILE, a //pkg:target or registry/repo:tag")
+                         hint="forge verify takes a FILE, a //pkg:target or an image with its "
+                         "registry, host/repo:tag (registry.example.com/team/app:v1)")
     for r in results:
         print(r)
     print(f"forge: {len(results)} verified", file=sys.stderr)
