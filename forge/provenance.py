@@ -14,7 +14,6 @@ which `forge provenance` prints and a signer can wrap in a DSSE envelope.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import forge
+from forge.formats.common.files import file_sha256
 from forge.formats.provenance import slsa
 from forge.labels import Label
 from forge.model import OUT_PREFIX, Action
@@ -33,14 +33,6 @@ SUFFIX = ".provenance.json"
 
 def new_invocation_id() -> str:
     return str(uuid.uuid4())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _subject_name(rel: str) -> str:
@@ -67,7 +59,7 @@ class DigestMemo:
         got = self.entries.get(rel)
         if isinstance(got, list) and got[:3] == stamp:
             return got[3]
-        digest = _sha256(p)
+        digest = file_sha256(p)
         self.entries[rel] = [*stamp, digest]
         self.changed = True
         return digest
@@ -170,7 +162,7 @@ def source(root: Path) -> dict:
 
 def _file_digest(root: Path, name: str) -> dict | None:
     p = root / name
-    return {"sha256": _sha256(p)} if p.is_file() else None
+    return {"sha256": file_sha256(p)} if p.is_file() else None
 
 
 def builder_id(config: dict) -> str:

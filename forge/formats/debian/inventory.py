@@ -13,20 +13,12 @@ purl's `upstream` qualifier and SPDX want it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
+from forge.formats.common.files import file_sha256
 from forge.formats.debian import copyright as copyright_format
 from forge.formats.debian.package import control_fields, open_data_tar
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def copyright_path(package: str) -> str:
@@ -61,7 +53,7 @@ def record_of(deb: Path, fields: dict, copyright_text: str | None) -> dict:
                   else (None, {}))
     return {"package": name, "version": fields.get("Version", ""),
             "architecture": fields.get("Architecture", ""), "source": source or name,
-            "source_version": source_version, "sha256": _sha256(deb), "size": deb.stat().st_size,
+            "source_version": source_version, "sha256": file_sha256(deb), "size": deb.stat().st_size,
             "maintainer": fields.get("Maintainer", ""), "homepage": fields.get("Homepage", ""),
             "license": expr, "license_refs": refs}
 

@@ -222,6 +222,31 @@ def flatten(layer_paths: Iterable[Source], out_fileobj: BinaryIO, *, mtime: int 
             obj.close()
 
 
+def _disk_entry(path: str, st: os.stat_result, inodes: dict, uid: int, gid: int,
+                mtime: int) -> _Entry | None:
+    """The entry of one file on disk (st: its lstat); files hardlinked together share one
+    `_Data` through `inodes`. None for what a layer cannot hold (sockets)."""
+    info = tarfile.TarInfo()
+    info.mode, info.uid, info.gid, info.mtime = stat.S_IMODE(st.st_mode), uid, gid, mtime
+    e = _Entry(info)
+    if stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(st.st_mode):
+        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+    elif stat.S_ISREG(st.st_mode):
+        key = (st.st_dev, st.st_ino)
+        e.data = inodes.get(key) or _Data(st.st_size, lambda p=path: open(p, "rb"))
+        inodes[key] = e.data
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    elif stat.S_ISFIFO(st.st_mode):
+        info.type = tarfile.FIFOTYPE
+    else:
+        return None
+    return e
+
+
 def _copied(rel: str, is_dir: bool, under: str) -> bool:
     under = under.strip("/")
     if not under:
@@ -253,24 +278,10 @@ def layer_from_dir(src_dir: Path, out_fileobj: BinaryIO, *, prefix: str = "", ui
             path = os.path.join(top, name)
             rel = os.path.relpath(path, src_dir).replace(os.sep, "/")
             st = os.lstat(path)
-            info = tarfile.TarInfo()
-            info.mode, info.uid, info.gid, info.mtime = stat.S_IMODE(st.st_mode), uid, gid, mtime
-            e = _Entry(info)
-            if stat.S_ISDIR(st.st_mode):
-                info.type = tarfile.DIRTYPE
-            elif stat.S_ISLNK(st.st_mode):
-                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
-            elif stat.S_ISREG(st.st_mode):
-                key = (st.st_dev, st.st_ino)
-                e.data = inodes.get(key) or _Data(st.st_size, lambda p=path: open(p, "rb"))
-                inodes[key] = e.data
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
-                info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-            elif stat.S_ISFIFO(st.st_mode):
-                info.type = tarfile.FIFOTYPE
-            else:
+            e = _disk_entry(path, st, inodes, uid, gid, mtime)
+            if e is None:
                 continue
+            info = e.info
             if mode_override is not None and (info.isdir() or e.data is not None) and \
                     _copied(rel, info.isdir(), override_under):
                 info.mode = mode_override
@@ -296,34 +307,19 @@ def layer_from_overlay_diff(diff_dir: Path, out_fileobj: BinaryIO, *, mtime: int
             path = os.path.join(top, name)
             rel = os.path.relpath(path, diff_dir).replace(os.sep, "/")
             st = os.lstat(path)
-            info = tarfile.TarInfo()
-            info.mode, info.uid, info.gid, info.mtime = stat.S_IMODE(st.st_mode), st.st_uid, \
-                st.st_gid, mtime
-            e = _Entry(info)
-            if stat.S_ISDIR(st.st_mode):
-                info.type = tarfile.DIRTYPE
-                if _xattr(path, OVERLAY_OPAQUE) == b"y":
-                    wo = tarfile.TarInfo()
-                    wo.type, wo.mode, wo.uid, wo.gid, wo.mtime = tarfile.REGTYPE, \
-                        info.mode & 0o777, st.st_uid, st.st_gid, mtime
-                    entries[f"{rel}/{OPAQUE_WHITEOUT}"] = _Entry(wo)
-            elif stat.S_ISLNK(st.st_mode):
-                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
-            elif stat.S_ISREG(st.st_mode):
-                key = (st.st_dev, st.st_ino)
-                e.data = inodes.get(key) or _Data(st.st_size, lambda p=path: open(p, "rb"))
-                inodes[key] = e.data
-            elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # an overlay whiteout
-                info.type, info.mode = tarfile.REGTYPE, 0o600
+            e = _disk_entry(path, st, inodes, st.st_uid, st.st_gid, mtime)
+            if e is None:
+                continue
+            info = e.info
+            if info.isdir() and _xattr(path, OVERLAY_OPAQUE) == b"y":
+                wo = tarfile.TarInfo()
+                wo.type, wo.mode, wo.uid, wo.gid, wo.mtime = tarfile.REGTYPE, \
+                    info.mode & 0o777, st.st_uid, st.st_gid, mtime
+                entries[f"{rel}/{OPAQUE_WHITEOUT}"] = _Entry(wo)
+            elif info.ischr() and st.st_rdev == 0:  # an overlay whiteout
+                info.type, info.mode, info.devmajor, info.devminor = tarfile.REGTYPE, 0o600, 0, 0
                 parent, _, base = rel.rpartition("/")
                 rel = f"{parent}/{WHITEOUT_PREFIX}{base}" if parent else WHITEOUT_PREFIX + base
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
-                info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-            elif stat.S_ISFIFO(st.st_mode):
-                info.type = tarfile.FIFOTYPE
-            else:
-                continue
             cap = _xattr(path, CAPABILITY) if not stat.S_ISLNK(st.st_mode) else None
             if cap is not None:  # decoded as tarfile decodes it when reading, for `normalise`'s bytes
                 info.pax_headers = {f"SCHILY.xattr.{CAPABILITY}":

@@ -8,10 +8,10 @@ says what is claimed of them (SLSA provenance, an SBOM, or forge's own minimal c
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from forge.formats.common.files import file_sha256  # noqa: F401 (re-exported: signing, verify)
 from forge.formats.sign.errors import EnvelopeError, SubjectMismatchError
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -27,12 +27,6 @@ def subject(name: str, sha256: str) -> dict:
     return {"name": name, "digest": {"sha256": sha256}}
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parse(payload: bytes, where: str = "the envelope") -> dict:
