@@ -16,6 +16,7 @@ failure or three farm failures in a row the executor is left alone for the build
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -82,6 +83,7 @@ class RemoteExecutor:
             raise Unavailable(f"remote executor {self.url} was given up earlier in this build")
         try:
             t0 = time.perf_counter()
+            a = as_sent(a, self.settings)
             blobs = rin.Blobs()
             root = rin.input_root(self._inputs(a, source_digests, generated, blobs), blobs)
             digest = rin.action(a, key, root, blobs, do_not_cache=a.do_not_cache)
@@ -269,6 +271,13 @@ class RemoteExecutor:
 
     def close(self) -> None:
         self.fetcher.close()
+
+
+def as_sent(a: Action, settings: ExecutorSettings) -> Action:
+    """`a` with the platform properties it is executed with: its pool's
+    (`[remote] pool_properties`) and its own."""
+    props = settings.platform(a.pool, a.exec_properties)
+    return a if props == a.exec_properties else dataclasses.replace(a, exec_properties=props)
 
 
 def _ms(start, end) -> float:

@@ -12,6 +12,7 @@ by `--remote-cache`, `--remote-upload`, `--remote-instance` and `--remote-timeou
     executor_instance = "main"                    # its instance (default: instance)
     local_fallback = true                         # the farm failing costs a local run
     queue_timeout = 120                           # seconds an action may wait for a worker
+    pool_properties = {docker = {docker = "1"}}   # an action's pool -> platform properties
 
 `executor_from_config` reads the executor part (`--remote-executor`,
 `--remote-instance-name`, `--remote-local-fallback`): same TLS and credentials.
@@ -124,6 +125,16 @@ class ExecutorSettings:
     remote: RemoteSettings
     local_fallback: bool = True
     queue_timeout: float = 120.0  # an action no worker takes in that time runs locally
+    # pool -> the platform properties a worker must have to run that pool's actions: the
+    # pool says what an action needs here (the Docker engine), the farm names it its way.
+    pool_properties: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+
+    def platform(self, pool: str | None, own: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        """The properties an action of `pool` is sent with: its pool's, then its own
+        `exec_properties`, which win (the rule knows the one action best)."""
+        merged = dict(dict(self.pool_properties).get(pool, ())) if pool else {}
+        merged.update(own)
+        return tuple(sorted(merged.items()))
 
 
 def executor_from_config(config: dict, *, url: str | None = None, instance: str | None = None,
@@ -147,4 +158,20 @@ def executor_from_config(config: dict, *, url: str | None = None, instance: str 
     except (TypeError, ValueError):
         raise UsageError("[remote] queue_timeout in forge.toml must be a number") from None
     fallback = bool(table.get("local_fallback", True)) if local_fallback is None else local_fallback
-    return ExecutorSettings(remote, fallback, queue_timeout)
+    return ExecutorSettings(remote, fallback, queue_timeout,
+                            _pool_properties(table.get("pool_properties", {})))
+
+
+def _pool_properties(table) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    bad = UsageError("[remote] pool_properties in forge.toml must map each pool to a table of "
+                     "string properties", hint='pool_properties = {docker = {docker = "1"}}')
+    if not isinstance(table, dict):
+        raise bad
+    out = []
+    for pool, props in sorted(table.items()):
+        if not isinstance(props, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) for k, v in props.items()):
+            raise UsageError(f"[remote] pool_properties: pool {pool!r} must map to a table of "
+                             "string properties", hint='pool_properties = {docker = {docker = "1"}}')
+        out.append((pool, tuple(sorted(props.items()))))
+    return tuple(out)

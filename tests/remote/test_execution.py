@@ -156,3 +156,40 @@ def test_bad_executor_urls_are_usage_errors(tmp_path):
     ws = make(tmp_path, "a")
     r = ws.build("//...", "--remote-executor", "http://farm:8080")
     assert r.code == 2 and "grpc:// or grpcs://" in r.err, r.err
+
+
+def test_a_pool_maps_to_platform_properties_when_sent_remote():
+    from forge.remote.exec_client import as_sent
+    s = executor_from_config({"remote": {"executor": "grpc://farm:8980", "pool_properties": {
+        "docker": {"docker": "1"}, "qemu": {"kvm": "1", "OSFamily": "linux"}}}})
+    docker = as_sent(_action(pool="docker"), s)
+    assert docker.exec_properties == (("docker", "1"),)
+    # The action's own exec_properties join its pool's and win over them.
+    both = as_sent(_action(pool="qemu", exec_properties=(("kvm", "0"), ("ISA", "x86-64"))), s)
+    assert both.exec_properties == (("ISA", "x86-64"), ("OSFamily", "linux"), ("kvm", "0"))
+    # No pool, or a pool with no entry: sent as it is.
+    plain = _action(exec_properties=(("a", "b"),))
+    assert as_sent(plain, s) is plain and as_sent(_action(pool="network"), s).exec_properties == ()
+    # The properties reach the REAPI Action and Command (what BuildGrid matches workers on).
+    blobs = rin.Blobs()
+    d = rin.action(docker, "k" * 32, rin.input_root([], blobs), blobs)
+    msg = re_pb.Action.FromString(blobs.items[d.hash][1])
+    assert [(p.name, p.value) for p in msg.platform.properties] == [("docker", "1")]
+    assert [(p.name, p.value) for p in rin.command(docker).platform.properties] == [("docker", "1")]
+    assert executor_from_config({"remote": {"executor": "grpc://farm:8980"}}).pool_properties == ()
+
+
+@pytest.mark.parametrize("table", [["docker"], {"docker": "1"}, {"docker": {"docker": 1}},
+                                   {"docker": {"": "1"}}])
+def test_bad_pool_properties_are_usage_errors(table):
+    from forge.errors import UsageError
+    with pytest.raises(UsageError, match="pool_properties"):
+        executor_from_config({"remote": {"executor": "grpc://farm:8980", "pool_properties": table}})
+
+
+def test_bad_pool_properties_in_forge_toml_exit_2(tmp_path):
+    ws = make(tmp_path, "a")
+    (ws.root / "forge.toml").write_text('[remote]\nexecutor = "grpc://127.0.0.1:1"\n'
+                                        'pool_properties = {docker = "1"}\n')
+    r = ws.build("//...")
+    assert r.code == 2 and "pool_properties" in r.err and "internal error" not in r.err, r.err
