@@ -15,7 +15,7 @@ from test_sbom import _doc, validate
 
 from forge.formats.common.files import canonical_json
 from forge.formats.image.layout import add_blob, image_config_defaults, write_image, write_index
-from forge.formats.image.spec import Descriptor
+from forge.formats.image.spec import OCI_INDEX, Descriptor
 from forge.formats.registry.client import RegistryClient
 from forge.formats.sbom.spdx import created
 
@@ -51,13 +51,20 @@ def attested_layout(tmp_path):
         "config": cfg.to_dict(), "layers": [{**st.to_dict(), "annotations": {
             "in-toto.io/predicate-type": "https://spdx.dev/Document"}}]}),
         "application/vnd.oci.image.manifest.v1+json")
-    # two unnamed entries: forge's push sends them as one index
-    write_index(layout, [
+    nest(layout, [
         Descriptor(image.media_type, image.digest, image.size, {"os": "linux", "architecture": "amd64"}),
         Descriptor(m.media_type, m.digest, m.size, {"os": "unknown", "architecture": "unknown"},
                    {"vnd.docker.reference.type": "attestation-manifest",
                     "vnd.docker.reference.digest": image.digest})])
     return layout, image.digest, st.digest, predicate
+
+
+def nest(layout, entries: list[Descriptor]) -> None:
+    """index.json naming one index of `entries`, as BuildKit's OCI export is: pushing the
+    layout pushes that index."""
+    idx = add_blob(layout, canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                           "manifests": [e.to_dict() for e in entries]}), OCI_INDEX)
+    write_index(layout, [idx])
 
 
 def test_a_pulled_images_attestation_is_kept_and_merged(tmp_path, registry):
@@ -83,6 +90,10 @@ def test_a_pulled_images_attestation_is_kept_and_merged(tmp_path, registry):
     assert {"spdxElementId": root, "relationshipType": "CONTAINS",
             "relatedSpdxElement": predicate["documentDescribes"][0]} in doc["relationships"]
 
+    # Pushing the pulled image pushes the image, as before the pull kept its attestations.
+    pulled = w.root / "forge-out/p/base"
+    assert RegistryClient().push(pulled, f"{registry.host}/team/copy:other") == image_digest  # not its tag
+
     # The registry's copy of the statement altered: a clear failure naming the blob.
     w2 = new_ws(tmp_path, "tampered")
     w2.write({"p/BUILD": f'oci_pull(name = "base", image = "{registry.host}/team/att:v1")\n',
@@ -98,9 +109,10 @@ def test_a_pulled_images_attestation_is_kept_and_merged(tmp_path, registry):
 def test_an_image_without_attestations_pulls_as_before(tmp_path, registry):
     """The puller fetches attestation manifests only for the image it pulls."""
     layout, image_digest, _, _ = attested_layout(tmp_path)
-    index = json.loads((layout / "index.json").read_text())
+    top = json.loads((layout / "index.json").read_text())["manifests"][0]
+    index = json.loads((layout / "blobs/sha256" / top["digest"][7:]).read_text())
     index["manifests"][1]["annotations"]["vnd.docker.reference.digest"] = "sha256:" + "b" * 64
-    write_index(layout, [Descriptor.from_dict(d) for d in index["manifests"]])
+    nest(layout, [Descriptor.from_dict(d) for d in index["manifests"]])
     ref = f"{registry.host}/team/att:other"
     RegistryClient().push(layout, ref)
     got = RegistryClient().pull(ref, tmp_path / "pulled")
