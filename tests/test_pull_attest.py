@@ -74,9 +74,14 @@ def test_a_pulled_images_attestation_is_kept_and_merged(tmp_path, registry):
     w.write({"p/BUILD": f'''
         oci_pull(name = "base", image = "{registry.host}/team/att:v1")
         container_image(name = "img", srcs = ["b.txt"], bases = {{"base": ":base"}})
-    ''', "p/b.txt": "top\n", "p/Dockerfile": "FROM base\nCOPY b.txt /b.txt\n"})
-    r = w.build("//p:img")
+        container_image(name = "direct", dockerfile = "Dockerfile.direct", srcs = ["b.txt"])
+    ''', "p/b.txt": "top\n", "p/Dockerfile": "FROM base\nCOPY b.txt /b.txt\n",
+        # FROM the registry itself, through a stage: the chain's root is the pulled image
+        "p/Dockerfile.direct": f"FROM {registry.host}/team/att:v1 AS one\nFROM one\nCOPY b.txt /b.txt\n"})
+    r = w.build("//p:img", "//p:direct")
     assert r.code == 0, r.err
+    direct = json.loads((w.root / "forge-out/p/direct.sbom.spdx.json").read_text())
+    assert "hello" in {p["name"] for p in direct["packages"]}
     assert json.loads((w.root / "forge.lock").read_text())["pins"]["oci"] == {
         f"{registry.host}/team/att:v1": index_digest}
     index = json.loads((w.root / "forge-out/p/base/index.json").read_text())
