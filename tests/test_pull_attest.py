@@ -6,6 +6,7 @@ container_image built FROM the pulled image merges the attested SBOM into its ow
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,25 @@ def test_an_image_without_attestations_pulls_as_before(tmp_path, registry):
     assert got.manifest_digest == image_digest and got.attestations == ()
     entries = json.loads((tmp_path / "pulled/index.json").read_text())["manifests"]
     assert [d["digest"] for d in entries] == [image_digest]
+
+
+def test_a_linuxkit_image_merges_a_pulled_images_attestation(tmp_path, registry):
+    """The OS's SBOM lists the packages attested for an image its assembly pulls."""
+    from conftest import require
+    from test_linuxkit import make_workspace
+    require(Path("/bin/busybox").is_file(), "busybox-static is not installed (apt-get install busybox-static)")
+    layout, image_digest, _, predicate = attested_layout(tmp_path)
+    RegistryClient().push(layout, f"{registry.host}/team/att:v1")
+    lk = make_workspace(tmp_path / "ws", tmp_path / "cache")
+    text = (lk.root / "os.yml").read_text()
+    assert "  - name: other\n    image: app" in text
+    (lk.root / "os.yml").write_text(text.replace(
+        "  - name: other\n    image: app", f"  - name: other\n    image: {registry.host}/team/att:v1"))
+    r = lk.build("//:os")
+    assert r.code == 0, r.err
+    doc = json.loads((lk.root / "forge-out/os.sbom.spdx.json").read_text())
+    assert validate(doc, tmp_path) == []
+    img = next(p for p in doc["packages"] if p.get("versionInfo") == image_digest)
+    assert "hello" in {p["name"] for p in doc["packages"]}  # only the attestation lists it
+    assert {"spdxElementId": img["SPDXID"], "relationshipType": "CONTAINS",
+            "relatedSpdxElement": predicate["documentDescribes"][0]} in doc["relationships"]
