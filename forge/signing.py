@@ -80,8 +80,8 @@ def subjects_of(path: Path, name: str) -> list[dict]:
     if (path / "oci-layout").is_file() and (path / "index.json").is_file():
         import json
 
-        from forge.formats.registry.push import pushed_document
-        descs = json.loads((path / "index.json").read_bytes()).get("manifests") or []
+        from forge.formats.registry.push import images_of, pushed_document
+        descs = images_of(json.loads((path / "index.json").read_bytes()).get("manifests") or [])
         digests = [d["digest"] for d in descs]
         body, _ = pushed_document(path, None)
         digests.append("sha256:" + hashlib.sha256(body).hexdigest())

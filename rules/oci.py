@@ -92,7 +92,7 @@ def oci_pull(ctx):
     return image_info(ctx, pull_action(ctx, ref, ctx.attr.platform, ctx.label.name))
 
 
-@action_function("OciPull", version=2)  # 2: index.json in canonical JSON
+@action_function("OciPull", version=3)  # 3: keeps the image's attestation manifests
 def oci_pull_step(ctx: ExecContext) -> None:
     from forge.formats.registry.errors import RegistryError
     if ctx.offline:
@@ -258,14 +258,16 @@ def container_image(ctx):
         ignore = DockerIgnore(ctx.read_source(ignore_art))
         context = {k: v for k, v in context.items() if not ignore.matches(k)}
     text = ctx.read_source(df_files[0])
+    roots: dict[str, list] = {a: [] for a in arches}
     layouts = {a: plan_dockerfile(ctx, df_files[0].path, text, context, bases=dict(ctx.attr.bases),
                                   build_args=dict(ctx.attr.build_args), target=ctx.attr.target,
-                                  arch=a, primary=arches[0], prefix=prefix)
+                                  arch=a, primary=arches[0], prefix=prefix, roots=roots[a])
                for a in arches}
     bases = [ctx.dep(label) for label in ctx.attr.bases.values()]
     inventories = {a: sbom.inherited(ctx, bases, a) for a in arches}
     sboms = {a: sbom.image_sbom(ctx, layouts[a], a, archs.out_name(ctx.label.name, a, arches[0]),
-                                inventories[a], archs.platform(a)) for a in arches}
+                                inventories[a], archs.platform(a), attested=roots[a])
+             for a in arches}
     return archs.image_info(ctx, layouts, more_files=[*sboms.values(), *map(sbom.cdx_of, sboms.values())],
                             inventory=inventories,
                             sbom={a: s.path for a, s in sboms.items()})
@@ -273,12 +275,13 @@ def container_image(ctx):
 
 def plan_dockerfile(ctx, df_path: str, df_text: str, context: dict, *, bases: dict,
                     build_args: dict, target: str, arch: str, primary: str, prefix: str,
-                    network: str | None = None):
+                    network: str | None = None, roots: list | None = None):
     """The stage actions of a Dockerfile for one architecture; returns the final stage's
     layout artifact. `context` maps build-context paths to source artifacts (normally
     `prefix` + the path; any other is passed to the steps as `sources`); `bases` maps FROM
     names to image labels; `network` is the RUN stages' network mode (None: the engine's
-    default)."""
+    default). `roots` receives the layout of the image the final stage's FROM chain starts
+    from (none for scratch): all of it is in the result, so its attested SBOMs are too."""
     platform = archs.platform(arch)
     try:
         df = parse(df_text, df_path)
@@ -292,6 +295,7 @@ def plan_dockerfile(ctx, df_path: str, df_text: str, context: dict, *, bases: di
                  for name, label in bases.items()}
     stem = archs.out_name(ctx.label.name, arch, primary)
     layouts: dict[int, object] = {}
+    root_of: dict[int, object] = {}
     pulled: dict[str, object] = {}
 
     def image_input(ref_text: str, ins_line: int):
@@ -319,10 +323,12 @@ def plan_dockerfile(ctx, df_path: str, df_text: str, context: dict, *, bases: di
         if st.base.kind == "stage":
             base["path"] = layouts[st.base.stage].path
             inputs.append(layouts[st.base.stage])
+            root_of[idx] = root_of.get(st.base.stage)
         elif st.base.kind == "image":
             art = image_input(st.base.ref, st.line)
             base["path"] = art.path
             inputs.append(art)
+            root_of[idx] = art
         from_map = {}
         for step in st.steps:
             ins = step.instruction
@@ -383,6 +389,8 @@ def plan_dockerfile(ctx, df_path: str, df_text: str, context: dict, *, bases: di
                  description=f"{'DockerStage' if has_run else 'AssembleStage'} {ctx.label} "
                              f"[{name}]" + (f" ({arch})" if arch != primary else ""))
         layouts[idx] = out
+    if roots is not None and root_of.get(wanted[-1]) is not None:
+        roots.append(root_of[wanted[-1]])
     return layouts[wanted[-1]]
 
 

@@ -7,7 +7,8 @@ graph (docs/supply-chain.md):
 - an image built on others inherits their inventories (`inventory` in its info): it
   contains a package when it holds one of the package's files, so a stage that copies
   redis-server and its libraries out of a Debian tree contains redis-server and libc6,
-  not the shell the copying ran in.
+  not the shell the copying ran in; the SPDX attestations of the image its FROM chain
+  starts from (a pulled image's) are merged.
 - a linuxkit_image merges the SBOM of each image it uses (or, for a pulled image, the
   SPDX attestations its layout carries), the kernel package and the modules kept, and the
   files of `files:`; the document is also at the root of the image, as LinuxKit puts it.
@@ -54,12 +55,15 @@ def cdx_of(sbom: Artifact) -> Artifact:
 
 
 def image_sbom(ctx, layout: Artifact, arch: str, stem: str, inventories: list[str],
-               platform: str) -> Artifact:
-    """Plan the SBOM of one architecture's image `layout`."""
+               platform: str, attested: list[Artifact] = ()) -> Artifact:
+    """Plan the SBOM of one architecture's image `layout`; `attested`: layouts of images
+    it wholly contains (its FROM base) whose attested SBOMs are merged (a pulled image's)."""
     out = ctx.declare(stem + SUFFIX)
-    ctx.call("ImageSbom", {"name": str(ctx.label), "platform": platform,
-                           "inventories": list(inventories)},
-             inputs=[layout, *(Artifact(p, source=False) for p in inventories)],
+    params = {"name": str(ctx.label), "platform": platform, "inventories": list(inventories)}
+    if attested:  # absent otherwise: the actions of images without such bases keep their keys
+        params["attested"] = [a.path for a in attested]
+    ctx.call("ImageSbom", params,
+             inputs=[layout, *(Artifact(p, source=False) for p in inventories), *attested],
              outputs=[out, ctx.declare(stem + CDX_SUFFIX)],
              mnemonic="ImageSbom", description=f"ImageSbom {ctx.label} ({arch})")
     return out
@@ -100,6 +104,9 @@ def image_sbom_step(ctx: ExecContext) -> None:
     try:
         img = read_image(layout, p["platform"])
         attested = attestations.spdx_documents(layout, img.manifest_digest)
+        for base in p.get("attested", []):
+            base_img = read_image(ctx.path(base), p["platform"])
+            attested += attestations.spdx_documents(ctx.path(base), base_img.manifest_digest)
     except LayoutError as e:
         raise ActionFailed(f"{p['name']}: {e}") from None
     doc = Document(p["name"])

@@ -10,7 +10,11 @@ trusted to send what was asked for:
   digest (gzip or zstd, decoded on the way in to the end of its last member or frame)
   must equal the config's `rootfs.diff_ids` entry;
 * a pull is written into a temporary directory beside the destination and renamed into
-  place only when complete, so a failed pull leaves nothing behind.
+  place only when complete, so a failed pull leaves nothing behind;
+* the attestation manifests an index carries for the pulled image (BuildKit's layout:
+  `vnd.docker.reference.type: attestation-manifest`, `vnd.docker.reference.digest` = the
+  image's digest) are kept beside it, every blob checked the same way, so that the SBOMs
+  they attest are merged into the SBOMs of what is built from the image.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from forge.formats.registry.auth import token_scope
 from forge.formats.registry.errors import (PlatformNotFoundError, UnsupportedError, VerificationError)
 from forge.formats.registry.transport import Endpoint, Transport
 
+ATTESTATION_TYPE, ATTESTED = "vnd.docker.reference.type", "vnd.docker.reference.digest"
 ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
 
 Progress = Callable[[int, int], None]
@@ -73,6 +78,7 @@ class PullResult:
     layers: tuple[str, ...]
     source: str
     bytes_fetched: int
+    attestations: tuple[str, ...] = ()
 
 
 class Tracker:
@@ -178,23 +184,22 @@ class Puller:
     def _pull_from(self, ep, ref, dest: Path, platform, progress) -> PullResult:
         top, man, desc = self._platform_manifest(ep, ref, platform)
         body, media, digest, doc, what = man
-        try:
-            config, layers = doc["config"], list(doc.get("layers") or [])
-            for d in [config, *layers]:
-                _split(d["digest"])
-                if not isinstance(d["size"], int) or isinstance(d["size"], bool) or d["size"] < 0:
-                    raise ValueError(d["size"])  # "3" passed int() and broke the sums below
-        except (KeyError, TypeError, ValueError):
-            raise VerificationError(f"{what} from {ep.host} lacks a valid config or layer "
-                                    "descriptor") from None
+        config, layers = _blobs_of(doc, what, ep.host)
+        attested = self._attestations(ep, ref, top, digest) if desc else []
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
         try:
             put_blob(tmp, digest, body)
             unique = {d["digest"]: d for d in layers}
-            tracker = Tracker(config["size"] + sum(d["size"] for d in unique.values()), progress)
+            extra = {d["digest"]: d for _, a_body, blobs in attested for d in blobs}
+            tracker = Tracker(config["size"] + sum(d["size"] for d in unique.values())
+                              + sum(d["size"] for d in extra.values()), progress)
             tracker.add(0)
             self._fetch_blob(ep, ref, config, tmp, tracker)
+            for a_desc, a_body, _ in attested:
+                put_blob(tmp, a_desc["digest"], a_body)
+            for d in extra.values():  # in-toto Statements: stored as pushed, digest checked
+                self._fetch_blob(ep, ref, d, tmp, tracker)
             config_path = blob_path(tmp, config["digest"])
             try:
                 doc = _check_shape(json.loads(config_path.read_bytes()), "config",
@@ -225,14 +230,40 @@ class Puller:
                      "annotations": {REF_NAME: name}}
             if desc and desc.get("platform"):
                 entry["platform"] = desc["platform"]
-            write_index(tmp, [Descriptor.from_dict(entry)])
+            entries = [Descriptor.from_dict(entry)]
+            for a_desc, a_body, _ in attested:
+                ann = {k: v for k, v in (a_desc.get("annotations") or {}).items()
+                       if k in (ATTESTATION_TYPE, ATTESTED)}
+                entries.append(Descriptor(a_desc.get("mediaType") or OCI_MANIFEST,
+                                          a_desc["digest"], len(a_body),
+                                          a_desc.get("platform"), ann))
+            write_index(tmp, entries)
             replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         index = top[2] if top[1] in INDEX_TYPES else None
         return PullResult(ref, dest, top[2], digest, index, config["digest"],
-                          tuple(d["digest"] for d in layers), ep.host, tracker.done)
+                          tuple(d["digest"] for d in layers), ep.host, tracker.done,
+                          tuple(a["digest"] for a, _, _ in attested))
+
+    def _attestations(self, ep, ref, top, image_digest: str) -> list:
+        """(descriptor, manifest bytes, blob descriptors) of each attestation manifest the
+        index `top` lists for `image_digest`; each manifest checked against its digest."""
+        out = []
+        for d in top[3].get("manifests") or []:
+            ann = d.get("annotations") or {}
+            if ann.get(ATTESTATION_TYPE) != "attestation-manifest" \
+                    or ann.get(ATTESTED) != image_digest:
+                continue
+            man = self._get_manifest(ep, ref, d["digest"], expect=d["digest"],
+                                     size=d.get("size"))
+            if man[1] not in MANIFEST_TYPES:
+                raise VerificationError(f"{man[4]} from {ep.host}: an attestation of "
+                                        f"{image_digest} that is not an image manifest")
+            config, layers = _blobs_of(man[3], man[4], ep.host)
+            out.append((d, man[0], [config, *layers]))
+        return out
 
     def _fetch_blob(self, ep, ref, desc, layout: Path, tracker: Tracker,
                     diff_id: str | None = None) -> None:
@@ -317,6 +348,20 @@ class _BlobSink:
     def close(self) -> None:
         if not self.f.closed:
             self.f.close()
+
+
+def _blobs_of(doc: dict, what: str, host: str) -> tuple[dict, list[dict]]:
+    """A manifest's config and layer descriptors, each with a valid digest and size."""
+    try:
+        config, layers = doc["config"], list(doc.get("layers") or [])
+        for d in [config, *layers]:
+            _split(d["digest"])
+            if not isinstance(d["size"], int) or isinstance(d["size"], bool) or d["size"] < 0:
+                raise ValueError(d["size"])  # "3" passed int() and broke the sums below
+    except (KeyError, TypeError, ValueError):
+        raise VerificationError(f"{what} from {host} lacks a valid config or layer "
+                                "descriptor") from None
+    return config, layers
 
 
 def _split(digest: str) -> tuple[str, str]:

@@ -33,6 +33,7 @@ def pushed_document(layout: Path, tag: str | None) -> tuple[bytes, str]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LayoutError(f"{layout} is not an OCI image layout (index.json: {e}): build or "
                           "pull an image into it first") from None
+    descs = images_of(descs)
     named = [d for d in descs if (d.get("annotations") or {}).get(REF_NAME) == tag]
     if len(named) == 1 or len(descs) == 1:
         desc = named[0] if len(named) == 1 else descs[0]
@@ -47,6 +48,16 @@ def pushed_document(layout: Path, tag: str | None) -> tuple[bytes, str]:
         children.append({**d, **({"annotations": ann} if ann else {})})
     return canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
                            "manifests": children}), OCI_INDEX
+
+
+def images_of(descs: list[dict]) -> list[dict]:
+    """An index's entries without the attestation manifests of other entries (which a pull
+    keeps beside the image, docs/supply-chain.md): pushing or signing a pulled image is
+    about the image, as before its attestations were kept."""
+    digests = {d.get("digest") for d in descs}
+    return [d for d in descs if not (
+        (d.get("annotations") or {}).get("vnd.docker.reference.type") == "attestation-manifest"
+        and (d.get("annotations") or {}).get("vnd.docker.reference.digest") in digests)]
 
 
 class Pusher:
