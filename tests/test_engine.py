@@ -224,8 +224,10 @@ def test_build_events_and_profile(ws, tmp_path):
     actions = [e for e in r.event_list if e["type"] == "action"]
     assert {a["label"] for a in actions} == {"//a:left", "//a:right", "//a:top", "//b:user"}
     for a in actions:
-        assert set(a) == {"type", "label", "mnemonic", "key", "status", "duration_s", "outputs"}
-        assert a["mnemonic"] == "Genrule" and len(a["key"]) == 32
+        # ran_on: where an executed action ran (here, every one: this is a clean build)
+        assert set(a) == {"type", "label", "mnemonic", "key", "status", "duration_s", "outputs",
+                          "ran_on"}
+        assert a["mnemonic"] == "Genrule" and len(a["key"]) == 32 and a["ran_on"] == "local"
     assert actions[-1]["outputs"] == ["forge-out/b/user.out"]
     trace = json.loads(prof.read_text())
     names = {e["name"] for e in trace["traceEvents"] if e.get("ph") == "X"}
