@@ -185,7 +185,8 @@ def test_dockerd_stopped_during_run_is_a_clear_error_and_finished_stages_stay(do
     r = ws.build("//s", env=env)
     assert r.code == 0, r.err
     ran = sorted(e["mnemonic"] for e in r.event_list if e.get("status") == "executed")
-    assert ran == ["DockerStage"], ran  # only the stage that was cut: the first RUN stage is cached
+    # only the stage that was cut (the first RUN stage is cached), and the image's SBOM after it
+    assert ran == ["DockerStage", "ImageSbom"], ran
     assert not dockerd.containers()  # the engine kept no container of the cut RUN
 
 
