@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from forge import __version__ as FORGE_VERSION  # what documents a rule writes name as their tool
 from forge.contexts import ExecContext, RunContext
 from forge.errors import (ActionFailed, AnalysisError, ForgeError, LoadError, Location, UsageError,
                           did_you_mean)
@@ -43,7 +44,7 @@ from forge.ruleset import (DECLARATION, ActionFunction, BuildHelper, PinResolver
 
 __all__ = [
     "Action", "ActionFailed", "AnalysisError", "Artifact", "Attr", "AttrFactory", "BuildHelper",
-    "COMMON_ATTRS", "ExecContext", "ForgeError", "Label", "LoadError", "Location", "OUT_PREFIX",
+    "COMMON_ATTRS", "ExecContext", "FORGE_VERSION", "ForgeError", "Label", "LoadError", "Location", "OUT_PREFIX",
     "Pool", "RuleSet", "RuleType", "RunContext", "SourceReader", "TargetInfo", "UsageError",
     "action_function", "attr", "build_helper", "did_you_mean", "parse_label", "pin_resolver",
     "pool", "rule", "runner",

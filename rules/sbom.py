@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import tarfile
 
-from forge.api import ActionFailed, Artifact, ExecContext, action_function
+from forge.api import FORGE_VERSION, ActionFailed, Artifact, ExecContext, action_function
 from forge.formats.common.files import atomic_write
 from forge.formats.image.errors import LayoutError
 from forge.formats.image.layout import read_image
@@ -33,8 +33,7 @@ DISTRO = "debian"
 
 
 def creators() -> list[str]:
-    import forge
-    return [f"Tool: forge-{forge.__version__}", "Organization: forge"]
+    return [f"Tool: forge-{FORGE_VERSION}", "Organization: forge"]
 
 
 def _paths(info, key: str, arch: str) -> list[str]:
@@ -124,11 +123,10 @@ def image_sbom_step(ctx: ExecContext) -> None:
 
 def _write(ctx: ExecContext, doc: Document) -> bytes:
     """Both formats: SPDX as outputs[0], CycloneDX as the last output."""
-    import forge
     spdx = doc.to_dict(created(ctx.source_date_epoch), creators())
     data = dumps(spdx)
     atomic_write(ctx.path(ctx.outputs[0]), data)
-    atomic_write(ctx.path(ctx.outputs[-1]), dumps(cyclonedx.from_spdx(spdx, forge.__version__)))
+    atomic_write(ctx.path(ctx.outputs[-1]), dumps(cyclonedx.from_spdx(spdx, FORGE_VERSION)))
     return data
 
 
