@@ -10,7 +10,6 @@ is a miss.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from forge import trees
 from forge.cache import Cache, OutputFile
 from forge.model import Action
 from forge.remote.proto import remote_execution_pb2 as re_pb
-from forge.remote.results import (Digest, ShapeError, action_digest, action_message, check_shape,
+from forge.remote.results import (Digest, digest_of_file, ShapeError, action_digest, action_message, check_shape,
                                   digest_of, from_proto, tree_files, tree_from_entries)
 from forge.remote.settings import RemoteSettings
 from forge.remote.transfer import CorruptBlob, RemoteError, Sink
@@ -269,13 +268,7 @@ class RemoteCache:
         d = self._sha.get((xx, exe))
         path = self.cache.blob_path(xx, exe)
         if d is None:
-            h = hashlib.sha256()
-            size = 0
-            with open(path, "rb", buffering=0) as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
-            d = self._sha[(xx, exe)] = Digest(h.hexdigest(), size)
+            d = self._sha[(xx, exe)] = digest_of_file(path)
             self._xxh[(d.hash, exe)] = xx
         blobs[d.hash] = (d, path)
         return d

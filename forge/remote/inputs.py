@@ -12,7 +12,6 @@ remote result.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from google.protobuf import duration_pb2
@@ -20,7 +19,7 @@ from google.protobuf import duration_pb2
 from forge.keys import KEY_FORMAT
 from forge.model import Action
 from forge.remote.proto import remote_execution_pb2 as re_pb
-from forge.remote.results import Digest, digest_of
+from forge.remote.results import Digest, digest_of, digest_of_file
 from forge.sandbox import KEY_ENV
 
 
@@ -49,13 +48,7 @@ class Sha256s:
     def of(self, xxh: str, path: Path) -> Digest:
         d = self._known.get(xxh)
         if d is None:
-            h = hashlib.sha256()
-            size = 0
-            with open(path, "rb", buffering=0) as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
-            d = self._known[xxh] = Digest(h.hexdigest(), size)
+            d = self._known[xxh] = digest_of_file(path)
         return d
 
 

@@ -43,6 +43,16 @@ def digest_of(data: bytes) -> Digest:
     return Digest(hashlib.sha256(data).hexdigest(), len(data))
 
 
+def digest_of_file(path) -> Digest:
+    """The REAPI digest of a file, read in 1 MiB pieces."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return Digest(h.hexdigest(), size)
+
+
 def from_proto(d: re_pb.Digest) -> Digest:
     return Digest(d.hash.lower(), d.size_bytes)
 
